@@ -1,0 +1,1 @@
+"""Fast deterministic sampling: torch.compile, ONNX, ONNX Runtime and TensorRT."""
