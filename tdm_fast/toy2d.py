@@ -68,6 +68,10 @@ class ToyMLP(ModelMixin, ConfigMixin):
         )
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, data_dim))
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (self.config.data_dim,)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         emb = self.time_embed(timestep_features(t, self.config.hidden)) + self.class_embed(labels)
         h = self.inp(x_t) + emb
@@ -82,17 +86,18 @@ def toy_denoiser(model: ToyMLP | None = None) -> Denoiser:
 
 
 def train_toy_teacher(
-    iterations: int = 4000,
+    iterations: int = 2000,
     batch_size: int = 1024,
     lr: float = 2e-3,
     cond_dropout: float = 0.15,
     seed: int = 0,
+    hidden: int = 256,
     progress: bool = True,
 ) -> Denoiser:
     """Trains the ε-prediction teacher by denoising score matching with class dropout (for CFG)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    teacher = toy_denoiser()
+    teacher = toy_denoiser(ToyMLP(hidden=hidden))
     schedule = NoiseSchedule(TOY_SCHEDULE)
     model = teacher.model
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

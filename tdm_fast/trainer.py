@@ -187,7 +187,8 @@ class TDMTrainer:
         stage = torch.randint(0, k, (b,), generator=self.rng)
         t = times[stage]
         s = torch.where(stage + 1 < k, times[(stage + 1).clamp(max=k - 1)] + 1, torch.zeros_like(t))
-        low = s.clamp(min=TAU_MIN)
+        # τ = s would be the identity transition (β = 0), where the density ratio is undefined
+        low = (s + 1).clamp(min=TAU_MIN)
         high = t - TAU_GAP if self.config.tau_interval == "disjoint" else torch.full_like(t, self.teacher.schedule.num_train_timesteps)
         tau = low + (torch.rand(b, generator=self.rng) * (high - low)).long()
         x_t = trajectory[stage.to(trajectory.device), torch.arange(b, device=trajectory.device)]

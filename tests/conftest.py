@@ -13,6 +13,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerator():
+    """accelerate keeps one process-wide state; each test may ask for other mixed-precision settings."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,8 +1,8 @@
 """Adapters that give a diffusers model the engine's ``model(x_t, t, cond)`` call.
 
 An adapter is a thin ``nn.Module`` around the diffusers model (``self.inner``); it saves the inner
-model with the model's own ``save_pretrained`` plus a small JSON naming the adapter, so that
-``Denoiser.from_pretrained`` can rebuild it offline.
+model with the model's own ``save_pretrained`` plus a small JSON naming the adapter (and its few
+settings, e.g. SD3's shift), so that ``Denoiser.from_pretrained`` can rebuild it offline.
 """
 from __future__ import annotations
 
@@ -16,7 +16,11 @@ ADAPTER_CONFIG = "adapter.json"
 
 
 class DiffusersAdapter(nn.Module):
-    """Base class: subclasses set ``inner_class`` and ``time_embedding_module`` and define ``forward``."""
+    """Base class: subclasses set ``time_embedding_module`` and define ``forward``.
+
+    ``time_embedding_module`` names (from the adapter) the submodule whose output is the timestep
+    embedding of shape (B, D); the steps-aware student adds its K embedding there (spec §6).
+    """
 
     time_embedding_module: str = ""
 
@@ -28,17 +32,24 @@ class DiffusersAdapter(nn.Module):
     def config(self):
         return self.inner.config
 
+    def adapter_kwargs(self) -> dict:
+        """Settings besides the inner model that ``__init__`` takes (saved to ``adapter.json``)."""
+        return {}
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
+        self.inner.enable_gradient_checkpointing(gradient_checkpointing_func)
+
     def save_pretrained(self, path, **kwargs) -> None:
         path = Path(path)
         self.inner.save_pretrained(path, **kwargs)
         inner = type(self.inner)
-        (path / ADAPTER_CONFIG).write_text(
-            json.dumps({"inner_class": f"{inner.__module__}:{inner.__qualname__}"}, indent=2)
-        )
+        meta = {"inner_class": f"{inner.__module__}:{inner.__qualname__}", "kwargs": self.adapter_kwargs()}
+        (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
         path = Path(path)
-        module_name, _, class_name = json.loads((path / ADAPTER_CONFIG).read_text())["inner_class"].partition(":")
+        meta = json.loads((path / ADAPTER_CONFIG).read_text())
+        module_name, _, class_name = meta["inner_class"].partition(":")
         inner_cls = getattr(importlib.import_module(module_name), class_name)
-        return cls(inner_cls.from_pretrained(path, **kwargs))
+        return cls(inner_cls.from_pretrained(path, **kwargs), **meta.get("kwargs", {}))

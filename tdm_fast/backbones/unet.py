@@ -12,6 +12,12 @@ class UNetAdapter(DiffusersAdapter):
 
     time_embedding_module = "inner.time_embedding"
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        size = self.inner.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.inner.config.in_channels, *size)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         if isinstance(cond, dict):
             added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}

@@ -1,0 +1,22 @@
+"""tdm-fast: Trajectory Distribution Matching, distilling diffusion models into 1-4 step students."""
+from .config import TDMConfig
+from .denoiser import Denoiser
+from .sampling import ddim_sample, nfe_matched_baselines, sample_student, stage_times
+from .schedule import NoiseSchedule, ScheduleConfig
+from .trainer import ClassConditions, EmbeddingConditions, TDMTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClassConditions",
+    "Denoiser",
+    "EmbeddingConditions",
+    "NoiseSchedule",
+    "ScheduleConfig",
+    "TDMConfig",
+    "TDMTrainer",
+    "ddim_sample",
+    "nfe_matched_baselines",
+    "sample_student",
+    "stage_times",
+]

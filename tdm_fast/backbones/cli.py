@@ -1,0 +1,145 @@
+"""Command-line pieces for real backbones: ``tdm-fast distill --preset ...`` and ``tdm-fast plan``.
+
+The main CLI (``tdm_fast/cli.py``) adds these arguments and calls :func:`build_preset_run`, then
+trains with :class:`~tdm_fast.trainer.TDMTrainer` and calls :func:`export_preset_student`.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .presets import PRESETS, get_preset, load_teacher, prompt_conditions, sample_shape
+
+
+def add_distill_preset_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("real backbones (diffusers)")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="backbone family of --model")
+    g.add_argument("--model", help="local diffusers pipeline folder (unet/ or transformer/, scheduler/, text encoders)")
+    g.add_argument("--prompts", help="prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...})")
+    g.add_argument("--resolution", type=int, default=None, help="pixel resolution (default: the preset's)")
+    g.add_argument("--num-frames", type=int, default=49, help="video frames (cogvideox)")
+    g.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (pixart, sd3, cogvideox)")
+    g.add_argument("--embedding-cache", default="default", help="folder of cached text embeddings ('none' disables)")
+    g.add_argument("--full-finetune", action="store_true", help="student and fake as full copies instead of LoRA")
+    g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default per backbone)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: rank)")
+    g.add_argument("--lora-targets", default=None, help="comma-separated LoRA target modules (default per backbone)")
+    g.add_argument("--fake-copy", action="store_true", help="the fake score gets its own base copy (default: second adapter on the shared base)")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes AdamW8bit (needs bitsandbytes)")
+    g.add_argument("--export-kohya", action="store_true", help="also write the LoRA in kohya format")
+    g.add_argument("--export-fused", action="store_true", help="also write fused full student weights")
+
+
+def _dtype_of(mixed_precision: str | None):
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision or "no")
+
+
+def build_preset_run(args, config=None):
+    """(teacher, student, fake, conditions, sample_shape) for ``--preset``.
+
+    ``config`` is the run's :class:`~tdm_fast.config.TDMConfig` (its steps decide whether student and
+    fake get a K embedding); default ``TDMConfig(steps=args.steps)`` when ``args`` has ``steps``.
+    With LoRA (default) the three Denoisers share one base; with ``--full-finetune`` student and
+    fake are None (the trainer copies the teacher).
+    """
+    from ..config import TDMConfig
+    from ..lora import LoRASettings, lora_denoisers
+    from ..prompts import read_prompts
+    from ..trainer import EmbeddingConditions
+
+    if not args.preset or not args.model or not args.prompts:
+        raise SystemExit("--preset, --model and --prompts are required together")
+    if config is None:
+        steps = getattr(args, "steps", None) or (4,)
+        config = TDMConfig(steps=tuple(steps) if isinstance(steps, (list, tuple)) else (int(steps),))
+    preset = get_preset(args.preset)
+    teacher, source = load_teacher(preset, args.model)
+    prompts = read_prompts(args.prompts)
+    cache = None if str(args.embedding_cache).lower() == "none" else args.embedding_cache
+    resolution = args.resolution
+    cond, null = prompt_conditions(preset, args.model, prompts, teacher.model.inner, resolution, cache,
+                                   max_sequence_length=args.max_sequence_length)
+    teacher.null_cond = null
+    shape = sample_shape(preset, teacher.model.config, resolution, getattr(args, "num_frames", 49))
+    if getattr(args, "full_finetune", False):
+        if args.gradient_checkpointing:
+            teacher.model.inner.enable_gradient_checkpointing()  # the copies inherit it
+        return teacher, None, None, EmbeddingConditions(cond), shape
+    targets = tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else None
+    lora = LoRASettings.for_backbone(preset.backbone, rank=args.lora_rank, alpha=args.lora_alpha, target_modules=targets,
+                                     fake="copy" if args.fake_copy else "shared")
+    teacher, student, fake = lora_denoisers(teacher, config, lora, source, gradient_checkpointing=args.gradient_checkpointing)
+    dtype = _dtype_of(config.mixed_precision)
+    if dtype is not None:  # frozen base weights in half precision; LoRA weights stay fp32
+        for d in {id(x.model.shared): x.model.shared for x in (student, fake)}.values():
+            d.cast_base(dtype)
+    return teacher, student, fake, EmbeddingConditions(cond), shape
+
+
+def optimizer_class(args):
+    """``bitsandbytes.optim.AdamW8bit`` with ``--use-8bit-adam``, else ``torch.optim.AdamW``."""
+    if getattr(args, "use_8bit_adam", False):
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise SystemExit("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes)") from None
+        return bnb.optim.AdamW8bit
+    return torch.optim.AdamW
+
+
+def export_preset_student(args, student, config, output_dir) -> Path:
+    """Writes ``<output_dir>/lora`` (diffusers LoRA; kohya with --export-kohya), ``<output_dir>/fused``
+    (with --export-fused, or always for full fine-tuning) and a README.md model card in each."""
+    from ..lora import LoRARole, fuse_student, save_lora, write_model_card
+
+    preset = get_preset(args.preset)
+    output_dir = Path(output_dir)
+    card = dict(base_model=str(args.model), backbone=preset.name, pipeline=preset.pipeline, steps=tuple(config.steps),
+                total_steps=config.total_steps, cfg_scale=config.cfg_scale, prediction_type=student.prediction_type)
+    is_lora = isinstance(student.model, LoRARole)
+    if is_lora:
+        save_lora(student, output_dir / "lora", kohya=args.export_kohya)
+        write_model_card(output_dir / "lora", lora=True, **card)
+    if not is_lora or args.export_fused:
+        k = max(config.steps)
+        if is_lora:
+            model = fuse_student(student, steps=k if student.steps_set else None)
+        else:
+            import copy
+
+            from ..lora import _fold_into_last_linear
+
+            model = copy.deepcopy(student.model.inner)
+            for m in model.modules():
+                m._forward_hooks.clear()
+            if student.steps_embedding is not None:
+                target = model.get_submodule(student.time_embedding.removeprefix("inner."))
+                _fold_into_last_linear(target, student.steps_embedding.embedding.weight[student.steps_set.index(k)].detach().float())
+        model.save_pretrained(output_dir / "fused" / preset.subfolder)
+        write_model_card(output_dir / "fused", lora=False, **card)
+    return output_dir
+
+
+# -- tdm-fast plan --------------------------------------------------------------------------------
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..plan import PLAN_CONFIGS
+
+    parser.add_argument("--preset", required=True, choices=sorted(PLAN_CONFIGS))
+    parser.add_argument("--batch", type=int, default=1, help="per-GPU batch size")
+    parser.add_argument("--resolution", type=int, default=None, help="pixel resolution (default: the preset's)")
+    parser.add_argument("--num-frames", type=int, default=49)
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GPU memory in GiB")
+    parser.add_argument("--lora-rank", type=int, default=None)
+    parser.add_argument("--no-activations", action="store_true", help="skip the (meta-device) activation estimate")
+
+
+def run_plan(args) -> dict:
+    from ..plan import format_plan, memory_plan
+
+    plan = memory_plan(args.preset, batch=args.batch, resolution=args.resolution, num_frames=args.num_frames,
+                       lora_rank=args.lora_rank, activations=not args.no_activations)
+    print(format_plan(plan, args.gpu_memory))
+    return plan

@@ -1,0 +1,231 @@
+"""``tdm-fast``: distil, sample, demo, and the built-in teachers.
+
+Errors a user can fix (bad flags, bad configs, missing or corrupt checkpoints) end in one line
+``tdm-fast: error: …`` and exit code 2, before anything on disk is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from .checkpoint import CheckpointError, checkpoint_dirs
+from .config import TDMConfig
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs, reported as one line."""
+
+
+# -- TDMConfig <-> flags -------------------------------------------------------------------------
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "null", "mse") else float(text)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TDMConfig field (``--fake-lr``, ``--no-importance-sampling`` …); defaults come from the config."""
+    group = parser.add_argument_group("TDM settings (override --config)")
+    hints = typing.get_type_hints(TDMConfig)
+    for field in dataclasses.fields(TDMConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        if field.name == "steps":
+            group.add_argument(flag, type=int, nargs="+", default=None, help="K, or several K for a unify student")
+        elif kind in (bool, bool | None):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif kind == float | None:
+            group.add_argument(flag, type=_optional_float, default=None, metavar="FLOAT|none")
+        else:
+            base = kind if kind in (int, float, str) else str
+            group.add_argument(flag, type=base, default=None)
+
+
+def config_from_args(args) -> TDMConfig:
+    data = TDMConfig.from_file(args.config).to_dict() if args.config else {}
+    for field in dataclasses.fields(TDMConfig):
+        value = getattr(args, field.name)
+        if value is not None:
+            data[field.name] = value
+    return TDMConfig.from_dict(data)
+
+
+# -- teachers and conditions --------------------------------------------------------------------
+def load_denoiser(path: str):
+    from .denoiser import Denoiser
+
+    path = Path(path)
+    if (path / "student").is_dir() and not (path / "denoiser.json").exists():
+        path = path / "student"
+    if not (path / "denoiser.json").is_file():
+        raise UsageError(f"{path} is not a saved denoiser (expected {path / 'denoiser.json'})")
+    return Denoiser.from_pretrained(path)
+
+
+def _conditions_for(teacher, conditions_file: str | None):
+    from safetensors.torch import load_file
+
+    from .trainer import ClassConditions, EmbeddingConditions
+
+    if conditions_file:
+        tensors = load_file(conditions_file)
+        return EmbeddingConditions(tensors["cond"] if set(tensors) == {"cond"} else tensors)
+    if isinstance(teacher.null_cond, int):
+        return ClassConditions(teacher.null_cond)
+    raise UsageError("this teacher is not class-conditional: pass --conditions EMBEDDINGS.safetensors")
+
+
+def _sample_shape(model, flag) -> tuple[int, ...]:
+    if flag:
+        return tuple(flag)
+    if hasattr(model, "sample_shape"):
+        return tuple(model.sample_shape)
+    raise UsageError("cannot tell the sample shape of this model: pass --sample-shape")
+
+
+# -- verbs ---------------------------------------------------------------------------------------
+def cmd_distill(args) -> int:
+    config = config_from_args(args)
+    out = Path(args.out)
+    if checkpoint_dirs(out / "checkpoints") and args.resume is None:
+        raise UsageError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+    resume_from = None
+    if args.resume is not None:
+        from .checkpoint import resolve_checkpoint
+
+        resume_from = resolve_checkpoint(args.resume or out)
+
+    from .trainer import TDMTrainer
+
+    teacher = load_denoiser(args.teacher)
+    trainer = TDMTrainer(
+        teacher,
+        config,
+        _conditions_for(teacher, args.conditions),
+        _sample_shape(teacher.model, args.sample_shape),
+        output_dir=out,
+        progress=not args.quiet,
+    )
+    if resume_from is not None:
+        trainer.load_checkpoint(resume_from)
+    if trainer.accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        print(f"student saved to {out / 'student'}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from .sampling import sample_student
+
+    student = load_denoiser(args.checkpoint).eval()
+    steps = args.steps
+    if student.steps_set and steps not in student.steps_set:
+        raise UsageError(f"this student was trained for K in {list(student.steps_set)}, not K={steps}")
+    g = torch.Generator().manual_seed(args.seed)
+    if not isinstance(student.null_cond, int):
+        raise UsageError("tdm-fast sample draws class labels; for text models use the diffusers pipeline with TDMScheduler")
+    labels = torch.tensor(args.labels) if args.labels else torch.randint(0, student.null_cond, (args.num,), generator=g)
+    noise = torch.randn((labels.shape[0], *student.model.sample_shape), generator=g)
+    samples = sample_student(student, noise, labels, steps)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file({"samples": samples.contiguous(), "labels": labels}, out.with_suffix(".safetensors"))
+    from .plotting import save_samples_png
+
+    save_samples_png(samples, labels, out.with_suffix(".png"), title=f"TDM student, K={steps}")
+    print(f"wrote {out.with_suffix('.safetensors')} and {out.with_suffix('.png')}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo_toy import run_toy_demo
+
+    results = run_toy_demo(args.out, iterations=args.iterations, progress=not args.quiet)
+    print((Path(args.out) / "metrics.md").read_text())
+    print(f"scatter plot: {Path(args.out) / 'scatter.png'}")
+    return 0 if results else 1
+
+
+def cmd_teacher_train(args) -> int:
+    from .toy2d import train_toy_teacher
+
+    teacher = train_toy_teacher(iterations=args.iterations, seed=args.seed, hidden=args.hidden, progress=not args.quiet)
+    teacher.save_pretrained(args.out)
+    print(f"teacher saved to {args.out}")
+    return 0
+
+
+class _Verbs:
+    """Sub-command factory that gives every verb the common flags (so ``--quiet`` goes anywhere)."""
+
+    def __init__(self, subparsers, common: argparse.ArgumentParser):
+        self.subparsers, self.common = subparsers, common
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self.subparsers.add_parser(name, parents=[self.common], **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tdm-fast", description="Trajectory Distribution Matching: few-step distillation")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a verb without --quiet must not reset a --quiet given before it
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    verbs = _Verbs(parser.add_subparsers(dest="verb", required=True), common)
+
+    p = verbs.add_parser("distill", help="distil a teacher into a K-step student")
+    p.add_argument("--teacher", required=True, help="a saved Denoiser folder (e.g. from `tdm-fast teacher train`)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, student/")
+    p.add_argument("--config", help="YAML or JSON file of TDM settings; flags override it")
+    p.add_argument("--conditions", help="safetensors of condition embeddings (text teachers)")
+    p.add_argument("--sample-shape", type=int, nargs="+", help="shape of one sample, if the model does not say")
+    p.add_argument("--resume", nargs="?", const="", default=None, help="continue from the newest checkpoint (of --out, or PATH)")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_distill)
+
+    p = verbs.add_parser("sample", help="sample a class-conditional student")
+    p.add_argument("--checkpoint", required=True, help="a student folder or a run folder")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--num", type=int, default=16)
+    p.add_argument("--labels", type=int, nargs="+")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/samples")
+    p.set_defaults(func=cmd_sample)
+
+    p = verbs.add_parser("demo", help="train the built-in teacher, distil it, compare with the NFE-matched baselines")
+    p.add_argument("--out", default="runs/demo-toy")
+    p.add_argument("--iterations", type=int, default=600, help="TDM iterations per K")
+    p.set_defaults(func=cmd_demo)
+
+    teacher = _Verbs(verbs.add_parser("teacher", help="built-in teachers").add_subparsers(dest="teacher_verb", required=True), common)
+    p = teacher.add_parser("train", help="train a built-in teacher")
+    p.add_argument("--dataset", choices=["toy2d"], default="toy2d")
+    p.add_argument("--out", required=True)
+    p.add_argument("--iterations", type=int, default=2000)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_teacher_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"tdm-fast: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The reproduction table on the digits teacher (paper §5 ablations, at our scale).
+
+Every variant is a steps-aware ("unify") student for K ∈ {1, 2, 4} trained for the same number of
+iterations from the same seeds, and differs from the TDM recipe (:func:`tdm_fast.demo_digits.demo_config`)
+in one setting:
+
+- ``tdm``: noisy-sample matching, importance sampling on, K-conditioning on (the recipe);
+- ``clean``: DMD-style clean-sample matching (``matching="clean"``);
+- ``no_is``: importance sampling off;
+- ``unify_no_k``: one student for K ∈ {1, 2, 4} without the K embedding (``steps_conditioning=False``).
+
+Each variant is scored at K = 1, 2, 4 beside the teacher's best NFE-matched DDIM baselines and the
+teacher-50 CFG reference, on the same evaluation noise and labels; the spread is over training seeds.
+A quality-vs-iterations curve of the ``tdm`` variant (FID to teacher-50 at each K) is written as PNG.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..demo_digits import demo_config, distill_digits
+from ..digits import load_digits_teacher
+from ..sampling import reference_sampler, sample_student
+from .digits import DigitsMetrics, eval_inputs, evaluate_digits
+
+VARIANTS = {
+    "tdm": {},
+    "clean": {"matching": "clean"},
+    "no_is": {"importance_sampling": False},
+    "unify_no_k": {"steps_conditioning": False},
+}
+LABELS = {
+    "tdm": "TDM (noisy matching, IS, K-conditioned unify)",
+    "clean": "clean-sample matching",
+    "no_is": "importance sampling off",
+    "unify_no_k": "unify without K-conditioning",
+}
+
+
+class CurveRecorder:
+    """Trainer callback: every ``every`` iterations, FID to teacher-50 of the EMA student at each K."""
+
+    def __init__(self, metrics: DigitsMetrics, reference_features, noise, labels, every: int, steps):
+        self.metrics, self.ref, self.noise, self.labels = metrics, reference_features, noise, labels
+        self.every, self.steps = every, steps
+        self.points: list[dict] = []
+
+    def __call__(self, trainer, record) -> None:
+        if trainer.step % self.every:
+            return
+        student = trainer.final_student().eval()
+        point = {"iteration": trainer.step}
+        for k in self.steps:
+            out = self.metrics(sample_student(student, self.noise, self.labels, k), self.labels, self.ref)
+            point[f"fid_teacher_K{k}"] = out["fid_teacher"]
+        self.points.append(point)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def run_ablations(
+    out_dir: str | Path = "runs/ablations",
+    iterations: int = 600,
+    seeds: tuple[int, ...] = (0, 1),
+    variants: tuple[str, ...] = tuple(VARIANTS),
+    samples: int = 1000,
+    eval_seed: int = 0,
+    curve_every: int = 100,
+    curve_samples: int = 500,
+    teacher_path: str | Path | None = None,
+    progress: bool = True,
+    **config_overrides,
+) -> tuple[str, dict]:
+    """Trains every variant for every seed and evaluates it; returns (markdown table, results dict).
+
+    Writes ``ablations.json``, ``ablations.md`` and ``quality_vs_iterations.png`` into ``out_dir``;
+    partial results are written after each run, so an interrupted sweep keeps what it finished.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher = load_digits_teacher(teacher_path)
+    metrics = DigitsMetrics()
+    say = print if progress else (lambda *_: None)
+
+    # Teacher rows (reference, NFE-matched baselines) once, on the shared evaluation noise.
+    cfg = demo_config().cfg_scale
+    cache: dict = {}
+    dummy = {k: teacher for k in (1, 2, 4)}  # baselines only; the student rows are discarded
+    teacher_eval = evaluate_digits(teacher, dummy, cfg, samples=samples, seeds=(eval_seed,),
+                                   metrics=metrics, latency=False, cache=cache)
+    teacher_rows = {n: r for n, r in teacher_eval["samplers"].items() if not n.startswith("tdm-")}
+    best_baseline = {c[2:]: teacher_eval["comparisons"][c]["baseline"] for c in teacher_eval["comparisons"]}
+    ref_name = teacher_eval["reference"]
+    noise, labels = eval_inputs(samples, eval_seed)
+
+    results = {"iterations": iterations, "seeds": list(seeds), "samples": samples, "eval_seed": eval_seed,
+               "teacher": teacher_rows, "best_baseline": best_baseline, "runs": {}, "curve": {}}
+    ref_features = metrics.features(cache[(eval_seed, samples, 50, cfg)][0])
+    curve_noise, curve_labels = eval_inputs(curve_samples, eval_seed + 1000)
+    curve_ref = metrics.features(reference_sampler(50, cfg)(teacher, curve_noise, curve_labels))
+
+    for variant in variants:
+        for seed in seeds:
+            config = demo_config(iterations, seed=seed, **{**config_overrides, **VARIANTS[variant]})
+            recorder = None
+            if variant == "tdm" and curve_every:
+                recorder = CurveRecorder(metrics, curve_ref, curve_noise, curve_labels, curve_every, config.steps)
+            say(f"[ablations] {variant} seed {seed}: training {iterations} iterations")
+            trainer, _, wall = distill_digits(teacher, config, progress=progress, callback=recorder)
+            student = trainer.final_student().eval()
+            run = {"wall_clock_s": wall}
+            for k in config.steps:
+                out = metrics(sample_student(student, noise, labels, k), labels, ref_features)
+                out.pop("features")
+                run[f"K={k}"] = out
+            if recorder is not None:
+                results["curve"][str(seed)] = recorder.points
+            results["runs"].setdefault(variant, {})[str(seed)] = run
+            (out_dir / "ablations.json").write_text(json.dumps(results, indent=2))
+
+    table = format_ablations(results)
+    (out_dir / "ablations.md").write_text(table + "\n")
+    if results["curve"]:
+        plot_curve(results["curve"], out_dir / "quality_vs_iterations.png", best_baseline, teacher_rows)
+    return table, results
+
+
+def summarise(results: dict) -> dict:
+    """variant → K → metric → (mean, std over seeds)."""
+    out = {}
+    for variant, runs in results["runs"].items():
+        out[variant] = {}
+        for key in ("K=1", "K=2", "K=4"):
+            rows = [r[key] for r in runs.values() if key in r]
+            if rows:
+                out[variant][key] = {m: _mean_std([r[m] for r in rows]) for m in rows[0]}
+    return out
+
+
+def format_ablations(results: dict) -> str:
+    summary = summarise(results)
+    n_seeds = len(results["seeds"])
+    lines = [
+        f"Digits teacher, CFG 2; unify students K ∈ {{1, 2, 4}}, {results['iterations']} iterations each, "
+        f"mean ± std over {n_seeds} training seed(s); {results['samples']} evaluation samples; "
+        "FID on the digits classifier's features.",
+        "",
+        "| sampler | FID to teacher-50, K=1 ↓ | K=2 ↓ | K=4 ↓ | FID to data, K=4 ↓ | class acc. %, K=4 |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def cell(stats, metric, scale=1.0, digits=2):
+        if stats is None:
+            return "-"
+        mean, std = stats[metric]
+        return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}" if n_seeds > 1 else f"{scale * mean:.{digits}f}"
+
+    for variant, per_k in summary.items():
+        lines.append(
+            f"| {LABELS.get(variant, variant)} | {cell(per_k.get('K=1'), 'fid_teacher')} | {cell(per_k.get('K=2'), 'fid_teacher')} "
+            f"| {cell(per_k.get('K=4'), 'fid_teacher')} | {cell(per_k.get('K=4'), 'fid_data')} | {cell(per_k.get('K=4'), 'accuracy', 100, 1)} |"
+        )
+    t = results["teacher"]
+    b = results["best_baseline"]
+    lines.append(
+        "| teacher DDIM, best NFE-matched (" + ", ".join(f"K={k}: {b[k]}" for k in sorted(b)) + ") "
+        f"| {t[b['1']]['fid_teacher']:.2f} | {t[b['2']]['fid_teacher']:.2f} | {t[b['4']]['fid_teacher']:.2f} "
+        f"| {t[b['4']]['fid_data']:.2f} | {100 * t[b['4']]['accuracy']:.1f} |"
+    )
+    ref = t["teacher-50"]
+    lines.append(f"| teacher-50 CFG (reference, NFE 100) | 0 | 0 | 0 | {ref['fid_data']:.2f} | {100 * ref['accuracy']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_curve(curves: dict, path, best_baseline: dict, teacher_rows: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = {1: "tab:red", 2: "tab:orange", 4: "tab:blue"}
+    for k, color in colors.items():
+        series = [[p[f"fid_teacher_K{k}"] for p in pts] for pts in curves.values()]
+        its = [p["iteration"] for p in next(iter(curves.values()))]
+        n = min(len(s) for s in series)
+        mean = [statistics.fmean(s[i] for s in series) for i in range(n)]
+        ax.plot(its[:n], mean, marker="o", color=color, label=f"TDM K={k}")
+        base = teacher_rows[best_baseline[str(k)]]["fid_teacher"]
+        ax.axhline(base, color=color, linestyle="--", linewidth=1, label=f"teacher best {k}-NFE DDIM")
+    ax.set_yscale("log")
+    ax.set_xlabel("TDM iterations")
+    ax.set_ylabel("FID to teacher-50 CFG (digits features)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_ablation_arguments(parser) -> None:
+    """argparse options of ``tdm-fast eval --ablations``."""
+    parser.add_argument("--output", default="runs/ablations")
+    parser.add_argument("--iterations", type=int, default=600)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--curve-every", type=int, default=100)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_ablations_cli(args) -> dict:
+    table, results = run_ablations(
+        args.output, iterations=args.iterations, seeds=tuple(args.seeds), variants=tuple(args.variants),
+        samples=args.samples, curve_every=args.curve_every, progress=not args.no_progress,
+    )
+    print(table)
+    return results

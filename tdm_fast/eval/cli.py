@@ -1,0 +1,71 @@
+"""argparse helpers for the digits verbs; the ``tdm-fast`` entry point wires them.
+
+    tdm-fast teacher train --dataset digits   add_teacher_arguments   / run_teacher_train
+    tdm-fast classifier train                 add_classifier_arguments / run_classifier_train
+    tdm-fast eval [STUDENT]                   add_eval_arguments      / run_eval
+    tdm-fast eval --ablations                 add_eval_arguments      / run_eval (dispatches to run_ablations)
+    tdm-fast demo                             add_demo_arguments      / run_demo
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..demo_digits import add_demo_arguments, run_demo
+from ..digits import add_teacher_arguments, run_teacher_train
+from .classifier import add_classifier_arguments, run_classifier_train
+
+__all__ = [
+    "add_classifier_arguments", "add_demo_arguments", "add_eval_arguments", "add_teacher_arguments",
+    "run_classifier_train", "run_demo", "run_eval", "run_teacher_train",
+]
+
+
+def add_eval_arguments(parser) -> None:
+    """``tdm-fast eval STUDENT`` scores a saved digits student; ``--ablations`` runs the reproduction table."""
+    parser.add_argument("student", nargs="?", help="a saved student folder (Denoiser.save_pretrained)")
+    parser.add_argument("--teacher", default=None, help="digits teacher folder (default: the shipped one)")
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help="K values (default: the student's steps set, else 4)")
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--cfg-scale", type=float, default=None, help="teacher CFG of the reference (default 2)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    ablations = parser.add_argument_group("ablations (tdm-fast eval --ablations)")
+    ablations.add_argument("--ablations", action="store_true", help="train and evaluate the ablation variants")
+    ablations.add_argument("--output", default="runs/ablations")
+    ablations.add_argument("--iterations", type=int, default=600)
+    ablations.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds of each variant")
+    ablations.add_argument("--variants", nargs="+", default=None)
+    ablations.add_argument("--curve-every", type=int, default=100)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_eval(args) -> dict:
+    if args.ablations:
+        from .ablations import VARIANTS, run_ablations
+
+        table, results = run_ablations(
+            args.output, iterations=args.iterations, seeds=tuple(args.seeds),
+            variants=tuple(args.variants or VARIANTS), samples=args.samples, curve_every=args.curve_every,
+            teacher_path=args.teacher, progress=not args.no_progress,
+        )
+        print(table)
+        return results
+    if not args.student:
+        raise SystemExit("tdm-fast eval: give a student folder, or --ablations")
+    from ..denoiser import Denoiser
+    from ..digits import DIGITS_CFG_SCALE, load_digits_teacher
+    from .digits import evaluate_digits, format_table
+
+    teacher = load_digits_teacher(args.teacher)
+    student = Denoiser.from_pretrained(args.student).eval()
+    steps = args.steps or list(student.steps_set or (4,))
+    results = evaluate_digits(
+        teacher, {k: student for k in steps}, args.cfg_scale or DIGITS_CFG_SCALE, samples=args.samples,
+        seeds=tuple(args.eval_seeds), progress=None if args.no_progress else print,
+    )
+    print(format_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results

@@ -1,0 +1,488 @@
+"""LoRA training with one set of base weights: teacher, student and fake score share a backbone.
+
+The student and the fake score are two peft LoRA adapters ("student", "fake") injected into the
+same diffusers model; the teacher is that model with its adapters disabled. Each of the trainer's
+three :class:`~tdm_fast.denoiser.Denoiser` s wraps a :class:`LoRARole`, which activates its role's
+adapter for the duration of its call (setting the peft layers' active adapter directly, so that
+``requires_grad`` of the other role is never touched) and registers only its own LoRA weights as
+parameters: the trainer's optimizers, gradient clipping, DDP and checkpoints see exactly one role.
+
+The steps embedding of a steps-aware ("unify") student and fake sits on the shared timestep
+embedding module; its forward hook only fires while its own role is active. Gradient
+checkpointing recomputes a block in the backward pass, after other roles may have run: the
+checkpoint function installed by :meth:`SharedLoRABase.enable_gradient_checkpointing` re-activates
+the role that ran the block's forward.
+
+Export: :func:`save_lora` writes the diffusers LoRA format (``pipeline.load_lora_weights``) and
+optionally the kohya format; :func:`fuse_student` merges the LoRA (and the K embedding) into a plain
+diffusers model; :func:`write_model_card` documents scheduler, steps and guidance.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+LORA_ROLE_CONFIG = "lora_role.json"
+STEPS_EMBEDDING_FILE = "tdm_steps_embedding.safetensors"
+ROLES = ("student", "fake")
+
+# LoRA defaults per backbone: the attention projections (+ feed-forward for transformers).
+DEFAULT_TARGETS = {
+    "unet": ("to_q", "to_k", "to_v", "to_out.0"),
+    "pixart": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
+    "sd3": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+    "cogvideox": ("to_q", "to_k", "to_v", "to_out.0"),
+}
+DEFAULT_RANK = {"unet": 64, "pixart": 32, "sd3": 32, "cogvideox": 64}
+
+# Where each adapter's LoRA goes in the diffusers pipeline format: (pipeline class, save kwarg).
+PIPELINE_LORA = {
+    "UNetAdapter": ("StableDiffusionPipeline", "unet_lora_layers"),
+    "SD3Adapter": ("StableDiffusion3Pipeline", "transformer_lora_layers"),
+    "CogVideoXAdapter": ("CogVideoXPipeline", "transformer_lora_layers"),
+    "PixArtAdapter": (None, None),  # no pipeline LoRA loader: transformer.load_lora_adapter(path)
+}
+
+
+@dataclass
+class LoRASettings:
+    """LoRA of student and fake score.
+
+    ``fake="shared"`` puts the fake score's adapter on the student's base (one copy of the
+    backbone in memory); ``fake="copy"`` gives the fake score its own base copy (more memory, but
+    the two roles never share a forward pass).
+    """
+
+    rank: int = 32
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    dropout: float = 0.0
+    fake: str = "shared"
+    fake_rank: int | None = None  # None: same as rank
+
+    def __post_init__(self):
+        self.target_modules = tuple(self.target_modules)
+        if self.fake not in ("shared", "copy"):
+            raise ValueError(f"LoRA fake must be 'shared' or 'copy', got {self.fake!r}")
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+
+    @classmethod
+    def for_backbone(cls, backbone: str, **overrides) -> "LoRASettings":
+        kwargs = {"rank": DEFAULT_RANK.get(backbone, 32), "target_modules": DEFAULT_TARGETS.get(backbone, DEFAULT_TARGETS["unet"])}
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kwargs)
+
+    def peft_config(self, rank: int | None = None):
+        from peft import LoraConfig
+
+        r = rank or self.rank
+        alpha = self.alpha if self.alpha is not None else r
+        return LoraConfig(r=r, lora_alpha=alpha, target_modules=list(self.target_modules), lora_dropout=self.dropout, init_lora_weights=True)
+
+
+def _tuner_layers(model: nn.Module) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class SharedLoRABase:
+    """One diffusers adapter model (``tdm_fast.backbones``) carrying several LoRA adapters ("roles").
+
+    Not an ``nn.Module``: the :class:`LoRARole` views decide what each Denoiser registers.
+    ``source`` says how to reload the base offline (``{"path", "subfolder", "adapter_class",
+    "inner_class", "adapter_kwargs"}``); without it a saved role also saves the base weights.
+    """
+
+    def __init__(self, adapter: nn.Module, lora_configs: dict, source: dict | None = None):
+        self.adapter = adapter.requires_grad_(False).eval()
+        self.source = source
+        self.lora_configs = dict(lora_configs)
+        inner = adapter.inner
+        for role, config in self.lora_configs.items():
+            inner.add_adapter(config, adapter_name=role)
+        self.layers = _tuner_layers(inner)
+        for role in self.lora_configs:  # peft's set_adapter froze all but the last one
+            for p in self.role_modules(role).parameters():
+                p.requires_grad_(True)
+        self.active: str | None = "__unset__"
+        self.activate(None)
+
+    def role_modules(self, role: str) -> nn.ModuleList:
+        modules = []
+        for layer in self.layers:
+            for name in layer.adapter_layer_names:
+                table = getattr(layer, name)
+                if role in table:
+                    modules.append(table[role])
+        return nn.ModuleList(modules)
+
+    def activate(self, role: str | None) -> None:
+        """Makes ``role``'s adapter the only active one; ``None`` disables all (the teacher)."""
+        if role == self.active:
+            return
+        for layer in self.layers:
+            if role is None:
+                layer._disable_adapters = True
+            else:
+                layer._disable_adapters = False
+                layer._active_adapter = [role]
+        self.active = role
+
+    def enable_gradient_checkpointing(self) -> None:
+        shared = self
+
+        def checkpoint(module, *args):
+            role = shared.active
+
+            def run(*inputs):
+                previous = shared.active
+                shared.activate(role)
+                try:
+                    return module(*inputs)
+                finally:
+                    shared.activate(previous)
+
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+        self.adapter.enable_gradient_checkpointing(checkpoint)
+
+    def cast_base(self, dtype: torch.dtype) -> None:
+        """Stores the frozen base weights in ``dtype`` (bf16/fp16) and keeps LoRA weights in fp32."""
+        lora = {id(p) for role in self.lora_configs for p in self.role_modules(role).parameters()}
+        for p in self.adapter.parameters():
+            if id(p) not in lora and p.is_floating_point():
+                p.data = p.data.to(dtype)
+
+
+class _RoleGatedTarget:
+    """What :meth:`LoRARole.get_submodule` returns for the time embedding: hooks fire per role."""
+
+    def __init__(self, module: nn.Module, role: "LoRARole"):
+        self.module, self.role = module, role
+
+    def modules(self):
+        return self.module.modules()
+
+    def register_forward_hook(self, hook, **kwargs):
+        shared, role = self.role.shared, self.role.role
+
+        def gated(module, inputs, output):
+            if shared.active == role:
+                return hook(module, inputs, output)
+            return None
+
+        return self.module.register_forward_hook(gated, **kwargs)
+
+
+class LoRARole(nn.Module):
+    """``model(x_t, t, cond)`` of one role of a :class:`SharedLoRABase` (``role=None``: the teacher).
+
+    Registers only its role's LoRA modules; ``.to(device)`` of the teacher role moves the base.
+    """
+
+    def __init__(self, shared: SharedLoRABase, role: str | None, owns_base: bool | None = None):
+        super().__init__()
+        object.__setattr__(self, "shared", shared)  # not a registered submodule
+        self.role = role
+        self.owns_base = role is None if owns_base is None else owns_base
+        self.lora = shared.role_modules(role) if role is not None else nn.ModuleList()
+        self.time_embedding_module = "base." + shared.adapter.time_embedding_module
+
+    def _apply(self, fn, *args, **kwargs):
+        if self.owns_base:
+            self.shared.adapter._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    def get_submodule(self, target: str):
+        if target.startswith("base."):
+            module = self.shared.adapter.get_submodule(target[len("base."):])
+            return _RoleGatedTarget(module, self)
+        return super().get_submodule(target)
+
+    @property
+    def config(self):
+        return self.shared.adapter.config
+
+    def forward(self, x_t, t, cond):
+        previous = self.shared.active
+        self.shared.activate(self.role)
+        try:
+            return self.shared.adapter(x_t, t, cond)
+        finally:
+            self.shared.activate(previous)
+
+    # -- serialization (so that Denoiser.save_pretrained / from_pretrained work) -------------
+    def lora_state_dict(self) -> dict:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.shared.adapter.inner, adapter_name=self.role)
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        if self.role is None:
+            raise TypeError("the teacher role has no weights of its own; save the base model instead")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        adapter = self.shared.adapter
+        source = self.shared.source
+        if source is None:
+            base = copy.deepcopy(adapter.inner)
+            _remove_lora(base)
+            source = _adapter_source(adapter, str(path / "base"))
+            type(adapter)(base, **adapter.adapter_kwargs()).save_pretrained(path / "base")
+            source["path"] = "base"  # relative to this folder
+        state = {k: v.detach().float().contiguous().cpu() for k, v in self.lora_state_dict().items()}
+        save_file(state, path / "lora.safetensors")
+        config = self.shared.lora_configs[self.role].to_dict()
+        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+        (path / LORA_ROLE_CONFIG).write_text(json.dumps({"source": source, "role": self.role, "lora": config}, indent=2, default=str))
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> "LoRARole":
+        from peft import LoraConfig
+        from peft.utils import set_peft_model_state_dict
+
+        path = Path(path)
+        meta = json.loads((path / LORA_ROLE_CONFIG).read_text())
+        source = dict(meta["source"])
+        if not Path(source["path"]).is_absolute() and (path / source["path"]).exists():
+            source["path"] = str(path / source["path"])
+        adapter = load_adapter(source, **kwargs)
+        lora = {k: v for k, v in meta["lora"].items() if k in LoraConfig.__dataclass_fields__}
+        shared = SharedLoRABase(adapter, {meta["role"]: LoraConfig(**lora)}, source)
+        set_peft_model_state_dict(adapter.inner, load_file(path / "lora.safetensors"), adapter_name=meta["role"])
+        return cls(shared, meta["role"])
+
+
+def _adapter_source(adapter, path: str, subfolder: str | None = None) -> dict:
+    inner = type(adapter.inner)
+    return {
+        "path": path,
+        "subfolder": subfolder,
+        "adapter_class": f"{type(adapter).__module__}:{type(adapter).__qualname__}",
+        "inner_class": f"{inner.__module__}:{inner.__qualname__}",
+        "adapter_kwargs": adapter.adapter_kwargs(),
+    }
+
+
+def _import(qualified: str):
+    module_name, _, name = qualified.partition(":")
+    return getattr(importlib.import_module(module_name), name)
+
+
+def load_adapter(source: dict, **kwargs):
+    """Rebuilds a backbone adapter from a :func:`_adapter_source` dict (offline, from_pretrained)."""
+    inner_cls = _import(source["inner_class"])
+    if source.get("subfolder"):
+        kwargs["subfolder"] = source["subfolder"]
+    inner = inner_cls.from_pretrained(source["path"], **kwargs)
+    return _import(source["adapter_class"])(inner, **source.get("adapter_kwargs", {}))
+
+
+def _remove_lora(model: nn.Module) -> nn.Module:
+    """Replaces every peft LoRA layer of ``model`` by its base layer (after any merge)."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if hasattr(child, "get_base_layer") and hasattr(child, "lora_A"):
+                setattr(module, child_name, child.get_base_layer())
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    if hasattr(model, "_hf_peft_config_loaded"):
+        model._hf_peft_config_loaded = False
+    return model
+
+
+# -- building the three networks ----------------------------------------------------------------
+def lora_denoisers(teacher, config, lora: LoRASettings, source: dict | None = None, gradient_checkpointing: bool = False):
+    """Teacher, student and fake :class:`Denoiser` s over one base (``lora.fake == "shared"``).
+
+    ``teacher`` is a plain Denoiser whose model is a backbone adapter; its base weights get the LoRA
+    layers injected (the returned teacher runs them disabled). ``config`` is the :class:`TDMConfig`
+    (its ``steps``/``steps_conditioning`` decide the students' steps embedding).
+    """
+    from .denoiser import Denoiser
+
+    adapter = teacher.model
+    steps_set = config.steps if config.steps_conditioning else None
+    fake_cfg = lora.peft_config(lora.fake_rank)
+    if lora.fake == "shared":
+        shared = SharedLoRABase(adapter, {"student": lora.peft_config(), "fake": fake_cfg}, source)
+        fake_shared = shared
+    else:
+        fake_adapter = copy.deepcopy(adapter)
+        shared = SharedLoRABase(adapter, {"student": lora.peft_config()}, source)
+        fake_shared = SharedLoRABase(fake_adapter, {"fake": fake_cfg}, source)
+    if gradient_checkpointing:
+        shared.enable_gradient_checkpointing()
+        if fake_shared is not shared:
+            fake_shared.enable_gradient_checkpointing()
+
+    def make(shared_base, role, steps, owns_base=None):
+        model = LoRARole(shared_base, role, owns_base)
+        return Denoiser(model, teacher.schedule, teacher.prediction_type, teacher.null_cond, steps)
+
+    new_teacher = make(shared, None, None)
+    student = make(shared, "student", steps_set)
+    fake = make(fake_shared, "fake", steps_set, owns_base=fake_shared is not shared)  # a copied base moves with the fake
+    return new_teacher, student, fake
+
+
+# -- export ---------------------------------------------------------------------------------
+def _role_of(student) -> LoRARole:
+    model = getattr(student, "model", student)
+    if not isinstance(model, LoRARole) or model.role is None:
+        raise TypeError("expected a LoRA student Denoiser (built by tdm_fast.lora.lora_denoisers)")
+    return model
+
+
+def save_steps_embedding(student, path) -> None:
+    if student.steps_embedding is None:
+        return
+    save_file(
+        {"weight": student.steps_embedding.embedding.weight.detach().float().cpu().contiguous()},
+        Path(path) / STEPS_EMBEDDING_FILE,
+        metadata={"steps_set": json.dumps(list(student.steps_set)), "module": student.time_embedding.removeprefix("base.inner.")},
+    )
+
+
+def save_lora(student, path, kohya: bool = False) -> Path:
+    """Writes the student's LoRA as ``pytorch_lora_weights.safetensors`` in the diffusers format.
+
+    SD1.5/SDXL, SD3 and CogVideoX files load with ``pipeline.load_lora_weights(path)``; PixArt's with
+    ``pipeline.transformer.load_lora_adapter(path, prefix=None)``. ``kohya=True`` also writes
+    ``pytorch_lora_weights_kohya.safetensors`` (UNet models). A steps-aware student also writes its
+    K-embedding table (``tdm_steps_embedding.safetensors``, see :func:`apply_steps_embedding`).
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    role = _role_of(student)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    inner = role.shared.adapter.inner
+    state = {k: v.detach().float().contiguous().cpu() for k, v in role.lora_state_dict().items()}
+    pipeline_name, kwarg = PIPELINE_LORA.get(type(role.shared.adapter).__name__, (None, None))
+    peft_config = role.shared.lora_configs[role.role]
+    metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in peft_config.to_dict().items()}
+    if pipeline_name is None:
+        inner.save_lora_adapter(path, adapter_name=role.role)
+    else:
+        import inspect
+
+        import diffusers
+
+        pipeline_cls = getattr(diffusers, pipeline_name)
+        kwargs = {kwarg: convert_state_dict_to_diffusers(state)}
+        meta_kwarg = kwarg.replace("_layers", "_adapter_metadata")
+        if meta_kwarg in inspect.signature(pipeline_cls.save_lora_weights).parameters:
+            kwargs[meta_kwarg] = metadata
+        pipeline_cls.save_lora_weights(save_directory=str(path), **kwargs)
+    if kohya:
+        from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+        prefixed = {f"unet.{k}": v for k, v in state.items()} if kwarg == "unet_lora_layers" else state
+        kohya_state = convert_state_dict_to_kohya(prefixed)
+        save_file({k: v.contiguous() for k, v in kohya_state.items()}, path / "pytorch_lora_weights_kohya.safetensors")
+    save_steps_embedding(student, path)
+    return path
+
+
+def apply_steps_embedding(model: nn.Module, path, steps: int) -> None:
+    """Folds the K embedding of a steps-aware student into the bias of the time embedding's last
+    linear layer of a diffusers ``model`` (after ``load_lora_weights``), so stock pipelines run K steps."""
+    from safetensors import safe_open
+
+    file = Path(path) / STEPS_EMBEDDING_FILE
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata()
+        weight = f.get_tensor("weight")
+    steps_set = json.loads(meta["steps_set"])
+    if steps not in steps_set:
+        raise ValueError(f"this student was trained for K in {steps_set}, not {steps}")
+    target = model.get_submodule(meta["module"])
+    _fold_into_last_linear(target, weight[steps_set.index(steps)])
+
+
+def _fold_into_last_linear(module: nn.Module, vector: torch.Tensor) -> None:
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    last = linears[-1]
+    if getattr(module, "post_act", None) is not None:
+        raise ValueError("cannot fold a steps embedding through a post-activation")
+    with torch.no_grad():
+        if last.bias is None:
+            last.bias = nn.Parameter(torch.zeros(last.out_features, dtype=last.weight.dtype, device=last.weight.device))
+        last.bias.add_(vector.to(last.bias))
+
+
+@torch.no_grad()
+def fuse_student(student, steps: int | None = None) -> nn.Module:
+    """A plain diffusers model (no LoRA, no hooks) computing the student; for a steps-aware student
+    ``steps`` chooses the K whose embedding is folded into the timestep embedding's bias."""
+    role = _role_of(student)
+    inner = copy.deepcopy(role.shared.adapter.inner)
+    for layer in _tuner_layers(inner):
+        layer.merge(adapter_names=[role.role])
+    _remove_lora(inner)
+    for hook_owner in inner.modules():
+        hook_owner._forward_hooks.clear()
+    if student.steps_embedding is not None:
+        if steps is None:
+            raise ValueError(f"a steps-aware student needs steps= one of {student.steps_set} to fuse")
+        idx = student.steps_set.index(steps)
+        target = inner.get_submodule(student.time_embedding.removeprefix("base.inner."))
+        _fold_into_last_linear(target, student.steps_embedding.embedding.weight[idx].detach().float())
+    return inner.requires_grad_(True)
+
+
+def write_model_card(path, *, base_model: str, backbone: str, pipeline: str, steps: tuple[int, ...], total_steps: int,
+                     cfg_scale: float, lora: bool, prediction_type: str) -> Path:
+    """README.md stating exactly how to sample: TDMScheduler, K steps, guidance_scale=1."""
+    k = max(steps)
+    load = (
+        f'pipe.load_lora_weights("{Path(path).name}")' if lora and backbone != "pixart"
+        else f'pipe.transformer.load_lora_adapter("{Path(path).name}", prefix=None)' if lora
+        else "# fused weights: load the model folder in place of the base's"
+    )
+    unify = ""
+    if len(steps) > 1:
+        unify = (
+            "\nThis is a steps-aware student: after loading, fold the K embedding of the step count you sample with:\n\n"
+            "```python\nfrom tdm_fast.lora import apply_steps_embedding\n"
+            f"apply_steps_embedding(pipe.{'unet' if backbone in ('sd15', 'sdxl') else 'transformer'}, \"{Path(path).name}\", steps={k})\n```\n"
+        )
+    text = f"""---
+base_model: {base_model}
+library_name: diffusers
+tags: [tdm, distillation, few-step]
+---
+# TDM {'/'.join(map(str, steps))}-step student of {base_model}
+
+Distilled with Trajectory Distribution Matching (tdm-fast). Teacher guidance (CFG) {cfg_scale} is
+distilled into the weights: **sample with `guidance_scale=1` (no CFG)** and **`TDMScheduler`**
+(deterministic DDIM jumps at t = T'-1, T'-1-T'/K, ...; T' = {total_steps}; teacher prediction
+type `{prediction_type}`). Any other scheduler or timestep spacing gives wrong images.
+
+Steps: {', '.join(map(str, steps))}.
+
+```python
+import torch, diffusers
+from tdm_fast import TDMScheduler
+
+pipe = diffusers.{pipeline}.from_pretrained("{base_model}")
+pipe.scheduler = TDMScheduler.from_config(pipe.scheduler.config, total_steps={total_steps})
+{load}
+image = pipe("a photo of a cat", num_inference_steps={k}, guidance_scale=1.0).{'frames' if backbone == 'cogvideox' else 'images'}[0]
+```
+{unify}"""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "README.md").write_text(text)
+    return path / "README.md"
