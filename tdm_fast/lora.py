@@ -47,7 +47,7 @@ PIPELINE_LORA = {
     "UNetAdapter": ("StableDiffusionPipeline", "unet_lora_layers"),
     "SD3Adapter": ("StableDiffusion3Pipeline", "transformer_lora_layers"),
     "CogVideoXAdapter": ("CogVideoXPipeline", "transformer_lora_layers"),
-    "PixArtAdapter": (None, None),  # no pipeline LoRA loader: transformer.load_lora_adapter(path)
+    "PixArtAdapter": (None, None),  # no pipeline LoRA loader: tdm_fast.lora.load_lora_adapter
 }
 
 
@@ -88,6 +88,36 @@ class LoRASettings:
         return LoraConfig(r=r, lora_alpha=alpha, target_modules=list(self.target_modules), lora_dropout=self.dropout, init_lora_weights=True)
 
 
+def add_lora_adapter(model: nn.Module, config, name: str) -> None:
+    """diffusers' ``add_adapter`` where the model has it (PeftAdapterMixin), else peft's injection
+    plus the ``peft_config`` table that ``get_peft_model_state_dict`` reads (e.g. PixArt)."""
+    if hasattr(model, "add_adapter"):
+        model.add_adapter(config, adapter_name=name)
+        return
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, model, adapter_name=name)
+    table = model.__dict__.setdefault("peft_config", {})
+    table[name] = config
+
+
+def load_lora_adapter(model: nn.Module, path, adapter_name: str = "default") -> nn.Module:
+    """Loads ``pytorch_lora_weights.safetensors`` written by :func:`save_lora` into a diffusers model
+    without a LoRA loader (PixArt), using the LoRA config stored in the file's metadata."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors import safe_open
+
+    file = Path(path) / "pytorch_lora_weights.safetensors"
+    with safe_open(str(file), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    config = LoraConfig(**{k: v for k, v in meta.items() if k in LoraConfig.__dataclass_fields__})
+    add_lora_adapter(model, config, adapter_name)
+    set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    return model
+
+
 def _tuner_layers(model: nn.Module) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -108,7 +138,7 @@ class SharedLoRABase:
         self.lora_configs = dict(lora_configs)
         inner = adapter.inner
         for role, config in self.lora_configs.items():
-            inner.add_adapter(config, adapter_name=role)
+            add_lora_adapter(inner, config, role)
         self.layers = _tuner_layers(inner)
         for role in self.lora_configs:  # peft's set_adapter froze all but the last one
             for p in self.role_modules(role).parameters():
@@ -358,7 +388,7 @@ def save_lora(student, path, kohya: bool = False) -> Path:
     """Writes the student's LoRA as ``pytorch_lora_weights.safetensors`` in the diffusers format.
 
     SD1.5/SDXL, SD3 and CogVideoX files load with ``pipeline.load_lora_weights(path)``; PixArt's with
-    ``pipeline.transformer.load_lora_adapter(path, prefix=None)``. ``kohya=True`` also writes
+    :func:`load_lora_adapter` (``load_lora_adapter(pipe.transformer, path)``). ``kohya=True`` also writes
     ``pytorch_lora_weights_kohya.safetensors`` (UNet models). A steps-aware student also writes its
     K-embedding table (``tdm_steps_embedding.safetensors``, see :func:`apply_steps_embedding`).
     """
@@ -373,14 +403,18 @@ def save_lora(student, path, kohya: bool = False) -> Path:
     peft_config = role.shared.lora_configs[role.role]
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in peft_config.to_dict().items()}
     if pipeline_name is None:
-        inner.save_lora_adapter(path, adapter_name=role.role)
+        save_file(state, path / "pytorch_lora_weights.safetensors",
+                  metadata={"format": "pt", "lora_adapter_metadata": json.dumps(metadata, default=str)})
     else:
         import inspect
 
         import diffusers
 
         pipeline_cls = getattr(diffusers, pipeline_name)
-        kwargs = {kwarg: convert_state_dict_to_diffusers(state)}
+        # UNet LoRAs in the diffusers naming (as the SD/SDXL training scripts save them); transformer
+        # loaders (SD3, CogVideoX) take peft's naming as is.
+        layers = convert_state_dict_to_diffusers(state) if kwarg == "unet_lora_layers" else state
+        kwargs = {kwarg: layers}
         meta_kwarg = kwarg.replace("_layers", "_adapter_metadata")
         if meta_kwarg in inspect.signature(pipeline_cls.save_lora_weights).parameters:
             kwargs[meta_kwarg] = metadata
@@ -448,7 +482,7 @@ def write_model_card(path, *, base_model: str, backbone: str, pipeline: str, ste
     k = max(steps)
     load = (
         f'pipe.load_lora_weights("{Path(path).name}")' if lora and backbone != "pixart"
-        else f'pipe.transformer.load_lora_adapter("{Path(path).name}", prefix=None)' if lora
+        else f'from tdm_fast.lora import load_lora_adapter; load_lora_adapter(pipe.transformer, "{Path(path).name}")' if lora
         else "# fused weights: load the model folder in place of the base's"
     )
     unify = ""

@@ -10,6 +10,7 @@ import copy
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -160,6 +161,7 @@ class TDMTrainer:
         self.rng = torch.Generator().manual_seed(config.seed * 7919 + rank)
         self.steps_rng = torch.Generator().manual_seed(config.seed)
         self.step = 0
+        self._warned_unsaveable = False
 
     # -- the three phases of one iteration --------------------------------------------------------
     def _steps_arg(self, k: int):
@@ -329,7 +331,14 @@ class TDMTrainer:
         if acc.is_main_process:
             write_state(tmp, self._state())
             commit_checkpoint(tmp, final, self.config.keep_last)
-            self.save_student(self.output_dir / "student")
+            if hasattr(self.student_core.model, "save_pretrained"):
+                self.save_student(self.output_dir / "student")
+            elif not self._warned_unsaveable:
+                self._warned_unsaveable = True
+                warnings.warn(
+                    f"{type(self.student_core.model).__name__} has no save_pretrained: checkpoints hold its weights, "
+                    "but no loadable student/ folder is written (use a diffusers ModelMixin to get one)"
+                )
         acc.wait_for_everyone()
         return final
 

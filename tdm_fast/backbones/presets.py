@@ -121,11 +121,28 @@ def sample_shape(preset: Preset | str, teacher_config, resolution: int | tuple[i
     return (channels, h // scale, w // scale)
 
 
+def missing_components(path: str | Path, pipeline_cls) -> dict:
+    """``{name: None}`` for the pipeline components a folder does not have (e.g. SD3 without T5, no VAE)."""
+    import inspect
+
+    kwargs = {}
+    index_file = Path(path) / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    for name in inspect.signature(pipeline_cls.__init__).parameters:
+        entry = index.get(name)
+        if name != "self" and name not in kwargs and isinstance(entry, list) and entry[0] is None:
+            kwargs[name] = None  # components the folder does not have (e.g. SD3 without T5)
+        elif name in ("image_encoder", "feature_extractor", "safety_checker") and name not in index:
+            kwargs[name] = None
+    return kwargs
+
+
 def _pipeline_for_text(preset: Preset, path: str, denoiser_model, device):
     import diffusers
 
     pipeline_cls = getattr(diffusers, preset.pipeline)
     kwargs = {"vae": None, preset.subfolder: denoiser_model}
+    kwargs.update({k: v for k, v in missing_components(path, pipeline_cls).items() if k not in kwargs})
     if preset.name == "sd15":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = pipeline_cls.from_pretrained(path, **kwargs)

@@ -284,7 +284,8 @@ def save_grid(images: dict[str, torch.Tensor], rows: list[tuple[str, str]], path
     import matplotlib.pyplot as plt
 
     columns = columns or min(v.shape[0] for v in images.values())
-    fig, axes = plt.subplots(len(rows), columns, figsize=(0.55 * columns + 2.2, 0.62 * len(rows) + 0.2), squeeze=False)
+    width = 0.55 * columns + 1.8
+    fig, axes = plt.subplots(len(rows), columns, figsize=(width, 0.62 * len(rows) + 0.2), squeeze=False)
     for r, (key, label) in enumerate(rows):
         for c in range(columns):
             ax = axes[r][c]
@@ -292,6 +293,6 @@ def save_grid(images: dict[str, torch.Tensor], rows: list[tuple[str, str]], path
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    fig.subplots_adjust(left=0.2, right=0.99, top=0.98, bottom=0.02, wspace=0.05, hspace=0.08)
+    fig.subplots_adjust(left=1.7 / width, right=0.99, top=0.98, bottom=0.02, wspace=0.05, hspace=0.08)
     fig.savefig(path, dpi=110)
     plt.close(fig)

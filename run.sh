@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The two set-up commands of the README:  bash run.sh demo  |  bash run.sh test
+# Each installs what it needs first, then runs.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+
+install() {
+    # Keep a torch that is already installed (a user's CUDA build, our GPU machines' 2.11); otherwise
+    # take 2.13.0, which pip resolves offline to a CPU wheel on our machines. A loose requirement
+    # here would pull a multi-GB CUDA build.
+    if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+        "$PYTHON" -m pip install -q "torch==2.13.0"
+    fi
+    "$PYTHON" -m pip install -q -e ".[dev,export]"
+}
+
+case "${1:-}" in
+    demo)
+        install
+        shift
+        exec tdm-fast demo "$@"
+        ;;
+    test)
+        install
+        shift
+        # pytest exits 5 when it collects nothing: set -e turns that into a failure too
+        exec "$PYTHON" -m pytest tests -q "$@"
+        ;;
+    *)
+        echo "usage: bash run.sh demo|test [extra arguments]" >&2
+        exit 2
+        ;;
+esac

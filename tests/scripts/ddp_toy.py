@@ -1,0 +1,25 @@
+"""Run by tests/test_distributed.py under `accelerate launch`: a few TDM iterations, then every rank
+writes its student weights so the test can check they are identical."""
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tdm_fast.config import TDMConfig
+from tdm_fast.toy2d import ToyMLP, toy_denoiser
+from tdm_fast.trainer import ClassConditions, TDMTrainer
+
+out = Path(sys.argv[1])
+torch.manual_seed(0)
+teacher = toy_denoiser(ToyMLP(hidden=32, depth=1))
+config = TDMConfig(steps=(1, 2), batch_size=8, iterations=3, fake_lr=1e-3, cfg_scale=3.0, kernels="reference")
+trainer = TDMTrainer(teacher, config, ClassConditions(2), (2,), output_dir=out, progress=False)
+first_noise = torch.randn(4, generator=trainer.rng.clone_state())
+trainer.train()
+rank = trainer.accelerator.process_index
+save_file(
+    {**{k: v.contiguous() for k, v in trainer.student_core.state_dict().items()}, "first_noise": first_noise},
+    out / f"rank{rank}.safetensors",
+    metadata={"world_size": str(trainer.accelerator.num_processes)},
+)

@@ -1,0 +1,122 @@
+"""The command line as a user meets it: subprocesses, exit codes, one-line errors, kill and resume."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tdm_fast.cli import main
+from tdm_fast.toy2d import ToyMLP, toy_denoiser
+
+TINY = ["--batch-size", "16", "--fake-lr", "1e-3", "--cfg-scale", "3", "--kernels", "reference", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    toy_denoiser(ToyMLP(hidden=32, depth=1)).save_pretrained(path)
+    return path
+
+
+def _cli(*args, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "tdm_fast", *map(str, args)], capture_output=True, text=True, env=env, **kwargs)
+
+
+def _error_line(result):
+    lines = [line for line in result.stderr.strip().splitlines() if line]
+    assert result.returncode != 0
+    assert lines and lines[-1].startswith("tdm-fast: error:"), result.stderr
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "0"], "positive integer"),
+        (["--steps", "4", "--total-steps", "60"], "empty noise interval"),
+        (["--matching", "blurry"], "matching must be one of"),
+    ],
+)
+def test_bad_settings_fail_with_one_line(teacher_dir, tmp_path, capsys, flags, message):
+    assert main(["distill", "--teacher", str(teacher_dir), "--out", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_prediction_type_in_a_saved_teacher(teacher_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    broken = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, broken)
+    config = json.loads((broken / "denoiser.json").read_text())
+    config["prediction_type"] = "score"
+    (broken / "denoiser.json").write_text(json.dumps(config))
+    assert main(["distill", "--teacher", str(broken), "--out", str(tmp_path / "run")]) == 2
+    assert "unknown prediction_type 'score'" in capsys.readouterr().err
+
+
+def test_resume_errors_leave_the_run_untouched(teacher_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher_dir), "--out", str(run), "--iterations", "2", *TINY]) == 0
+    snapshot = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    # a second run into the same folder must not overwrite it
+    assert main(["distill", "--teacher", str(teacher_dir), "--out", str(run), "--iterations", "4", *TINY]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+    # a missing checkpoint
+    assert main(["distill", "--teacher", str(teacher_dir), "--out", str(tmp_path / "x"), "--resume", str(tmp_path / "nowhere"), *TINY]) == 2
+    assert "no checkpoint found" in capsys.readouterr().err
+
+    # a corrupt checkpoint
+    ckpt = next((run / "checkpoints").iterdir())
+    (ckpt / "student.safetensors").write_bytes(b"garbage")
+    snapshot[ckpt / "student.safetensors"] = b"garbage"
+    assert main(["distill", "--teacher", str(teacher_dir), "--out", str(run), "--iterations", "4", "--resume", *TINY]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
+
+
+def test_sigkill_mid_run_then_resume(teacher_dir, tmp_path):
+    iterations = 600
+    args = ["distill", "--teacher", teacher_dir, "--iterations", iterations, "--checkpoint-every", 25, *TINY]
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tdm_fast", *map(str, args), "--out", str(run)], env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((run / "checkpoints").glob("step-*")):
+        time.sleep(0.05)
+    time.sleep(0.3)  # let it get into the middle of a later checkpoint or iteration
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    steps = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step-*"))
+    assert steps and steps[-1] < iterations, "the run finished before it could be killed"
+
+    resumed = _cli(*args, "--out", run, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    straight = _cli(*args, "--out", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+
+    final = sorted((run / "checkpoints").glob("step-*"))[-1]
+    assert final.name == f"step-{iterations:08d}"
+    a = load_file(final / "student.safetensors")
+    b = load_file(tmp_path / "straight" / "checkpoints" / f"step-{iterations:08d}" / "student.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sample_writes_tensors_and_png(teacher_dir, tmp_path):
+    assert main(["distill", "--teacher", str(teacher_dir), "--out", str(tmp_path / "run"), "--iterations", "2", "--steps", "1", "2", *TINY]) == 0
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--steps", "2", "--num", "8", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    samples = load_file(tmp_path / "s.safetensors")["samples"]
+    assert samples.shape == (8, 2) and torch.isfinite(samples).all()
+    assert (tmp_path / "s.png").stat().st_size > 0
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--steps", "4", "--out", str(tmp_path / "s")]) == 2

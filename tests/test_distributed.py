@@ -1,0 +1,38 @@
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_toy.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_keep_identical_students(tmp_path):
+    # `accelerate launch --cpu` starts a single process unless MPI is installed; torchrun's launcher
+    # (--multi_gpu) with ACCELERATE_USE_CPU gives real 2-process DDP over gloo on a CPU-only machine.
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(SCRIPT), str(tmp_path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    with safe_open(tmp_path / "rank0.safetensors", "pt") as f:
+        assert f.metadata()["world_size"] == "2"
+    # each rank drew its own noise, yet DDP kept the weights in lock-step
+    assert not torch.equal(ranks[0].pop("first_noise"), ranks[1].pop("first_noise"))
+    assert ranks[0].keys() == ranks[1].keys()
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    assert (tmp_path / "checkpoints").is_dir() and len(list((tmp_path / "checkpoints").glob("step-*/rank-*.safetensors"))) == 2
