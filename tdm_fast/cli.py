@@ -96,17 +96,27 @@ def cmd_distill(args) -> int:
         from .checkpoint import resolve_checkpoint
 
         resume_from = resolve_checkpoint(args.resume or out)
+    if bool(args.teacher) == bool(args.preset):
+        raise UsageError("give either --teacher (a saved denoiser) or --preset with --model and --prompts")
 
     from .trainer import TDMTrainer
 
-    teacher = load_denoiser(args.teacher)
+    if args.preset:
+        from .backbones.cli import build_preset_run, optimizer_class
+
+        teacher, student, fake, conditions, shape = build_preset_run(args, config)
+        optimizer_cls = optimizer_class(args)
+    else:
+        teacher = load_denoiser(args.teacher)
+        student = fake = None
+        conditions = _conditions_for(teacher, args.conditions)
+        shape = _sample_shape(teacher.model, args.sample_shape)
+        import torch
+
+        optimizer_cls = torch.optim.AdamW
     trainer = TDMTrainer(
-        teacher,
-        config,
-        _conditions_for(teacher, args.conditions),
-        _sample_shape(teacher.model, args.sample_shape),
-        output_dir=out,
-        progress=not args.quiet,
+        teacher, config, conditions, shape, output_dir=out, student=student, fake=fake,
+        progress=not args.quiet, optimizer_cls=optimizer_cls,
     )
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
@@ -115,7 +125,11 @@ def cmd_distill(args) -> int:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     trainer.train()
     if trainer.accelerator.is_main_process:
-        print(f"student saved to {out / 'student'}")
+        if args.preset:
+            from .backbones.cli import export_preset_student
+
+            export_preset_student(args, trainer.final_student(), config, out)
+        print(f"student saved to {out}")
     return 0
 
 
@@ -155,6 +169,13 @@ def cmd_demo(args) -> int:
     return 0 if results else 1
 
 
+def cmd_plan(args) -> int:
+    from .backbones.cli import run_plan
+
+    run_plan(args)
+    return 0
+
+
 def cmd_teacher_train(args) -> int:
     from .toy2d import train_toy_teacher
 
@@ -183,14 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = _Verbs(parser.add_subparsers(dest="verb", required=True), common)
 
     p = verbs.add_parser("distill", help="distil a teacher into a K-step student")
-    p.add_argument("--teacher", required=True, help="a saved Denoiser folder (e.g. from `tdm-fast teacher train`)")
+    p.add_argument("--teacher", help="a saved Denoiser folder (e.g. from `tdm-fast teacher train`)")
     p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, student/")
     p.add_argument("--config", help="YAML or JSON file of TDM settings; flags override it")
     p.add_argument("--conditions", help="safetensors of condition embeddings (text teachers)")
     p.add_argument("--sample-shape", type=int, nargs="+", help="shape of one sample, if the model does not say")
     p.add_argument("--resume", nargs="?", const="", default=None, help="continue from the newest checkpoint (of --out, or PATH)")
     _add_config_flags(p)
+    from .backbones.cli import add_distill_preset_arguments, add_plan_arguments
+
+    add_distill_preset_arguments(p)
     p.set_defaults(func=cmd_distill)
+
+    p = verbs.add_parser("plan", help="memory estimate of a real backbone's TDM run (meta device, no weights)")
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_plan)
 
     p = verbs.add_parser("sample", help="sample a class-conditional student")
     p.add_argument("--checkpoint", required=True, help="a student folder or a run folder")

@@ -113,6 +113,7 @@ class TDMTrainer:
         sample_shape: shape of one sample, without the batch dimension.
         output_dir: where checkpoints, ``metrics.jsonl`` and the final student go.
         student, fake: prebuilt networks (e.g. LoRA); default copies of the teacher.
+        optimizer_cls: AdamW by default; e.g. bitsandbytes' AdamW8bit to save memory.
     """
 
     def __init__(
@@ -126,6 +127,7 @@ class TDMTrainer:
         fake: Denoiser | None = None,
         accelerator: Accelerator | None = None,
         progress: bool = True,
+        optimizer_cls=torch.optim.AdamW,
     ):
         if teacher.null_cond is None and config.cfg_scale != 1.0:
             raise ValueError("the teacher has no null_cond, so cfg_scale must be 1")
@@ -145,8 +147,8 @@ class TDMTrainer:
         student_params = [p for p in student.parameters() if p.requires_grad]
         fake_params = [p for p in fake.parameters() if p.requires_grad]
         betas = (config.adam_beta1, config.adam_beta2)
-        opt_g = torch.optim.AdamW(student_params, lr=config.generator_lr, betas=betas, weight_decay=config.weight_decay)
-        opt_f = torch.optim.AdamW(fake_params, lr=config.fake_lr, betas=betas, weight_decay=config.weight_decay)
+        opt_g = optimizer_cls(student_params, lr=config.generator_lr, betas=betas, weight_decay=config.weight_decay)
+        opt_f = optimizer_cls(fake_params, lr=config.fake_lr, betas=betas, weight_decay=config.weight_decay)
         sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, Warmup(config.warmup_steps))
         sched_f = torch.optim.lr_scheduler.LambdaLR(opt_f, Warmup(config.warmup_steps))
         (self.student, self.fake, self.opt_g, self.opt_f, self.sched_g, self.sched_f) = self.accelerator.prepare(

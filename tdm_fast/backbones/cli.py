@@ -51,7 +51,7 @@ def build_preset_run(args, config=None):
     from ..trainer import EmbeddingConditions
 
     if not args.preset or not args.model or not args.prompts:
-        raise SystemExit("--preset, --model and --prompts are required together")
+        raise ValueError("--preset, --model and --prompts are required together")
     if config is None:
         steps = getattr(args, "steps", None) or (4,)
         config = TDMConfig(steps=tuple(steps) if isinstance(steps, (list, tuple)) else (int(steps),))
@@ -85,7 +85,7 @@ def optimizer_class(args):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise SystemExit("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes)") from None
+            raise ValueError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes)") from None
         return bnb.optim.AdamW8bit
     return torch.optim.AdamW
 

@@ -1,0 +1,72 @@
+"""TDMScheduler: spec §2's times and DDIM jumps, as a diffusers scheduler."""
+import pytest
+import torch
+from torch import nn
+
+from tdm_fast.denoiser import Denoiser
+from tdm_fast.parameterization import from_x0_eps
+from tdm_fast.sampling import sample_student
+from tdm_fast.schedule import ScheduleConfig
+from tdm_fast.scheduler import TDMScheduler
+
+
+class Toy(nn.Module):
+    def forward(self, x, t, cond):
+        return torch.tanh(x * 0.7 + cond.reshape(-1, 1, 1, 1)) * (1 + t.float().reshape(-1, 1, 1, 1) / 1000)
+
+
+def test_timesteps_match_spec():
+    s = TDMScheduler()
+    for k, times in ((4, [899, 674, 449, 224]), (2, [899, 449]), (1, [899])):
+        s.set_timesteps(k)
+        assert s.timesteps.tolist() == times
+    assert s.init_noise_sigma == 1.0 and s.order == 1
+    x = torch.randn(1, 4, 2, 2)
+    assert s.scale_model_input(x, 899) is x
+
+
+@pytest.mark.parametrize("prediction_type,schedule", [("epsilon", "vp"), ("v_prediction", "vp"), ("flow", "flow")])
+def test_step_loop_equals_sample_student(prediction_type, schedule):
+    if schedule == "flow":
+        cfg = ScheduleConfig(kind="flow", shift=3.0)
+        sched = TDMScheduler.from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "num_train_timesteps": 1000})
+    else:
+        cfg = ScheduleConfig.from_diffusers({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"})
+        sched = TDMScheduler(prediction_type=prediction_type)
+    den = Denoiser(Toy(), cfg, prediction_type)
+    noise, cond = torch.randn(2, 4, 3, 3), torch.tensor([0.1, -0.3])
+    for k in (1, 2, 4):
+        ours = sample_student(den, noise, cond, k)
+        # the sd3 pipeline passes sigmas= and (with dynamic shifting) mu=: accepted and ignored
+        sched.set_timesteps(k, sigmas=[1.0] * k, mu=0.5) if schedule == "flow" else sched.set_timesteps(k)
+        x = noise
+        for t in sched.timesteps:
+            if schedule == "flow":
+                t_int = torch.tensor([sched.stage_times[sched.index_for_timestep(t)]] * 2)
+                assert abs(float(t) - float(den.schedule(t_int[:1])[1]) * 1000) < 1e-3  # σ·1000
+            else:
+                t_int = t.expand(2)
+            x = sched.step(den.model(x, t_int, cond), t, x).prev_sample
+        torch.testing.assert_close(x, ours, rtol=0, atol=1e-6)
+
+
+def test_from_teacher_configs():
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="v_prediction")
+    s = TDMScheduler.from_config(ddim.config, total_steps=1000)
+    assert s.config.prediction_type == "v_prediction" and s.config.beta_schedule == "linear"
+    s.set_timesteps(4)
+    assert s.timesteps.tolist() == [999, 749, 499, 249]
+    with pytest.raises(ValueError):
+        s.step(torch.zeros(1, 1), 500, torch.zeros(1, 1))
+
+
+def test_x0_from_last_step():
+    s = TDMScheduler()
+    s.set_timesteps(1)
+    x0, eps = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
+    alpha, sigma = s.noise_schedule(torch.tensor([899]))
+    x = alpha * x0 + sigma * eps
+    out = s.step(from_x0_eps(x0, eps, alpha, sigma, "epsilon"), 899, x)
+    torch.testing.assert_close(out.prev_sample, x0, rtol=1e-4, atol=1e-4)
