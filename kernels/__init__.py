@@ -1,4 +1,81 @@
-"""TDM training ops. Until the fused backends land, every op is the pure-torch reference."""
-from .reference import ddim_jump, fake_score_loss, importance_weights, renoise, tdm_generator_loss
+"""TDM training ops: fused kernels with the pure-torch reference as the definition.
 
-__all__ = ["ddim_jump", "fake_score_loss", "importance_weights", "renoise", "tdm_generator_loss"]
+Each public op validates its arguments (``_validate``), picks a backend (``_backend.select``:
+CUDA -> Triton; CPU -> the Inductor-compiled fused formulation, or the reference for calls too small
+to amortise a compiled call; ``TDM_FAST_KERNELS=triton|compile|torch`` overrides) and
+runs it; ``TDM_FAST_KERNELS=torch`` runs ``tdm_fast.kernels.reference``. Results match the reference
+up to float rounding (tests/test_kernels.py states the tolerances).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _backend, _validate, reference
+from . import ddim_jump as _ddim_jump
+from . import fake_score_loss as _fake_score_loss
+from . import generator_loss as _generator_loss
+from . import renoise as _renoise
+from ._backend import BACKENDS
+from .reference import importance_weights
+
+
+def select_backend(x: torch.Tensor, op: str | None = None) -> str:
+    """The backend a call of ``op`` (a public op's name) with ``x`` as its leading tensor would use:
+    'triton', 'compile' or 'torch'."""
+    return _backend.select(x, op)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def tdm_generator_loss(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c=1e-3, normalize=True):
+    """The TDM generator loss (spec §5); a scalar differentiable w.r.t. ``x0`` only.
+
+    ``huber_c=None`` uses the MSE instead of the pseudo-Huber distance; ``normalize=False`` drops the
+    per-sample normaliser ``n_b``.
+    """
+    cfg_scale, huber_c = _validate.generator_loss_args(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize)
+    backend = _backend.select(x0, "tdm_generator_loss")
+    if backend == "torch":
+        return reference.tdm_generator_loss(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize)
+    return _generator_loss.tdm_generator_loss(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize, backend)
+
+
+def renoise(x0, eps, z, alpha_s, sigma_s, alpha_tau, sigma_tau):
+    """Noisy-sample matching (spec §4): ``(x_tau, log_w)``; scalars are (B,) tensors."""
+    table = _validate.renoise_args(x0, eps, z, alpha_s, sigma_s, alpha_tau, sigma_tau)
+    backend = _backend.select(x0, "renoise")
+    if backend == "torch" or _needs_grad(x0, eps, z, table):
+        return reference.renoise(x0, eps, z, *table)
+    return _renoise.renoise(x0, eps, z, table, backend)
+
+
+def fake_score_loss(d_fake, x0_target, snr_tau, log_w, snr_cap=5.0):
+    """Weighted x0-MSE of the fake score (spec §3 step 2); differentiable w.r.t. ``d_fake``."""
+    snr_tau, log_w, snr_cap = _validate.fake_score_loss_args(d_fake, x0_target, snr_tau, log_w, snr_cap)
+    backend = _backend.select(d_fake, "fake_score_loss")
+    if backend == "torch":
+        return reference.fake_score_loss(d_fake, x0_target, snr_tau, log_w, snr_cap)
+    return _fake_score_loss.fake_score_loss(d_fake, x0_target, snr_tau, log_w, snr_cap, backend)
+
+
+def ddim_jump(x0, eps, alpha_next, sigma_next):
+    """The deterministic DDIM jump ``α_next x̂0 + σ_next ε̂``; scalars are (B,) tensors."""
+    alpha_next, sigma_next = _validate.ddim_jump_args(x0, eps, alpha_next, sigma_next)
+    backend = _backend.select(x0, "ddim_jump")
+    if backend == "torch" or _needs_grad(x0, eps, alpha_next, sigma_next):
+        return reference.ddim_jump(x0, eps, alpha_next, sigma_next)
+    return _ddim_jump.ddim_jump(x0, eps, alpha_next, sigma_next, backend)
+
+
+__all__ = [
+    "BACKENDS",
+    "ddim_jump",
+    "fake_score_loss",
+    "importance_weights",
+    "reference",
+    "renoise",
+    "select_backend",
+    "tdm_generator_loss",
+]

@@ -1,0 +1,279 @@
+"""Fused TDM ops vs the eager reference vs torch.compile(reference), forward + backward.
+
+Two ways to run it:
+    python -m pytest bench/bench_kernels.py --benchmark-json=out.json    # pytest-benchmark
+    python bench/bench_kernels.py [--shapes sd15,sdxl,video] [--out table.md] [--threads N]
+On a shared CPU box pin one thread (OMP_NUM_THREADS=1 for the pytest form, --threads 1 for the
+script): with more threads than free cores, OpenMP barriers stall every implementation.
+
+"fused" is what ``tdm_fast.kernels`` runs by default on the device (Triton on CUDA, the
+Inductor-compiled single-pass formulation on CPU). Per case we record:
+- median wall time of one call (forward + backward for the two losses; the trainer calls renoise and
+  ddim_jump without gradients, so those are forward only);
+- peak extra memory: bytes allocated above what existed before the call, at the high-water mark,
+  including the gradient buffer the call leaves in ``.grad``. On CUDA from the caching allocator's
+  peak statistics; on CPU from the allocation/free events of torch.profiler(profile_memory=True)
+  replayed in time order (every tensor allocation goes through the profiled c10 CPU allocator,
+  Inductor's buffers included). Also given in units of one input tensor;
+- effective bandwidth: the bytes the op must move at least (every input read once, every output
+  written once) divided by the median time, next to the bandwidth of a same-size tensor copy
+  measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import tdm_fast.kernels as K
+from tdm_fast.kernels import reference as R
+
+SHAPES = {
+    "sd15": (8, (4, 64, 64)),
+    "sdxl": (8, (4, 128, 128)),
+    "video": (1, (13, 16, 60, 90)),
+}
+OPS = ("generator_loss", "renoise", "fake_score_loss", "ddim_jump")
+IMPLS = ("fused", "eager", "compiled_ref")
+# Tensors of input size each op must read or write at least once.
+TRAFFIC = {"generator_loss": 5, "renoise": 4, "fake_score_loss": 3, "ddim_jump": 3}
+_COMPILED_REF = {}
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reference_fn(op, impl):
+    fn = {"generator_loss": R.tdm_generator_loss, "renoise": R.renoise,
+          "fake_score_loss": R.fake_score_loss, "ddim_jump": R.ddim_jump}[op]
+    if impl == "eager":
+        return fn
+    if op not in _COMPILED_REF:
+        _COMPILED_REF[op] = torch.compile(fn)
+    return _COMPILED_REF[op]
+
+
+def make_case(op, shape_name, impl, dtype=torch.float32, device=None):
+    """(step, input_bytes): ``step()`` runs one call of ``impl`` on fresh-per-case inputs."""
+    device = device or _device()
+    batch, sample = SHAPES[shape_name]
+    shape = (batch, *sample)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*s):
+        return torch.randn(*s, generator=gen).to(device=device, dtype=dtype)
+
+    fused = {"generator_loss": K.tdm_generator_loss, "renoise": K.renoise,
+             "fake_score_loss": K.fake_score_loss, "ddim_jump": K.ddim_jump}[op]
+    fn = fused if impl == "fused" else _reference_fn(op, impl)
+    input_bytes = torch.Size(shape).numel() * dtype.itemsize
+
+    if op in ("generator_loss", "fake_score_loss"):
+        x = rand(*shape).requires_grad_()
+        if op == "generator_loss":
+            others = (rand(*shape), rand(*shape), rand(*shape))
+            args = (4.5,)
+        else:
+            others = (rand(*shape),)
+            args = (torch.rand(batch, generator=gen).to(device) * 10, torch.randn(batch, generator=gen).to(device))
+
+        def step():
+            x.grad = None
+            fn(x, *others, *args).backward()
+    else:
+        a_s = torch.rand(batch, generator=gen).to(device) * 0.4 + 0.5
+        s_s = (1 - a_s**2).sqrt()
+        a_t = a_s * 0.7
+        s_t = (1 - a_t**2).sqrt()
+        if op == "renoise":
+            inputs = (rand(*shape), rand(*shape), rand(*shape), a_s, s_s, a_t, s_t)
+        else:
+            inputs = (rand(*shape), rand(*shape), a_t, s_t)
+
+        def step():
+            with torch.no_grad():
+                fn(*inputs)
+
+    return step, input_bytes
+
+
+def _timed(step, device):
+    """Seconds per call; on CUDA over a burst of calls so that launches overlap as in training."""
+    inner = 20 if device.type == "cuda" else 1
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(inner):
+        step()
+    _sync(device)
+    return (time.perf_counter() - t) / inner
+
+
+def median_time(step, rounds, device, warmup=2):
+    for _ in range(warmup):
+        step()
+    return statistics.median(_timed(step, device) for _ in range(rounds))
+
+
+def peak_extra_bytes(step, device):
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def copy_bandwidth(nbytes, device, rounds):
+    """Bytes/s of ``dst.copy_(src)`` moving ``nbytes`` in total (read + write)."""
+    src = torch.empty(nbytes // 8, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+
+    return nbytes / median_time(lambda: dst.copy_(src), rounds, device)
+
+
+def measure(op, shape_name, impls=IMPLS, rounds=10, device=None):
+    """Per impl: median time, first-call time, peak extra memory and effective bandwidth.
+
+    The impls are timed interleaved, one call each per round, so that load from other processes on a
+    shared machine falls on all of them alike and the ratios stay meaningful.
+    """
+    device = device or _device()
+    cases = {impl: make_case(op, shape_name, impl, device=device) for impl in impls}
+    info = {}
+    for impl, (step, input_bytes) in cases.items():
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        info[impl] = {"first_call_s": time.perf_counter() - t0, "bytes_moved": TRAFFIC[op] * input_bytes}
+        step()
+    times = {impl: [] for impl in impls}
+    for _ in range(rounds):
+        for impl, (step, _) in cases.items():
+            times[impl].append(_timed(step, device))
+    for impl, (step, input_bytes) in cases.items():
+        peak = peak_extra_bytes(step, device)
+        median = statistics.median(times[impl])
+        info[impl].update(
+            median_s=median,
+            peak_extra_bytes=peak,
+            peak_extra_inputs=peak / input_bytes,
+            eff_GBps=info[impl]["bytes_moved"] / median / 1e9,
+        )
+    return info
+
+
+def _rounds(shape_name, device):
+    if device.type == "cuda":
+        return 50
+    return {"sd15": 30, "sdxl": 10, "video": 5}[shape_name]
+
+
+# ---------------------------------------------------------------- pytest-benchmark entry points
+
+try:
+    import pytest
+except ImportError:  # the script mode below does not need pytest
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.mark.parametrize("impl", IMPLS)
+    @pytest.mark.parametrize("shape_name", list(SHAPES))
+    @pytest.mark.parametrize("op", OPS)
+    def test_bench(benchmark, op, shape_name, impl):
+        device = _device()
+        rounds = _rounds(shape_name, device)
+        info = measure(op, shape_name, (impl,), rounds=3, device=device)[impl]
+        info["copy_GBps"] = copy_bandwidth(info["bytes_moved"], device, rounds) / 1e9
+        info["bw_fraction_of_copy"] = info["eff_GBps"] / info["copy_GBps"]
+        # On CUDA one benchmark round is a burst of 20 calls followed by one synchronisation.
+        info.update(device=str(device), torch_threads=torch.get_num_threads(), calls_per_round=20 if device.type == "cuda" else 1)
+        step, _ = make_case(op, shape_name, impl, device=device)
+        benchmark.extra_info.update(info)
+        benchmark.pedantic(lambda: _timed(step, device), rounds=rounds, warmup_rounds=2, iterations=1)
+
+
+# ---------------------------------------------------------------- script mode: one table with ratios
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+
+
+def run_table(shapes, ops=OPS, rounds_scale=1.0, log=sys.stderr):
+    device = _device()
+    lines = [
+        f"Device: {device_name(device)}; torch {torch.__version__}; dtype float32; "
+        f"fused backend = {K.select_backend(torch.empty(1, device=device))}",
+        "",
+        "| op | shape | fused ms | eager ms | compile(ref) ms | speedup vs eager | vs compile(ref) "
+        "| peak extra (inputs) fused / eager | fused GB/s | copy GB/s | % of copy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    results = {}
+    for op in ops:
+        for shape_name in shapes:
+            rounds = max(3, int(_rounds(shape_name, device) * rounds_scale))
+            res = measure(op, shape_name, IMPLS, rounds, device)
+            copy = copy_bandwidth(res["fused"]["bytes_moved"], device, rounds) / 1e9
+            f, e, c = (res[i] for i in IMPLS)
+            results[(op, shape_name)] = dict(res, copy_GBps=copy)
+            line = (
+                f"| {op} | {shape_name} | {f['median_s']*1e3:.3f} | {e['median_s']*1e3:.3f} | "
+                f"{c['median_s']*1e3:.3f} | {e['median_s']/f['median_s']:.2f}x | {c['median_s']/f['median_s']:.2f}x | "
+                f"{f['peak_extra_inputs']:.2f} / {e['peak_extra_inputs']:.2f} | {f['eff_GBps']:.1f} | {copy:.1f} | "
+                f"{100*f['eff_GBps']/copy:.0f}% |"
+            )
+            print(line, file=log, flush=True)
+            lines.append(line)
+    return "\n".join(lines) + "\n", results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--ops", default=",".join(OPS))
+    parser.add_argument("--out", help="write the markdown table here")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--rounds-scale", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    table, _ = run_table(args.shapes.split(","), args.ops.split(","), args.rounds_scale)
+    print(table)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as fh:
+            fh.write(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Backend choice and the launch geometry shared by the fused ops.
+
+Backends: ``triton`` (the @triton.jit kernels; CUDA, or CPU tensors under TRITON_INTERPRET=1),
+``compile`` (the same single-pass formulation in torch, compiled by Inductor; the measured fastest
+on CPU, see bench/bench_kernels.py) and ``torch`` (the reference). ``TDM_FAST_KERNELS`` forces one.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+BACKENDS = ("triton", "compile", "torch")
+ENV = "TDM_FAST_KERNELS"
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# Below these sizes (elements per call) a CPU call is cheaper in the eager reference than through
+# the ~0.1 ms fixed cost of a compiled call (Dynamo guards, validation); measured with
+# bench/bench_kernels.py-style timing on a 2-core x86 box, one torch thread. The generator loss's
+# fused form wins at every size (its reference runs ~25 ops forward and backward).
+CPU_MIN_NUMEL = {"tdm_generator_loss": 0, "renoise": 1 << 15, "fake_score_loss": 1 << 15, "ddim_jump": 1 << 17}
+
+
+def select(x: torch.Tensor, op: str | None = None) -> str:
+    forced = os.environ.get(ENV, "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{ENV} must be one of {', '.join(BACKENDS)}, got {forced!r}")
+        if forced == "triton" and x.device.type != "cuda" and not interpreting():
+            raise RuntimeError(
+                f"{ENV}=triton on {x.device} tensors needs TRITON_INTERPRET=1 set before tdm_fast.kernels is imported"
+            )
+        return forced
+    if x.device.type == "cuda":
+        return "triton"
+    if x.device.type == "cpu":
+        return "compile" if x.numel() >= CPU_MIN_NUMEL.get(op, 0) else "torch"
+    return "torch"
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def tl_compute_dtype(x: torch.Tensor):
+    return triton.language.float64 if x.dtype == torch.float64 else triton.language.float32
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, D) contiguous view of a (B, ...) tensor; copies only when the input is strided."""
+    return t.contiguous().view(t.shape[0], -1)
+
+
+def block_size(d: int) -> int:
+    # The interpreter pays ~1.5 ms per program instance and vectorises inside one, so it wants one
+    # program per sample; a GPU wants enough programs to fill the SMs for a small batch.
+    cap = 1 << 16 if interpreting() else 4096
+    return min(cap, triton.next_power_of_2(d))
+
+
+def num_warps(block: int) -> int:
+    return 8 if block >= 2048 else 4
+
+
+# Inductor by default materialises an intermediate that feeds both a reduction and a stored output
+# (e.g. sqrt(u² + c²) feeding the loss sum and the gradient): a full-size temporary and an extra
+# pass over memory. Recomputing it is free next to the memory traffic, so never realise early.
+_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 1000, "realize_reads_threshold": 1000, "aggressive_fusion": True}
+
+
+@functools.cache
+def compiled(fn):
+    """torch.compile(fn), built once; Dynamo then keeps one graph per dtype/shape class it meets."""
+    return torch.compile(fn, fullgraph=True, options=_INDUCTOR_OPTIONS)

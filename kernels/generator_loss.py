@@ -1,0 +1,134 @@
+"""Fused TDM generator loss (spec §5): one read of the four inputs gives the per-sample normaliser,
+the loss and the gradient w.r.t. x0.
+
+The gradient is ``g(d_fake - D_cfg) / (n_b B D)``. ``n_b`` is a reduction over the whole sample, so
+it is only known after the sample has been read; rather than read the inputs a second time, forward
+stores the unscaled ``g`` and the per-sample factor ``1 / (n_b B D)``, and backward applies that
+factor together with grad_output in the one in-place rescale it has to do anyway.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from . import _backend
+
+
+@triton.jit
+def _generator_loss_kernel(
+    x0_ptr, dc_ptr, du_ptr, df_ptr, grad_ptr, partial_ptr,
+    D, n_chunks, n_programs, cfg_scale, huber_c,
+    HUBER: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // n_chunks
+    offs = (pid % n_chunks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    base = b.to(tl.int64) * D
+    # Upcast on load: half-precision arithmetic is wrong in the interpreter and lossy on GPU.
+    x = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
+    dc = tl.load(dc_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
+    du = tl.load(du_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
+    df = tl.load(df_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
+    d_cfg = du + cfg_scale * (dc - du)
+    u = df - d_cfg
+    dist = tl.where(mask, tl.abs(x - d_cfg), 0.0)
+    if HUBER:
+        r = tl.sqrt(u * u + huber_c * huber_c)
+        # u²/(r+c) equals r-c without the cancellation that loses all digits when |u| << c.
+        ell = u * u / (r + huber_c)
+        g = u / r
+    else:
+        ell = u * u
+        g = 2.0 * u
+    tl.store(grad_ptr + base + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    # Two-phase reduction: per-program partial sums, summed per sample by the launcher. Deterministic,
+    # unlike atomics, and it keeps every sample's reduction independent of the grid shape.
+    tl.store(partial_ptr + pid, tl.sum(dist, axis=0))
+    tl.store(partial_ptr + n_programs + pid, tl.sum(tl.where(mask, ell, 0.0), axis=0))
+
+
+def _finish(dist, ell, batch, d, normalize):
+    """Loss and per-sample gradient factor 1/(n_b B D) from the per-sample sums."""
+    norm = (dist / d).clamp_min(1e-6) if normalize else torch.ones_like(dist)
+    return (ell / (d * norm)).mean(), 1.0 / (norm * (batch * d))
+
+
+def _launch_triton(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize, block=None):
+    x, dc, du, df = (_backend.rows(t) for t in (x0, d_cond, d_uncond, d_fake))
+    batch, d = x.shape
+    block = block or _backend.block_size(d)
+    n_chunks = triton.cdiv(d, block)
+    n_programs = batch * n_chunks
+    grad = torch.empty_like(x)
+    partial = torch.empty(2, n_programs, dtype=_backend.compute_dtype(x), device=x.device)
+    _generator_loss_kernel[(n_programs,)](
+        x, dc, du, df, grad, partial, d, n_chunks, n_programs, cfg_scale,
+        1.0 if huber_c is None else huber_c,
+        HUBER=huber_c is not None, COMPUTE=_backend.tl_compute_dtype(x), BLOCK=block,
+        num_warps=_backend.num_warps(block),
+    )
+    dist, ell = partial.view(2, batch, n_chunks).sum(dim=2)
+    return (grad, *_finish(dist, ell, batch, d, normalize))
+
+
+def _huber_rows(x, dc, du, df, scalars, normalize, row_ones):
+    cd = scalars.dtype
+    cfg_scale, c = scalars[0], scalars[1]
+    d_cfg = du.to(cd) + cfg_scale * (dc.to(cd) - du.to(cd))
+    u = df.to(cd) - d_cfg
+    r = torch.sqrt(u * u + c * c)
+    dist = (x.to(cd) - d_cfg).abs().sum(dim=1)
+    ell = (u * u / (r + c)).sum(dim=1)
+    return ((u / r * row_ones).to(x.dtype), *_finish(dist, ell, x.shape[0], x.shape[1], normalize))
+
+
+def _mse_rows(x, dc, du, df, scalars, normalize, row_ones):
+    cd = scalars.dtype
+    d_cfg = du.to(cd) + scalars[0] * (dc.to(cd) - du.to(cd))
+    u = df.to(cd) - d_cfg
+    dist = (x.to(cd) - d_cfg).abs().sum(dim=1)
+    ell = (u * u).sum(dim=1)
+    return ((2.0 * u * row_ones).to(x.dtype), *_finish(dist, ell, x.shape[0], x.shape[1], normalize))
+
+
+def _launch_compile(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize):
+    # One compiled call computes the reductions, the gradient and the per-sample epilogue; the
+    # scalars travel as a tensor so that a new cfg_scale does not recompile. Multiplying the gradient
+    # by a per-row tensor of ones gives it the (B, D) loop shape of the per-row sums, so Inductor
+    # stores it from the same loop instead of flattening it into a second pass over the four inputs
+    # (measured 1.3-1.5x at the SD1.5/SDXL shapes).
+    fn = _backend.compiled(_mse_rows if huber_c is None else _huber_rows)
+    cd = _backend.compute_dtype(x0)
+    scalars = torch.tensor([cfg_scale, 1.0 if huber_c is None else huber_c], dtype=cd, device=x0.device)
+    row_ones = torch.ones(x0.shape[0], 1, dtype=cd, device=x0.device)
+    return fn(*(_backend.rows(t) for t in (x0, d_cond, d_uncond, d_fake)), scalars, normalize, row_ones)
+
+
+_LAUNCHERS = {"triton": _launch_triton, "compile": _launch_compile}
+
+
+class TDMGeneratorLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize, backend):
+        grad, loss, scale = _LAUNCHERS[backend](x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize)
+        ctx.save_for_backward(grad, scale)
+        ctx.x0_shape = x0.shape
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        grad, scale = ctx.saved_tensors
+        # In place: the stored gradient is the only full-size buffer this op ever allocates. A second
+        # backward through a retained graph then fails autograd's saved-tensor version check
+        # instead of returning a twice-scaled gradient.
+        grad.mul_((grad_output * scale).unsqueeze(1))
+        return grad.view(ctx.x0_shape), None, None, None, None, None, None, None
+
+
+def tdm_generator_loss(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize, backend):
+    """Validated arguments in, scalar loss out; see ``tdm_fast.kernels.tdm_generator_loss``."""
+    return TDMGeneratorLossFunction.apply(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize, backend)

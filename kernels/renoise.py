@@ -1,0 +1,88 @@
+"""Fused noisy-sample matching (spec §4): ``x_tau`` and the per-sample ``log_w`` in one read of
+``x0, eps, z``.
+
+Both outputs are linear/quadratic in the inputs with per-sample coefficients, so the coefficients
+are worked out once per sample on (B,) tensors and the kernel does two fused multiply-adds and a
+sum of squares per element:
+``x_tau = α_τ x0 + (α_τ σ_s/α_s) eps + β z`` and ``log_w = ½ mean_d(z² − ε_mix²)``.
+The trainer calls renoise on detached inputs, so there is no autograd Function: the dispatcher
+sends calls that need gradients to the reference.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _backend
+
+
+@triton.jit
+def _renoise_kernel(
+    x0_ptr, eps_ptr, z_ptr, out_ptr, partial_ptr, coef_ptr,
+    D, n_chunks, B,
+    COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // n_chunks
+    offs = (pid % n_chunks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    base = b.to(tl.int64) * D
+    a_tau = tl.load(coef_ptr + b)
+    c_eps = tl.load(coef_ptr + B + b)
+    beta = tl.load(coef_ptr + 2 * B + b)
+    inv_sigma_tau = tl.load(coef_ptr + 3 * B + b)
+    x = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
+    e = tl.load(eps_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
+    z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
+    noise = c_eps * e + beta * z
+    tl.store(out_ptr + base + offs, (a_tau * x + noise).to(out_ptr.dtype.element_ty), mask=mask)
+    eps_mix = noise * inv_sigma_tau
+    # Masked lanes load zeros, so they add nothing to the sum.
+    tl.store(partial_ptr + pid, tl.sum(z * z - eps_mix * eps_mix, axis=0))
+
+
+def coefficients(x0, table):
+    """(4, B) per-sample coefficients α_τ, α_τσ_s/α_s, β, 1/σ_τ from the (4, B) α_s, σ_s, α_τ, σ_τ."""
+    a_s, s_s, a_t, s_t = table.to(_backend.compute_dtype(x0)).unbind()
+    c_eps = a_t / a_s * s_s
+    beta = torch.sqrt(s_t * s_t - c_eps * c_eps)
+    return torch.stack([a_t, c_eps, beta, 1.0 / s_t])
+
+
+def _launch_triton(x0, eps, z, table, block=None):
+    x, e, zz = (_backend.rows(t) for t in (x0, eps, z))
+    batch, d = x.shape
+    coef = coefficients(x, table)
+    block = block or _backend.block_size(d)
+    n_chunks = triton.cdiv(d, block)
+    out = torch.empty_like(x)
+    partial = torch.empty(batch * n_chunks, dtype=coef.dtype, device=x.device)
+    _renoise_kernel[(batch * n_chunks,)](
+        x, e, zz, out, partial, coef, d, n_chunks, batch,
+        COMPUTE=_backend.tl_compute_dtype(x), BLOCK=block, num_warps=_backend.num_warps(block),
+    )
+    return out, partial.view(batch, n_chunks).sum(dim=1) * (0.5 / d)
+
+
+def _renoise_rows(x, e, z, table):
+    coef = coefficients(x, table)
+    a_tau, c_eps, beta, inv_sigma_tau = (c.unsqueeze(1) for c in coef)
+    z = z.to(coef.dtype)
+    noise = c_eps * e.to(coef.dtype) + beta * z
+    eps_mix = noise * inv_sigma_tau
+    return (a_tau * x.to(coef.dtype) + noise).to(x.dtype), (z * z - eps_mix * eps_mix).sum(dim=1) * (0.5 / x.shape[1])
+
+
+def _launch_compile(x0, eps, z, table):
+    return _backend.compiled(_renoise_rows)(*(_backend.rows(t) for t in (x0, eps, z)), table)
+
+
+_LAUNCHERS = {"triton": _launch_triton, "compile": _launch_compile}
+
+
+def renoise(x0, eps, z, table, backend):
+    """Validated arguments in (``table``: the (4, B) α_s, σ_s, α_τ, σ_τ), ``(x_tau, log_w)`` out;
+    see ``tdm_fast.kernels.renoise``."""
+    out, log_w = _LAUNCHERS[backend](x0, eps, z, table)
+    return out.view(x0.shape), log_w
