@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=["toy2d"], default="toy2d")
     p.add_argument("--out", required=True)
     p.add_argument("--iterations", type=int, default=2000)
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_teacher_train)
     return parser

@@ -58,7 +58,7 @@ class ToyMLP(ModelMixin, ConfigMixin):
     time_embedding_module = "time_embed"
 
     @register_to_config
-    def __init__(self, num_classes: int = NUM_CLASSES, hidden: int = 256, depth: int = 3, data_dim: int = 2):
+    def __init__(self, num_classes: int = NUM_CLASSES, hidden: int = 128, depth: int = 3, data_dim: int = 2):
         super().__init__()
         self.time_embed = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.class_embed = nn.Embedding(num_classes + 1, hidden)
@@ -87,11 +87,11 @@ def toy_denoiser(model: ToyMLP | None = None) -> Denoiser:
 
 def train_toy_teacher(
     iterations: int = 2000,
-    batch_size: int = 1024,
+    batch_size: int = 512,
     lr: float = 2e-3,
     cond_dropout: float = 0.15,
     seed: int = 0,
-    hidden: int = 256,
+    hidden: int = 128,
     progress: bool = True,
 ) -> Denoiser:
     """Trains the ε-prediction teacher by denoising score matching with class dropout (for CFG)."""
