@@ -234,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=600, help="TDM iterations per K")
     p.set_defaults(func=cmd_demo)
 
+    from .bench_report import add_bench_arguments, run_bench
+
+    p = verbs.add_parser("bench", help="run benchmark suites -> bench/RESULTS.md; `bench plan`: FLOPs and GPU-hours of a real backbone")
+    add_bench_arguments(p)
+    p.set_defaults(func=run_bench)
+
     teacher = _Verbs(verbs.add_parser("teacher", help="built-in teachers").add_subparsers(dest="teacher_verb", required=True), common)
     p = teacher.add_parser("train", help="train a built-in teacher")
     p.add_argument("--dataset", choices=["toy2d"], default="toy2d")

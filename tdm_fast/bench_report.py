@@ -1,0 +1,474 @@
+"""``tdm-fast bench``: run the benchmark suites, render ``bench/RESULTS.md`` + plots, flag regressions.
+
+Suites are the files ``bench/bench_<suite>.py`` (kernels, latency, training, … — a new file is a new
+suite, no code here changes). Each runs under pytest-benchmark in a subprocess and writes
+``bench/results/<suite>-<machine>.json``, where ``<machine>`` is a hostname-independent id: the GPU
+name when CUDA is present, else the CPU model and the number of usable cores. The JSON it replaces
+is kept as ``<suite>-<machine>.prev.json`` and is what the new run is compared against.
+
+Regression rule (per benchmark present in both runs, same machine id): with medians m and
+inter-quartile ranges q of the per-round times,
+
+    slower  if  m_new − m_old > max(k · (q_old + q_new),  r · m_old)
+    faster  if  m_old − m_new > the same threshold
+
+k = 1.5 by default (``--k``) — the spread of both runs, so a benchmark that is noisy on this
+machine needs a larger change to count — and r = 3 % (``--min-rel``), a floor for benchmarks run
+with too few rounds to have an IQR. Everything else is "within noise".
+
+RESULTS.md is generated from *all* JSON files present in ``bench/results`` (several machines side
+by side) and never hand-edited. Per suite and machine it gives the machine details, a generic table
+(name, median, IQR, rounds, every scalar ``extra_info`` entry), one table per dict-valued
+``extra_info`` entry (e.g. the training breakdown), the comparison with the previous run, and PNG
+plots: medians with IQR bars, stacked bars for dict-of-number entries, and curves for dict-of-list
+entries (first key = x axis).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO / "bench"
+RESULTS_DIR = BENCH_DIR / "results"
+REGEN_COMMAND = "tdm-fast bench [suite ...]   (re-measure);   tdm-fast bench --render-only   (re-render from bench/results/*.json)"
+DEFAULT_K = 1.5
+DEFAULT_MIN_REL = 0.03
+
+
+# -- which machine -------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"-+", "-", re.sub(r"[^A-Za-z0-9]+", "-", text)).strip("-")
+
+
+def machine_info() -> dict:
+    """What measured the numbers: CPU model, usable cores, torch/triton versions, GPU name (or None)."""
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    cores = usable_cores()
+    ident = _slug(gpu) if gpu else _slug(f"{cpu_model()}-{cores}c")
+    return {"tdm_machine_id": ident, "tdm_cpu_model": cpu_model(), "tdm_cpu_cores": cores, "tdm_torch": torch.__version__,
+            "tdm_triton": triton_version, "tdm_gpu": gpu, "tdm_cuda": torch.version.cuda if gpu else None}
+
+
+def machine_id() -> str:
+    return machine_info()["tdm_machine_id"]
+
+
+# -- running -------------------------------------------------------------------------------------
+def available_suites(bench_dir: Path = BENCH_DIR) -> dict[str, Path]:
+    return {p.stem[len("bench_"):]: p for p in sorted(bench_dir.glob("bench_*.py"))}
+
+
+def result_path(suite: str, machine: str, results_dir: Path = RESULTS_DIR) -> Path:
+    return Path(results_dir) / f"{suite}-{machine}.json"
+
+
+def run_suite(suite: str, results_dir: Path = RESULTS_DIR, pytest_args=(), bench_dir: Path = BENCH_DIR) -> tuple[int, Path]:
+    """Runs one suite under pytest-benchmark; the previous JSON of this machine becomes ``.prev.json``."""
+    suites = available_suites(bench_dir)
+    if suite not in suites:
+        raise ValueError(f"unknown suite {suite!r}; available: {', '.join(suites)}")
+    out = result_path(suite, machine_id(), results_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".new.json")
+    cmd = [sys.executable, "-m", "pytest", str(suites[suite]), "-q", "-p", "no:cacheprovider", f"--benchmark-json={tmp}",
+           *pytest_args]
+    print("$ " + " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, cwd=REPO)
+    if tmp.exists():
+        if out.exists():
+            shutil.move(out, out.with_suffix(".prev.json"))
+        shutil.move(tmp, out)
+    return rc, out
+
+
+# -- reading -------------------------------------------------------------------------------------
+def load_results(results_dir: Path = RESULTS_DIR) -> dict[tuple[str, str], dict]:
+    """{(suite, machine): benchmark JSON} for every current (not .prev/.new) pytest-benchmark JSON."""
+    found = {}
+    for path in sorted(Path(results_dir).glob("*.json")):
+        if path.name.endswith((".prev.json", ".new.json")) or "-" not in path.stem:
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(data, dict) or "benchmarks" not in data:
+            continue
+        suite, machine = path.stem.split("-", 1)
+        data["_path"] = str(path)
+        found[(suite, machine)] = data
+    return found
+
+
+def compare(old: dict, new: dict, k: float = DEFAULT_K, min_rel: float = DEFAULT_MIN_REL) -> list[dict]:
+    """Per benchmark: old/new median and IQR, the threshold and a status (see the module docstring)."""
+    before = {b["fullname"]: b["stats"] for b in old.get("benchmarks", [])}
+    rows = []
+    for b in new.get("benchmarks", []):
+        s, name = b["stats"], b["fullname"]
+        if name not in before:
+            rows.append({"name": b["name"], "status": "new", "new_median": s["median"]})
+            continue
+        o = before.pop(name)
+        delta = s["median"] - o["median"]
+        threshold = max(k * (o["iqr"] + s["iqr"]), min_rel * o["median"])
+        status = "regression" if delta > threshold else "improvement" if -delta > threshold else "within noise"
+        rows.append({"name": b["name"], "status": status, "old_median": o["median"], "new_median": s["median"],
+                     "old_iqr": o["iqr"], "new_iqr": s["iqr"], "delta": delta, "threshold": threshold,
+                     "ratio": s["median"] / o["median"] if o["median"] else float("inf")})
+    for name, o in before.items():
+        rows.append({"name": name.split("::")[-1], "status": "gone", "old_median": o["median"]})
+    return rows
+
+
+# -- rendering -----------------------------------------------------------------------------------
+def _unit(seconds: list[float]) -> tuple[str, float]:
+    m = max((abs(x) for x in seconds if x is not None), default=1.0)
+    if m < 1e-3:
+        return "µs", 1e6
+    if m < 1.0:
+        return "ms", 1e3
+    return "s", 1.0
+
+
+def _cell(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return str(v).replace("|", "\\|")
+
+
+def _is_scalar(v) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool)) or (isinstance(v, (list, tuple)) and len(v) <= 4
+                                                                     and all(isinstance(x, (int, float, str)) for x in v))
+
+
+def _is_table(v) -> bool:
+    return isinstance(v, dict) and v and all(isinstance(x, (int, float)) for x in v.values())
+
+
+def _is_curve(v) -> bool:
+    return (isinstance(v, dict) and len(v) >= 2 and all(isinstance(x, list) for x in v.values())
+            and len({len(x) for x in v.values()}) == 1)
+
+
+def machine_line(data: dict) -> str:
+    m = data.get("machine_info", {})
+    cpu = m.get("tdm_cpu_model") or (m.get("cpu") or {}).get("brand_raw") or m.get("processor") or "?"
+    cores = m.get("tdm_cpu_cores") or (m.get("cpu") or {}).get("count") or "?"
+    parts = [f"CPU {cpu}, {cores} usable cores"]
+    parts.append(f"GPU {m['tdm_gpu']} (CUDA {m.get('tdm_cuda')})" if m.get("tdm_gpu") else "no GPU")
+    parts.append(f"torch {m.get('tdm_torch', '?')}, triton {m.get('tdm_triton', '?')}, Python {m.get('python_version', '?')}")
+    commit = (data.get("commit_info") or {}).get("id")
+    when = data.get("datetime", "?")
+    return "; ".join(parts) + f". Measured {when}" + (f" at commit {commit[:10]}" if commit else "") + "."
+
+
+def suite_tables(data: dict) -> str:
+    benches = data["benchmarks"]
+    unit, scale = _unit([b["stats"]["median"] for b in benches])
+    scalar_keys, dict_keys = [], []
+    for b in benches:
+        for key, v in b.get("extra_info", {}).items():
+            if _is_scalar(v) and key not in scalar_keys:
+                scalar_keys.append(key)
+            elif _is_table(v) and key not in dict_keys:
+                dict_keys.append(key)
+    # entries equal in every row go into one line above the table
+    common = {key: benches[0]["extra_info"].get(key) for key in scalar_keys
+              if len(benches) > 1 and all(key in b.get("extra_info", {}) and b["extra_info"][key] == benches[0]["extra_info"][key] for b in benches)}
+    columns = [k for k in scalar_keys if k not in common]
+    lines = []
+    if common:
+        lines += ["Common to all rows: " + ", ".join(f"{k} = {_cell(v)}" for k, v in common.items()), ""]
+    lines.append(f"| benchmark | median ({unit}) | IQR ({unit}) | rounds | " + " | ".join(columns) + (" |" if columns else ""))
+    lines.append("|---|---|---|---|" + "---|" * len(columns))
+    for b in benches:
+        s, extra = b["stats"], b.get("extra_info", {})
+        cells = [_cell(extra.get(k, "")) for k in columns]
+        lines.append(f"| {b['name']} | {s['median'] * scale:.4g} | {s['iqr'] * scale:.3g} | {s['rounds']} | " + " | ".join(cells)
+                     + (" |" if cells else ""))
+    for key in dict_keys:
+        holders = [b for b in benches if _is_table(b.get("extra_info", {}).get(key))]
+        rows = list(dict.fromkeys(r for b in holders for r in b["extra_info"][key]))
+        lines += ["", f"`{key}` (share of the column's sum in brackets):", "",
+                  "| | " + " | ".join(_short(b["name"]) for b in holders) + " |", "|---|" + "---|" * len(holders)]
+        sums = [sum(b["extra_info"][key].values()) or 1.0 for b in holders]
+        for r in rows:
+            cells = [f"{b['extra_info'][key].get(r, 0):.4g} ({100 * b['extra_info'][key].get(r, 0) / t:.1f} %)" for b, t in zip(holders, sums)]
+            lines.append(f"| {r} | " + " | ".join(cells) + " |")
+        lines.append("| **sum** | " + " | ".join(f"**{t:.4g}**" for t in sums) + " |")
+    return "\n".join(lines)
+
+
+def _short(name: str) -> str:
+    m = re.search(r"\[(.*)\]", name)
+    return m.group(1) if m else name
+
+
+def comparison_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    unit, scale = _unit([r.get("new_median") or r.get("old_median") for r in rows])
+    lines = [f"| benchmark | previous ({unit}) | now ({unit}) | change | threshold ({unit}) | verdict |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] in ("new", "gone"):
+            lines.append(f"| {r['name']} | {r.get('old_median', 0) * scale:.4g} | {r.get('new_median', 0) * scale:.4g} | | | {r['status']} |")
+            continue
+        verdict = {"regression": "**SLOWER**", "improvement": "faster"}.get(r["status"], "within noise")
+        lines.append(f"| {r['name']} | {r['old_median'] * scale:.4g} | {r['new_median'] * scale:.4g} | {100 * (r['ratio'] - 1):+.1f} % "
+                     f"| {r['threshold'] * scale:.3g} | {verdict} |")
+    return "\n".join(lines)
+
+
+def plot_suite(data: dict, stem: str, plots_dir: Path) -> list[Path]:
+    """Medians with IQR bars; stacked bars of dict-of-number entries; curves of dict-of-list entries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    benches = data["benchmarks"]
+    written = []
+    unit, scale = _unit([b["stats"]["median"] for b in benches])
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(benches) + 1.2))
+    names = [b["name"] for b in benches][::-1]
+    med = [b["stats"]["median"] * scale for b in benches][::-1]
+    err = [[(b["stats"]["median"] - b["stats"]["q1"]) * scale for b in benches][::-1],
+           [(b["stats"]["q3"] - b["stats"]["median"]) * scale for b in benches][::-1]]
+    ax.barh(names, med, xerr=err, color="tab:blue", alpha=0.8)
+    if med and min(med) > 0 and max(med) / min(med) > 50:
+        ax.set_xscale("log")
+    ax.set_xlabel(f"median ({unit}), bars: IQR")
+    ax.set_title(stem)
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    path = plots_dir / f"{stem}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    keys = list(dict.fromkeys(k for b in benches for k, v in b.get("extra_info", {}).items() if _is_table(v)))
+    for key in keys:
+        holders = [b for b in benches if _is_table(b.get("extra_info", {}).get(key))]
+        cats = list(dict.fromkeys(c for b in holders for c in b["extra_info"][key]))
+        fig, ax = plt.subplots(figsize=(9, 0.5 * len(holders) + 2.5))
+        left = [0.0] * len(holders)
+        cmap = plt.get_cmap("tab20")
+        for i, c in enumerate(cats):
+            vals = [b["extra_info"][key].get(c, 0.0) for b in holders]
+            ax.barh([_short(b["name"]) for b in holders], vals, left=left, label=c, color=cmap(i % 20))
+            left = [a + v for a, v in zip(left, vals)]
+        ax.set_xlabel(key)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
+        ax.set_title(f"{stem}: {key}")
+        fig.tight_layout()
+        path = plots_dir / f"{stem}-{_slug(key)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    keys = list(dict.fromkeys(k for b in benches for k, v in b.get("extra_info", {}).items() if _is_curve(v)))
+    for key in keys:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xlabel = ylabel = None
+        for b in benches:
+            v = b.get("extra_info", {}).get(key)
+            if not _is_curve(v):
+                continue
+            (xlabel, xs), *ys = list(v.items())
+            for ylabel, y in ys:
+                ax.plot(xs, y, marker="o", ms=3, label=f"{_short(b['name'])}: {ylabel}")
+            ref = {k2: v2 for k2, v2 in b["extra_info"].items() if "baseline" in k2 and isinstance(v2, (int, float))}
+            for k2, v2 in ref.items():
+                ax.axhline(v2, ls="--", color="gray", label=k2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        ax.set_title(f"{stem}: {key}")
+        fig.tight_layout()
+        path = plots_dir / f"{stem}-{_slug(key)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def render(results_dir: Path = RESULTS_DIR, out: Path | None = None, k: float = DEFAULT_K, min_rel: float = DEFAULT_MIN_REL,
+           plots: bool = True) -> tuple[str, dict]:
+    """Writes RESULTS.md (default: beside ``results_dir``) and plots; returns (markdown, {stem: comparison rows})."""
+    results_dir = Path(results_dir)
+    out = Path(out) if out else results_dir.parent / "RESULTS.md"
+    plots_dir = results_dir / "plots"
+    results = load_results(results_dir)
+    lines = [
+        "# Benchmark results",
+        "",
+        "<!-- GENERATED by tdm_fast/bench_report.py — do not edit by hand. -->",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the pytest-benchmark JSON files in "
+        f"`{_rel(results_dir)}`. Regenerate: `{REGEN_COMMAND}`.",
+        "",
+        f"Regression rule: slower if median_new − median_old > max({k} × (IQR_old + IQR_new), {min_rel:.0%} × median_old), "
+        "compared with the previous run of the same suite on the same machine id (`<suite>-<machine>.prev.json`).",
+        "",
+    ]
+    if not results:
+        lines.append("No results yet: run `tdm-fast bench`.")
+    comparisons = {}
+    for (suite, machine), data in sorted(results.items()):
+        stem = f"{suite}-{machine}"
+        lines += [f"## {suite} — {machine}", "", f"Machine: {machine_line(data)}", "",
+                  f"Source: `{_rel(Path(data['_path']))}`", "", suite_tables(data), ""]
+        prev = Path(data["_path"]).with_suffix(".prev.json")
+        if prev.exists():
+            try:
+                rows = compare(json.loads(prev.read_text()), data, k, min_rel)
+            except (OSError, json.JSONDecodeError, KeyError):
+                rows = []
+            comparisons[stem] = rows
+            n_reg = sum(r["status"] == "regression" for r in rows)
+            lines += [f"Compared with the previous run ({json.loads(prev.read_text()).get('datetime', '?')}): "
+                      f"{n_reg} regression(s).", "", comparison_table(rows), ""]
+        if plots:
+            for path in plot_suite(data, stem, plots_dir):
+                lines += [f"![{path.stem}]({_rel(path, out.parent)})", ""]
+    text = "\n".join(lines).rstrip() + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text, comparisons
+
+
+def _rel(path: Path, base: Path = REPO) -> str:
+    try:
+        return os.path.relpath(Path(path).resolve(), Path(base).resolve())
+    except ValueError:
+        return str(path)
+
+
+# -- tdm-fast bench plan --------------------------------------------------------------------------
+def bench_plan(args) -> dict:
+    """FLOPs per TDM iteration of a real preset, projected GPU-hours, and the paper's figures."""
+    from .flops import DEFAULT_UTILISATION, format_flops_plan, plan_flops
+
+    plan = plan_flops(args.preset, steps=tuple(args.steps), batch=args.batch, resolution=args.resolution,
+                      num_frames=args.num_frames, lora=args.lora, fake_updates=args.fake_updates,
+                      checkpointing=args.checkpointing, exact_backward=args.exact_backward)
+    if args.mfu == "measure":
+        from .flops import measure_utilisation
+        from .step_profiler import make_trainer
+
+        import torch
+
+        trainer = make_trainer("digits", "fused", mixed_precision="bf16" if torch.cuda.is_available() else "no")
+        m = measure_utilisation(trainer)
+        util = m["utilisation"]
+        source = (f"measured here: TDM step on the digits UNet, {m['achieved_flops'] / 1e9:,.1f} GFLOP/s of "
+                  f"{m['peak_flops'] / 1e9:,.1f} ({m['peak_source']})")
+    elif args.mfu is None:
+        util, source = DEFAULT_UTILISATION, "assumed; --mfu FLOAT or --mfu measure"
+    else:
+        util, source = float(args.mfu), "given by --mfu"
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
+    print(format_flops_plan(plan, args.iters, args.gpu, util, source, peak))
+    plan.update(iterations=args.iters, gpu=args.gpu, utilisation=util)
+    return plan
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``tdm-fast bench [suite ...]`` and ``tdm-fast bench plan ...``."""
+    parser.add_argument("suites", nargs="*", metavar="suite",
+                        help=f"suites to run (default: all of {', '.join(available_suites()) or 'bench/bench_*.py'}), "
+                             "or 'plan' for the FLOP/GPU-hour projection")
+    parser.add_argument("--render-only", action="store_true", help="only re-render RESULTS.md and plots from the JSON present")
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the JSON goes (RESULTS.md is written beside it)")
+    parser.add_argument("--k", type=float, default=DEFAULT_K, help="regression threshold in units of IQR_old + IQR_new")
+    parser.add_argument("--min-rel", type=float, default=DEFAULT_MIN_REL, help="relative floor of the regression threshold")
+    parser.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a benchmark got slower")
+    parser.add_argument("--pytest-args", default="", help="extra pytest arguments, one string (e.g. \"-k toy\")")
+    plan = parser.add_argument_group("bench plan (FLOPs and projected GPU-hours of a real backbone)")
+    plan.add_argument("--preset", choices=["sd15", "sdxl", "pixart", "sd3", "cogvideox"], default="sdxl")
+    plan.add_argument("--steps", type=int, nargs="+", default=[4], help="K, or several for a unify student")
+    plan.add_argument("--batch", type=int, default=16, help="batch per iteration (all GPUs together)")
+    plan.add_argument("--iters", type=int, default=2000)
+    plan.add_argument("--gpu", default="a800", help="a100, a800, h100, h100-pcie, h800, h200, b200, l40s, a10g, v100")
+    plan.add_argument("--peak-tflops", type=float, help="override the GPU's peak (TFLOP/s)")
+    plan.add_argument("--mfu", default=None, help="utilisation: a fraction, or 'measure' (here); default 0.35 assumed")
+    plan.add_argument("--resolution", type=int, help="pixels (default: the preset's)")
+    plan.add_argument("--num-frames", type=int, default=49)
+    plan.add_argument("--lora", action="store_true", help="LoRA: frozen base, backward = input gradients only")
+    plan.add_argument("--checkpointing", action="store_true", help="gradient checkpointing: one recomputed forward per backward")
+    plan.add_argument("--fake-updates", type=int, default=1)
+    plan.add_argument("--exact-backward", action="store_true", help="measure the backward FLOPs on the meta model (slower)")
+
+
+def run_bench(args) -> int:
+    """Entry point of ``tdm-fast bench``; returns the exit code."""
+    suites = list(args.suites)
+    if "plan" in suites:
+        if suites != ["plan"]:
+            raise ValueError("'plan' is not a suite: run `tdm-fast bench plan ...` on its own")
+        bench_plan(args)
+        return 0
+    results_dir = Path(args.results_dir)
+    rc = 0
+    if not args.render_only:
+        available = available_suites()
+        unknown = [s for s in suites if s not in available]
+        if unknown:
+            raise ValueError(f"unknown suite(s) {', '.join(unknown)}; available: {', '.join(available)}")
+        for suite in suites or list(available):
+            code, _ = run_suite(suite, results_dir, args.pytest_args.split())
+            rc = rc or (code if code not in (0, 5) else 0)
+    text, comparisons = render(results_dir, k=args.k, min_rel=args.min_rel)
+    machine = machine_id()
+    current = load_results(results_dir)
+    for suite in suites or []:
+        data = current.get((suite, machine))
+        if data is not None:
+            print(f"\n## {suite} on {machine}\n\n{suite_tables(data)}")
+    regressions = [(stem, r["name"]) for stem, rows in comparisons.items() for r in rows if r["status"] == "regression"]
+    for stem, name in regressions:
+        print(f"REGRESSION {stem}: {name}")
+    print(f"\nwrote {_rel(results_dir.parent / 'RESULTS.md')} ({len(current)} suite/machine result(s))")
+    if regressions and args.fail_on_regression:
+        rc = rc or 1
+    return rc

@@ -1,0 +1,91 @@
+"""bench_report: regression rule, rendering of a synthetic pytest-benchmark JSON, the StepProfiler."""
+import json
+
+import pytest
+
+from tdm_fast.bench_report import compare, load_results, machine_info, render
+
+
+def _bench(name, median, iqr, extra=None):
+    return {"name": name, "fullname": f"bench/bench_x.py::{name}", "group": None, "params": {},
+            "stats": {"min": median - iqr, "max": median + iqr, "mean": median, "stddev": iqr, "rounds": 5, "median": median,
+                      "iqr": iqr, "q1": median - iqr / 2, "q3": median + iqr / 2, "iterations": 1},
+            "extra_info": extra or {}}
+
+
+def _json(benches, when="2025-01-01T00:00:00"):
+    return {"machine_info": {"tdm_cpu_model": "Test CPU 9000", "tdm_cpu_cores": 2, "tdm_torch": "2.13.0", "tdm_triton": "3.9.0",
+                             "tdm_gpu": None, "python_version": "3.11"},
+            "commit_info": {"id": "abcdef1234567890"}, "benchmarks": benches, "datetime": when, "version": "5.2"}
+
+
+def test_regression_rule_uses_the_spread():
+    old = _json([_bench("test_a", 10e-3, 1e-3), _bench("test_b", 10e-3, 0.1e-3), _bench("test_c", 10e-3, 0.1e-3),
+                 _bench("test_gone", 1e-3, 0)])
+    new = _json([_bench("test_a", 12e-3, 1e-3),   # +2 ms < 1.5 x (1 + 1) ms: noise
+                 _bench("test_b", 12e-3, 0.1e-3),  # +2 ms > max(0.3 ms, 0.3 ms): regression
+                 _bench("test_c", 8e-3, 0.1e-3),   # faster
+                 _bench("test_new", 1e-3, 0)])
+    rows = {r["name"]: r for r in compare(old, new, k=1.5, min_rel=0.03)}
+    assert rows["test_a"]["status"] == "within noise"
+    assert rows["test_b"]["status"] == "regression"
+    assert rows["test_c"]["status"] == "improvement"
+    assert rows["test_new"]["status"] == "new" and rows["test_gone"]["status"] == "gone"
+    # zero IQR (one round): the relative floor decides
+    rows = compare(_json([_bench("t", 1.0, 0)]), _json([_bench("t", 1.02, 0)]))
+    assert rows[0]["status"] == "within noise"
+
+
+def test_render_generic_tables_plots_and_comparison(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    extra = {"teacher": "toy", "batch": 64, "outside_network_pct": 12.5,
+             "breakdown_ms": {"student fwd": 3.0, "optimizer": 1.0},
+             "swd_vs_iteration": {"iteration": [0, 25, 50], "swd": [0.9, 0.5, 0.2]}, "best_nfe_matched_baseline_swd": 0.4}
+    new = _json([_bench("test_step[toy-fused]", 5e-3, 0.1e-3, extra), _bench("test_step[toy-reference]", 4e-3, 0.1e-3, extra)])
+    old = _json([_bench("test_step[toy-fused]", 4e-3, 0.1e-3), _bench("test_step[toy-reference]", 4e-3, 0.1e-3)], "2024-12-31")
+    (results / "training-Test-CPU-9000-2c.json").write_text(json.dumps(new))
+    (results / "training-Test-CPU-9000-2c.prev.json").write_text(json.dumps(old))
+    (results / "kernels-Test-CPU-9000-2c.md").write_text("not json")  # ignored
+    assert set(load_results(results)) == {("training", "Test-CPU-9000-2c")}
+    text, comparisons = render(results)
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert md == text and "do not edit by hand" in md and "tdm-fast bench" in md
+    assert "Test CPU 9000, 2 usable cores" in md and "torch 2.13.0, triton 3.9.0" in md and "no GPU" in md
+    assert "| test_step[toy-fused] | 5 |" in md  # median in ms
+    assert "outside_network_pct" in md and "teacher = toy" in md  # varying column; constant hoisted
+    assert "| student fwd | 3 (75.0 %) | 3 (75.0 %) |" in md  # dict-valued extra_info -> table
+    assert "**SLOWER**" in md and "1 regression(s)" in md
+    assert [r["status"] for r in comparisons["training-Test-CPU-9000-2c"]] == ["regression", "within noise"]
+    pngs = sorted(p.name for p in (results / "plots").glob("*.png"))
+    assert pngs == ["training-Test-CPU-9000-2c-breakdown-ms.png", "training-Test-CPU-9000-2c-swd-vs-iteration.png",
+                    "training-Test-CPU-9000-2c.png"]
+    assert "](results/plots/training-Test-CPU-9000-2c.png)" in md
+
+
+def test_machine_info_is_hostname_independent():
+    import socket
+
+    info = machine_info()
+    assert info["tdm_cpu_cores"] >= 1 and info["tdm_torch"]
+    assert socket.gethostname() not in info["tdm_machine_id"] or socket.gethostname() in info["tdm_cpu_model"]
+
+
+def test_step_profiler_breakdown_adds_up_and_restores_the_trainer():
+    from tdm_fast.step_profiler import CATEGORIES, StepProfiler, make_trainer
+
+    trainer = make_trainer("toy", "reference", batch=32)
+    ops = trainer.ops
+    with StepProfiler(trainer) as profiler:
+        for _ in range(2):
+            profiler.step()
+        s = profiler.summary()
+    assert set(s["breakdown_ms"]) == set(CATEGORIES)
+    for c in ("student fwd (rollout, no grad)", "teacher fwd (cond+uncond, 2B)", "fake bwd", "student bwd",
+              "TDM kernels (renoise, ddim_jump, losses)", "optimizer (step, zero_grad, lr, clip, EMA)"):
+        assert s["breakdown_ms"][c] > 0, c
+    assert s["step_ms"] == pytest.approx(s["wall_step_ms"], rel=0.05)
+    assert 0 < s["outside_network_share"] < 1
+    assert trainer.ops is ops and "train_step" not in vars(trainer) and "step" not in vars(trainer.opt_f)
+    assert not trainer.teacher._forward_hooks and not trainer.student_core._forward_pre_hooks
+    trainer.train_step()  # still trains

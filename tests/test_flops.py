@@ -1,0 +1,65 @@
+"""FLOP model: the counter against hand counts, the TDM composition, and `tdm-fast bench plan`."""
+import argparse
+
+import pytest
+import torch
+
+from tdm_fast.flops import (IterationSettings, count_flops, device_peak, gpu_key, projected_gpu_hours,
+                            tdm_iteration_flops)
+
+
+def test_counter_matches_hand_count_linear_and_conv():
+    m, k, n = 8, 32, 16
+    linear = torch.nn.Linear(k, n)
+    assert count_flops(linear, torch.randn(m, k)) == 2 * m * n * k
+    conv = torch.nn.Conv2d(3, 4, kernel_size=3, padding=1)
+    x = torch.randn(2, 3, 5, 5)
+    # per output element: 3 x 3 x 3 multiply-adds; outputs: 2 x 4 x 5 x 5
+    assert count_flops(conv, x) == 2 * (2 * 4 * 5 * 5) * (3 * 3 * 3)
+
+
+def test_counter_works_on_meta_and_backward_is_twice_forward():
+    with torch.device("meta"):
+        linear = torch.nn.Linear(64, 32)
+        x = torch.zeros(16, 64, requires_grad=True)
+    fwd = count_flops(linear, x)
+    total = count_flops(lambda: linear(x).sum().backward())
+    assert fwd == 2 * 16 * 32 * 64 and total == 3 * fwd  # input grad + weight grad = 2 x forward
+    linear.requires_grad_(False)  # LoRA-like frozen weight: input grad only
+    assert count_flops(lambda: linear(x).sum().backward()) == 2 * fwd
+
+
+def test_tdm_iteration_composition():
+    full = tdm_iteration_flops(1.0, IterationSettings(steps=(4,)))
+    # rollout 3 + fake update (1 + 1 + 2) + generator (1 + 2 + 2 + 1)
+    assert full["total"] == pytest.approx(13.0)
+    lora = tdm_iteration_flops(1.0, IterationSettings(steps=(4,), lora=True))
+    assert lora["total"] == pytest.approx(11.0)
+    unify = tdm_iteration_flops(1.0, IterationSettings(steps=(1, 2, 4), fake_updates=2, checkpointing=True))
+    assert unify["rollout: student fwd (no grad) x (K-1)"] == pytest.approx(4 / 3)
+    assert unify["fake update: fake bwd"] == pytest.approx(2 * 3.0)
+
+
+def test_peaks_and_hours():
+    assert gpu_key("NVIDIA H100 80GB HBM3") == "h100" and gpu_key("NVIDIA A800-SXM4-80GB") == "a800"
+    assert device_peak("a800") == 312e12
+    assert projected_gpu_hours(312e12 * 3600, 1, 312e12, 0.5) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        device_peak("abacus")
+
+
+def test_bench_plan_sdxl_prints_flops_and_paper_figure(capsys):
+    from tdm_fast.bench_report import add_bench_arguments, run_bench
+
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    args = parser.parse_args("plan --preset sdxl --steps 4 --batch 16 --iters 2000 --gpu a800".split())
+    assert run_bench(args) == 0
+    out = capsys.readouterr().out
+    assert "FLOPs per iteration" in out and "PFLOP" in out
+    assert "2 A800-days" in out and "160 A100-days" in out and "32 A100-days" in out
+    assert "GPU-hours" in out and "a800" in out
+    # SDXL UNet at 1024²: ~6.7 TFLOP per sample forward (published estimates: 6.6–6.8)
+    fwd = [line for line in out.splitlines() if line.startswith("one network forward")][0]
+    per_sample = float(fwd.split("(")[-1].split(" TFLOP")[0])
+    assert 6.0 < per_sample < 7.5
