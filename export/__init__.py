@@ -1,1 +1,47 @@
-"""Fast deterministic sampling: torch.compile, ONNX, ONNX Runtime and TensorRT."""
+"""Fast deterministic sampling: torch.compile, ONNX, ONNX Runtime and TensorRT.
+
+- :func:`compile_sampler` — ``torch.compile`` of the unrolled K-step sampler (:class:`StudentSampler`).
+- :func:`export_sampler_onnx` — the whole K-step sampler as one ONNX graph (K network copies, no
+  loop; times and α/σ baked in); :func:`export_denoiser_onnx` — one network evaluation.
+- :class:`OrtSampler` / :class:`OrtDenoiser` — ONNX Runtime with the torch call signatures.
+- :mod:`tdm_fast.export.tensorrt` — engines, a CUDA-graph runner, and TensorRT-readiness checks.
+- :mod:`tdm_fast.export.cli` — ``add_export_arguments``/``run_export``/``load_runner`` for the CLI.
+
+Imports are lazy so that ``import tdm_fast.export`` needs neither onnx nor tensorrt.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "StudentSampler": "sampler",
+    "DenoiserStep": "sampler",
+    "CompiledSampler": "sampler",
+    "CondSpec": "sampler",
+    "compile_sampler": "sampler",
+    "compile_denoiser_step": "sampler",
+    "fuse_lora": "sampler",
+    "ddim_loop": "sampler",
+    "export_sampler_onnx": "onnx",
+    "export_denoiser_onnx": "onnx",
+    "read_metadata": "onnx",
+    "count_ops": "onnx",
+    "UnsupportedOperatorError": "onnx",
+    "OrtSampler": "runtime",
+    "OrtDenoiser": "runtime",
+    "build_engine": "tensorrt",
+    "TensorRTRunner": "tensorrt",
+    "check_tensorrt_compatible": "tensorrt",
+    "TENSORRT_SUPPORTED_OPS": "tensorrt",
+    "load_runner": "cli",
+    "add_export_arguments": "cli",
+    "run_export": "cli",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

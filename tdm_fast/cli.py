@@ -147,7 +147,14 @@ def cmd_sample(args) -> int:
         raise UsageError("tdm-fast sample draws class labels; for text models use the diffusers pipeline with TDMScheduler")
     labels = torch.tensor(args.labels) if args.labels else torch.randint(0, student.null_cond, (args.num,), generator=g)
     noise = torch.randn((labels.shape[0], *student.model.sample_shape), generator=g)
-    samples = sample_student(student, noise, labels, steps)
+    if args.backend == "torch":
+        samples = sample_student(student, noise, labels, steps)
+    else:
+        from .export.cli import load_runner
+
+        runner = load_runner(args.backend, args.checkpoint, steps, engine=args.engine, student=student,
+                             device="cpu" if args.backend == "onnx" else None)
+        samples = runner(noise, labels).cpu()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
@@ -157,6 +164,13 @@ def cmd_sample(args) -> int:
 
     save_samples_png(samples, labels, out.with_suffix(".png"), title=f"TDM student, K={steps}")
     print(f"wrote {out.with_suffix('.safetensors')} and {out.with_suffix('.png')}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export.cli import run_export
+
+    run_export(args, student=load_denoiser(args.checkpoint))
     return 0
 
 
@@ -227,7 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=int, nargs="+")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/samples")
+    from .export.cli import add_backend_arguments, add_export_arguments
+
+    add_backend_arguments(p)
     p.set_defaults(func=cmd_sample)
+
+    p = verbs.add_parser("export", help="torch.compile / ONNX / TensorRT export of the K-step sampler")
+    add_export_arguments(p)
+    p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("demo", help="train the built-in teacher, distil it, compare with the NFE-matched baselines")
     p.add_argument("--out", default="runs/demo-toy")

@@ -73,7 +73,7 @@ class ToyMLP(ModelMixin, ConfigMixin):
         return (self.config.data_dim,)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        emb = self.time_embed(timestep_features(t, self.config.hidden)) + self.class_embed(labels)
+        emb = self.time_embed(timestep_features(t, self.config.hidden).to(x_t.dtype)) + self.class_embed(labels)
         h = self.inp(x_t) + emb
         for block in self.blocks:
             h = h + block(h + emb)

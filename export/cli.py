@@ -1,0 +1,269 @@
+"""Helpers for the ``tdm-fast export`` and ``tdm-fast sample --backend`` commands.
+
+``add_export_arguments(parser)`` / ``run_export(args)`` implement
+``tdm-fast export --format compile|onnx|tensorrt --steps 1 2 4 --checkpoint DIR --out DIR``;
+``add_backend_arguments(parser)`` and ``load_runner(backend, path, steps)`` give the sample
+command one call signature for every backend: ``runner(noise, cond) -> x̂0``.
+
+Files written by ``--format onnx`` (and used by ``--format tensorrt`` and the runners):
+``<out>/sampler_k{K}_{dtype}.onnx`` (whole K-step sampler), ``<out>/denoiser_{dtype}.onnx``
+(with ``--per-network``), ``<out>/sampler_k{K}_{dtype}.engine`` + ``.engine.json`` (TensorRT),
+``<out>/compile_k{K}.json`` (``--format compile``: a manifest; the compiled kernels live in
+torch inductor's on-disk cache, which the export warms).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tdm_fast.conditions import expand_null
+from tdm_fast.denoiser import DENOISER_CONFIG, Denoiser
+from tdm_fast.sampling import sample_student
+
+FORMATS = ("compile", "onnx", "tensorrt")
+BACKENDS = ("torch", "compile", "onnx", "tensorrt")
+
+
+def _shape(text: str | None):
+    if text is None or text == "":
+        return None
+    return tuple(int(v) for v in str(text).replace("x", ",").split(",") if v.strip())
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--format", choices=FORMATS, default="onnx", help="what to produce")
+    parser.add_argument("--checkpoint", required=True, help="a folder written by Denoiser.save_pretrained")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--steps", type=int, nargs="+", default=[4], help="K values to export (e.g. 1 2 4)")
+    parser.add_argument("--total-steps", type=int, default=900, help="T' of the stage times (default 900)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="ONNX weights/inputs precision")
+    parser.add_argument("--batch-size", type=int, default=2, help="example batch for tracing (batch stays dynamic)")
+    parser.add_argument("--shape", default=None, help="per-sample noise shape, e.g. 4,64,64 (default: from the model config)")
+    parser.add_argument("--cond-shape", default=None,
+                        help="per-sample text-embedding shape, e.g. 77,768 (default: the checkpoint's null condition)")
+    parser.add_argument("--per-network", action="store_true", help="also export one network evaluation (x_t, t, cond)")
+    parser.add_argument("--dynamic-resolution", action="store_true", help="symbolic height/width (TensorRT profiles)")
+    parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    parser.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch parity check")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: max-autotune on CUDA)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--trt-batch", default="1,1,8", help="TensorRT batch profile min,opt,max")
+    parser.add_argument("--trt-resolution", default=None,
+                        help="TensorRT resolution profile hmin,wmin,hopt,wopt,hmax,wmax (with --dynamic-resolution)")
+    parser.add_argument("--trt-precision", choices=("fp16", "bf16", "fp32"), default="fp16")
+    parser.add_argument("--timing-cache", default=None, help="TensorRT timing-cache file to reuse")
+    return parser
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--backend`` and ``--engine`` for ``tdm-fast sample`` (the checkpoint argument is the CLI's own)."""
+    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="how to run the K-step sampler")
+    parser.add_argument("--engine", default=None,
+                        help="exported file or folder for --backend onnx/tensorrt (default: export on the fly for onnx)")
+    return parser
+
+
+# -- example inputs ---------------------------------------------------------------------------
+
+
+def sample_shape(denoiser: Denoiser, shape=None) -> tuple[int, ...]:
+    """Per-sample noise shape: ``shape`` if given, else from the network's config."""
+    if shape:
+        return tuple(shape)
+    if getattr(denoiser.model, "sample_shape", None) is not None:
+        return tuple(denoiser.model.sample_shape)
+    config = getattr(denoiser.model, "config", None)
+    if config is not None:
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        if get("data_dim") is not None:
+            return (int(get("data_dim")),)
+        channels, size = get("in_channels"), get("sample_size")
+        if channels is not None and size is not None:
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            return (int(channels), *map(int, size))
+    raise ValueError(f"cannot infer the sample shape of {type(denoiser.model).__name__}; pass --shape C,H,W")
+
+
+def example_inputs(denoiser: Denoiser, batch: int = 2, shape=None, cond_shape=None, device=None, seed: int = 0):
+    """Random noise and a condition for tracing, built from the checkpoint's null condition."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch, *sample_shape(denoiser, shape), generator=generator)
+    null = denoiser.null_cond
+    if cond_shape:
+        cond = torch.randn(batch, *cond_shape, generator=generator)
+    elif null is None:
+        raise ValueError("the checkpoint has no null condition to infer the condition from; pass --cond-shape")
+    elif isinstance(null, int):
+        cond = torch.arange(batch) % max(null, 1)  # labels 0..null-1 (null is the unconditional class)
+    elif isinstance(null, dict):
+        cond = {k: torch.randn(batch, *v.shape, generator=generator) for k, v in null.items()}
+    else:
+        cond = expand_null(null, batch).clone() + 0.5 * torch.randn(batch, *null.shape, generator=generator)
+    if device is not None:
+        from tdm_fast.conditions import to_device
+
+        noise, cond = noise.to(device), to_device(cond, device)
+    return noise, cond
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (the parity measure used throughout)."""
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+# -- export -----------------------------------------------------------------------------------
+
+
+def onnx_name(steps: int, dtype: str) -> str:
+    return f"sampler_k{steps}_{dtype}.onnx"
+
+
+def run_export(args, student: Denoiser | None = None) -> dict:
+    """Runs ``tdm-fast export``; returns ``{"files": [...], "parity": {K: rel. error}, ...}``.
+
+    ``student`` overrides loading ``args.checkpoint`` with ``Denoiser.from_pretrained`` (e.g. the
+    CLI's own loader that also accepts run folders).
+    """
+    from .onnx import export_denoiser_onnx, export_sampler_onnx
+    from .sampler import compile_sampler
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    checkpoint = Path(args.checkpoint)
+    student = (student or Denoiser.from_pretrained(checkpoint)).to(device).eval()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    noise, cond = example_inputs(student, args.batch_size, _shape(args.shape), _shape(args.cond_shape), device)
+    result = {"files": [], "parity": {}, "timings_s": {}}
+    for steps in args.steps:
+        start = time.perf_counter()
+        if args.format == "compile":
+            sampler = compile_sampler(student, steps, args.total_steps, mode=args.compile_mode)
+            got = sampler(noise, cond)
+            manifest = out / f"compile_k{steps}.json"
+            manifest.write_text(json.dumps({
+                "checkpoint": str(checkpoint.resolve()), "steps": steps, "total_steps": args.total_steps,
+                "mode": args.compile_mode, "times": list(sampler.times), "example_shape": list(noise.shape),
+            }, indent=2))
+            result["files"].append(str(manifest))
+            if not args.no_verify:
+                result["parity"][steps] = relative_error(got, sample_student(student, noise, cond, steps, args.total_steps))
+        else:
+            path = out / onnx_name(steps, args.dtype)
+            export_sampler_onnx(student, path, steps, noise, cond, args.total_steps, args.dtype,
+                                dynamic_resolution=args.dynamic_resolution, opset=args.opset, exporter=args.exporter)
+            result["files"].append(str(path))
+            if not args.no_verify:
+                from .runtime import OrtSampler
+
+                from .sampler import cast_cond
+
+                ref = sample_student(student, noise, cond, steps, args.total_steps)
+                dt = torch.float32 if args.dtype == "fp32" else torch.float16
+                got = OrtSampler(path)(noise.to(device="cpu", dtype=dt), cast_cond(cond, dt, "cpu"))
+                result["parity"][steps] = relative_error(got, ref)
+            if args.format == "tensorrt":
+                from .tensorrt import build_engine
+
+                resolution = _shape(args.trt_resolution)
+                if resolution:
+                    resolution = (resolution[0:2], resolution[2:4], resolution[4:6])
+                engine = build_engine(path, batch=_shape(args.trt_batch), resolution=resolution,
+                                      fp16=args.trt_precision == "fp16", bf16=args.trt_precision == "bf16",
+                                      timing_cache=args.timing_cache)
+                result["files"] += [str(engine), str(engine) + ".json"]
+        result["timings_s"][steps] = round(time.perf_counter() - start, 2)
+    if args.per_network and args.format != "compile":
+        path = out / f"denoiser_{args.dtype}.onnx"
+        export_denoiser_onnx(student, path, noise, cond, steps=args.steps[0] if student.steps_set else None,
+                             dtype=args.dtype, dynamic_resolution=args.dynamic_resolution, opset=args.opset,
+                             exporter=args.exporter)
+        result["files"].append(str(path))
+    for steps, err in result["parity"].items():
+        print(f"K={steps}: {args.format} vs torch max relative error {err:.2e}")
+    for f in result["files"]:
+        print(f"wrote {f}")
+    return result
+
+
+# -- runners ----------------------------------------------------------------------------------
+
+
+class TorchRunner:
+    """Eager torch: ``runner(noise, cond) -> x̂0`` via :func:`tdm_fast.sampling.sample_student`."""
+
+    backend = "torch"
+
+    def __init__(self, student: Denoiser, steps: int, total_steps: int = 900):
+        self.student, self.steps, self.total_steps = student, steps, total_steps
+
+    def __call__(self, noise, cond):
+        return sample_student(self.student, noise, cond, self.steps, self.total_steps)
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / DENOISER_CONFIG).is_file()
+
+
+def _find(path: Path, steps: int, suffix: str) -> Path:
+    if path.is_file():
+        return path
+    matches = sorted(path.glob(f"sampler_k{steps}_*{suffix}"))
+    if not matches:
+        raise FileNotFoundError(f"no sampler_k{steps}_*{suffix} in {path}; run tdm-fast export --steps {steps} first")
+    return matches[0]
+
+
+def load_runner(backend: str, path_or_checkpoint, steps: int, total_steps: int = 900, device=None,
+                engine=None, dtype: str = "fp32", compile_mode: str | None = None, cuda_graph: bool = False,
+                student: Denoiser | None = None):
+    """A sampler ``runner(noise, cond) -> x̂0`` for ``backend`` in ``torch|compile|onnx|tensorrt``.
+
+    ``path_or_checkpoint`` is a ``Denoiser.save_pretrained`` folder (torch, compile; onnx exports
+    it to a temporary file on the fly) or an exported ``.onnx`` / ``.engine`` file or the
+    ``tdm-fast export --out`` folder (``engine`` overrides it for onnx/tensorrt). ``student``: an
+    already loaded denoiser to use instead of loading the checkpoint (torch, compile, onnx on the fly).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    path = Path(engine or path_or_checkpoint)
+    if backend in ("torch", "compile"):
+        if student is None and not _is_checkpoint(path):
+            raise FileNotFoundError(f"{path} is not a checkpoint folder (no {DENOISER_CONFIG})")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        student = (student or Denoiser.from_pretrained(path)).to(device).eval()
+        if backend == "torch":
+            return TorchRunner(student, steps, total_steps)
+        from .sampler import compile_sampler
+
+        return compile_sampler(student, steps, total_steps, mode=compile_mode)
+    if backend == "onnx":
+        from .runtime import OrtSampler
+
+        if student is not None or _is_checkpoint(path):
+            student = (student or Denoiser.from_pretrained(path)).eval()
+            from .onnx import export_sampler_onnx
+
+            noise, cond = example_inputs(student, 2)
+            tmp = Path(tempfile.mkdtemp(prefix="tdm_fast_onnx_")) / onnx_name(steps, dtype)
+            export_sampler_onnx(student, tmp, steps, noise, cond, total_steps, dtype)
+            path = tmp
+        runner = OrtSampler(_find(path, steps, ".onnx"))
+        if runner.steps is not None and runner.steps != steps:
+            raise ValueError(f"{runner.path} samples with K={runner.steps}, not {steps}")
+        return runner
+    from .tensorrt import TensorRTRunner
+
+    if _is_checkpoint(path):
+        raise FileNotFoundError(f"{path} is a checkpoint; build an engine first: tdm-fast export --format tensorrt --steps {steps}")
+    runner = TensorRTRunner(_find(path, steps, ".engine"), cuda_graph=cuda_graph)
+    built = runner.meta.get("onnx_metadata", {}).get("steps")
+    if built is not None and built != steps:
+        raise ValueError(f"{runner.engine_path} samples with K={built}, not {steps}")
+    return runner

@@ -1,0 +1,345 @@
+"""The K-step student sampler as one ``nn.Module`` (loop unrolled, times and α/σ baked in), the
+single-step denoiser module used for per-network export, condition flattening, LoRA fusion and
+``torch.compile``.
+
+Both modules call the wrapped network directly (``denoiser.model(x_t, t, cond)``) instead of
+``Denoiser.forward``: the latter validates timesteps with host-side reads (``.any()``, ``.cpu()``)
+that would break a traced or compiled graph. The arithmetic is the same as
+:func:`tdm_fast.sampling.sample_student` (network in its own dtype, the DDIM jump in float32).
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tdm_fast.denoiser import Denoiser, StepsEmbedding
+from tdm_fast.parameterization import broadcast, to_x0_eps
+from tdm_fast.sampling import stage_times
+
+# -- conditions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CondSpec:
+    """How a condition is laid out as flat graph inputs.
+
+    ``kind`` is ``"labels"`` (int64 class labels, shape (B,)), ``"tensor"`` (e.g. text embeddings
+    (B, L, C)) or ``"dict"`` (SDXL: ``encoder_hidden_states``, ``text_embeds``, ``time_ids``).
+    ``names`` are the graph-input names in order.
+    """
+
+    kind: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, cond) -> "CondSpec":
+        if isinstance(cond, dict):
+            return cls("dict", tuple(cond))
+        cond = torch.as_tensor(cond)
+        if not cond.dtype.is_floating_point:
+            return cls("labels", ("class_labels",))
+        return cls("tensor", ("encoder_hidden_states",))
+
+    def flatten(self, cond) -> tuple[torch.Tensor, ...]:
+        if self.kind == "dict":
+            if not isinstance(cond, dict):
+                raise TypeError(f"this sampler takes a dict condition with keys {list(self.names)}, got {type(cond).__name__}")
+            missing = [k for k in self.names if k not in cond]
+            if missing:
+                raise ValueError(f"condition is missing {missing}; expected keys {list(self.names)}")
+            return tuple(cond[k] for k in self.names)
+        if isinstance(cond, dict):
+            raise TypeError(f"this sampler takes a single condition tensor ({self.names[0]}), got a dict")
+        return (cond,)
+
+    def unflatten(self, tensors):
+        if self.kind == "dict":
+            return dict(zip(self.names, tensors))
+        return tensors[0]
+
+
+def cast_cond(cond, dtype: torch.dtype, device=None):
+    """Cast the floating-point tensors of a condition to ``dtype`` (labels stay int64)."""
+    if isinstance(cond, dict):
+        return {k: cast_cond(v, dtype, device) for k, v in cond.items()}
+    cond = torch.as_tensor(cond, device=device)
+    if cond.dtype.is_floating_point:
+        return cond.to(dtype=dtype, device=device)
+    return cond.to(device=device, dtype=torch.long)
+
+
+# -- LoRA fusion ------------------------------------------------------------------------------
+
+
+def has_lora(module: nn.Module) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+def fuse_lora(module: nn.Module) -> nn.Module:
+    """Merge every peft LoRA adapter into its base weights and drop the adapter layers.
+
+    Works for a ``PeftModel`` (``merge_and_unload``) and for adapters injected into a plain or
+    diffusers model (``add_adapter`` / ``inject_adapter_in_model``). Modifies ``module`` in place
+    and returns the module to use (a ``PeftModel`` returns its unwrapped base model).
+    """
+    if hasattr(module, "merge_and_unload") and hasattr(module, "peft_config"):
+        return module.merge_and_unload()
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover
+        return module
+    for name, child in list(module.named_modules()):
+        for attr, sub in list(child.named_children()):
+            if isinstance(sub, BaseTunerLayer):
+                sub.merge()
+                setattr(child, attr, sub.get_base_layer())
+    if hasattr(module, "peft_config"):
+        try:
+            del module.peft_config
+        except AttributeError:
+            pass
+        if hasattr(module, "_hf_peft_config_loaded"):
+            module._hf_peft_config_loaded = False
+    return module
+
+
+def prepare_for_export(student: Denoiser, dtype: torch.dtype | None = None, device=None) -> Denoiser:
+    """A deep copy of ``student`` in eval mode with LoRA fused, optionally cast to ``dtype``/``device``.
+
+    The steps embedding's forward hook is re-registered on the copy (``copy.deepcopy`` keeps the
+    hook bound to the original's embedding otherwise).
+    """
+    clone = copy.deepcopy(student)
+    if clone.steps_embedding is not None:
+        hooks = clone.model.get_submodule(clone.time_embedding)._forward_hooks
+        for handle, fn in list(hooks.items()):
+            if isinstance(getattr(fn, "__self__", None), StepsEmbedding):
+                del hooks[handle]
+    clone.model = fuse_lora(clone.model)
+    if clone.steps_embedding is not None:
+        clone.model.get_submodule(clone.time_embedding).register_forward_hook(clone.steps_embedding.hook)
+    clone.eval().requires_grad_(False)
+    if dtype is not None or device is not None:
+        clone.to(device=device, dtype=dtype)
+    return clone
+
+
+# -- the modules ------------------------------------------------------------------------------
+
+
+class _StepsMixin:
+    def _set_steps(self, x: torch.Tensor):
+        if self.steps_embedding is not None:
+            # One constant index per sample, created from the (possibly symbolic) batch size.
+            self.steps_embedding.current = x.new_full((x.shape[0],), self.steps_index, dtype=torch.long)
+
+    def _init_steps(self, denoiser: Denoiser, steps: int | None):
+        self.steps_embedding = denoiser.steps_embedding
+        self.steps_index = -1
+        if self.steps_embedding is not None:
+            if steps is None:
+                raise ValueError(f"this student is steps-aware (trained K {denoiser.steps_set}); pass steps")
+            if steps not in self.steps_embedding.steps_set:
+                raise ValueError(f"steps {steps} not in the trained set {self.steps_embedding.steps_set}")
+            self.steps_index = self.steps_embedding.steps_set.index(steps)
+
+
+class StudentSampler(_StepsMixin, nn.Module):
+    """``forward(noise, cond) -> x̂0``: the deterministic K-step sampler of spec §2, unrolled.
+
+    The stage times and their α, σ are Python constants, so a traced graph contains K copies of
+    the network and no loop. ``cond`` is a tensor or a dict of tensors, as for the student.
+    """
+
+    def __init__(self, student: Denoiser, steps: int, total_steps: int = 900):
+        super().__init__()
+        self.net = student.model
+        self.prediction_type = student.prediction_type
+        self.steps = steps
+        self.total_steps = total_steps
+        self.times = tuple(stage_times(steps, total_steps, student.schedule.num_train_timesteps))
+        alphas, sigmas = student.schedule(torch.tensor(self.times), dtype=torch.float64)
+        self.alphas = tuple(float(a) for a in alphas)
+        self.sigmas = tuple(float(s) for s in sigmas)
+        self._init_steps(student, steps if student.steps_set else None)
+        self.backbone = type(student.model).__name__
+        inner = getattr(student.model, "inner", None)
+        if inner is not None:
+            self.backbone = f"{self.backbone}({type(inner).__name__})"
+
+    def forward(self, noise: torch.Tensor, cond) -> torch.Tensor:
+        x = noise
+        dtype = noise.dtype
+        x0 = noise
+        for i, t in enumerate(self.times):
+            self._set_steps(x)
+            t_vec = x.new_full((x.shape[0],), t, dtype=torch.long)
+            out = self.net(x, t_vec, cond)
+            x0, eps = to_x0_eps(out.float(), x.float(), self.alphas[i], self.sigmas[i], self.prediction_type)
+            if i + 1 < len(self.times):
+                x = (self.alphas[i + 1] * x0 + self.sigmas[i + 1] * eps).to(dtype)
+        return x0.to(dtype)
+
+
+class DenoiserStep(_StepsMixin, nn.Module):
+    """``forward(x_t, t, cond) -> (x0, eps)`` for one network evaluation at integer times ``t`` (B,).
+
+    α_t, σ_t come from float32 tables inside the module (a Gather in ONNX), so one graph serves
+    every timestep: this is the per-network export, used by many-step teacher samplers.
+    """
+
+    def __init__(self, denoiser: Denoiser, steps: int | None = None):
+        super().__init__()
+        self.net = denoiser.model
+        self.prediction_type = denoiser.prediction_type
+        self._init_steps(denoiser, steps if denoiser.steps_set else None)
+        self.register_buffer("alpha_table", denoiser.schedule.alphas.float().clone(), persistent=False)
+        self.register_buffer("sigma_table", denoiser.schedule.sigmas.float().clone(), persistent=False)
+        self.backbone = type(denoiser.model).__name__
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond):
+        self._set_steps(x_t)
+        t = t.long()
+        out = self.net(x_t, t, cond)
+        alpha, sigma = self.alpha_table[t], self.sigma_table[t]
+        x0, eps = to_x0_eps(out.float(), x_t.float(), alpha, sigma, self.prediction_type)
+        return x0.to(x_t.dtype), eps.to(x_t.dtype)
+
+
+class FlatInputs(nn.Module):
+    """Adapts ``forward(*tensors)`` (what an exporter sees) to a module taking a condition pytree."""
+
+    def __init__(self, inner: nn.Module, spec: CondSpec, leading: int):
+        super().__init__()
+        self.inner, self.spec, self.leading = inner, spec, leading
+
+    def forward(self, *tensors):
+        head, conds = tensors[: self.leading], tensors[self.leading :]
+        return self.inner(*head, self.spec.unflatten(conds))
+
+
+def ddim_loop(denoise, noise, cond, times, alphas_sigmas, cfg_scale: float = 1.0, null_cond=None):
+    """Deterministic DDIM with CFG through ``times`` on any ``denoise(x, t_vec, cond) -> (x0, eps)``.
+
+    Mirrors :func:`tdm_fast.sampling.ddim_sample` (cond and uncond batched in one call) for
+    backends other than eager torch (a compiled :class:`DenoiserStep`, ONNX Runtime, TensorRT).
+    ``alphas_sigmas(t) -> (α, σ)`` gives float32 scalars.
+    """
+    from tdm_fast.conditions import concat
+
+    x = noise
+    b = noise.shape[0]
+    guided = cfg_scale != 1.0
+    both = concat(cond, null_cond) if guided else cond
+    for i, t in enumerate(times):
+        xin = torch.cat([x, x]) if guided else x
+        t_vec = torch.full((xin.shape[0],), t, dtype=torch.long, device=x.device)
+        x0, eps = denoise(xin, t_vec, both)
+        if guided:
+            x0 = x0[b:] + cfg_scale * (x0[:b] - x0[b:])
+            eps = eps[b:] + cfg_scale * (eps[:b] - eps[b:])
+        if i + 1 < len(times):
+            a, s = alphas_sigmas(times[i + 1])
+            x = (a * x0.float() + s * eps.float()).to(noise.dtype)
+    return x0
+
+
+# -- torch.compile ----------------------------------------------------------------------------
+
+
+class CompiledSampler:
+    """A compiled :class:`StudentSampler`; call it as ``sampler(noise, cond) -> x̂0``.
+
+    ``torch.compile`` keeps one graph per input shape (``dynamic=False``), so repeated calls
+    with the same shapes reuse the compiled code. Outputs are cloned: with CUDA graphs the
+    returned buffer is overwritten by the next replay.
+    """
+
+    def __init__(self, module: StudentSampler, compiled, channels_last: bool, clone_output: bool):
+        self.module = module
+        self.compiled = compiled
+        self.channels_last = channels_last
+        self.clone_output = clone_output
+        self.steps = module.steps
+        self.times = module.times
+
+    @torch.no_grad()
+    def __call__(self, noise: torch.Tensor, cond) -> torch.Tensor:
+        if self.channels_last and noise.dim() == 4:
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        out = self.compiled(noise, cond)
+        return out.clone() if self.clone_output else out
+
+
+_COMPILE_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _param_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def compile_sampler(
+    student: Denoiser,
+    steps: int,
+    total_steps: int = 900,
+    mode: str | None = None,
+    dynamic: bool = False,
+    fullgraph: bool = False,
+    channels_last: bool | None = None,
+    backend: str = "inductor",
+    fuse: bool = True,
+) -> CompiledSampler:
+    """``torch.compile`` the unrolled K-step sampler of ``student``.
+
+    Args:
+        mode: ``None`` picks ``"max-autotune"`` on CUDA (autotuned kernels and CUDA graphs) and
+            the default inductor mode on CPU; pass ``"reduce-overhead"`` for CUDA graphs without
+            autotuning.
+        dynamic: ``False`` compiles per input shape (cached by torch.compile); ``True`` marks
+            shapes dynamic (one graph for all batch sizes, somewhat slower kernels).
+        channels_last: convert 4-D inputs and the network's weights to channels-last; default on
+            CUDA only (it helps convolutions with cuDNN/Triton, not the CPU inductor path).
+        fuse: fuse LoRA adapters into the weights first (on a copy; the student is not modified).
+
+    Calls with the same student and settings return the same :class:`CompiledSampler`.
+    """
+    key = (steps, total_steps, mode, dynamic, fullgraph, channels_last, backend, fuse)
+    per_student = _COMPILE_CACHE.setdefault(student, {})
+    if key in per_student:
+        return per_student[key]
+    device = _param_device(student)
+    if mode is None and device.type == "cuda":
+        mode = "max-autotune"
+    if channels_last is None:
+        channels_last = device.type == "cuda"
+    model = prepare_for_export(student) if fuse and has_lora(student.model) else student
+    module = StudentSampler(model, steps, total_steps).eval()
+    if channels_last:
+        module.net.to(memory_format=torch.channels_last)
+    compiled = torch.compile(module, mode=mode, dynamic=dynamic, fullgraph=fullgraph, backend=backend)
+    uses_cudagraphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+    sampler = CompiledSampler(module, compiled, channels_last, clone_output=uses_cudagraphs)
+    per_student[key] = sampler
+    return sampler
+
+
+def compile_denoiser_step(denoiser: Denoiser, steps: int | None = None, mode: str | None = None, dynamic: bool = False):
+    """``torch.compile`` one network evaluation (:class:`DenoiserStep`); used for many-step teachers.
+
+    ``t`` is a tensor input, so the 50 steps of a teacher share one compiled graph.
+    """
+    device = _param_device(denoiser)
+    if mode is None and device.type == "cuda":
+        mode = "max-autotune"
+    module = DenoiserStep(denoiser, steps).eval()
+    return torch.compile(module, mode=mode, dynamic=dynamic)

@@ -1,0 +1,481 @@
+"""TensorRT engines from the exported ONNX sampler graph, and a runner with preallocated buffers.
+
+Needs a CUDA GPU and the ``tensorrt`` Python package (TensorRT 10). Without them, building or
+running raises ``ImportError``/``RuntimeError`` with an install hint. What TensorRT needs from the
+graph is checked without TensorRT by :func:`check_tensorrt_compatible`: the ONNX checker, an
+opset TensorRT 10 parses, operators from :data:`TENSORRT_SUPPORTED_OPS`, no float64 tensors, and
+shape inference with concrete shapes at each optimization profile's min/opt/max. Running the
+graph in ONNX Runtime at those shapes (:func:`check_profiles_run`) covers the rest.
+
+Engines are specific to one GPU model/compute capability and one TensorRT version; the metadata
+JSON written beside the engine records both and :class:`TensorRTRunner` refuses a mismatch.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+INSTALL_HINT = (
+    "TensorRT is not installed: pip install 'tdm-fast[tensorrt]' (tensorrt>=10, a CUDA GPU and a "
+    "matching NVIDIA driver are required). ONNX Runtime (--backend onnx) runs the same graph without it."
+)
+
+# TensorRT 10.0 parses ONNX opsets 9..20 (10.15 goes to 24); we export at 18.
+TENSORRT_MIN_OPSET = 9
+TENSORRT_MAX_OPSET = 20
+
+# ONNX operators marked supported ("Y") in onnx-tensorrt's docs/operators.md for TensorRT 10.x
+# (github.com/onnx/onnx-tensorrt, "TensorRT 10.15 supports operators in the inclusive range of
+# opset 9 to opset 24"). Operators that first appear in ONNX opsets above 20 (Attention,
+# RMSNormalization, RotaryEmbedding, TensorScatter) are left out: TensorRT 10.0 cannot parse them.
+# Unsupported there, and so absent here: AffineGrid, Bernoulli, BitShift, Bitwise*, Col2Im,
+# CenterCropPad, Compress, ConcatFromSequence, ConvInteger, DFT, Det, DynamicQuantizeLinear,
+# ImageDecoder, MatMulInteger, MaxRoiPool, MaxUnpool, MelWeightMatrix, Multinomial,
+# NegativeLogLikelihoodLoss, Optional*, QLinearConv, QLinearMatMul, RegexFullMatch, Sequence*,
+# SoftmaxCrossEntropyLoss, SplitToSequence, String*, TfIdfVectorizer, Unique.
+TENSORRT_SUPPORTED_OPS = frozenset(
+    """
+    Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization
+    BlackmanWindow Cast CastLike Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose
+    Cos Cosh CumSum DeformConv DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp
+    Expand EyeLike Flatten Floor Gather GatherElements GatherND Gelu Gemm GlobalAveragePool
+    GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample GroupNormalization GRU
+    HammingWindow HannWindow HardSigmoid HardSwish Hardmax Identity If ImageScaler
+    InstanceNormalization IsInf IsNaN LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax
+    Loop LRN LSTM LpNormalization LpPool MatMul Max MaxPool Mean MeanVarianceNormalization Min Mish
+    Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or Pad ParametricSoftplus Pow PRelu
+    QuantizeLinear RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal
+    ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd
+    ReduceSum ReduceSumSquare Relu Reshape Resize ReverseSequence RNN RoiAlign Round STFT
+    ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size
+    Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh
+    ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
+    """.split()
+)
+
+ENGINE_SUFFIX = ".engine"
+ENGINE_META_SUFFIX = ".engine.json"
+
+
+class TensorRTCompatibilityError(ValueError):
+    """The ONNX graph uses something TensorRT 10 cannot build; ``problems`` lists what."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("the ONNX graph is not TensorRT-ready:\n  - " + "\n  - ".join(problems))
+        self.problems = problems
+
+
+def require_tensorrt():
+    """Import ``tensorrt`` or raise ImportError with the install hint."""
+    try:
+        import tensorrt as trt
+    except ImportError as error:
+        raise ImportError(INSTALL_HINT) from error
+    major = int(str(trt.__version__).split(".")[0])
+    if major < 10:
+        raise ImportError(f"TensorRT {trt.__version__} found; tdm-fast needs TensorRT >= 10. {INSTALL_HINT}")
+    return trt
+
+
+def require_cuda():
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("TensorRT needs a CUDA GPU and none is visible (torch.cuda.is_available() is False)")
+    return torch
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """(True, "") when engines can be built here, else (False, the reason)."""
+    try:
+        require_tensorrt()
+        require_cuda()
+    except (ImportError, RuntimeError) as error:
+        return False, str(error)
+    return True, ""
+
+
+# -- checks without TensorRT --------------------------------------------------------------------
+
+
+def _load(path_or_model):
+    import onnx
+
+    if isinstance(path_or_model, onnx.ModelProto):
+        return path_or_model
+    return onnx.load(str(path_or_model))
+
+
+def default_profiles(path_or_model, batch=(1, 1, 8), resolution=None) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Optimization profiles ``{input: (min, opt, max)}`` from the graph's declared input shapes.
+
+    ``batch`` is (min, opt, max) for the symbolic ``batch`` dim; ``resolution`` is
+    ((h_min, w_min), (h_opt, w_opt), (h_max, w_max)) for symbolic ``height``/``width`` dims
+    (graphs exported with ``dynamic_resolution=True``).
+    """
+    model = _load(path_or_model)
+    init = {i.name for i in model.graph.initializer}
+    profiles = {}
+    for value in model.graph.input:
+        if value.name in init:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        shapes = []
+        for level in range(3):
+            shape = []
+            for d in dims:
+                if d.HasField("dim_value"):
+                    shape.append(d.dim_value)
+                elif d.dim_param == "batch":
+                    shape.append(batch[level])
+                elif d.dim_param in ("height", "width"):
+                    if resolution is None:
+                        raise ValueError(f"input {value.name!r} has a symbolic {d.dim_param}; pass resolution")
+                    shape.append(resolution[level][0 if d.dim_param == "height" else 1])
+                else:
+                    raise ValueError(f"input {value.name!r} has an unknown symbolic dim {d.dim_param!r}")
+            shapes.append(tuple(shape))
+        profiles[value.name] = tuple(shapes)
+    return profiles
+
+
+def _with_shapes(model, shapes: dict[str, tuple[int, ...]]):
+    import onnx
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        if value.name in shapes:
+            dims = value.type.tensor_type.shape.dim
+            for d, n in zip(dims, shapes[value.name]):
+                d.Clear()
+                d.dim_value = int(n)
+    for value in fixed.graph.output:  # let inference fill the outputs in
+        value.type.tensor_type.ClearField("shape")
+    # The exporter's intermediate annotations carry symbolic (sometimes placeholder) shapes that
+    # strict inference would compare against; infer every intermediate afresh.
+    del fixed.graph.value_info[:]
+    return fixed
+
+
+def check_tensorrt_compatible(path_or_model, profiles: dict | None = None, raise_on_error: bool = True) -> dict:
+    """Everything TensorRT needs from the graph that can be checked without TensorRT.
+
+    Returns a report ``{"ok", "problems", "warnings", "opset", "ops", "profiles": {level: output shapes}}``;
+    raises :class:`TensorRTCompatibilityError` listing the problems when ``raise_on_error``.
+    """
+    import onnx
+    from onnx import TensorProto, shape_inference
+
+    model = _load(path_or_model)
+    problems, warnings = [], []
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as error:  # noqa: BLE001 - the checker raises several types
+        problems.append(f"ONNX checker: {error}")
+    if model.functions:
+        model = onnx.inliner.inline_local_functions(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or not TENSORRT_MIN_OPSET <= opset <= TENSORRT_MAX_OPSET:
+        problems.append(f"opset {opset} is outside TensorRT 10's range {TENSORRT_MIN_OPSET}..{TENSORRT_MAX_OPSET}")
+    ops: dict[str, int] = {}
+
+    def visit(graph):
+        for node in graph.node:
+            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+            ops[key] = ops.get(key, 0) + 1
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                for g in attr.graphs:
+                    visit(g)
+
+    visit(model.graph)
+    unsupported = sorted(op for op in ops if op not in TENSORRT_SUPPORTED_OPS)
+    if unsupported:
+        problems.append(f"operators TensorRT cannot parse: {unsupported}")
+    doubles = [i.name for i in model.graph.initializer if i.data_type == TensorProto.DOUBLE]
+    if doubles:
+        warnings.append(f"float64 initializers (TensorRT casts them to float32): {doubles[:5]}")
+    profile_report = {}
+    if profiles:
+        for level, label in enumerate(("min", "opt", "max")):
+            shapes = {name: tuple(p[level]) for name, p in profiles.items()}
+            try:
+                inferred = shape_inference.infer_shapes(
+                    _with_shapes(model, shapes), check_type=True, strict_mode=True, data_prop=True
+                )
+            except Exception as error:  # noqa: BLE001
+                problems.append(f"shape inference at the {label} profile {shapes} failed: {error}")
+                continue
+            outs = {}
+            for value in inferred.graph.output:
+                dims = value.type.tensor_type.shape.dim
+                shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+                if not dims or None in shape:
+                    problems.append(f"output {value.name!r} has no concrete shape at the {label} profile: {shape}")
+                outs[value.name] = shape
+            for value in list(inferred.graph.value_info):
+                if value.type.tensor_type.elem_type == TensorProto.DOUBLE:
+                    warnings.append(f"float64 intermediate {value.name!r} at the {label} profile")
+                    break
+            profile_report[label] = outs
+    report = {"ok": not problems, "problems": problems, "warnings": warnings, "opset": opset, "ops": ops,
+              "profiles": profile_report}
+    if problems and raise_on_error:
+        raise TensorRTCompatibilityError(problems)
+    return report
+
+
+def check_profiles_run(path, profiles: dict, providers=None) -> dict:
+    """Run the graph in ONNX Runtime at each profile's min/opt/max shapes; returns output shapes."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+    types = {i.name: i.type for i in session.get_inputs()}
+    rng = np.random.default_rng(0)
+    shapes_out = {}
+    for level, label in enumerate(("min", "opt", "max")):
+        feed = {}
+        for name, p in profiles.items():
+            shape = tuple(p[level])
+            if types[name] == "tensor(int64)":
+                feed[name] = rng.integers(0, 2, size=shape).astype(np.int64)
+            elif types[name] == "tensor(float16)":
+                feed[name] = rng.standard_normal(shape).astype(np.float16)
+            else:
+                feed[name] = rng.standard_normal(shape).astype(np.float32)
+        outputs = session.run(None, feed)
+        if not all(np.isfinite(o).all() for o in outputs):
+            raise ValueError(f"non-finite outputs at the {label} profile")
+        shapes_out[label] = [list(o.shape) for o in outputs]
+    return shapes_out
+
+
+# -- building -----------------------------------------------------------------------------------
+
+
+def gpu_identity() -> dict:
+    torch = require_cuda()
+    trt = require_tensorrt()
+    index = torch.cuda.current_device()
+    return {
+        "gpu_name": torch.cuda.get_device_name(index),
+        "compute_capability": list(torch.cuda.get_device_capability(index)),
+        "tensorrt_version": str(trt.__version__),
+    }
+
+
+def build_engine(
+    onnx_path,
+    engine_path=None,
+    profiles: dict | None = None,
+    batch=(1, 1, 8),
+    resolution=None,
+    fp16: bool = True,
+    bf16: bool = False,
+    workspace_gb: float = 8.0,
+    timing_cache=None,
+    strongly_typed: bool = False,
+    check: bool = True,
+) -> Path:
+    """Build and serialize a TensorRT engine from an exported sampler (or per-network) graph.
+
+    Writes ``engine_path`` (default: the ONNX path with ``.engine``) and ``<engine>.json`` with
+    the GPU name, compute capability, TensorRT version, profiles, precision and the ONNX
+    metadata. ``timing_cache`` is a file path reused across builds (created when missing).
+    """
+    trt = require_tensorrt()
+    require_cuda()
+    from .onnx import read_metadata
+
+    onnx_path = Path(onnx_path)
+    engine_path = Path(engine_path) if engine_path else onnx_path.with_suffix(ENGINE_SUFFIX)
+    profiles = profiles or default_profiles(onnx_path, batch, resolution)
+    if check:
+        check_tensorrt_compatible(onnx_path, profiles)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if strongly_typed:  # precision follows the ONNX types (an fp16 export), not builder flags
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # parse_from_file resolves external weights
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}:\n" + "\n".join(errors))
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if not strongly_typed:
+        if fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        if bf16:
+            config.set_flag(trt.BuilderFlag.BF16)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profiles.items():
+        profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+    config.add_optimization_profile(profile)
+    cache_path = Path(timing_cache) if timing_cache else None
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    engine_path.write_bytes(bytes(serialized))
+    if cache_path:
+        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    meta = {
+        **gpu_identity(),
+        "onnx": str(onnx_path),
+        "onnx_metadata": read_metadata(onnx_path),
+        "profiles": {k: [list(s) for s in v] for k, v in profiles.items()},
+        "precision": "strongly_typed" if strongly_typed else ("bf16" if bf16 else "fp16" if fp16 else "fp32"),
+    }
+    Path(str(engine_path) + ".json").write_text(json.dumps(meta, indent=2))
+    return engine_path
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+def check_engine_compatible(meta: dict) -> None:
+    """Refuse an engine built for another GPU or another TensorRT version."""
+    here = gpu_identity()
+    if list(meta.get("compute_capability", [])) != here["compute_capability"] or meta.get("gpu_name") != here["gpu_name"]:
+        raise RuntimeError(
+            f"this engine was built for {meta.get('gpu_name')} (compute capability "
+            f"{meta.get('compute_capability')}) but this GPU is {here['gpu_name']} ({here['compute_capability']}); "
+            "rebuild it here: tdm-fast export --format tensorrt"
+        )
+    if meta.get("tensorrt_version") != here["tensorrt_version"]:
+        raise RuntimeError(
+            f"this engine was built with TensorRT {meta.get('tensorrt_version')} but TensorRT "
+            f"{here['tensorrt_version']} is installed; rebuild it: tdm-fast export --format tensorrt"
+        )
+
+
+def _torch_dtype(trt, dtype):
+    import torch
+
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
+             trt.int64: torch.int64, trt.bool: torch.bool, trt.int8: torch.int8, trt.uint8: torch.uint8}
+    if hasattr(trt, "bfloat16"):
+        table[trt.bfloat16] = torch.bfloat16
+    return table[dtype]
+
+
+class TensorRTRunner:
+    """``TensorRTRunner(engine)(noise, cond) -> x̂0`` (or ``(x_t, t, cond) -> (x0, eps)`` for a
+    per-network engine), with torch CUDA buffers preallocated per input-shape set and optional
+    CUDA-graph replay (``cuda_graph=True``; outputs are cloned before return)."""
+
+    def __init__(self, engine_path, cuda_graph: bool = False):
+        trt = require_tensorrt()
+        torch = require_cuda()
+        from .sampler import CondSpec
+
+        self.trt, self.torch = trt, torch
+        self.engine_path = Path(engine_path)
+        meta_path = Path(str(self.engine_path) + ".json")
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"no engine metadata {meta_path}; rebuild with tdm_fast.export.tensorrt.build_engine")
+        self.meta = json.loads(meta_path.read_text())
+        check_engine_compatible(self.meta)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"TensorRT could not deserialize {self.engine_path}")
+        self.context = self.engine.create_execution_context()
+        self.inputs, self.outputs = [], []
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            mode = self.engine.get_tensor_mode(name)
+            (self.inputs if mode == trt.TensorIOMode.INPUT else self.outputs).append(name)
+        self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in self.inputs + self.outputs}
+        onnx_meta = self.meta.get("onnx_metadata", {})
+        self.per_network = onnx_meta.get("graph") == "denoiser"
+        lead = ("x_t", "t") if self.per_network else ("noise",)
+        names = tuple(n for n in self.inputs if n not in lead)
+        self.cond_spec = CondSpec(onnx_meta.get("cond_kind", "dict" if len(names) > 1 else "tensor"), names)
+        self.profiles = self.meta.get("profiles", {})
+        self.cuda_graph = cuda_graph
+        self._slots: dict = {}
+        self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def _check(self, name, tensor):
+        if tensor.dtype != self.dtypes[name]:
+            raise ValueError(f"input {name!r} has dtype {tensor.dtype}, expected {self.dtypes[name]}")
+        if name in self.profiles:
+            lo, _, hi = self.profiles[name]
+            if len(tensor.shape) != len(lo) or any(not a <= s <= b for s, a, b in zip(tensor.shape, lo, hi)):
+                raise ValueError(f"input {name!r} has shape {tuple(tensor.shape)}, expected between {tuple(lo)} and {tuple(hi)} (the engine's profile)")
+
+    def _slot(self, feed: dict):
+        torch = self.torch
+        key = tuple((n, tuple(feed[n].shape)) for n in self.inputs)
+        slot = self._slots.get(key)
+        if slot is not None:
+            return slot
+        # One execution context per shape set: a captured CUDA graph stays tied to its context's state.
+        context = self.context if not self._slots else self.engine.create_execution_context()
+        ins = {n: torch.empty(feed[n].shape, dtype=self.dtypes[n], device=self.device) for n in self.inputs}
+        for n, t in ins.items():
+            context.set_input_shape(n, tuple(t.shape))
+        outs = {n: torch.empty(tuple(context.get_tensor_shape(n)), dtype=self.dtypes[n], device=self.device)
+                for n in self.outputs}
+        slot = {"in": ins, "out": outs, "graph": None, "context": context}
+        self._slots[key] = slot
+        return slot
+
+    def _bind(self, slot):
+        context = slot["context"]
+        for n, t in slot["in"].items():
+            context.set_input_shape(n, tuple(t.shape))
+            context.set_tensor_address(n, t.data_ptr())
+        for n, t in slot["out"].items():
+            context.set_tensor_address(n, t.data_ptr())
+        return context
+
+    def _execute(self, feed: dict):
+        torch = self.torch
+        for n, t in feed.items():
+            self._check(n, t)
+        slot = self._slot(feed)
+        for n, t in feed.items():
+            slot["in"][n].copy_(t, non_blocking=True)
+        context = self._bind(slot)
+        stream = torch.cuda.current_stream()
+        if self.cuda_graph:
+            if slot["graph"] is None:
+                if not context.execute_async_v3(stream.cuda_stream):  # warm-up: lazy allocations
+                    raise RuntimeError("TensorRT execution failed")
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):  # captures on a side stream
+                    context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+                slot["graph"] = graph
+            slot["graph"].replay()
+        elif not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        return [slot["out"][n].clone() for n in self.outputs]
+
+    def __call__(self, *args):
+        torch = self.torch
+        if self.per_network:
+            x_t, t, cond = args
+            t = torch.as_tensor(t, device=self.device).long().reshape(-1).expand(x_t.shape[0])
+            lead = {"x_t": x_t, "t": t}
+        else:
+            noise, cond = args
+            lead = {"noise": noise}
+        feed = {**lead, **dict(zip(self.cond_spec.names, self.cond_spec.flatten(cond)))}
+        feed = {n: v.to(self.device) for n, v in feed.items()}
+        out = self._execute(feed)
+        return tuple(out) if self.per_network else out[0]

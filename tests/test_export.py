@@ -1,0 +1,372 @@
+"""Issue 6: compiled and exported K-step samplers match the torch sampler.
+
+Parity measure: max |a - b| / max |b| (``relative_error``). Tolerances: 1e-4 for fp32 (ONNX
+Runtime and torch.compile); 2e-2 for fp16 graphs against the fp32 torch sampler (fp16 weights and
+activations, float32 DDIM arithmetic inside the graph; ONNX Runtime's CPU provider runs these
+graphs in fp16, measured ~1e-3).
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from tdm_fast.denoiser import Denoiser  # noqa: E402
+from tdm_fast.sampling import ddim_sample, sample_student, stage_times  # noqa: E402
+from tdm_fast.schedule import ScheduleConfig  # noqa: E402
+from tdm_fast.toy2d import TOY_SCHEDULE, ToyMLP  # noqa: E402
+
+from tdm_fast.export import cli as export_cli  # noqa: E402
+from tdm_fast.export.cli import relative_error  # noqa: E402
+from tdm_fast.export.onnx import (  # noqa: E402
+    UnsupportedOperatorError,
+    count_ops,
+    export_denoiser_onnx,
+    export_sampler_onnx,
+    read_metadata,
+)
+from tdm_fast.export.runtime import OrtDenoiser, OrtSampler  # noqa: E402
+from tdm_fast.export.sampler import StudentSampler, compile_sampler, ddim_loop  # noqa: E402
+from tdm_fast.export import tensorrt as trt_export  # noqa: E402
+
+FP32_TOL = 1e-4
+FP16_TOL = 2e-2
+STEPS = (1, 2, 4)
+
+
+def _toy_student(hidden=64, depth=2, seed=0) -> Denoiser:
+    torch.manual_seed(seed)
+    model = ToyMLP(hidden=hidden, depth=depth)
+    student = Denoiser(model, TOY_SCHEDULE, "epsilon", null_cond=model.config.num_classes, steps_set=STEPS)
+    torch.nn.init.normal_(student.steps_embedding.embedding.weight, std=0.5)  # K must matter
+    return student.eval()
+
+
+def _tiny_unet(**extra):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8,),
+        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+        cross_attention_dim=8, layers_per_block=1, attention_head_dim=4, norm_num_groups=4, **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return _toy_student()
+
+
+@pytest.fixture(scope="module")
+def toy_inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 2, generator=g), torch.tensor([0, 1, 2])
+
+
+@pytest.fixture(scope="module")
+def toy_onnx(toy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy_onnx")
+    noise, labels = torch.randn(2, 2), torch.tensor([0, 1])
+    paths = {}
+    for k in STEPS:
+        paths[k] = out / f"sampler_k{k}_fp32.onnx"
+        export_sampler_onnx(toy, paths[k], k, noise, labels)
+    return paths
+
+
+# -- ONNX: parity, structure, metadata ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", STEPS)
+def test_onnx_sampler_matches_torch_toy(toy, toy_onnx, toy_inputs, k):
+    noise, labels = toy_inputs  # batch 3: the graph was traced at batch 2 (dynamic batch)
+    runner = OrtSampler(toy_onnx[k])
+    got = runner(noise, labels)
+    ref = sample_student(toy, noise, labels, k)
+    assert got.shape == ref.shape
+    assert relative_error(got, ref) <= FP32_TOL
+    assert runner.run_count == 1  # one session.run produced the whole K-step sample
+    assert relative_error(runner(noise[:1], labels[:1]), ref[:1]) <= FP32_TOL  # batch 1 too
+
+
+def test_onnx_graph_is_unrolled(toy_onnx):
+    ops = {k: count_ops(p) for k, p in toy_onnx.items()}
+    for k, counts in ops.items():
+        assert not {"Loop", "Scan", "If"} & set(counts), counts
+        # K copies of the network: every matrix multiply appears K times.
+        mm = counts.get("Gemm", 0) + counts.get("MatMul", 0)
+        assert mm == k * (ops[1].get("Gemm", 0) + ops[1].get("MatMul", 0)) and mm > 0
+
+
+def test_onnx_metadata(toy_onnx):
+    meta = read_metadata(toy_onnx[4])
+    assert meta["graph"] == "sampler"
+    assert meta["steps"] == 4 and meta["timesteps"] == [899, 674, 449, 224] and meta["total_steps"] == 900
+    assert meta["backbone"] == "ToyMLP" and meta["dtype"] == "fp32" and meta["steps_aware"] is True
+    assert meta["tdm_fast_version"] and meta["opset"] == 18
+    assert meta["inputs"] == [
+        {"name": "noise", "shape": ["batch", 2], "dtype": "float32"},
+        {"name": "class_labels", "shape": ["batch"], "dtype": "int64"},
+    ]
+    assert len(meta["alphas"]) == len(meta["sigmas"]) == 4
+    onnx.checker.check_model(str(toy_onnx[4]), full_check=True)
+
+
+def test_ort_bad_inputs_name_the_input(toy_onnx):
+    runner = OrtSampler(toy_onnx[2])
+    with pytest.raises(ValueError, match=r"'noise'.*\(3, 5\).*\('batch', 2\)"):
+        runner(torch.randn(3, 5), torch.tensor([0, 1, 0]))
+    with pytest.raises(ValueError, match=r"'class_labels'.*float32.*int64"):
+        runner(torch.randn(3, 2), torch.zeros(3))
+    with pytest.raises(ValueError, match=r"'class_labels'.*\(2,\).*batch=3"):
+        runner(torch.randn(3, 2), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"'noise'.*float64"):
+        runner(torch.randn(3, 2, dtype=torch.float64), torch.tensor([0, 1, 0]))
+    with pytest.raises(TypeError, match="single condition tensor"):
+        runner(torch.randn(3, 2), {"class_labels": torch.tensor([0, 1, 0])})
+    assert runner.run_count == 0
+
+
+class HalfSafeToyMLP(ToyMLP):
+    """ToyMLP whose sinusoidal time features follow the weights' dtype (ToyMLP's are float32)."""
+
+    def forward(self, x_t, t, labels):
+        from tdm_fast.toy2d import timestep_features
+
+        emb = self.time_embed(timestep_features(t, self.config.hidden).to(x_t.dtype)) + self.class_embed(labels)
+        h = self.inp(x_t) + emb
+        for block in self.blocks:
+            h = h + block(h + emb)
+        return self.out(h)
+
+
+def test_onnx_fp16_rejects_a_network_that_cannot_run_in_fp16(toy, toy_inputs, tmp_path):
+    noise, labels = toy_inputs
+    with pytest.raises(TypeError, match="fp16"):
+        export_sampler_onnx(toy, tmp_path / "bad.onnx", 1, noise, labels, dtype="fp16")
+
+
+def test_onnx_fp16(toy_inputs, tmp_path):
+    torch.manual_seed(0)
+    model = HalfSafeToyMLP(hidden=64, depth=2)
+    toy = Denoiser(model, TOY_SCHEDULE, "epsilon", null_cond=2, steps_set=STEPS).eval()
+    torch.nn.init.normal_(toy.steps_embedding.embedding.weight, std=0.5)
+    noise, labels = toy_inputs
+    path = tmp_path / "k2_fp16.onnx"
+    meta = export_sampler_onnx(toy, path, 2, noise, labels, dtype="fp16")
+    assert meta["dtype"] == "fp16" and meta["inputs"][0]["dtype"] == "float16"
+    runner = OrtSampler(path)
+    got = runner(noise.half(), labels)
+    assert got.dtype == torch.float16
+    assert relative_error(got, sample_student(toy, noise, labels, 2)) <= FP16_TOL
+    with pytest.raises(ValueError, match=r"'noise'.*float32.*float16"):
+        runner(noise, labels)
+
+
+def test_per_network_export_and_teacher_cfg(tmp_path, toy_inputs):
+    torch.manual_seed(0)
+    teacher = Denoiser(ToyMLP(hidden=64, depth=2), TOY_SCHEDULE, "epsilon", null_cond=2).eval()  # no K embedding
+    noise, labels = toy_inputs
+    path = tmp_path / "denoiser.onnx"
+    meta = export_denoiser_onnx(teacher, path, noise, labels)
+    assert meta["graph"] == "denoiser" and [i["name"] for i in meta["inputs"]] == ["x_t", "t", "class_labels"]
+    step = OrtDenoiser(path)
+    t = torch.tensor([999, 500, 3])
+    x0, eps = step(noise, t, labels)
+    rx0, reps = teacher(noise, t, labels)
+    assert relative_error(x0, rx0) <= FP32_TOL and relative_error(eps, reps) <= FP32_TOL
+    times = list(range(999, 0, -100))
+    ref = ddim_sample(teacher, noise, labels, times, cfg_scale=3.0)
+    sched = teacher.schedule
+    got = ddim_loop(step, noise, labels, times, lambda t: tuple(float(v) for v in sched(t)), 3.0,
+                    teacher.uncond(labels))
+    assert relative_error(got, ref) <= FP32_TOL
+
+
+def test_unet_text_sampler_onnx(tmp_path):
+    """A tiny SD-shaped UNet (cross-attention, steps-aware K embedding through the forward hook)."""
+    from tdm_fast.backbones.unet import UNetAdapter
+
+    student = Denoiser(UNetAdapter(_tiny_unet()), ScheduleConfig(), "epsilon", null_cond=torch.zeros(3, 8),
+                       steps_set=STEPS).eval()
+    torch.nn.init.normal_(student.steps_embedding.embedding.weight)
+    g = torch.Generator().manual_seed(2)
+    noise, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    path = tmp_path / "unet_k2.onnx"
+    meta = export_sampler_onnx(student, path, 2, noise, text)
+    assert meta["backbone"] == "UNetAdapter(UNet2DConditionModel)"
+    runner = OrtSampler(path)
+    for b in (1, 3):
+        n, c = torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 3, 8, generator=g)
+        assert relative_error(runner(n, c), sample_student(student, n, c, 2)) <= FP32_TOL
+    assert count_ops(path)["Conv"] == 2 * sum(isinstance(m, torch.nn.Conv2d) for m in student.model.modules())
+    # What TensorRT needs, checked without it: opset, operators, shape inference per profile, ORT runs.
+    profiles = trt_export.default_profiles(path, batch=(1, 2, 4))
+    report = trt_export.check_tensorrt_compatible(path, profiles)
+    assert report["ok"] and report["profiles"]["max"]["x0"] == [4, 4, 8, 8]
+    assert trt_export.check_profiles_run(path, profiles)["min"] == [[1, 4, 8, 8]]
+
+
+def test_unet_sdxl_dict_condition_onnx(tmp_path):
+    from tdm_fast.backbones.unet import UNetAdapter
+
+    unet = _tiny_unet(addition_embed_type="text_time", addition_time_embed_dim=4,
+                      projection_class_embeddings_input_dim=6 * 4 + 8)
+    null = {"encoder_hidden_states": torch.zeros(3, 8), "text_embeds": torch.zeros(8),
+            "time_ids": torch.tensor([8.0, 8, 0, 0, 8, 8])}
+    student = Denoiser(UNetAdapter(unet), ScheduleConfig(), "epsilon", null_cond=null).eval()
+    g = torch.Generator().manual_seed(3)
+    cond = {"encoder_hidden_states": torch.randn(2, 3, 8, generator=g), "text_embeds": torch.randn(2, 8, generator=g),
+            "time_ids": torch.tensor([[8.0, 8, 0, 0, 8, 8]] * 2)}
+    noise = torch.randn(2, 4, 8, 8, generator=g)
+    path = tmp_path / "sdxl_k1.onnx"
+    meta = export_sampler_onnx(student, path, 1, noise, cond)
+    assert [i["name"] for i in meta["inputs"]] == ["noise", "encoder_hidden_states", "text_embeds", "time_ids"]
+    runner = OrtSampler(path)
+    assert relative_error(runner(noise, cond), sample_student(student, noise, cond, 1)) <= FP32_TOL
+    with pytest.raises(ValueError, match="missing"):
+        runner(noise, {k: v for k, v in cond.items() if k != "time_ids"})
+    with pytest.raises(ValueError, match=r"'text_embeds'.*\(2, 9\)"):
+        runner(noise, {**cond, "text_embeds": torch.randn(2, 9)})
+
+
+def test_lora_is_fused_before_export(tmp_path, toy_inputs):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    student = _toy_student()
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["inp", "out.1"]), student.model)
+    for name, p in student.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a LoRA that changes the output
+    noise, labels = toy_inputs
+    ref = sample_student(student, noise, labels, 2)
+    path = tmp_path / "lora.onnx"
+    export_sampler_onnx(student, path, 2, noise, labels)
+    model = onnx.load(str(path))
+    assert not [i.name for i in model.graph.initializer if "lora" in i.name.lower()]
+    assert relative_error(OrtSampler(path)(noise, labels), ref) <= FP32_TOL
+    assert any("lora" in n for n, _ in student.model.named_parameters())  # the student is untouched
+
+
+def test_unsupported_operator_is_named(tmp_path):
+    class SvdNet(torch.nn.Module):
+        def forward(self, x, t, labels):
+            return x * torch.linalg.svdvals(x.reshape(x.shape[0], 1, -1)).reshape(-1, 1)
+
+    student = Denoiser(SvdNet(), TOY_SCHEDULE, "epsilon", null_cond=2)
+    with pytest.raises(UnsupportedOperatorError, match="svd") as info:
+        export_sampler_onnx(student, tmp_path / "svd.onnx", 1, torch.randn(2, 2), torch.tensor([0, 1]))
+    assert "svd" in info.value.op
+
+
+# -- torch.compile ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_toy():
+    return _toy_student(hidden=32, depth=1, seed=4)
+
+
+@pytest.mark.parametrize("k", STEPS)
+def test_compiled_matches_eager(small_toy, toy_inputs, k):
+    noise, labels = toy_inputs
+    sampler = compile_sampler(small_toy, k)
+    ref = sample_student(small_toy, noise, labels, k)
+    assert relative_error(sampler(noise, labels), ref) <= FP32_TOL
+    assert compile_sampler(small_toy, k) is sampler  # the compiled module is kept and reused
+    assert relative_error(sampler(noise, labels), ref) <= FP32_TOL
+
+
+def test_student_sampler_module_is_the_sampler(toy, toy_inputs):
+    noise, labels = toy_inputs
+    for k in STEPS:
+        module = StudentSampler(toy, k)
+        assert module.times == tuple(stage_times(k))
+        with torch.no_grad():
+            assert torch.equal(module(noise, labels), sample_student(toy, noise, labels, k))
+    with pytest.raises(ValueError, match="not in the trained set"):
+        StudentSampler(toy, 3)
+
+
+# -- TensorRT --------------------------------------------------------------------------------
+
+
+def test_tensorrt_readiness_toy(toy_onnx):
+    profiles = trt_export.default_profiles(toy_onnx[4], batch=(1, 4, 16))
+    assert profiles == {"noise": ((1, 2), (4, 2), (16, 2)), "class_labels": ((1,), (4,), (16,))}
+    report = trt_export.check_tensorrt_compatible(toy_onnx[4], profiles)
+    assert report["ok"] and report["opset"] <= trt_export.TENSORRT_MAX_OPSET
+    assert set(report["ops"]) <= trt_export.TENSORRT_SUPPORTED_OPS
+    assert report["profiles"]["max"] == {"x0": [16, 2]}
+    assert trt_export.check_profiles_run(toy_onnx[4], profiles)["max"] == [[16, 2]]
+
+
+def test_tensorrt_check_rejects_unsupported_ops():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Unique", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(trt_export.TensorRTCompatibilityError, match="Unique"):
+        trt_export.check_tensorrt_compatible(model)
+
+
+_TRT_OK, _TRT_REASON = trt_export.tensorrt_available()
+
+
+@pytest.mark.skipif(_TRT_OK, reason="TensorRT is installed here")
+def test_tensorrt_missing_gives_install_hint(toy_onnx, tmp_path):
+    with pytest.raises((ImportError, RuntimeError), match="TensorRT|CUDA"):
+        trt_export.build_engine(toy_onnx[2], tmp_path / "x.engine")
+    with pytest.raises((ImportError, RuntimeError), match="TensorRT|CUDA"):
+        trt_export.TensorRTRunner(tmp_path / "x.engine")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _TRT_OK, reason=f"TensorRT unavailable: {_TRT_REASON}")
+def test_tensorrt_engine_matches_torch(toy, toy_onnx, toy_inputs, tmp_path):
+    noise, labels = toy_inputs
+    engine = trt_export.build_engine(toy_onnx[4], tmp_path / "k4.engine", batch=(1, 4, 8), fp16=False)
+    ref = sample_student(toy, noise, labels, 4)
+    for graph in (False, True):
+        runner = trt_export.TensorRTRunner(engine, cuda_graph=graph)
+        got = runner(noise.cuda(), labels.cuda())
+        assert relative_error(got, ref) <= 1e-3  # TF32 may be used by TensorRT for fp32 GEMMs
+        assert relative_error(runner(noise.cuda(), labels.cuda()), ref) <= 1e-3
+
+
+# -- CLI helpers -------------------------------------------------------------------------------
+
+
+def test_cli_export_and_runners(tmp_path, toy_inputs):
+    student = _toy_student(hidden=32, depth=1, seed=5)
+    ckpt = tmp_path / "ckpt"
+    student.save_pretrained(ckpt)
+    parser = export_cli.add_export_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--format", "onnx", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"),
+                              "--steps", "1", "2"])
+    result = export_cli.run_export(args)
+    assert all(err <= FP32_TOL for err in result["parity"].values()) and set(result["parity"]) == {1, 2}
+    noise, labels = toy_inputs
+    torch_runner = export_cli.load_runner("torch", ckpt, 2)
+    onnx_runner = export_cli.load_runner("onnx", tmp_path / "out", 2)
+    assert relative_error(onnx_runner(noise, labels), torch_runner(noise, labels)) <= FP32_TOL
+    with pytest.raises(ValueError, match="K=1, not 2"):
+        export_cli.load_runner("onnx", tmp_path / "out" / "sampler_k1_fp32.onnx", 2)
+    with pytest.raises(FileNotFoundError, match="tdm-fast export"):
+        export_cli.load_runner("onnx", tmp_path / "out", 4)
+    if not _TRT_OK:
+        with pytest.raises((ImportError, RuntimeError, FileNotFoundError)):
+            export_cli.load_runner("tensorrt", tmp_path / "out", 2)
+    sub = export_cli.add_backend_arguments(argparse.ArgumentParser())
+    assert sub.parse_args(["--backend", "compile"]).backend == "compile"
+    assert np.isfinite(onnx_runner(noise, labels).numpy()).all()
