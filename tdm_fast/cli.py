@@ -175,12 +175,20 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.dataset == "digits":
+        from .eval.cli import run_demo
+
+        args.out = args.out or "runs/demo"
+        run_demo(args)
+        print(f"sample grid: {Path(args.out) / 'grid.png'}")
+        return 0
     from .demo_toy import run_toy_demo
 
-    results = run_toy_demo(args.out, iterations=args.iterations, progress=not args.quiet)
-    print((Path(args.out) / "metrics.md").read_text())
-    print(f"scatter plot: {Path(args.out) / 'scatter.png'}")
-    return 0 if results else 1
+    out = Path(args.out or "runs/demo-toy")
+    run_toy_demo(out, iterations=args.iterations or 600, progress=not args.quiet)
+    print((out / "metrics.md").read_text())
+    print(f"scatter plot: {out / 'scatter.png'}")
+    return 0
 
 
 def cmd_plan(args) -> int:
@@ -191,11 +199,30 @@ def cmd_plan(args) -> int:
 
 
 def cmd_teacher_train(args) -> int:
+    if args.dataset == "digits":
+        from .eval.cli import run_teacher_train
+
+        run_teacher_train(args)
+        return 0
     from .toy2d import train_toy_teacher
 
-    teacher = train_toy_teacher(iterations=args.iterations, seed=args.seed, hidden=args.hidden, progress=not args.quiet)
+    teacher = train_toy_teacher(iterations=args.iterations or 2000, seed=args.seed, hidden=args.hidden, progress=not args.quiet)
     teacher.save_pretrained(args.out)
     print(f"teacher saved to {args.out}")
+    return 0
+
+
+def cmd_classifier_train(args) -> int:
+    from .eval.cli import run_classifier_train
+
+    run_classifier_train(args)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval.cli import run_eval
+
+    run_eval(args)
     return 0
 
 
@@ -250,10 +277,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_arguments(p)
     p.set_defaults(func=cmd_export)
 
-    p = verbs.add_parser("demo", help="train the built-in teacher, distil it, compare with the NFE-matched baselines")
-    p.add_argument("--out", default="runs/demo-toy")
-    p.add_argument("--iterations", type=int, default=600, help="TDM iterations per K")
+    from .eval import cli as digits_cli
+
+    p = verbs.add_parser("demo", help="distil a built-in teacher in minutes and compare with the NFE-matched baselines")
+    p.add_argument("--dataset", choices=["digits", "toy2d"], default="digits")
+    p.add_argument("--out", default=None, help="default runs/demo (digits) or runs/demo-toy (toy2d)")
+    p.add_argument("--iterations", type=int, default=None, help="TDM iterations (default: 200 digits, 600 per K toy2d)")
+    digits_cli.add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)
+
+    p = verbs.add_parser("eval", help="score a digits student against the NFE-matched baselines; --ablations: reproduction table")
+    digits_cli.add_eval_arguments(p)
+    p.set_defaults(func=cmd_eval)
+
+    classifier = _Verbs(verbs.add_parser("classifier", help="the digits classifier behind FID").add_subparsers(dest="classifier_verb", required=True), common)
+    p = classifier.add_parser("train", help="train the digits classifier (the shipped one: defaults)")
+    digits_cli.add_classifier_arguments(p)
+    p.set_defaults(func=cmd_classifier_train)
 
     from .bench_report import add_bench_arguments, run_bench
 
@@ -263,11 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     teacher = _Verbs(verbs.add_parser("teacher", help="built-in teachers").add_subparsers(dest="teacher_verb", required=True), common)
     p = teacher.add_parser("train", help="train a built-in teacher")
-    p.add_argument("--dataset", choices=["toy2d"], default="toy2d")
+    p.add_argument("--dataset", choices=["toy2d", "digits"], default="toy2d")
     p.add_argument("--out", required=True)
-    p.add_argument("--iterations", type=int, default=2000)
-    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--iterations", type=int, default=None, help="default 2000 (toy2d), 2500 (digits, the shipped teacher)")
+    p.add_argument("--hidden", type=int, default=128, help="toy2d MLP width")
     p.add_argument("--seed", type=int, default=0)
+    digits_cli.add_teacher_arguments(p)
     p.set_defaults(func=cmd_teacher_train)
     return parser
 

@@ -144,6 +144,11 @@ class DigitsUNet(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """Shape of one sample (what ``tdm-fast sample``/``distill`` read)."""
+        return (self.config.in_channels, self.config.sample_size, self.config.sample_size)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         c0 = self.config.channels[0]
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
@@ -163,14 +168,37 @@ def digits_denoiser(model: DigitsUNet | None = None) -> Denoiser:
     return Denoiser(model if model is not None else DigitsUNet(), DIGITS_SCHEDULE, "epsilon", null_cond=NULL_CLASS)
 
 
+def save_teacher_asset(teacher: Denoiser, stem: str | Path, info: dict | None = None) -> None:
+    """Flat shipping format (``stem``.safetensors + ``stem``.json), matched by the package-data globs."""
+    from safetensors.torch import save_file
+
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in teacher.model.state_dict().items()}, str(stem.with_suffix(".safetensors")))
+    meta = {"model_config": {k: v for k, v in dict(teacher.model.config).items() if not k.startswith("_")},
+            "schedule": teacher.schedule.config.to_dict(), "prediction_type": teacher.prediction_type,
+            "null_cond": teacher.null_cond, "training": info or getattr(teacher, "training_info", None)}
+    stem.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+
+
 def load_digits_teacher(path: str | Path | None = None) -> Denoiser:
-    """The shipped teacher (``tdm_fast/assets/digits_teacher``), or a saved denoiser folder at ``path``."""
-    path = Path(path) if path is not None else ASSETS / TEACHER_ASSET
-    if not (path / "denoiser.json").is_file():
-        raise FileNotFoundError(
-            f"no digits teacher at {path}; train one with `tdm-fast teacher train --dataset digits`"
-        )
-    return Denoiser.from_pretrained(path).eval().requires_grad_(False)
+    """The shipped teacher (``tdm_fast/assets/digits_teacher.*``), or a saved denoiser folder at ``path``."""
+    if path is not None:
+        path = Path(path)
+        if not (path / "denoiser.json").is_file():
+            raise FileNotFoundError(f"{path} is not a saved denoiser; train one with `tdm-fast teacher train --dataset digits`")
+        return Denoiser.from_pretrained(path).eval().requires_grad_(False)
+    from safetensors.torch import load_file
+
+    stem = ASSETS / TEACHER_ASSET
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    config = dict(meta["model_config"])
+    config["channels"] = tuple(config["channels"])
+    model = DigitsUNet(**config)
+    model.load_state_dict(load_file(str(stem.with_suffix(".safetensors"))))
+    teacher = Denoiser(model, ScheduleConfig(**meta["schedule"]), meta["prediction_type"], null_cond=meta["null_cond"])
+    teacher.training_info = meta.get("training")
+    return teacher.eval().requires_grad_(False)
 
 
 # -- teacher training ------------------------------------------------------------------------------
@@ -203,7 +231,7 @@ def augment(images: torch.Tensor, generator: torch.Generator, max_shift: int = 0
 
 def train_digits_teacher(
     output_dir: str | Path | None = None,
-    iterations: int = 6000,
+    iterations: int = 2500,
     batch_size: int = 128,
     lr: float = 2e-3,
     cond_dropout: float = 0.15,
@@ -218,7 +246,8 @@ def train_digits_teacher(
 
     With ``init`` it fine-tunes that denoiser instead of a fresh network (see :func:`finetune_variant`);
     ``images``/``labels`` replace the training split. Saves to ``output_dir`` when given
-    (``Denoiser.save_pretrained`` plus ``training.json``).
+    (``Denoiser.save_pretrained`` plus ``training.json``, and the flat ``digits_teacher.safetensors/.json``
+    that ships in ``tdm_fast/assets``: copy those two files there to replace the shipped teacher).
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -258,11 +287,12 @@ def train_digits_teacher(
         "train_images": int(images.shape[0]), "finetuned": init is not None,
         "parameters": sum(p.numel() for p in ema.parameters()),
     }
+    teacher.training_info = info
     if output_dir is not None:
         output_dir = Path(output_dir)
         teacher.save_pretrained(output_dir)
         (output_dir / "training.json").write_text(json.dumps(info, indent=2))
-    teacher.training_info = info
+        save_teacher_asset(teacher, output_dir / TEACHER_ASSET, info)  # the flat form shipped in tdm_fast/assets
     return teacher
 
 
@@ -272,31 +302,39 @@ def finetune_variant(
     iterations: int = 1500,
     lr: float = 5e-4,
     seed: int = 1,
+    amount: float = 1.0,
     progress: bool = True,
 ) -> Denoiser:
     """A customised teacher: ``teacher`` fine-tuned on stroke-thickened training digits (paper Table 2)."""
     images, labels = load_digits_tensors("train")
     return train_digits_teacher(
-        output_dir, iterations=iterations, lr=lr, seed=seed, images=thicken(images), labels=labels,
+        output_dir, iterations=iterations, lr=lr, seed=seed, images=thicken(images, amount), labels=labels,
         init=teacher, progress=progress,
     )
 
 
+def _add(parser, *flags, **kwargs) -> None:
+    """add_argument unless the verb already defines the flag (the CLI shares --out/--iterations/--seed)."""
+    if not any(f in parser._option_string_actions for f in flags):
+        parser.add_argument(*flags, **kwargs)
+
+
 def add_teacher_arguments(parser) -> None:
-    """argparse options of ``tdm-fast teacher train --dataset digits``."""
-    parser.add_argument("--output", default="runs/digits_teacher", help="folder for the trained teacher")
-    parser.add_argument("--iterations", type=int, default=6000)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--cond-dropout", type=float, default=0.15)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true")
+    """argparse options of ``tdm-fast teacher train --dataset digits`` (progress: the CLI's --quiet)."""
+    _add(parser, "--out", default="runs/digits_teacher", help="folder for the trained teacher")
+    _add(parser, "--iterations", type=int, default=None, help="default 2500 (the shipped teacher)")
+    _add(parser, "--seed", type=int, default=0)
+    _add(parser, "--batch-size", type=int, default=128)
+    _add(parser, "--lr", type=float, default=2e-3)
+    _add(parser, "--cond-dropout", type=float, default=0.15)
 
 
 def run_teacher_train(args) -> dict:
     teacher = train_digits_teacher(
-        args.output, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
-        cond_dropout=args.cond_dropout, seed=args.seed, progress=not args.no_progress,
+        args.out, iterations=getattr(args, "iterations", None) or 2500, batch_size=getattr(args, "batch_size", 128),
+        lr=getattr(args, "lr", 2e-3), cond_dropout=getattr(args, "cond_dropout", 0.15), seed=getattr(args, "seed", 0),
+        progress=not getattr(args, "quiet", False),
     )
-    print(f"saved the digits teacher to {args.output} ({teacher.training_info['wall_s']:.0f} s)")
+    print(f"saved the digits teacher to {args.out} ({teacher.training_info['wall_s']:.0f} s); "
+          f"to ship it, copy {args.out}/{TEACHER_ASSET}.safetensors and .json into tdm_fast/assets/")
     return teacher.training_info

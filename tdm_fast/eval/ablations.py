@@ -24,8 +24,8 @@ import torch
 
 from ..demo_digits import demo_config, distill_digits
 from ..digits import load_digits_teacher
-from ..sampling import reference_sampler, sample_student
-from .digits import DigitsMetrics, eval_inputs, evaluate_digits
+from ..sampling import sample_student
+from .digits import DigitsMetrics, eval_inputs, evaluate_digits, shipped_reference_cache
 
 VARIANTS = {
     "tdm": {},
@@ -66,13 +66,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def run_ablations(
     out_dir: str | Path = "runs/ablations",
-    iterations: int = 600,
-    seeds: tuple[int, ...] = (0, 1),
+    iterations: int = 200,
+    seeds: tuple[int, ...] = (0, 1, 2),
     variants: tuple[str, ...] = tuple(VARIANTS),
-    samples: int = 1000,
+    samples: int = 2000,
     eval_seed: int = 0,
     curve_every: int = 100,
-    curve_samples: int = 500,
+    curve_samples: int = 2000,
     teacher_path: str | Path | None = None,
     progress: bool = True,
     **config_overrides,
@@ -90,7 +90,7 @@ def run_ablations(
 
     # Teacher rows (reference, NFE-matched baselines) once, on the shared evaluation noise.
     cfg = demo_config().cfg_scale
-    cache: dict = {}
+    cache = shipped_reference_cache(teacher, samples, (eval_seed,), 50, cfg)
     dummy = {k: teacher for k in (1, 2, 4)}  # baselines only; the student rows are discarded
     teacher_eval = evaluate_digits(teacher, dummy, cfg, samples=samples, seeds=(eval_seed,),
                                    metrics=metrics, latency=False, cache=cache)
@@ -102,8 +102,8 @@ def run_ablations(
     results = {"iterations": iterations, "seeds": list(seeds), "samples": samples, "eval_seed": eval_seed,
                "teacher": teacher_rows, "best_baseline": best_baseline, "runs": {}, "curve": {}}
     ref_features = metrics.features(cache[(eval_seed, samples, 50, cfg)][0])
-    curve_noise, curve_labels = eval_inputs(curve_samples, eval_seed + 1000)
-    curve_ref = metrics.features(reference_sampler(50, cfg)(teacher, curve_noise, curve_labels))
+    # The curve scores the first ``curve_samples`` of the evaluation set (its cached reference).
+    curve_noise, curve_labels, curve_ref = noise[:curve_samples], labels[:curve_samples], ref_features[:curve_samples]
 
     for variant in variants:
         for seed in seeds:
@@ -129,6 +129,17 @@ def run_ablations(
     if results["curve"]:
         plot_curve(results["curve"], out_dir / "quality_vs_iterations.png", best_baseline, teacher_rows)
     return table, results
+
+
+def merge_ablations(parts: list[dict]) -> dict:
+    """Combines the results of several :func:`run_ablations` calls (e.g. variants run in parallel)."""
+    merged = {**parts[0], "runs": {}, "curve": {}}
+    for part in parts:
+        for variant, runs in part["runs"].items():
+            merged["runs"].setdefault(variant, {}).update(runs)
+        merged["curve"].update(part.get("curve", {}))
+    merged["seeds"] = sorted({int(s) for runs in merged["runs"].values() for s in runs})
+    return merged
 
 
 def summarise(results: dict) -> dict:
@@ -204,21 +215,3 @@ def plot_curve(curves: dict, path, best_baseline: dict, teacher_rows: dict) -> N
     plt.close(fig)
 
 
-def add_ablation_arguments(parser) -> None:
-    """argparse options of ``tdm-fast eval --ablations``."""
-    parser.add_argument("--output", default="runs/ablations")
-    parser.add_argument("--iterations", type=int, default=600)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--curve-every", type=int, default=100)
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def run_ablations_cli(args) -> dict:
-    table, results = run_ablations(
-        args.output, iterations=args.iterations, seeds=tuple(args.seeds), variants=tuple(args.variants),
-        samples=args.samples, curve_every=args.curve_every, progress=not args.no_progress,
-    )
-    print(table)
-    return results

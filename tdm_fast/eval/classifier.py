@@ -82,7 +82,7 @@ def accuracy(model: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor
 
 def train_digits_classifier(
     output: str | Path | None = None,
-    iterations: int = 2000,
+    iterations: int = 1500,
     batch_size: int = 128,
     lr: float = 2e-3,
     seed: int = 0,
@@ -123,14 +123,17 @@ def train_digits_classifier(
 
 
 def add_classifier_arguments(parser) -> None:
-    """argparse options of ``tdm-fast classifier train``."""
-    parser.add_argument("--output", default="runs/digits_classifier", help="path stem: writes .safetensors and .json")
-    parser.add_argument("--iterations", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true")
+    """argparse options of ``tdm-fast classifier train`` (progress: the CLI's --quiet)."""
+    from ..digits import _add
+
+    _add(parser, "--out", default="runs/digits_classifier", help="path stem: writes STEM.safetensors and STEM.json")
+    _add(parser, "--iterations", type=int, default=None, help="default 1500 (the shipped classifier)")
+    _add(parser, "--seed", type=int, default=0)
 
 
 def run_classifier_train(args) -> dict:
-    _, info = train_digits_classifier(args.output, iterations=args.iterations, seed=args.seed, progress=not args.no_progress)
-    print(f"held-out accuracy {info['heldout_accuracy']:.4f}; saved {args.output}.safetensors")
+    _, info = train_digits_classifier(args.out, iterations=getattr(args, "iterations", None) or 1500,
+                                      seed=getattr(args, "seed", 0), progress=not getattr(args, "quiet", False))
+    print(f"held-out accuracy {info['heldout_accuracy']:.4f}; saved {args.out}.safetensors and .json "
+          f"(copy them to tdm_fast/assets/{CLASSIFIER_ASSET}.* to ship)")
     return info

@@ -23,21 +23,23 @@ __all__ = [
 
 def add_eval_arguments(parser) -> None:
     """``tdm-fast eval STUDENT`` scores a saved digits student; ``--ablations`` runs the reproduction table."""
+    from ..digits import _add
+
     parser.add_argument("student", nargs="?", help="a saved student folder (Denoiser.save_pretrained)")
     parser.add_argument("--teacher", default=None, help="digits teacher folder (default: the shipped one)")
     parser.add_argument("--steps", type=int, nargs="+", default=None, help="K values (default: the student's steps set, else 4)")
-    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cfg-scale", type=float, default=None, help="teacher CFG of the reference (default 2)")
     parser.add_argument("--json", default=None, help="write the results here")
     ablations = parser.add_argument_group("ablations (tdm-fast eval --ablations)")
     ablations.add_argument("--ablations", action="store_true", help="train and evaluate the ablation variants")
-    ablations.add_argument("--output", default="runs/ablations")
-    ablations.add_argument("--iterations", type=int, default=600)
-    ablations.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds of each variant")
+    if "--out" not in parser._option_string_actions:
+        ablations.add_argument("--out", default="runs/ablations")
+    ablations.add_argument("--iterations", type=int, default=200)
+    ablations.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of each variant")
     ablations.add_argument("--variants", nargs="+", default=None)
-    ablations.add_argument("--curve-every", type=int, default=100)
-    parser.add_argument("--no-progress", action="store_true")
+    ablations.add_argument("--curve-every", type=int, default=50)
 
 
 def run_eval(args) -> dict:
@@ -45,14 +47,14 @@ def run_eval(args) -> dict:
         from .ablations import VARIANTS, run_ablations
 
         table, results = run_ablations(
-            args.output, iterations=args.iterations, seeds=tuple(args.seeds),
+            args.out or "runs/ablations", iterations=args.iterations, seeds=tuple(args.seeds),
             variants=tuple(args.variants or VARIANTS), samples=args.samples, curve_every=args.curve_every,
-            teacher_path=args.teacher, progress=not args.no_progress,
+            teacher_path=args.teacher, progress=not getattr(args, "quiet", False),
         )
         print(table)
         return results
     if not args.student:
-        raise SystemExit("tdm-fast eval: give a student folder, or --ablations")
+        raise ValueError("tdm-fast eval: give a student folder, or --ablations")
     from ..denoiser import Denoiser
     from ..digits import DIGITS_CFG_SCALE, load_digits_teacher
     from .digits import evaluate_digits, format_table
@@ -62,7 +64,7 @@ def run_eval(args) -> dict:
     steps = args.steps or list(student.steps_set or (4,))
     results = evaluate_digits(
         teacher, {k: student for k in steps}, args.cfg_scale or DIGITS_CFG_SCALE, samples=args.samples,
-        seeds=tuple(args.eval_seeds), progress=None if args.no_progress else print,
+        seeds=tuple(args.eval_seeds), progress=None if getattr(args, "quiet", False) else print,
     )
     print(format_table(results))
     if args.json:

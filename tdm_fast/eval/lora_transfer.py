@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from ..denoiser import Denoiser
 from ..digits import IMAGE_SIZE, NUM_CLASSES, finetune_variant, load_digits_teacher
 from ..trainer import ClassConditions, TDMTrainer
-from .digits import DigitsMetrics, evaluate_digits
+from .digits import DigitsMetrics, evaluate_digits, shipped_reference_cache
 
 LORA_TARGETS = ["conv1", "conv2", "emb", "downsample", "upsample", "conv_in", "conv_out"]
 
@@ -64,12 +64,13 @@ def apply_lora(base: Denoiser, state: dict, rank: int = 8) -> Denoiser:
 def run_lora_transfer(
     out_dir: str | Path = "runs/lora_transfer",
     iterations: int = 500,
-    variant_iterations: int = 1000,
+    variant_iterations: int = 500,
     rank: int = 8,
     samples: int = 1000,
     seeds: tuple[int, ...] = (0,),
     fake_lr: float = 1e-3,
     lora_lr_ratio: float = 1.0,
+    thickness: float = 0.5,
     progress: bool = True,
 ) -> dict:
     """Runs the three steps above; writes ``lora_transfer.json`` / ``.md`` and the LoRA weights."""
@@ -92,16 +93,18 @@ def run_lora_transfer(
     save_file({k: v.contiguous() for k, v in lora.items()}, str(out_dir / "tdm_lora.safetensors"))
 
     start = time.perf_counter()
-    variant = finetune_variant(teacher, out_dir / "variant_teacher", iterations=variant_iterations, progress=progress)
+    variant = finetune_variant(teacher, out_dir / "variant_teacher", iterations=variant_iterations,
+                               amount=thickness, progress=progress)
     variant_s = time.perf_counter() - start
     metrics = DigitsMetrics()
     on_teacher = evaluate_digits(teacher, {4: apply_lora(teacher, lora, rank)}, config.cfg_scale, samples=samples,
-                                 seeds=seeds, metrics=metrics, latency=False)
+                                 seeds=seeds, metrics=metrics, latency=False,
+                                 cache=shipped_reference_cache(teacher, samples, seeds, 50, config.cfg_scale))
     on_variant = evaluate_digits(variant, {4: apply_lora(variant, lora, rank)}, config.cfg_scale, samples=samples,
                                  seeds=seeds, metrics=metrics, latency=False)
     results = {
         "lora_rank": rank, "iterations": iterations, "train_s": train_s,
-        "variant_iterations": variant_iterations, "variant_s": variant_s,
+        "variant_iterations": variant_iterations, "variant_s": variant_s, "thickness": thickness,
         "lora_parameters": sum(v.numel() for v in lora.values()),
         "on_teacher": on_teacher, "on_variant": on_variant,
     }
