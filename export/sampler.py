@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tdm_fast.denoiser import Denoiser, StepsEmbedding
-from tdm_fast.parameterization import broadcast, to_x0_eps
+from tdm_fast.parameterization import to_x0_eps
 from tdm_fast.sampling import stage_times
 
 # -- conditions -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .conditions import batch_size, concat, expand_null
-from .parameterization import check_prediction_type, to_x0_eps
+from .parameterization import broadcast, check_prediction_type, from_x0_eps, to_x0_eps
 from .schedule import NoiseSchedule, ScheduleConfig
 
 DENOISER_CONFIG = "denoiser.json"
@@ -194,3 +194,17 @@ class Denoiser(nn.Module):
         if denoiser.steps_embedding is not None:
             denoiser.steps_embedding.embedding.weight.data.copy_(tensors["steps_embedding"])
         return denoiser
+
+
+def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator, cond_dropout: float = 0.0):
+    """DDPM training loss of a teacher: regress the network's own target (ε, v, x0 or flow velocity)
+    at a uniform timestep, with each condition replaced by ``∅`` at rate ``cond_dropout`` (for CFG)."""
+    b = x0.shape[0]
+    t = torch.randint(0, denoiser.schedule.num_train_timesteps, (b,), generator=generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    alpha, sigma = denoiser.schedule(t)
+    x_t = broadcast(alpha, x0) * x0 + broadcast(sigma, x0) * eps
+    drop = torch.rand(b, generator=generator) < cond_dropout
+    cond = torch.where(broadcast(drop, cond), expand_null(denoiser.null_cond, b, like=cond), cond)
+    target = from_x0_eps(x0, eps, alpha, sigma, denoiser.prediction_type)
+    return (denoiser.model(x_t, t, cond) - target).pow(2).mean()

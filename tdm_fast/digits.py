@@ -29,8 +29,8 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .denoiser import Denoiser
-from .schedule import NoiseSchedule, ScheduleConfig
+from .denoiser import Denoiser, denoising_loss
+from .schedule import ScheduleConfig
 
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES
@@ -202,20 +202,6 @@ def load_digits_teacher(path: str | Path | None = None) -> Denoiser:
 
 
 # -- teacher training ------------------------------------------------------------------------------
-def diffusion_loss(denoiser: Denoiser, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
-                   cond_dropout: float) -> torch.Tensor:
-    """The ε-MSE of DDPM with class dropout to the null class."""
-    b = x0.shape[0]
-    schedule = denoiser.schedule
-    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator)
-    eps = torch.randn(x0.shape, generator=generator)
-    alpha, sigma = schedule(t)
-    x_t = alpha[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
-    drop = torch.rand(b, generator=generator) < cond_dropout
-    labels = torch.where(drop, torch.full_like(labels, NULL_CLASS), labels)
-    return (denoiser.model(x_t, t, labels) - eps).pow(2).mean()
-
-
 def augment(images: torch.Tensor, generator: torch.Generator, max_shift: int = 0) -> torch.Tensor:
     """Random integer translations by up to ``max_shift`` pixels (zero padding at -1, the background)."""
     if max_shift <= 0:
@@ -266,7 +252,7 @@ def train_digits_teacher(
     running = None
     for step in bar:
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
-        loss = diffusion_loss(teacher, images[idx], labels[idx], generator, cond_dropout)
+        loss = denoising_loss(teacher, images[idx], labels[idx], generator, cond_dropout)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -397,7 +397,6 @@ def save_lora(student, path, kohya: bool = False) -> Path:
     role = _role_of(student)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    inner = role.shared.adapter.inner
     state = {k: v.detach().float().contiguous().cpu() for k, v in role.lora_state_dict().items()}
     pipeline_name, kwarg = PIPELINE_LORA.get(type(role.shared.adapter).__name__, (None, None))
     peft_config = role.shared.lora_configs[role.role]

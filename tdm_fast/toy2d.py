@@ -15,8 +15,8 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 from tqdm.auto import tqdm
 
-from .denoiser import Denoiser
-from .schedule import NoiseSchedule, ScheduleConfig
+from .denoiser import Denoiser, denoising_loss
+from .schedule import ScheduleConfig
 
 NUM_MODES = 8
 NUM_CLASSES = 2
@@ -98,20 +98,12 @@ def train_toy_teacher(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     teacher = toy_denoiser(ToyMLP(hidden=hidden))
-    schedule = NoiseSchedule(TOY_SCHEDULE)
     model = teacher.model
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     lr_decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations)
     for _ in tqdm(range(iterations), desc="toy teacher", disable=not progress):
         labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator)
-        x0 = sample_data(labels, generator)
-        t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=generator)
-        eps = torch.randn(x0.shape, generator=generator)
-        alpha, sigma = schedule(t)
-        x_t = alpha[:, None] * x0 + sigma[:, None] * eps
-        drop = torch.rand(batch_size, generator=generator) < cond_dropout
-        labels = torch.where(drop, torch.full_like(labels, NUM_CLASSES), labels)
-        loss = (model(x_t, t, labels) - eps).pow(2).mean()
+        loss = denoising_loss(teacher, sample_data(labels, generator), labels, generator, cond_dropout)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import kernels as fused_ops
 from .checkpoint import commit_checkpoint, load_checkpoint, write_rank_file, write_state
+from .conditions import to_device
 from .config import TDMConfig
 from .denoiser import Denoiser
 from .sampling import TAU_GAP, TAU_MIN, stage_times
@@ -154,6 +155,7 @@ class TDMTrainer:
         (self.student, self.fake, self.opt_g, self.opt_f, self.sched_g, self.sched_f) = self.accelerator.prepare(
             student.to(self.device), fake.to(self.device), opt_g, opt_f, sched_g, sched_f
         )
+        self._check_sample_shape(conditions)
         self.student_core: Denoiser = self.accelerator.unwrap_model(self.student)
         self.fake_core: Denoiser = self.accelerator.unwrap_model(self.fake)
         self.ema = EMA(student_params, config.ema_decay) if config.ema_decay else None
@@ -164,6 +166,16 @@ class TDMTrainer:
         self.steps_rng = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self._warned_unsaveable = False
+
+    @torch.no_grad()
+    def _check_sample_shape(self, conditions: ConditionSampler) -> None:
+        """One teacher call on two samples, so a wrong shape fails here with a readable message."""
+        cond = to_device(conditions(2, torch.Generator().manual_seed(0)), self.device)
+        x = torch.zeros((2, *self.sample_shape), device=self.device)
+        try:
+            self.teacher(x, torch.full((2,), TAU_MIN, device=self.device), cond)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"sample_shape {self.sample_shape} or the conditions do not fit the teacher: {exc}") from exc
 
     # -- the three phases of one iteration --------------------------------------------------------
     def _steps_arg(self, k: int):
@@ -252,18 +264,13 @@ class TDMTrainer:
         """One TDM iteration; returns its losses."""
         config = self.config
         k = config.steps[int(torch.randint(0, len(config.steps), (1,), generator=self.steps_rng))]
-        cond = self._to_device(self.conditions(config.batch_size, self.rng))
+        cond = to_device(self.conditions(config.batch_size, self.rng), self.device)
         z = torch.randn((config.batch_size, *self.sample_shape), generator=self.rng).to(self.device)
         trajectory = self.rollout(z, cond, k)
         fake_loss = sum(self.fake_score_update(trajectory, cond, k) for _ in range(config.fake_updates)) / config.fake_updates
         generator_loss, grad_norm = self.generator_update(trajectory, cond, k)
         self.step += 1
         return {"step": self.step, "steps": k, "fake_loss": fake_loss, "generator_loss": generator_loss, "grad_norm": grad_norm}
-
-    def _to_device(self, cond):
-        if isinstance(cond, dict):
-            return {key: v.to(self.device) for key, v in cond.items()}
-        return cond.to(self.device)
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self, iterations: int | None = None, callback: Callable[["TDMTrainer", dict], None] | None = None) -> list[dict]:

@@ -9,8 +9,6 @@ import sys
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
-import torch  # noqa: E402
-
 import _backbone_tiny as tiny  # noqa: E402
 from tdm_fast.backbones.cli import build_preset_run  # noqa: E402
 from tdm_fast.config import TDMConfig  # noqa: E402

@@ -41,6 +41,7 @@ def _error_line(result):
         (["--steps", "0"], "positive integer"),
         (["--steps", "4", "--total-steps", "60"], "empty noise interval"),
         (["--matching", "blurry"], "matching must be one of"),
+        (["--sample-shape", "3"], "do not fit the teacher"),
     ],
 )
 def test_bad_settings_fail_with_one_line(teacher_dir, tmp_path, capsys, flags, message):

@@ -1,7 +1,6 @@
 """The embedded digits teacher: data split, network shapes, shipped weights, and a tiny demo run."""
 import json
 
-import pytest
 import torch
 
 from tdm_fast.denoiser import Denoiser

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from tdm_fast import kernels
 from tdm_fast.config import TDMConfig
 from tdm_fast.sampling import sample_student
 from tdm_fast.toy2d import NUM_CLASSES, ToyMLP, toy_denoiser

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
-
-import torch
 
 from ..demo_digits import demo_config, distill_digits
 from ..digits import load_digits_teacher
@@ -96,7 +93,6 @@ def run_ablations(
                                    metrics=metrics, latency=False, cache=cache)
     teacher_rows = {n: r for n, r in teacher_eval["samplers"].items() if not n.startswith("tdm-")}
     best_baseline = {c[2:]: teacher_eval["comparisons"][c]["baseline"] for c in teacher_eval["comparisons"]}
-    ref_name = teacher_eval["reference"]
     noise, labels = eval_inputs(samples, eval_seed)
 
     results = {"iterations": iterations, "seeds": list(seeds), "samples": samples, "eval_seed": eval_seed,

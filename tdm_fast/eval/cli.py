@@ -23,8 +23,6 @@ __all__ = [
 
 def add_eval_arguments(parser) -> None:
     """``tdm-fast eval STUDENT`` scores a saved digits student; ``--ablations`` runs the reproduction table."""
-    from ..digits import _add
-
     parser.add_argument("student", nargs="?", help="a saved student folder (Denoiser.save_pretrained)")
     parser.add_argument("--teacher", default=None, help="digits teacher folder (default: the shipped one)")
     parser.add_argument("--steps", type=int, nargs="+", default=None, help="K values (default: the student's steps set, else 4)")

@@ -18,7 +18,7 @@ import torch
 
 from ..denoiser import Denoiser
 from ..digits import IMAGE_SIZE, NUM_CLASSES, load_digits_tensors
-from ..sampling import TeacherSampler, nfe_matched_baselines, reference_sampler, sample_student
+from ..sampling import nfe_matched_baselines, reference_sampler, sample_student
 from .classifier import DigitsClassifier, load_classifier
 from .fid import fid_from_features, gaussian_stats, frechet_distance
 

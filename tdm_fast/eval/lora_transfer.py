@@ -15,7 +15,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from ..denoiser import Denoiser
