@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 import shutil
 import time
 import warnings
@@ -375,13 +376,28 @@ class TDMTrainer:
         torch.set_rng_state(rank_state["torch_rng"])
         self.step = int(state["meta"]["step"])
 
-    def final_student(self) -> Denoiser:
-        """The student to sample from: a copy carrying the EMA weights when EMA is on."""
+    @contextmanager
+    def ema_weights(self):
+        """The student with its EMA weights swapped in, in place (no copy of a possibly shared base);
+        the training weights come back on exit. Without EMA, just the student."""
         if self.ema is None:
-            return self.student_core
-        student = copy.deepcopy(self.student_core)
-        self.ema.copy_to([p for p in student.parameters() if p.requires_grad])
-        return student
+            yield self.student_core
+            return
+        backup = [p.detach().clone() for p in self.ema.params]
+        self.ema.copy_to(self.ema.params)
+        try:
+            yield self.student_core
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(self.ema.params, backup):
+                    p.copy_(saved)
+
+    def final_student(self) -> Denoiser:
+        """The student to keep once training is over: with EMA on, its EMA weights are copied in for good."""
+        if self.ema is not None:
+            self.ema.copy_to(self.ema.params)
+        return self.student_core
 
     def save_student(self, path: str | Path) -> None:
-        self.final_student().save_pretrained(path)
+        with self.ema_weights() as student:
+            student.save_pretrained(path)

@@ -138,3 +138,16 @@ def test_mismatched_shapes_are_refused(teacher):
     bad = Denoiser(Squeezes(), teacher.schedule, "epsilon", null_cond=2)
     with pytest.raises(ValueError, match="differs from x_t shape"):
         bad(torch.randn(3, 2), torch.tensor([10, 10, 10]), torch.tensor([0, 1, 0]))
+
+
+def test_ema_weights_are_swapped_in_and_back(teacher):
+    trainer = _trainer(teacher, iterations=3, ema_decay=0.5)
+    trainer.train()
+    training = [p.detach().clone() for p in trainer.ema.params]
+    with trainer.ema_weights() as student:
+        for p, s in zip(student.parameters(), trainer.ema.shadow):
+            assert torch.equal(p, s)
+    assert all(torch.equal(p, t) for p, t in zip(trainer.ema.params, training))
+    assert any(not torch.equal(p, s) for p, s in zip(training, trainer.ema.shadow))
+    final = trainer.final_student()
+    assert all(torch.equal(p, s) for p, s in zip(final.parameters(), trainer.ema.shadow))

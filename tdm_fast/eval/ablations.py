@@ -49,11 +49,11 @@ class CurveRecorder:
     def __call__(self, trainer, record) -> None:
         if trainer.step % self.every:
             return
-        student = trainer.final_student().eval()
         point = {"iteration": trainer.step}
-        for k in self.steps:
-            out = self.metrics(sample_student(student, self.noise, self.labels, k), self.labels, self.ref)
-            point[f"fid_teacher_K{k}"] = out["fid_teacher"]
+        with trainer.ema_weights() as student:
+            for k in self.steps:
+                out = self.metrics(sample_student(student, self.noise, self.labels, k), self.labels, self.ref)
+                point[f"fid_teacher_K{k}"] = out["fid_teacher"]
         self.points.append(point)
 
 
