@@ -191,13 +191,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_plan(args) -> int:
-    from .backbones.cli import run_plan
-
-    run_plan(args)
-    return 0
-
-
 def cmd_teacher_train(args) -> int:
     if args.dataset == "digits":
         from .eval.cli import run_teacher_train
@@ -212,18 +205,14 @@ def cmd_teacher_train(args) -> int:
     return 0
 
 
-def cmd_classifier_train(args) -> int:
-    from .eval.cli import run_classifier_train
+def _verb(run):
+    """A verb whose work is ``run(args)``; what ``run`` returns is a report, not an exit code."""
 
-    run_classifier_train(args)
-    return 0
+    def call(args) -> int:
+        run(args)
+        return 0
 
-
-def cmd_eval(args) -> int:
-    from .eval.cli import run_eval
-
-    run_eval(args)
-    return 0
+    return call
 
 
 class _Verbs:
@@ -252,14 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-shape", type=int, nargs="+", help="shape of one sample, if the model does not say")
     p.add_argument("--resume", nargs="?", const="", default=None, help="continue from the newest checkpoint (of --out, or PATH)")
     _add_config_flags(p)
-    from .backbones.cli import add_distill_preset_arguments, add_plan_arguments
+    from .backbones.cli import add_distill_preset_arguments, add_plan_arguments, run_plan
 
     add_distill_preset_arguments(p)
     p.set_defaults(func=cmd_distill)
 
     p = verbs.add_parser("plan", help="memory estimate of a real backbone's TDM run (meta device, no weights)")
     add_plan_arguments(p)
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=_verb(run_plan))
 
     p = verbs.add_parser("sample", help="sample a class-conditional student")
     p.add_argument("--checkpoint", required=True, help="a student folder or a run folder")
@@ -288,12 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("eval", help="score a digits student against the NFE-matched baselines; --ablations: reproduction table")
     digits_cli.add_eval_arguments(p)
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=_verb(digits_cli.run_eval))
 
     classifier = _Verbs(verbs.add_parser("classifier", help="the digits classifier behind FID").add_subparsers(dest="classifier_verb", required=True), common)
     p = classifier.add_parser("train", help="train the digits classifier (the shipped one: defaults)")
     digits_cli.add_classifier_arguments(p)
-    p.set_defaults(func=cmd_classifier_train)
+    p.set_defaults(func=_verb(digits_cli.run_classifier_train))
 
     from .bench_report import add_bench_arguments, run_bench
 
