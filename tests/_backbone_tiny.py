@@ -133,15 +133,17 @@ def build_sd3(folder: Path) -> Path:
     return folder
 
 
-def build_cogvideox(folder: Path) -> Path:
+def build_cogvideox(folder: Path, rotary: bool = False) -> Path:
+    """CogVideoX-2B-like (sin-cos positional embeddings); ``rotary=True``: 5B-like 3D rotary embeddings."""
     from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 
     tok, vocab = t5_tokenizer()
     torch.manual_seed(0)
+    # the 3D RoPE splits the head dim into t/h/w parts of dim/4 and 3*dim/8, each of which must be even
     transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8, text_embed_dim=32,
+        num_attention_heads=2, attention_head_dim=16 if rotary else 8, in_channels=4, out_channels=4, time_embed_dim=8, text_embed_dim=32,
         num_layers=1, sample_width=8, sample_height=8, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
-        max_text_seq_length=16,
+        max_text_seq_length=16, use_rotary_positional_embeddings=rotary,
     )
     sched = CogVideoXDDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction", rescale_betas_zero_snr=True,
                                    snr_shift_scale=3.0, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)

@@ -20,10 +20,14 @@ PRESETS = ["sd15", "sdxl", "pixart", "sd3", "cogvideox"]
 def trained(tmp_path_factory):
     cache = {}
 
-    def run(preset):
-        if preset not in cache:
-            root = tmp_path_factory.mktemp(preset)
-            tiny.BUILDERS[preset](root / "model")
+    def run(preset, rotary=False):
+        key = (preset, rotary)
+        if key not in cache:
+            root = tmp_path_factory.mktemp(preset + ("-rope" if rotary else ""))
+            if rotary:
+                tiny.build_cogvideox(root / "model", rotary=True)
+            else:
+                tiny.BUILDERS[preset](root / "model")
             args = tiny.preset_args(preset, root / "model", tiny.write_prompts(root / "prompts.txt"), embedding_cache=str(root / "cache"))
             config = TDMConfig(steps=(4,), batch_size=2, iterations=3, cfg_scale=2.0, fake_lr=1e-2, kernels="reference", log_every=1)
             teacher, student, fake, conditions, shape = build_preset_run(args, config)
@@ -35,9 +39,9 @@ def trained(tmp_path_factory):
             }
             trainer = TDMTrainer(teacher, config, conditions, shape, root / "out", student, fake, progress=False)
             history = trainer.train()
-            cache[preset] = dict(root=root, args=args, config=config, trainer=trainer, before=before, history=history,
-                                 shape=shape, teacher=teacher, student=student, fake=fake)
-        return cache[preset]
+            cache[key] = dict(root=root, args=args, config=config, trainer=trainer, before=before, history=history,
+                              shape=shape, teacher=teacher, student=student, fake=fake)
+        return cache[key]
 
     return run
 
@@ -81,17 +85,23 @@ def _pipeline_latents(preset, r, steps, latents, prompts):
     else:
         pipe.load_lora_weights(lora_dir)
     kwargs = dict(num_inference_steps=steps, guidance_scale=1.0, latents=latents, output_type="latent", height=64, width=64)
+    if preset == "cogvideox":
+        # latents are (B, F, C, H, W); 5 frames -> (5 - 1) // 4 + 1 = 2 latent frames
+        kwargs.update(num_frames=r["args"].num_frames, use_dynamic_cfg=False, max_sequence_length=16)
     if preset == "pixart":
         kwargs.update(use_resolution_binning=False, max_sequence_length=16)
     if preset == "sd3":
         kwargs.update(max_sequence_length=16)
     with torch.no_grad():
-        return pipe(prompt=prompts, **kwargs).images
+        out = pipe(prompt=prompts, **kwargs)
+    return out.frames if preset == "cogvideox" else out.images
 
 
-@pytest.mark.parametrize("preset", ["sd15", "sdxl", "pixart", "sd3"])
-def test_exported_lora_samples_in_stock_pipeline(trained, preset):
-    r = trained(preset)
+@pytest.mark.parametrize("case", ["sd15", "sdxl", "pixart", "sd3", "cogvideox", "cogvideox-rope"])
+def test_exported_lora_samples_in_stock_pipeline(trained, case):
+    # cogvideox-rope: CogVideoX-5B-style rotary embeddings, built by the pipeline and by our adapter
+    preset, _, variant = case.partition("-")
+    r = trained(preset, rotary=variant == "rope")
     out = export_preset_student(r["args"], r["student"], r["config"], r["root"] / "export")
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     card = (out / "lora" / "README.md").read_text()
