@@ -174,7 +174,8 @@ class TDMTrainer:
         cond = to_device(conditions(2, torch.Generator().manual_seed(0)), self.device)
         x = torch.zeros((2, *self.sample_shape), device=self.device)
         try:
-            self.teacher(x, torch.full((2,), TAU_MIN, device=self.device), cond)
+            with self.accelerator.autocast():
+                self.teacher(x, torch.full((2,), TAU_MIN, device=self.device), cond)
         except (RuntimeError, ValueError) as exc:
             raise ValueError(f"sample_shape {self.sample_shape} or the conditions do not fit the teacher: {exc}") from exc
 

@@ -117,3 +117,24 @@ def test_exported_lora_samples_in_stock_pipeline(trained, case):
         if steps == 4:
             ours = sample_student(r["student"], latents.clone(), cond, 4)
             torch.testing.assert_close(images, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_roles_with_gradient_checkpointing_bf16_unify_and_ema(tmp_path):
+    """The memory savers together on the tiny SD1.5 preset: checkpointed LoRA roles, bf16 base, K embedding, EMA."""
+    tiny.BUILDERS["sd15"](tmp_path / "model")
+    args = tiny.preset_args("sd15", tmp_path / "model", tiny.write_prompts(tmp_path / "prompts.txt"), embedding_cache=str(tmp_path / "cache"))
+    args.gradient_checkpointing = True
+    config = TDMConfig(steps=(1, 2, 4), batch_size=2, iterations=3, cfg_scale=2.0, fake_lr=1e-2, kernels="reference",
+                       mixed_precision="bf16", ema_decay=0.5)
+    teacher, student, fake, conditions, shape = build_preset_run(args, config)
+    assert teacher.model.shared.adapter.inner.is_gradient_checkpointing
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer = TDMTrainer(teacher, config, conditions, shape, tmp_path / "out", student, fake, progress=False)
+    history = trainer.train()
+    assert all(torch.isfinite(torch.tensor([h["generator_loss"], h["fake_loss"]])).all() for h in history)
+    after = student.state_dict()
+    assert any("steps_embedding" in k for k in after)
+    assert any(not torch.equal(v, before[k]) for k, v in after.items() if "lora" in k)
+    z, cond = torch.randn(1, *shape), conditions(1, torch.Generator().manual_seed(0))
+    with trainer.ema_weights() as ema_student:
+        assert torch.isfinite(sample_student(ema_student, z, cond, 2)).all()
