@@ -228,44 +228,21 @@ def export_sampler_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = resolve_dtype(dtype)
-    cond_example = cond
-    spec = CondSpec.of(cond_example)
-    batch = next(iter(spec.flatten(cond_example))).shape[0]
-    noise = _example_noise(noise, batch)
-    if batch == 1 and dynamic_batch:
-        # An example batch of 1 lets the tracer specialise the batch to 1; trace with 2.
-        noise = torch.cat([noise, noise])
-        cond_example = {k: torch.cat([v, v]) for k, v in cond.items()} if isinstance(cond, dict) else torch.cat([cond, cond])
-    model = prepare_for_export(student, dtype=dtype, device=device)
-    dev = _param_device(model) if device is None else torch.device(device)
+    model, spec, noise, conds = _export_inputs(student, noise, cond, dtype, dynamic_batch, device)
     sampler = StudentSampler(model, steps, total_steps).eval()
     flat = FlatInputs(sampler, spec, leading=1).eval()
-    conds = tuple(cast_cond(c, dtype, dev) for c in spec.flatten(cond_example))
-    noise = noise.to(device=dev, dtype=dtype)
     if dtype != torch.float32:
         _check_runs(sampler, dtype, noise, spec.unflatten(conds))
     input_names = ("noise",) + spec.names
     dyn = _dynamic_axes(noise, len(conds), dynamic_batch, dynamic_resolution)
     _run_exporter(flat, (noise,) + conds, path, input_names, ("x0",), dyn, opset, exporter)
-    out_shape = [dyn[0].get(i, int(s)) for i, s in enumerate(noise.shape)]
     meta = {
-        "graph": "sampler",
+        **_common_meta("sampler", model, sampler.backbone, dtype, spec, input_names, (noise,) + conds, dyn, ("x0",), opset, exporter),
         "steps": steps,
         "total_steps": total_steps,
         "timesteps": list(sampler.times),
         "alphas": list(sampler.alphas),
         "sigmas": list(sampler.sigmas),
-        "backbone": sampler.backbone,
-        "prediction_type": model.prediction_type,
-        "dtype": dtype_name(dtype),
-        "cond_kind": spec.kind,
-        "inputs": _io_meta(input_names, (noise,) + conds, dyn),
-        "outputs": [{"name": "x0", "shape": out_shape, "dtype": str(dtype).replace("torch.", "")}],
-        "opset": opset,
-        "exporter": exporter,
-        "steps_aware": model.steps_set is not None,
-        "tdm_fast_version": _version(),
-        "torch_version": torch.__version__,
     }
     return _set_metadata(path, meta)
 
@@ -291,46 +268,58 @@ def export_denoiser_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = resolve_dtype(dtype)
-    spec = CondSpec.of(cond)
-    batch = next(iter(spec.flatten(cond))).shape[0]
-    noise = _example_noise(noise, batch)
-    if batch == 1 and dynamic_batch:
-        noise = torch.cat([noise, noise])
-        cond = {k: torch.cat([v, v]) for k, v in cond.items()} if isinstance(cond, dict) else torch.cat([cond, cond])
-        batch = 2
-    model = prepare_for_export(denoiser, dtype=dtype, device=device)
-    dev = _param_device(model) if device is None else torch.device(device)
+    model, spec, noise, conds = _export_inputs(denoiser, noise, cond, dtype, dynamic_batch, device)
     step = DenoiserStep(model, steps).eval()
     flat = FlatInputs(step, spec, leading=2).eval()
-    conds = tuple(cast_cond(c, dtype, dev) for c in spec.flatten(cond))
-    noise = noise.to(device=dev, dtype=dtype)
     if dtype != torch.float32:
         _check_runs(lambda x, c: step(x, torch.full((x.shape[0],), 500, device=x.device), c), dtype, noise,
                     spec.unflatten(conds))
     # Distinct example times so the tracer cannot fold them.
-    t = torch.linspace(10, 990, batch).long().to(dev)
+    t = torch.linspace(10, 990, noise.shape[0]).long().to(noise.device)
     input_names = ("x_t", "t") + spec.names
     dyn = _dynamic_axes(noise, len(conds), dynamic_batch, dynamic_resolution, extra_leading=1)
     _run_exporter(flat, (noise, t) + conds, path, input_names, ("x0", "eps"), dyn, opset, exporter)
-    out_shape = [dyn[0].get(i, int(s)) for i, s in enumerate(noise.shape)]
     meta = {
-        "graph": "denoiser",
+        **_common_meta("denoiser", model, step.backbone, dtype, spec, input_names, (noise, t) + conds, dyn, ("x0", "eps"),
+                       opset, exporter),
         "steps": steps,
-        "backbone": step.backbone,
-        "prediction_type": model.prediction_type,
         "schedule": model.schedule.config.to_dict(),
         "null_cond_available": model.null_cond is not None,
+    }
+    return _set_metadata(path, meta)
+
+
+def _export_inputs(denoiser: Denoiser, noise, cond, dtype, dynamic_batch: bool, device):
+    """The denoiser prepared for export and example inputs on its device: (model, spec, noise, conds)."""
+    spec = CondSpec.of(cond)
+    batch = next(iter(spec.flatten(cond))).shape[0]
+    noise = _example_noise(noise, batch)
+    if batch == 1 and dynamic_batch:
+        # An example batch of 1 lets the tracer specialise the batch to 1; trace with 2.
+        noise = torch.cat([noise, noise])
+        cond = {k: torch.cat([v, v]) for k, v in cond.items()} if isinstance(cond, dict) else torch.cat([cond, cond])
+    model = prepare_for_export(denoiser, dtype=dtype, device=device)
+    dev = _param_device(model) if device is None else torch.device(device)
+    conds = tuple(cast_cond(c, dtype, dev) for c in spec.flatten(cond))
+    return model, spec, noise.to(device=dev, dtype=dtype), conds
+
+
+def _common_meta(graph, model, backbone, dtype, spec, input_names, inputs, dyn, output_names, opset, exporter) -> dict:
+    out_shape = [dyn[0].get(i, int(s)) for i, s in enumerate(inputs[0].shape)]
+    return {
+        "graph": graph,
+        "backbone": backbone,
+        "prediction_type": model.prediction_type,
         "dtype": dtype_name(dtype),
         "cond_kind": spec.kind,
-        "inputs": _io_meta(input_names, (noise, t) + conds, dyn),
-        "outputs": [{"name": n, "shape": out_shape, "dtype": str(dtype).replace("torch.", "")} for n in ("x0", "eps")],
+        "inputs": _io_meta(input_names, inputs, dyn),
+        "outputs": [{"name": n, "shape": out_shape, "dtype": str(dtype).replace("torch.", "")} for n in output_names],
         "opset": opset,
         "exporter": exporter,
         "steps_aware": model.steps_set is not None,
         "tdm_fast_version": _version(),
         "torch_version": torch.__version__,
     }
-    return _set_metadata(path, meta)
 
 
 def count_ops(path_or_model) -> dict[str, int]:
