@@ -268,6 +268,12 @@ def plot_suite(data: dict, stem: str, plots_dir: Path) -> list[Path]:
     plots_dir.mkdir(parents=True, exist_ok=True)
     benches = data["benchmarks"]
     written = []
+
+    def save(fig, path: Path) -> None:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
     unit, scale = _unit([b["stats"]["median"] for b in benches])
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(benches) + 1.2))
     names = [b["name"] for b in benches][::-1]
@@ -280,11 +286,7 @@ def plot_suite(data: dict, stem: str, plots_dir: Path) -> list[Path]:
     ax.set_xlabel(f"median ({unit}), bars: IQR")
     ax.set_title(stem)
     ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    path = plots_dir / f"{stem}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    save(fig, plots_dir / f"{stem}.png")
 
     keys = list(dict.fromkeys(k for b in benches for k, v in b.get("extra_info", {}).items() if _is_table(v)))
     for key in keys:
@@ -300,11 +302,7 @@ def plot_suite(data: dict, stem: str, plots_dir: Path) -> list[Path]:
         ax.set_xlabel(key)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
         ax.set_title(f"{stem}: {key}")
-        fig.tight_layout()
-        path = plots_dir / f"{stem}-{_slug(key)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        save(fig, plots_dir / f"{stem}-{_slug(key)}.png")
 
     keys = list(dict.fromkeys(k for b in benches for k, v in b.get("extra_info", {}).items() if _is_curve(v)))
     for key in keys:
@@ -324,11 +322,7 @@ def plot_suite(data: dict, stem: str, plots_dir: Path) -> list[Path]:
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
         ax.set_title(f"{stem}: {key}")
-        fig.tight_layout()
-        path = plots_dir / f"{stem}-{_slug(key)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        save(fig, plots_dir / f"{stem}-{_slug(key)}.png")
     return written
 
 
