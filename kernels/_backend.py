@@ -11,6 +11,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 BACKENDS = ("triton", "compile", "torch")
 ENV = "TDM_FAST_KERNELS"
@@ -42,6 +43,18 @@ def select(x: torch.Tensor, op: str | None = None) -> str:
     if x.device.type == "cpu":
         return "compile" if x.numel() >= CPU_MIN_NUMEL.get(op, 0) else "torch"
     return "torch"
+
+
+@triton.jit
+def row_chunk(pid, n_chunks, D, BLOCK: tl.constexpr):
+    """The launch geometry of every fused op: program ``pid`` covers one BLOCK-sized chunk of one sample.
+
+    Returns the sample index, the chunk's int64 offsets within the sample, their in-bounds mask and
+    the sample's int64 base offset (B * D can exceed 2^31 for video latents).
+    """
+    b = pid // n_chunks
+    offs = (pid % n_chunks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return b, offs, offs < D, b.to(tl.int64) * D
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

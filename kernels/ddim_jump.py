@@ -20,10 +20,7 @@ def _ddim_jump_kernel(
     COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = pid // n_chunks
-    offs = (pid % n_chunks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < D
-    base = b.to(tl.int64) * D
+    b, offs, mask, base = _backend.row_chunk(pid, n_chunks, D, BLOCK)
     alpha = tl.load(coef_ptr + b)
     sigma = tl.load(coef_ptr + B + b)
     x = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)

@@ -23,11 +23,8 @@ def _fake_score_loss_kernel(
     COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = pid // n_chunks
+    b, offs, mask, base = _backend.row_chunk(pid, n_chunks, D, BLOCK)
     scale = tl.load(scale_ptr + b)
-    offs = (pid % n_chunks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < D
-    base = b.to(tl.int64) * D
     diff = tl.load(d_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE) - tl.load(
         t_ptr + base + offs, mask=mask, other=0.0
     ).to(COMPUTE)

@@ -23,10 +23,7 @@ def _generator_loss_kernel(
     HUBER: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = pid // n_chunks
-    offs = (pid % n_chunks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < D
-    base = b.to(tl.int64) * D
+    b, offs, mask, base = _backend.row_chunk(pid, n_chunks, D, BLOCK)
     # Upcast on load: half-precision arithmetic is wrong in the interpreter and lossy on GPU.
     x = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
     dc = tl.load(dc_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)

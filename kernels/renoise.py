@@ -24,10 +24,7 @@ def _renoise_kernel(
     COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = pid // n_chunks
-    offs = (pid % n_chunks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < D
-    base = b.to(tl.int64) * D
+    b, offs, mask, base = _backend.row_chunk(pid, n_chunks, D, BLOCK)
     a_tau = tl.load(coef_ptr + b)
     c_eps = tl.load(coef_ptr + B + b)
     beta = tl.load(coef_ptr + 2 * B + b)
