@@ -15,9 +15,13 @@ Inductor-compiled single-pass formulation on CPU). Per case we record:
   peak statistics; on CPU from the allocation/free events of torch.profiler(profile_memory=True)
   replayed in time order (every tensor allocation goes through the profiled c10 CPU allocator,
   Inductor's buffers included). Also given in units of one input tensor;
-- effective bandwidth: the bytes the op must move at least (every input read once, every output
-  written once) divided by the median time, next to the bandwidth of a same-size tensor copy
-  measured in the same run.
+- effective bandwidth: the bytes the op's contract moves at least (every input read once, every
+  output written once; for the two losses also backward's rescale of the stored gradient, one read
+  and one write) divided by the median time, next to the bandwidth of a same-size tensor copy
+  measured in the same run;
+- on CUDA also the device time per call from the profiler (the sum of the op's kernels, which
+  leaves out the host's launch overhead) and the bandwidth it gives, next to the copy kernel's,
+  and the device time of the op's largest kernel (for the fused ops: the Triton kernel itself).
 """
 from __future__ import annotations
 
@@ -39,8 +43,10 @@ SHAPES = {
 }
 OPS = ("generator_loss", "renoise", "fake_score_loss", "ddim_jump")
 IMPLS = ("fused", "eager", "compiled_ref")
-# Tensors of input size each op must read or write at least once.
-TRAFFIC = {"generator_loss": 5, "renoise": 4, "fake_score_loss": 3, "ddim_jump": 3}
+# Tensors of input size each op must read or write at least once: the inputs, the outputs and, for
+# the losses, backward's in-place rescale of the stored gradient (forward stores it, backward
+# rescales it: the Liger pattern of the spec).
+TRAFFIC = {"generator_loss": 4 + 1 + 2, "renoise": 3 + 1, "fake_score_loss": 2 + 1 + 2, "ddim_jump": 2 + 1}
 _COMPILED_REF = {}
 
 
@@ -147,12 +153,38 @@ def peak_extra_bytes(step, device):
     return peak
 
 
-def copy_bandwidth(nbytes, device, rounds):
-    """Bytes/s of ``dst.copy_(src)`` moving ``nbytes`` in total (read + write)."""
+def device_times(step, calls=20):
+    """CUDA: (device seconds per call summed over all kernels, {kernel name: seconds per call})."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    per_kernel = {}
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() == DeviceType.CUDA:
+            per_kernel[e.name()] = per_kernel.get(e.name(), 0.0) + e.duration_ns() * 1e-9 / calls
+    return sum(per_kernel.values()), per_kernel
+
+
+def _copy_step(nbytes, device):
     src = torch.empty(nbytes // 8, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
 
-    return nbytes / median_time(lambda: dst.copy_(src), rounds, device)
+
+def copy_bandwidth(nbytes, device, rounds):
+    """Bytes/s of ``dst.copy_(src)`` moving ``nbytes`` in total (read + write)."""
+    return nbytes / median_time(_copy_step(nbytes, device), rounds, device)
+
+
+def copy_device_bandwidth(nbytes, device):
+    """CUDA: bytes/s of the same copy by the copy kernel's device time."""
+    return nbytes / device_times(_copy_step(nbytes, device))[0]
 
 
 def measure(op, shape_name, impls=IMPLS, rounds=10, device=None):
@@ -183,6 +215,13 @@ def measure(op, shape_name, impls=IMPLS, rounds=10, device=None):
             peak_extra_inputs=peak / input_bytes,
             eff_GBps=info[impl]["bytes_moved"] / median / 1e9,
         )
+        if device.type == "cuda":
+            total, per_kernel = device_times(step)
+            name, main = max(per_kernel.items(), key=lambda kv: kv[1])
+            info[impl].update(
+                device_us=total * 1e6, n_kernels=len(per_kernel), device_GBps=info[impl]["bytes_moved"] / total / 1e9,
+                main_kernel=name[:60], main_kernel_us=main * 1e6,
+            )
     return info
 
 
@@ -210,11 +249,55 @@ if pytest is not None:
         info = measure(op, shape_name, (impl,), rounds=3, device=device)[impl]
         info["copy_GBps"] = copy_bandwidth(info["bytes_moved"], device, rounds) / 1e9
         info["bw_fraction_of_copy"] = info["eff_GBps"] / info["copy_GBps"]
+        if device.type == "cuda":
+            info["copy_device_GBps"] = copy_device_bandwidth(info["bytes_moved"], device) / 1e9
+            info["device_bw_fraction_of_copy"] = info["device_GBps"] / info["copy_device_GBps"]
         # On CUDA one benchmark round is a burst of 20 calls followed by one synchronisation.
-        info.update(device=str(device), torch_threads=torch.get_num_threads(), calls_per_round=20 if device.type == "cuda" else 1)
+        info.update(device=str(device), torch_threads=torch.get_num_threads(),
+                    calls_per_round=20 if device.type == "cuda" else 1)
         step, _ = make_case(op, shape_name, impl, device=device)
         benchmark.extra_info.update(info)
         benchmark.pedantic(lambda: _timed(step, device), rounds=rounds, warmup_rounds=2, iterations=1)
+
+
+# ---------------------------------------------------------------- the ratios, from a pytest-benchmark JSON
+
+# Tensors of input size the largest kernel of the fused op moves (forward: inputs read, outputs written).
+MAIN_KERNEL_TRAFFIC = {"generator_loss": 5, "renoise": 4, "fake_score_loss": 3, "ddim_jump": 3}
+
+
+def summarize(benchmarks) -> str:
+    """Markdown: per op and shape, fused vs eager vs compile(ref) and the bandwidth against a copy.
+
+    Called by ``tdm-fast bench`` on the JSON it renders (tdm_fast/bench_report.py).
+    """
+    cases = {}
+    for b in benchmarks:
+        info, params = b.get("extra_info", {}), b.get("params") or {}
+        if "op" in params:
+            per_call = b["stats"]["median"] / info.get("calls_per_round", 1)
+            cases.setdefault((params["op"], params["shape_name"]), {})[params["impl"]] = (per_call, info)
+    if not cases:
+        return ""
+    cuda = any(i.get("device", "").startswith("cuda") for c in cases.values() for _, i in c.values())
+    head = ("| op | shape | fused ms | eager ms | compile(ref) ms | fused vs eager | fused vs compile(ref) "
+            "| peak extra memory, fused / eager (input tensors) | fused % of copy bandwidth (wall) |")
+    if cuda:
+        head += " fused device µs (kernels) | fused % of copy (device time) | Triton kernel µs | Triton kernel % of copy |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (op, shape), impls in sorted(cases.items(), key=lambda kv: (OPS.index(kv[0][0]), list(SHAPES).index(kv[0][1]))):
+        if not all(i in impls for i in IMPLS):
+            continue
+        (f, fi), (e, ei), (c, _) = (impls[i] for i in IMPLS)
+        row = (f"| {op} | {shape} | {f * 1e3:.3f} | {e * 1e3:.3f} | {c * 1e3:.3f} | **{e / f:.2f}x** | {c / f:.2f}x "
+               f"| {fi['peak_extra_inputs']:.2f} / {ei['peak_extra_inputs']:.2f} | {100 * fi['bw_fraction_of_copy']:.0f} % |")
+        if cuda and "device_us" in fi:
+            input_bytes = fi["bytes_moved"] / TRAFFIC[op]
+            kernel_gbps = MAIN_KERNEL_TRAFFIC[op] * input_bytes / (fi["main_kernel_us"] * 1e-6) / 1e9
+            row += (f" {fi['device_us']:.1f} ({fi['n_kernels']}) | {100 * fi['device_bw_fraction_of_copy']:.0f} % "
+                    f"| {fi['main_kernel_us']:.1f} | **{100 * kernel_gbps / fi['copy_device_GBps']:.0f} %** |")
+        lines.append(row)
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- script mode: one table with ratios

@@ -42,6 +42,8 @@ MODELS = ("toy", "unet")
 BACKENDS = ("eager", "compile", "onnx", "tensorrt")
 ROUNDS = {"teacher": 3, "student": 15}
 EXPORTER = os.environ.get("TDM_BENCH_EXPORTER", "dynamo")
+# torch.compile mode; unset = the library's default (max-autotune with CUDA graphs on a GPU).
+COMPILE_MODE = os.environ.get("TDM_BENCH_COMPILE_MODE") or None
 _CACHE: dict = {}
 RESULTS: dict = {}
 
@@ -109,13 +111,13 @@ def make_sampler(model: str, backend: str, kind: str, steps: int):
             fn = lambda: sample_student(den, noise, cond, steps)  # noqa: E731
     elif backend == "compile":
         if kind == "teacher":
-            step = compile_denoiser_step(den)
+            step = compile_denoiser_step(den, mode=COMPILE_MODE)
 
             def fn():
                 with torch.no_grad():
                     return ddim_loop(step, noise, cond, times, alphas_sigmas, CFG, null)
         else:
-            sampler = compile_sampler(den, steps)
+            sampler = compile_sampler(den, steps, mode=COMPILE_MODE)
             fn = lambda: sampler(noise, cond)  # noqa: E731
     elif backend in ("onnx", "tensorrt"):
         from tdm_fast.export.onnx import export_denoiser_onnx, export_sampler_onnx
@@ -165,6 +167,7 @@ def record(model, backend, kind, steps, median_s):
     batch = noise.shape[0]
     nfe = TEACHER_STEPS * 2 if kind == "teacher" else steps
     info = {"model": model, "backend": backend, "kind": kind, "steps": steps, "nfe": nfe, "batch": batch,
+            "compile_mode": (COMPILE_MODE or "default") if backend == "compile" else "",
             "median_ms_per_batch": 1e3 * median_s, "median_ms_per_image": 1e3 * median_s / batch,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} threads"}
     RESULTS[(model, backend, kind, steps)] = info
@@ -255,6 +258,16 @@ def summary(results=None) -> str:
                 if e and f:
                     lines.append(f"- {m}/{kind} {k}: {b} is {e['median_ms_per_batch'] / f['median_ms_per_batch']:.2f}x eager (target >= 1.3x for the unet)")
     return "\n".join(lines)
+
+
+def summarize(benchmarks) -> str:
+    """The summary table and ratios from a pytest-benchmark JSON (called by ``tdm-fast bench``)."""
+    results = {}
+    for b in benchmarks:
+        info = b.get("extra_info", {})
+        if "model" in info:
+            results[(info["model"], info["backend"], info["kind"], info["steps"])] = info
+    return summary(results) if results else ""
 
 
 def main(argv=None):

@@ -249,7 +249,8 @@ def ddim_loop(denoise, noise, cond, times, alphas_sigmas, cfg_scale: float = 1.0
         if i + 1 < len(times):
             a, s = alphas_sigmas(times[i + 1])
             x = (a * x0.float() + s * eps.float()).to(noise.dtype)
-    return x0
+    # A CUDA-graph step returns its static output buffer, which the next call overwrites.
+    return x0.clone()
 
 
 # -- torch.compile ----------------------------------------------------------------------------

@@ -91,10 +91,11 @@ def renoise_args(x0, eps, z, alpha_s, sigma_s, alpha_tau, sigma_tau):
     ])
     # σ_τ² > (α_τ σ_s / α_s)², multiplied through by α_s² so that α_s = 0 fails it instead of dividing
     # by zero; in float64 so that a float32 margin of one ulp is still seen. A violation would
-    # otherwise surface as NaNs deep in a training run; the check costs one host sync.
-    a_s, s_s, a_t, s_t = table.double().unbind()
-    if not bool(((s_t * a_s) ** 2 > (a_t * s_s) ** 2).all()):
-        if bool((a_s == 0).any()):
+    # otherwise surface as NaNs deep in a training run. Checked on a host copy of the 4 x B scalars:
+    # one transfer (the only host sync) instead of a chain of tiny device ops.
+    a_s, s_s, a_t, s_t = table.detach().to("cpu", torch.float64).numpy()
+    if not ((s_t * a_s) ** 2 > (a_t * s_s) ** 2).all():
+        if (a_s == 0).any():
             raise ValueError("alpha_s must be non-zero")
         raise ValueError(
             "sigma_tau is too small for the transition from s to tau: need sigma_tau^2 > (alpha_tau*sigma_s/alpha_s)^2"

@@ -81,8 +81,7 @@ class FakeScoreLossFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        grad.mul_(grad_output)
-        return grad.view(ctx.d_fake_shape), None, None, None, None, None
+        return _backend.rescale_(grad, grad_output).view(ctx.d_fake_shape), None, None, None, None, None
 
 
 def fake_score_loss(d_fake, x0_target, snr_tau, log_w, snr_cap, backend):

@@ -1,8 +1,8 @@
 """Fused noisy-sample matching (spec §4): ``x_tau`` and the per-sample ``log_w`` in one read of
 ``x0, eps, z``.
 
-Both outputs are linear/quadratic in the inputs with per-sample coefficients, so the coefficients
-are worked out once per sample on (B,) tensors and the kernel does two fused multiply-adds and a
+Both outputs are linear/quadratic in the inputs with per-sample coefficients, worked out from the
+(4, B) table of α_s, σ_s, α_τ, σ_τ inside the kernel, which then does two fused multiply-adds and a
 sum of squares per element:
 ``x_tau = α_τ x0 + (α_τ σ_s/α_s) eps + β z`` and ``log_w = ½ mean_d(z² − ε_mix²)``.
 The trainer calls renoise on detached inputs, so there is no autograd Function: the dispatcher
@@ -19,16 +19,21 @@ from . import _backend
 
 @triton.jit
 def _renoise_kernel(
-    x0_ptr, eps_ptr, z_ptr, out_ptr, partial_ptr, coef_ptr,
-    D, n_chunks, B,
+    x0_ptr, eps_ptr, z_ptr, out_ptr, partial_ptr, table_ptr,
+    D, n_chunks, B, log_w_scale,
     COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b, offs, mask, base = _backend.row_chunk(pid, n_chunks, D, BLOCK)
-    a_tau = tl.load(coef_ptr + b)
-    c_eps = tl.load(coef_ptr + B + b)
-    beta = tl.load(coef_ptr + 2 * B + b)
-    inv_sigma_tau = tl.load(coef_ptr + 3 * B + b)
+    # The per-sample coefficients are recomputed by every program of the sample: four scalar loads
+    # and a sqrt, cheaper than the launches of computing them once in torch.
+    a_s = tl.load(table_ptr + b).to(COMPUTE)
+    s_s = tl.load(table_ptr + B + b).to(COMPUTE)
+    a_tau = tl.load(table_ptr + 2 * B + b).to(COMPUTE)
+    s_tau = tl.load(table_ptr + 3 * B + b).to(COMPUTE)
+    c_eps = a_tau / a_s * s_s
+    beta = tl.sqrt(s_tau * s_tau - c_eps * c_eps)
+    inv_sigma_tau = 1.0 / s_tau
     x = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
     e = tl.load(eps_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
     z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
@@ -36,7 +41,7 @@ def _renoise_kernel(
     tl.store(out_ptr + base + offs, (a_tau * x + noise).to(out_ptr.dtype.element_ty), mask=mask)
     eps_mix = noise * inv_sigma_tau
     # Masked lanes load zeros, so they add nothing to the sum.
-    tl.store(partial_ptr + pid, tl.sum(z * z - eps_mix * eps_mix, axis=0))
+    tl.store(partial_ptr + pid, tl.sum(z * z - eps_mix * eps_mix, axis=0) * log_w_scale)
 
 
 def coefficients(x0, table):
@@ -50,16 +55,16 @@ def coefficients(x0, table):
 def _launch_triton(x0, eps, z, table, block=None):
     x, e, zz = (_backend.rows(t) for t in (x0, eps, z))
     batch, d = x.shape
-    coef = coefficients(x, table)
     block = block or _backend.block_size(d)
     n_chunks = triton.cdiv(d, block)
     out = torch.empty_like(x)
-    partial = torch.empty(batch * n_chunks, dtype=coef.dtype, device=x.device)
+    partial = torch.empty(batch * n_chunks, dtype=_backend.compute_dtype(x), device=x.device)
     _renoise_kernel[(batch * n_chunks,)](
-        x, e, zz, out, partial, coef, d, n_chunks, batch,
+        x, e, zz, out, partial, table, d, n_chunks, batch, 0.5 / d,
         COMPUTE=_backend.tl_compute_dtype(x), BLOCK=block, num_warps=_backend.num_warps(block),
     )
-    return out, partial.view(batch, n_chunks).sum(dim=1) * (0.5 / d)
+    log_w = partial if n_chunks == 1 else partial.view(batch, n_chunks).sum(dim=1)
+    return out, log_w
 
 
 def _renoise_rows(x, e, z, table):

@@ -26,10 +26,12 @@ entries (first key = x axis).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -238,6 +240,23 @@ def suite_tables(data: dict) -> str:
     return "\n".join(lines)
 
 
+def suite_summary(suite: str, data: dict, bench_dir: Path = BENCH_DIR) -> str:
+    """The suite's own summary (ratios, acceptance lines) when ``bench/bench_<suite>.py`` defines
+    ``summarize(benchmarks)``; empty otherwise."""
+    path = available_suites(bench_dir).get(suite)
+    if path is None:
+        return ""
+    spec = importlib.util.spec_from_file_location(f"_tdm_bench_{suite}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    summarize = getattr(module, "summarize", None)
+    return summarize(data["benchmarks"]) if summarize else ""
+
+
 def _short(name: str) -> str:
     m = re.search(r"\[(.*)\]", name)
     return m.group(1) if m else name
@@ -350,7 +369,11 @@ def render(results_dir: Path = RESULTS_DIR, out: Path | None = None, k: float = 
     for (suite, machine), data in sorted(results.items()):
         stem = f"{suite}-{machine}"
         lines += [f"## {suite} — {machine}", "", f"Machine: {machine_line(data)}", "",
-                  f"Source: `{_rel(Path(data['_path']))}`", "", suite_tables(data), ""]
+                  f"Source: `{_rel(Path(data['_path']))}`", ""]
+        summary = suite_summary(suite, data)
+        if summary:
+            lines += [summary, "", "All benchmarks:", ""]
+        lines += [suite_tables(data), ""]
         prev = Path(data["_path"]).with_suffix(".prev.json")
         if prev.exists():
             try:
@@ -450,7 +473,7 @@ def run_bench(args) -> int:
         if unknown:
             raise ValueError(f"unknown suite(s) {', '.join(unknown)}; available: {', '.join(available)}")
         for suite in suites or list(available):
-            code, _ = run_suite(suite, results_dir, args.pytest_args.split())
+            code, _ = run_suite(suite, results_dir, shlex.split(args.pytest_args))
             rc = rc or (code if code not in (0, 5) else 0)
     text, comparisons = render(results_dir, k=args.k, min_rel=args.min_rel)
     machine = machine_id()

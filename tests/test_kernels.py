@@ -218,7 +218,8 @@ def test_multi_chunk_reduction(dtype):
     """Blocks smaller than a sample: the per-sample sums come from several programs."""
     batch, d, block = 3, 1000, 64  # 1000 is not a multiple of 64: the last chunk is masked
     x0, dc, du, df = _inputs((batch, d), dtype, 4)
-    grad, loss, scale = generator_loss._launch_triton(x0, dc, du, df, 4.5, 1e-3, True, block=block)
+    # finish_rows=2: the per-sample finish walks the 3 samples in two tiles of rows.
+    grad, loss, scale = generator_loss._launch_triton(x0, dc, du, df, 4.5, 1e-3, True, block=block, finish_rows=2)
     x64 = x0.double().requires_grad_()
     ref = R.tdm_generator_loss(x64, dc.double(), du.double(), df.double(), 4.5)
     ref.backward()
@@ -271,14 +272,22 @@ def test_gradient_flows_only_to_the_differentiable_input(backend):
     assert d.grad is not None and t.grad is None
 
 
-@pytest.mark.parametrize("backend", _backend_params(["triton"]), indirect=True)
-def test_grad_output_scaling(backend):
+@pytest.mark.parametrize("backend", _backend_params(FUSED), indirect=True)
+@pytest.mark.parametrize("grad_output", [3.0, 1.0])
+def test_grad_output_scaling(backend, grad_output):
+    """Backward rescales by grad_output (the CPU path skips the pass when it is exactly 1)."""
     x0, dc, du, df = _inputs((2, 40), torch.float32, 4)
     x = x0.clone().requires_grad_()
-    (3.0 * K.tdm_generator_loss(x, dc, du, df, 4.5)).backward()
+    (grad_output * K.tdm_generator_loss(x, dc, du, df, 4.5)).backward()
     x64 = x0.double().requires_grad_()
-    (3.0 * R.tdm_generator_loss(x64, dc.double(), du.double(), df.double(), 4.5)).backward()
+    (grad_output * R.tdm_generator_loss(x64, dc.double(), du.double(), df.double(), 4.5)).backward()
     assert_rel(x.grad, x64.grad)
+    snr, log_w = torch.rand(2) * 8, torch.randn(2)
+    d = dc.clone().requires_grad_()
+    (grad_output * K.fake_score_loss(d, df, snr, log_w)).backward()
+    d64 = dc.double().requires_grad_()
+    (grad_output * R.fake_score_loss(d64, df.double(), snr.double(), log_w.double())).backward()
+    assert_rel(d.grad, d64.grad)
 
 
 def test_renoise_with_gradients_uses_the_reference(monkeypatch):

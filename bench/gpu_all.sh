@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the project in one command (kernels, then export and latency):
+#     bash bench/gpu_all.sh
+# then commit bench/results/*-<GPU>.json and the re-rendered bench/RESULTS.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+status=0
+bash bench/gpu_kernels.sh || status=1
+bash bench/gpu_export.sh || status=1
+exit $status
