@@ -36,6 +36,10 @@ for k in (1, 2, 4):
         sampler = compile_sampler(den, k, mode=mode)
         first, second = sampler(noise, cond), sampler(noise, cond)
     print(f"K={k} compile vs eager: max rel. error {relative_error(second, ref):.2e} (first call {relative_error(first, ref):.2e})")
+    if k == 4:
+        with torch.no_grad():
+            plain = compile_sampler(den, k, mode=mode, channels_last=False)(noise, cond)
+        print(f"K=4 compile without channels_last vs eager: max rel. error {relative_error(plain, ref):.2e}")
     if ok:
         from tdm_fast.export.onnx import export_sampler_onnx
         from tdm_fast.export.tensorrt import TensorRTRunner, build_engine

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Kernel tests and benchmarks on a CUDA machine in one command:   bash bench/gpu_kernels.sh
-# Runs the Triton-on-CUDA tests (real Triton, not the interpreter tests/conftest.py defaults to), then
+# Runs the Triton-on-CUDA tests (real Triton, not the interpreter tests/conftest.py defaults to), the
+# block-size sweep behind _backend.block_size (bench/results/kernels-gpu-block-sweep.md), then
 # `tdm-fast bench kernels`, which writes bench/results/kernels-<GPU>.json and re-renders
 # bench/RESULTS.md with the ratios, device-time bandwidth and the card's name.
 set -euo pipefail
@@ -11,4 +12,5 @@ unset TDM_FAST_KERNELS
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
 mkdir -p bench/results
 "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider -rs -k "Cuda" 2>&1 | tee bench/results/kernels-gpu-tests.log
+(cd bench && "$PY" gpu_block_sweep.py) 2>&1 | tee bench/results/kernels-gpu-block-sweep.md
 "$PY" -m tdm_fast bench kernels

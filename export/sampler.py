@@ -201,8 +201,10 @@ class DenoiserStep(_StepsMixin, nn.Module):
         self.net = denoiser.model
         self.prediction_type = denoiser.prediction_type
         self._init_steps(denoiser, steps if denoiser.steps_set else None)
-        self.register_buffer("alpha_table", denoiser.schedule.alphas.float().clone(), persistent=False)
-        self.register_buffer("sigma_table", denoiser.schedule.sigmas.float().clone(), persistent=False)
+        # On the network's device: the schedule lives on the CPU, t arrives where the network runs.
+        device = _param_device(denoiser.model)
+        self.register_buffer("alpha_table", denoiser.schedule.alphas.to(device, torch.float32, copy=True), persistent=False)
+        self.register_buffer("sigma_table", denoiser.schedule.sigmas.to(device, torch.float32, copy=True), persistent=False)
         self.backbone = type(denoiser.model).__name__
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond):

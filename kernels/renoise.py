@@ -55,7 +55,7 @@ def coefficients(x0, table):
 def _launch_triton(x0, eps, z, table, block=None):
     x, e, zz = (_backend.rows(t) for t in (x0, eps, z))
     batch, d = x.shape
-    block = block or _backend.block_size(d)
+    block = block or _backend.block_size(d, batch, x.device)
     n_chunks = triton.cdiv(d, block)
     out = torch.empty_like(x)
     partial = torch.empty(batch * n_chunks, dtype=_backend.compute_dtype(x), device=x.device)
