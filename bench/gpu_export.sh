@@ -3,7 +3,7 @@
 #     TENSORRT_WHEEL=/path/tensorrt-*.whl   installs TensorRT first (our GPU machines have none);
 #     TDM_BENCH_COMPILE_MODE=max-autotune   the compile mode (default here: reduce-overhead, CUDA
 #                                           graphs without autotuning, which compiles in seconds).
-# Writes bench/results/export-gpu-parity.log and, through `tdm-fast bench latency`,
+# Writes bench/results/latency-<GPU>-parity.log and, through `tdm-fast bench latency`,
 # bench/results/latency-<GPU>.json and bench/RESULTS.md. ONNX Runtime rows are left to the CPU runs
 # (the onnxruntime wheel here has only the CPU provider).
 set -euo pipefail
@@ -12,13 +12,14 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TDM_BENCH_COMPILE_MODE=${TDM_BENCH_COMPILE_MODE:-reduce-overhead}
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
 mkdir -p bench/results
+id=$("$PY" -c "from tdm_fast.bench_report import machine_id; print(machine_id())")
 if [[ -n "${TENSORRT_WHEEL:-}" ]]; then
   "$PY" -m pip install --no-deps --no-index "$TENSORRT_WHEEL" || echo "could not install $TENSORRT_WHEEL; TensorRT rows will be skipped"
 fi
 
 # Parity on the GPU for the tiny SD-shaped UNet: compiled (CUDA graphs) vs eager at K = 1, 2, 4, and
 # TensorRT fp16 when it is installed.
-"$PY" - <<'EOF_PY' 2>&1 | tee bench/results/export-gpu-parity.log
+"$PY" - <<'EOF_PY' 2>&1 | tee "bench/results/latency-$id-parity.log"
 import os, sys, tempfile, torch
 sys.path.insert(0, "bench")
 from bench_latency import build_model

@@ -198,9 +198,11 @@ def machine_line(data: dict) -> str:
     parts = [f"CPU {cpu}, {cores} usable cores"]
     parts.append(f"GPU {m['tdm_gpu']} (CUDA {m.get('tdm_cuda')})" if m.get("tdm_gpu") else "no GPU")
     parts.append(f"torch {m.get('tdm_torch', '?')}, triton {m.get('tdm_triton', '?')}, Python {m.get('python_version', '?')}")
-    commit = (data.get("commit_info") or {}).get("id")
+    info = data.get("commit_info") or {}
+    commit = info.get("id")
     when = data.get("datetime", "?")
-    return "; ".join(parts) + f". Measured {when}" + (f" at commit {commit[:10]}" if commit else "") + "."
+    at = f" at commit {commit[:10]}" + (" plus uncommitted changes" if info.get("dirty") else "") if commit else ""
+    return "; ".join(parts) + f". Measured {when}{at}."
 
 
 def suite_tables(data: dict) -> str:
@@ -238,6 +240,18 @@ def suite_tables(data: dict) -> str:
             lines.append(f"| {r} | " + " | ".join(cells) + " |")
         lines.append("| **sum** | " + " | ".join(f"**{t:.4g}**" for t in sums) + " |")
     return "\n".join(lines)
+
+
+def attachments(results_dir: Path, stem: str, base: Path) -> list[str]:
+    """Markdown for the files a run left beside its JSON (``<suite>-<machine>-*.md`` is inlined,
+    ``<suite>-<machine>-*.log`` linked): block sweeps, test logs, parity checks of the GPU scripts."""
+    lines = []
+    for path in sorted(Path(results_dir).glob(f"{stem}-*.md")):
+        lines += [f"From `{_rel(path)}`:", "", path.read_text().strip(), ""]
+    logs = sorted(Path(results_dir).glob(f"{stem}-*.log"))
+    if logs:
+        lines += ["Logs of the same run: " + ", ".join(f"[{p.name}]({_rel(p, base)})" for p in logs), ""]
+    return lines
 
 
 def suite_summary(suite: str, data: dict, bench_dir: Path = BENCH_DIR) -> str:
@@ -374,6 +388,7 @@ def render(results_dir: Path = RESULTS_DIR, out: Path | None = None, k: float = 
         if summary:
             lines += [summary, "", "All benchmarks:", ""]
         lines += [suite_tables(data), ""]
+        lines += attachments(results_dir, stem, out.parent)
         prev = Path(data["_path"]).with_suffix(".prev.json")
         if prev.exists():
             try:
