@@ -44,11 +44,12 @@ def tdm_generator_loss(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c=1e-3, no
 
 def renoise(x0, eps, z, alpha_s, sigma_s, alpha_tau, sigma_tau):
     """Noisy-sample matching (spec §4): ``(x_tau, log_w)``; scalars are (B,) tensors."""
-    table = _validate.renoise_args(x0, eps, z, alpha_s, sigma_s, alpha_tau, sigma_tau)
+    scalars = _validate.renoise_args(x0, eps, z, alpha_s, sigma_s, alpha_tau, sigma_tau)
     backend = _backend.select(x0, "renoise")
-    if backend == "torch" or _needs_grad(x0, eps, z, table):
-        return reference.renoise(x0, eps, z, *table)
-    return _renoise.renoise(x0, eps, z, table, backend)
+    if backend == "torch" or _needs_grad(x0, eps, z, *scalars):
+        _validate.raise_if_bad_transition(*_validate.transition_ok(*scalars))
+        return reference.renoise(x0, eps, z, *scalars)
+    return _renoise.renoise(x0, eps, z, scalars, backend)
 
 
 def fake_score_loss(d_fake, x0_target, snr_tau, log_w, snr_cap=5.0):

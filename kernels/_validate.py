@@ -81,26 +81,36 @@ def generator_loss_args(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normal
 
 
 def renoise_args(x0, eps, z, alpha_s, sigma_s, alpha_tau, sigma_tau):
-    """The four per-sample scalars as one (4, B) tensor (α_s, σ_s, α_τ, σ_τ)."""
+    """The four per-sample scalars as (B,) tensors; ``check_transition`` checks their values."""
     batch("x0", x0)
     like("eps", eps, "x0", x0)
     like("z", z, "x0", x0)
-    table = torch.stack([
+    return tuple(
         per_sample(name, v, "x0", x0)
         for name, v in (("alpha_s", alpha_s), ("sigma_s", sigma_s), ("alpha_tau", alpha_tau), ("sigma_tau", sigma_tau))
-    ])
-    # σ_τ² > (α_τ σ_s / α_s)², multiplied through by α_s² so that α_s = 0 fails it instead of dividing
-    # by zero; in float64 so that a float32 margin of one ulp is still seen. A violation would
-    # otherwise surface as NaNs deep in a training run. Checked on a host copy of the 4 x B scalars:
-    # one transfer (the only host sync) instead of a chain of tiny device ops.
-    a_s, s_s, a_t, s_t = table.detach().to("cpu", torch.float64).numpy()
-    if not ((s_t * a_s) ** 2 > (a_t * s_s) ** 2).all():
-        if (a_s == 0).any():
+    )
+
+
+def transition_ok(alpha_s, sigma_s, alpha_tau, sigma_tau):
+    """(all valid, any α_s zero) as 0-dim bool tensors, from float64 copies.
+
+    σ_τ² > (α_τ σ_s / α_s)², multiplied through by α_s² so that α_s = 0 fails it instead of dividing
+    by zero; in float64 so that a float32 margin of one ulp is still seen. A violation would
+    otherwise surface as NaNs deep in a training run. Traceable, so the compiled CPU path evaluates
+    it inside its one compiled call.
+    """
+    a_s, s_s, a_t, s_t = (v.double() for v in (alpha_s, sigma_s, alpha_tau, sigma_tau))
+    return ((s_t * a_s) ** 2 > (a_t * s_s) ** 2).all(), (a_s == 0).any()
+
+
+def raise_if_bad_transition(ok, alpha_s_zero) -> None:
+    """The one host sync of renoise: raise the transition's ValueError from ``transition_ok``'s flags."""
+    if not bool(ok):
+        if bool(alpha_s_zero):
             raise ValueError("alpha_s must be non-zero")
         raise ValueError(
             "sigma_tau is too small for the transition from s to tau: need sigma_tau^2 > (alpha_tau*sigma_s/alpha_s)^2"
         )
-    return table
 
 
 def fake_score_loss_args(d_fake, x0_target, snr_tau, log_w, snr_cap):

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _backend
+from . import _backend, _validate
 
 
 @triton.jit
@@ -44,15 +44,17 @@ def _renoise_kernel(
     tl.store(partial_ptr + pid, tl.sum(z * z - eps_mix * eps_mix, axis=0) * log_w_scale)
 
 
-def coefficients(x0, table):
-    """(4, B) per-sample coefficients α_τ, α_τσ_s/α_s, β, 1/σ_τ from the (4, B) α_s, σ_s, α_τ, σ_τ."""
-    a_s, s_s, a_t, s_t = table.to(_backend.compute_dtype(x0)).unbind()
+def coefficients(x0, a_s, s_s, a_t, s_t):
+    """Per-sample α_τ, α_τσ_s/α_s, β, 1/σ_τ (compute dtype) from the (B,) α_s, σ_s, α_τ, σ_τ."""
+    a_s, s_s, a_t, s_t = (v.to(_backend.compute_dtype(x0)) for v in (a_s, s_s, a_t, s_t))
     c_eps = a_t / a_s * s_s
     beta = torch.sqrt(s_t * s_t - c_eps * c_eps)
-    return torch.stack([a_t, c_eps, beta, 1.0 / s_t])
+    return a_t, c_eps, beta, 1.0 / s_t
 
 
-def _launch_triton(x0, eps, z, table, block=None):
+def _launch_triton(x0, eps, z, scalars, block=None):
+    table = torch.stack(scalars)
+    _validate.raise_if_bad_transition(*_validate.transition_ok(*table.to("cpu").unbind()))
     x, e, zz = (_backend.rows(t) for t in (x0, eps, z))
     batch, d = x.shape
     block = block or _backend.block_size(d, batch, x.device)
@@ -67,24 +69,28 @@ def _launch_triton(x0, eps, z, table, block=None):
     return out, log_w
 
 
-def _renoise_rows(x, e, z, table):
-    coef = coefficients(x, table)
-    a_tau, c_eps, beta, inv_sigma_tau = (c.unsqueeze(1) for c in coef)
-    z = z.to(coef.dtype)
-    noise = c_eps * e.to(coef.dtype) + beta * z
+def _renoise_rows(x, e, z, a_s, s_s, a_t, s_t):
+    a_tau, c_eps, beta, inv_sigma_tau = (c.unsqueeze(1) for c in coefficients(x, a_s, s_s, a_t, s_t))
+    z = z.to(c_eps.dtype)
+    noise = c_eps * e.to(c_eps.dtype) + beta * z
     eps_mix = noise * inv_sigma_tau
-    return (a_tau * x.to(coef.dtype) + noise).to(x.dtype), (z * z - eps_mix * eps_mix).sum(dim=1) * (0.5 / x.shape[1])
+    x_tau = (a_tau * x.to(c_eps.dtype) + noise).to(x.dtype)
+    return x_tau, (z * z - eps_mix * eps_mix).sum(dim=1) * (0.5 / x.shape[1]), *_validate.transition_ok(a_s, s_s, a_t, s_t)
 
 
-def _launch_compile(x0, eps, z, table):
-    return _backend.compiled(_renoise_rows)(*(_backend.rows(t) for t in (x0, eps, z)), table)
+def _launch_compile(x0, eps, z, scalars):
+    # The transition check is part of the one compiled call; its flags are read (the host sync)
+    # only after the call.
+    out, log_w, ok, alpha_s_zero = _backend.compiled(_renoise_rows)(*(_backend.rows(t) for t in (x0, eps, z)), *scalars)
+    _validate.raise_if_bad_transition(ok, alpha_s_zero)
+    return out, log_w
 
 
 _LAUNCHERS = {"triton": _launch_triton, "compile": _launch_compile}
 
 
-def renoise(x0, eps, z, table, backend):
-    """Validated arguments in (``table``: the (4, B) α_s, σ_s, α_τ, σ_τ), ``(x_tau, log_w)`` out;
-    see ``tdm_fast.kernels.renoise``."""
-    out, log_w = _LAUNCHERS[backend](x0, eps, z, table)
+def renoise(x0, eps, z, scalars, backend):
+    """Validated arguments in (``scalars``: the (B,) α_s, σ_s, α_τ, σ_τ), ``(x_tau, log_w)`` out,
+    after checking the transition; see ``tdm_fast.kernels.renoise``."""
+    out, log_w = _LAUNCHERS[backend](x0, eps, z, scalars)
     return out.view(x0.shape), log_w

@@ -227,7 +227,7 @@ def test_multi_chunk_reduction(dtype):
     assert_close_to64((grad * scale.unsqueeze(1)).to(dtype), x64.grad, dtype, roundings=2)
 
     a_s, s_s, a_t, s_t = _schedule(batch)
-    out, log_w = renoise_mod._launch_triton(x0, dc, du, torch.stack([a_s, s_s, a_t, s_t]), block=block)
+    out, log_w = renoise_mod._launch_triton(x0, dc, du, (a_s, s_s, a_t, s_t), block=block)
     ref_x, ref_w = R.renoise(x0.double(), dc.double(), du.double(), a_s, s_s, a_t, s_t)
     assert_close_to64(out, ref_x, dtype)
     assert torch.allclose(log_w.double(), ref_w, atol=1e-5, rtol=0)
