@@ -89,3 +89,25 @@ def test_step_profiler_breakdown_adds_up_and_restores_the_trainer():
     assert trainer.ops is ops and "train_step" not in vars(trainer) and "step" not in vars(trainer.opt_f)
     assert not trainer.teacher._forward_hooks and not trainer.student_core._forward_pre_hooks
     trainer.train_step()  # still trains
+
+
+def test_render_inlines_attachments_and_the_suite_summary(tmp_path):
+    """``<suite>-<machine>-*.md`` is inlined, ``-*.log`` linked; bench/bench_<suite>.py's summarize() runs."""
+    results = tmp_path / "results"
+    results.mkdir()
+    params = [{"op": "renoise", "shape_name": "sd15", "impl": impl} for impl in ("fused", "eager", "compiled_ref")]
+    benches = []
+    for p, median in zip(params, (1e-4, 4e-4, 2e-4)):
+        b = _bench(f"test_bench[renoise-sd15-{p['impl']}]", median, 1e-6,
+                   {"peak_extra_inputs": 1.0, "bw_fraction_of_copy": 0.1, "calls_per_round": 1})
+        b["params"] = p
+        benches.append(b)
+    data = _json(benches)
+    data["commit_info"]["dirty"] = True
+    (results / "kernels-GPU-X.json").write_text(json.dumps(data))
+    (results / "kernels-GPU-X-block-sweep.md").write_text("| sweep | table |")
+    (results / "kernels-GPU-X-tests.log").write_text("17 passed")
+    md, _ = render(results, plots=False)
+    assert "| sweep | table |" in md and "[kernels-GPU-X-tests.log](results/kernels-GPU-X-tests.log)" in md
+    assert "plus uncommitted changes" in md
+    assert "| renoise | sd15 | 0.100 | 0.400 | 0.200 | **4.00x** | 2.00x |" in md
