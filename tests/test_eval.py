@@ -108,3 +108,17 @@ def test_lora_state_transfers_to_another_base():
         assert not torch.allclose(moved.model(x, t, y), other.model(x, t, y))
         again = apply_lora(base, state, rank=4)
         assert torch.allclose(again.model(x, t, y), student.model(x, t, y), atol=1e-5)
+
+
+def test_ablation_sweep_writes_the_table_and_checks_the_claims(tmp_path):
+    from tdm_fast.eval.ablations import run_ablations
+
+    table, results = run_ablations(tmp_path, iterations=4, seeds=(0, 1), samples=200, curve_every=2,
+                                   curve_samples=100, progress=False)
+    assert set(results["runs"]) == {"tdm", "clean", "no_is", "unify_no_k"}
+    assert all(set(runs) == {"0", "1"} for runs in results["runs"].values())
+    assert "clean-sample matching" in table and "teacher-50 CFG" in table and "Training wall-clock" in table
+    claim_lines = [line for line in table.splitlines() if line.startswith("- ")]
+    assert len(claim_lines) == 4 and all("spread" in line for line in claim_lines)
+    assert (tmp_path / "ablations.json").exists() and (tmp_path / "quality_vs_iterations.png").exists()
+    assert [p["iteration"] for p in results["curve"]["0"]] == [2, 4]
