@@ -5,8 +5,9 @@ Two ways to run it:
     python -m pytest bench/bench_latency.py --benchmark-json=out.json [-k unet]   # pytest-benchmark
     python bench/bench_latency.py [--models toy,unet] [--backends eager,compile,onnx] [--out table.md]
 
-Models (random weights; latency does not depend on them):
+Models (random weights except the shipped digits teacher; latency does not depend on them):
 - ``toy``: the built-in 2-D ToyMLP teacher/student, batch 256 (ε-prediction, class labels);
+- ``digits``: the shipped digits teacher (class-conditional UNet, 1×8×8), batch 64;
 - ``unet``: a tiny SD-shaped UNet2DConditionModel (block_out_channels (32, 64), one cross-attention
   down/up block, cross_attention_dim 32, 4×32×32 latents, 77-token text embeddings), batch 1.
 Teacher: DDIM with CFG at 50 trailing steps (w = 4.5; cond and uncond batched, 50 evaluations of
@@ -38,7 +39,7 @@ from tdm_fast.export.sampler import compile_denoiser_step, compile_sampler, ddim
 TEACHER_STEPS = 50
 CFG = 4.5
 STUDENT_STEPS = (1, 2, 4)
-MODELS = ("toy", "unet")
+MODELS = ("toy", "digits", "unet")
 BACKENDS = ("eager", "compile", "onnx", "tensorrt")
 ROUNDS = {"teacher": 3, "student": 15}
 EXPORTER = os.environ.get("TDM_BENCH_EXPORTER", "dynamo")
@@ -67,6 +68,11 @@ def build_model(name: str):
         model = ToyMLP()
         den = Denoiser(model, TOY_SCHEDULE, "epsilon", null_cond=model.config.num_classes)
         noise, cond = torch.randn(256, 2), torch.randint(0, 2, (256,))
+    elif name == "digits":
+        from tdm_fast.digits import IMAGE_SIZE, NUM_CLASSES, load_digits_teacher
+
+        den = load_digits_teacher()
+        noise, cond = torch.randn(64, 1, IMAGE_SIZE, IMAGE_SIZE), torch.randint(0, NUM_CLASSES, (64,))
     elif name == "unet":
         from diffusers import UNet2DConditionModel
 

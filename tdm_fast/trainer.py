@@ -105,6 +105,13 @@ def make_student_and_fake(teacher: Denoiser, config: TDMConfig) -> tuple[Denoise
     return copy_of_teacher(), copy_of_teacher()
 
 
+def _param_groups(denoiser: Denoiser, lr: float, steps_lr_ratio: float) -> list[dict]:
+    """The trainable parameters, with the K embedding (if any) in its own group at ``lr * steps_lr_ratio``."""
+    steps = [p for n, p in denoiser.named_parameters() if p.requires_grad and n.startswith("steps_embedding.")]
+    rest = [p for n, p in denoiser.named_parameters() if p.requires_grad and not n.startswith("steps_embedding.")]
+    return [{"params": rest}] + ([{"params": steps, "lr": lr * steps_lr_ratio}] if steps else [])
+
+
 class TDMTrainer:
     """Distils ``teacher`` into a K-step ``student``.
 
@@ -147,10 +154,11 @@ class TDMTrainer:
         self.times = {k: torch.tensor(stage_times(k, config.total_steps, teacher.schedule.num_train_timesteps)) for k in config.steps}
 
         student_params = [p for p in student.parameters() if p.requires_grad]
-        fake_params = [p for p in fake.parameters() if p.requires_grad]
         betas = (config.adam_beta1, config.adam_beta2)
-        opt_g = optimizer_cls(student_params, lr=config.generator_lr, betas=betas, weight_decay=config.weight_decay)
-        opt_f = optimizer_cls(fake_params, lr=config.fake_lr, betas=betas, weight_decay=config.weight_decay)
+        opt_g = optimizer_cls(_param_groups(student, config.generator_lr, config.steps_embedding_lr_ratio),
+                              lr=config.generator_lr, betas=betas, weight_decay=config.weight_decay)
+        opt_f = optimizer_cls(_param_groups(fake, config.fake_lr, config.steps_embedding_lr_ratio),
+                              lr=config.fake_lr, betas=betas, weight_decay=config.weight_decay)
         sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, Warmup(config.warmup_steps))
         sched_f = torch.optim.lr_scheduler.LambdaLR(opt_f, Warmup(config.warmup_steps))
         (self.student, self.fake, self.opt_g, self.opt_f, self.sched_g, self.sched_f) = self.accelerator.prepare(

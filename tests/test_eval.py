@@ -118,6 +118,7 @@ def test_ablation_sweep_writes_the_table_and_checks_the_claims(tmp_path):
     assert set(results["runs"]) == {"tdm", "clean", "no_is", "unify_no_k"}
     assert all(set(runs) == {"0", "1"} for runs in results["runs"].values())
     assert "clean-sample matching" in table and "teacher-50 CFG" in table and "Training wall-clock" in table
+    assert "the measure's floor" in table and results["fid_floor"] > 0
     claim_lines = [line for line in table.splitlines() if line.startswith("- ")]
     assert len(claim_lines) == 4 and all("spread" in line for line in claim_lines)
     assert (tmp_path / "ablations.json").exists() and (tmp_path / "quality_vs_iterations.png").exists()
