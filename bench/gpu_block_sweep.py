@@ -25,7 +25,8 @@ def kernel_us(launch, name):
 
 def main():
     dev = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name(dev)}, {_backend._sm_count(dev.index)} SMs; float32; largest kernel only\n")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    print(f"{torch.cuda.get_device_name(dev)}, {sms} SMs; float32; largest kernel only\n")
     print("| op | shape | " + " | ".join(f"block {b} µs" for b in BLOCKS) + " | picked | copy of the same bytes µs |")
     print("|---|---|" + "---|" * (len(BLOCKS) + 2))
     for shape_name, (batch, sample) in SHAPES.items():

@@ -74,18 +74,13 @@ def block_size(d: int, batch: int = 1, device: torch.device | None = None) -> in
     """Elements of one sample that one program covers.
 
     The interpreter pays ~1.5 ms per program instance and vectorises inside one, so it wants one
-    program per sample. A GPU wants enough programs in flight to hide memory latency: at least ~4
-    per SM, so a small batch of SDXL latents is cut into 1,024-element chunks rather than 4,096.
+    program per sample. On a GPU, 512-element programs were as fast as or faster than 1,024-4,096
+    for both fused losses at the SD1.5, SDXL and video shapes (bench/gpu_block_sweep.py on an H200,
+    in bench/RESULTS.md): more programs in flight hide more memory latency.
     """
     if interpreting() or device is None or device.type != "cuda":
         return min(1 << 16, triton.next_power_of_2(d))
-    per_program = triton.cdiv(batch * d, 4 * _sm_count(device.index))
-    return min(4096, triton.next_power_of_2(d), max(512, triton.next_power_of_2(per_program)))
-
-
-@functools.cache
-def _sm_count(index) -> int:
-    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
+    return min(512, triton.next_power_of_2(d))
 
 
 def num_warps(block: int) -> int:
