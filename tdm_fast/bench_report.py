@@ -352,7 +352,7 @@ def plot_suite(data: dict, stem: str, plots_dir: Path) -> list[Path]:
             for k2, v2 in ref.items():
                 ax.axhline(v2, ls="--", color="gray", label=k2)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(ylabel if len(ys) == 1 else key)
         ax.legend(fontsize=7)
         ax.set_title(f"{stem}: {key}")
         save(fig, plots_dir / f"{stem}-{_slug(key)}.png")
