@@ -33,15 +33,15 @@ def main():
         x = [torch.randn(batch, *sample, device=dev).view(batch, -1) for _ in range(4)]
         d = x[0].shape[1]
         a_s = torch.full((batch,), 0.8, device=dev)
-        table = torch.stack([a_s, (1 - a_s**2).sqrt(), a_s * 0.7, (1 - (a_s * 0.7) ** 2).sqrt()])
+        scalars = (a_s, (1 - a_s**2).sqrt(), a_s * 0.7, (1 - (a_s * 0.7) ** 2).sqrt())
         cases = {
             "generator_loss": (lambda b: generator_loss._launch_triton(*x, 4.5, 1e-3, True, block=b), "_generator_loss_kernel", 5),
-            "renoise": (lambda b: renoise._launch_triton(*x[:3], table, block=b), "_renoise_kernel", 4),
+            "renoise": (lambda b: renoise._launch_triton(*x[:3], scalars, block=b), "_renoise_kernel", 4),
         }
         for op, (launch, name, tensors) in cases.items():
             times = [kernel_us(lambda: launch(b), name) for b in BLOCKS]
             copy_us = 1e6 * tensors * x[0].nbytes / copy_device_bandwidth(tensors * x[0].nbytes, dev)
-            picked = _backend.block_size(d, batch, dev)
+            picked = _backend.block_size(d, dev)
             print(f"| {op} | {shape_name} | " + " | ".join(f"{t:.2f}" for t in times) + f" | {picked} | {copy_us:.2f} |")
 
 

@@ -70,7 +70,7 @@ def rows(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(t.shape[0], -1)
 
 
-def block_size(d: int, batch: int = 1, device: torch.device | None = None) -> int:
+def block_size(d: int, device: torch.device | None = None) -> int:
     """Elements of one sample that one program covers.
 
     The interpreter pays ~1.5 ms per program instance and vectorises inside one, so it wants one

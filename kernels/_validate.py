@@ -81,7 +81,7 @@ def generator_loss_args(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normal
 
 
 def renoise_args(x0, eps, z, alpha_s, sigma_s, alpha_tau, sigma_tau):
-    """The four per-sample scalars as (B,) tensors; ``check_transition`` checks their values."""
+    """The four per-sample scalars as (B,) tensors; ``transition_ok`` checks their values."""
     batch("x0", x0)
     like("eps", eps, "x0", x0)
     like("z", z, "x0", x0)

@@ -36,7 +36,7 @@ def _coefficients(x, alpha_next, sigma_next):
 def _launch_triton(x0, eps, alpha_next, sigma_next, block=None):
     x, e = _backend.rows(x0), _backend.rows(eps)
     batch, d = x.shape
-    block = block or _backend.block_size(d, batch, x.device)
+    block = block or _backend.block_size(d, x.device)
     n_chunks = triton.cdiv(d, block)
     out = torch.empty_like(x)
     _ddim_jump_kernel[(batch * n_chunks,)](

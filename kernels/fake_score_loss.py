@@ -40,7 +40,7 @@ def _launch_triton(d_fake, x0_target, snr_tau, log_w, snr_cap, block=None):
     d, t = _backend.rows(d_fake), _backend.rows(x0_target)
     batch, size = d.shape
     weight = _weights(snr_tau, log_w, snr_cap, _backend.compute_dtype(d))
-    block = block or _backend.block_size(size, batch, d.device)
+    block = block or _backend.block_size(size, d.device)
     n_chunks = triton.cdiv(size, block)
     grad = torch.empty_like(d)
     partial = torch.empty(batch * n_chunks, dtype=weight.dtype, device=d.device)

@@ -96,7 +96,7 @@ def _finish(dist, ell, batch, d, normalize):
 def _launch_triton(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize, block=None, finish_rows=None):
     x, dc, du, df = (_backend.rows(t) for t in (x0, d_cond, d_uncond, d_fake))
     batch, d = x.shape
-    block = block or _backend.block_size(d, batch, x.device)
+    block = block or _backend.block_size(d, x.device)
     n_chunks = triton.cdiv(d, block)
     n_programs = batch * n_chunks
     grad = torch.empty_like(x)
@@ -120,7 +120,7 @@ def _launch_triton(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize, 
 
 def _rescale_triton(grad, grad_output, scale):
     batch, d = grad.shape
-    block = _backend.block_size(d, batch, grad.device)
+    block = _backend.block_size(d, grad.device)
     n_chunks = triton.cdiv(d, block)
     _rescale_kernel[(batch * n_chunks,)](
         grad, grad_output.to(scale.dtype).contiguous(), scale, d, n_chunks, BLOCK=block,

@@ -57,7 +57,7 @@ def _launch_triton(x0, eps, z, scalars, block=None):
     _validate.raise_if_bad_transition(*_validate.transition_ok(*table.to("cpu").unbind()))
     x, e, zz = (_backend.rows(t) for t in (x0, eps, z))
     batch, d = x.shape
-    block = block or _backend.block_size(d, batch, x.device)
+    block = block or _backend.block_size(d, x.device)
     n_chunks = triton.cdiv(d, block)
     out = torch.empty_like(x)
     partial = torch.empty(batch * n_chunks, dtype=_backend.compute_dtype(x), device=x.device)

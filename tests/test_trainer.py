@@ -23,6 +23,15 @@ def _weights(trainer):
     return {k: v.clone() for k, v in trainer.student_core.state_dict().items()}
 
 
+def test_k_embeddings_learn_at_their_own_rate(teacher):
+    trainer = _trainer(teacher, steps_embedding_lr_ratio=10.0)
+    for opt, lr in ((trainer.opt_g, trainer.config.generator_lr), (trainer.opt_f, trainer.config.fake_lr)):
+        main, steps = opt.param_groups
+        assert main["initial_lr"] == pytest.approx(lr) and steps["initial_lr"] == pytest.approx(10 * lr)
+        assert len(steps["params"]) == 1 and steps["params"][0].shape == (3, 32)
+    assert len(_trainer(teacher, steps=(4,)).opt_g.param_groups) == 1  # no K embedding, one group
+
+
 def test_steps_conditioned_student_starts_as_the_teacher(teacher):
     student, fake = make_student_and_fake(teacher, TDMConfig(steps=(1, 2, 4)))
     assert student.steps_set == (1, 2, 4) and fake.steps_set == (1, 2, 4)
