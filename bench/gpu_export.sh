@@ -18,8 +18,9 @@ if [[ -n "${TENSORRT_WHEEL:-}" ]]; then
 fi
 
 # Parity on the GPU for the tiny SD-shaped UNet: compiled (CUDA graphs) vs eager at K = 1, 2, 4, and
-# TensorRT fp16 when it is installed.
-"$PY" - <<'EOF_PY' 2>&1 | tee "bench/results/latency-$id-parity.log"
+# TensorRT fp16 when it is installed. perf_hints logs "skipping cudagraphs due to ..." if Inductor
+# falls back to plain launches (a compiled batch-1 UNet step took ~1 ms on an H200, suspiciously slow).
+TORCH_LOGS=perf_hints "$PY" - <<'EOF_PY' 2>&1 | tee "bench/results/latency-$id-parity.log"
 import os, sys, tempfile, torch
 sys.path.insert(0, "bench")
 from bench_latency import build_model
