@@ -10,6 +10,7 @@ that would break a traced or compiled graph. The arithmetic is the same as
 from __future__ import annotations
 
 import copy
+import types
 import weakref
 from dataclasses import dataclass
 
@@ -285,6 +286,19 @@ class CompiledSampler:
 _COMPILE_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
+def _own_forward(module: nn.Module):
+    """``module.forward`` bound through a private copy of its code object.
+
+    Dynamo keeps compiled graphs, and counts its recompile limit (8), per code object. Compiled
+    through the shared ``StudentSampler.forward``, every (model, K) sampler of a process took one of
+    the same 8 slots, and the 9th silently ran eagerly (seen in the latency suite: toy, digits and
+    UNet at K = 1, 2, 4). A private code object gives each compiled module its own slots.
+    """
+    fn = type(module).forward
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.MethodType(own, module)
+
+
 def _param_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
@@ -329,7 +343,7 @@ def compile_sampler(
     module = StudentSampler(model, steps, total_steps).eval()
     if channels_last:
         module.net.to(memory_format=torch.channels_last)
-    compiled = torch.compile(module, mode=mode, dynamic=dynamic, fullgraph=fullgraph, backend=backend)
+    compiled = torch.compile(_own_forward(module), mode=mode, dynamic=dynamic, fullgraph=fullgraph, backend=backend)
     uses_cudagraphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
     sampler = CompiledSampler(module, compiled, channels_last, clone_output=uses_cudagraphs)
     per_student[key] = sampler
@@ -345,4 +359,4 @@ def compile_denoiser_step(denoiser: Denoiser, steps: int | None = None, mode: st
     if mode is None and device.type == "cuda":
         mode = "max-autotune"
     module = DenoiserStep(denoiser, steps).eval()
-    return torch.compile(module, mode=mode, dynamic=dynamic)
+    return torch.compile(_own_forward(module), mode=mode, dynamic=dynamic)

@@ -281,6 +281,23 @@ def test_compiled_matches_eager(small_toy, toy_inputs, k):
     assert relative_error(sampler(noise, labels), ref) <= FP32_TOL
 
 
+def test_every_compiled_sampler_of_a_process_is_compiled(toy_inputs):
+    """More samplers than Dynamo's per-code-object recompile limit (8): none may fall back to eager."""
+    noise, labels = toy_inputs
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    for seed in range(4):
+        student = _toy_student(hidden=16, depth=1, seed=10 + seed)
+        for k in STEPS:
+            out = compile_sampler(student, k, backend=counting_backend)(noise, labels)
+            assert relative_error(out, sample_student(student, noise, labels, k)) <= FP32_TOL
+    assert len(graphs) == 4 * len(STEPS)
+
+
 def test_student_sampler_module_is_the_sampler(toy, toy_inputs):
     noise, labels = toy_inputs
     for k in STEPS:
