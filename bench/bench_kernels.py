@@ -6,8 +6,10 @@ Two ways to run it:
 On a shared CPU box pin one thread (OMP_NUM_THREADS=1 for the pytest form, --threads 1 for the
 script): with more threads than free cores, OpenMP barriers stall every implementation.
 
-"fused" is what ``tdm_fast.kernels`` runs by default on the device (Triton on CUDA, the
-Inductor-compiled single-pass formulation on CPU). Per case we record:
+"fused" is what ``tdm_fast.kernels`` runs by default on the device (Triton on CUDA, the native C++
+loops on CPU); on CPU the fused test also times "fused_inductor" (the same single-pass formulation
+compiled by Inductor, the CPU fallback, forced through TDM_FAST_KERNELS=compile) in the same
+interleaved rounds, which is the measurement behind the CPU default. Per case we record:
 - median wall time of one call (forward + backward for the two losses; the trainer calls renoise and
   ddim_jump without gradients, so those are forward only);
 - peak extra memory: bytes allocated above what existed before the call, at the high-water mark,
@@ -69,6 +71,21 @@ def _reference_fn(op, impl):
     return _COMPILED_REF[op]
 
 
+def _forcing_backend(fn, backend):
+    def call(*args):
+        old = os.environ.get(K._backend.ENV)
+        os.environ[K._backend.ENV] = backend
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                del os.environ[K._backend.ENV]
+            else:
+                os.environ[K._backend.ENV] = old
+
+    return call
+
+
 def make_case(op, shape_name, impl, dtype=torch.float32, device=None):
     """(step, input_bytes): ``step()`` runs one call of ``impl`` on fresh-per-case inputs."""
     device = device or _device()
@@ -81,7 +98,10 @@ def make_case(op, shape_name, impl, dtype=torch.float32, device=None):
 
     fused = {"generator_loss": K.tdm_generator_loss, "renoise": K.renoise,
              "fake_score_loss": K.fake_score_loss, "ddim_jump": K.ddim_jump}[op]
-    fn = fused if impl == "fused" else _reference_fn(op, impl)
+    if impl == "fused_inductor":
+        fn = _forcing_backend(fused, "compile")
+    else:
+        fn = fused if impl == "fused" else _reference_fn(op, impl)
     input_bytes = torch.Size(shape).numel() * dtype.itemsize
 
     if op in ("generator_loss", "fake_score_loss"):
@@ -249,9 +269,10 @@ if pytest is not None:
         if impl == "fused":
             # The ratios come from the three implementations timed interleaved in this one test, so
             # that drift in the machine's speed between tests cannot bias them.
-            both = measure(op, shape_name, IMPLS, rounds=rounds, device=device)
+            impls = IMPLS if device.type == "cuda" else (*IMPLS, "fused_inductor")
+            both = measure(op, shape_name, impls, rounds=rounds, device=device)
             info = both["fused"]
-            info["interleaved_ms"] = {i: 1e3 * both[i]["median_s"] for i in IMPLS}
+            info["interleaved_ms"] = {i: 1e3 * both[i]["median_s"] for i in impls}
         else:
             info = measure(op, shape_name, (impl,), rounds=3, device=device)[impl]
         info["copy_GBps"] = copy_bandwidth(info["bytes_moved"], device, rounds) / 1e9
@@ -295,8 +316,11 @@ def summarize(benchmarks) -> str:
     if not cases:
         return ""
     cuda = any(i.get("device", "").startswith("cuda") for c in cases.values() for _, i in c.values())
+    inductor = any("fused_inductor" in c["fused"][1].get("interleaved_ms", {}) for c in cases.values() if "fused" in c)
     head = ("| op | shape | fused ms | eager ms | compile(ref) ms | fused vs eager | fused vs compile(ref) "
             "| peak extra memory, fused / eager (input tensors) | fused % of copy bandwidth (wall) |")
+    if inductor:
+        head += " fused via Inductor ms (the CPU fallback) | fused vs it |"
     if cuda:
         head += " fused device µs (kernels) | fused % of copy (device time) | largest kernel µs | largest kernel % of copy |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -308,6 +332,9 @@ def summarize(benchmarks) -> str:
             f, e, c = (fi["interleaved_ms"][i] * 1e-3 for i in IMPLS)
         row = (f"| {op} | {shape} | {f * 1e3:.3f} | {e * 1e3:.3f} | {c * 1e3:.3f} | **{e / f:.2f}x** | {c / f:.2f}x "
                f"| {fi['peak_extra_inputs']:.2f} / {ei['peak_extra_inputs']:.2f} | {100 * fi['bw_fraction_of_copy']:.0f} % |")
+        if inductor:
+            i_ms = fi.get("interleaved_ms", {}).get("fused_inductor")
+            row += f" {i_ms:.3f} | {i_ms * 1e-3 / f:.2f}x |" if i_ms else " | |"
         if cuda and "device_us" in fi:
             row += (f" {fi['device_us']:.1f} ({fi['n_kernels']}) | {100 * fi['device_bw_fraction_of_copy']:.0f} % "
                     f"| {fi['main_kernel_us']:.1f} | **{100 * fi['kernel_bw_fraction_of_copy']:.0f} %** |")

@@ -1,8 +1,10 @@
 """Backend choice and the launch geometry shared by the fused ops.
 
 Backends: ``triton`` (the @triton.jit kernels; CUDA, or CPU tensors under TRITON_INTERPRET=1),
-``compile`` (the same single-pass formulation in torch, compiled by Inductor; the measured fastest
-on CPU, see bench/bench_kernels.py) and ``torch`` (the reference). ``TDM_FAST_KERNELS`` forces one.
+``native`` (the same single-pass loops in C++, built on first use, see ``_native``; the measured
+fastest on CPU, see bench/bench_kernels.py), ``compile`` (the same formulation in torch, compiled by
+Inductor; the CPU fallback where no compiler builds the native loops) and ``torch`` (the reference).
+``TDM_FAST_KERNELS`` forces one.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-BACKENDS = ("triton", "compile", "torch")
+BACKENDS = ("triton", "native", "compile", "torch")
 ENV = "TDM_FAST_KERNELS"
 
 
@@ -22,10 +24,11 @@ def interpreting() -> bool:
 
 
 # Below these sizes (elements per call) a CPU call is cheaper in the eager reference than through
-# the ~0.1 ms fixed cost of a compiled call (Dynamo guards, validation); measured with
+# the ~0.1 ms fixed cost of a compiled Inductor call (Dynamo guards, validation); measured with
 # bench/bench_kernels.py-style timing on a 2-core x86 box, one torch thread. The generator loss's
-# fused form wins at every size (its reference runs ~25 ops forward and backward).
-CPU_MIN_NUMEL = {"tdm_generator_loss": 0, "renoise": 1 << 15, "fake_score_loss": 1 << 15, "ddim_jump": 1 << 17}
+# fused form wins at every size (its reference runs ~25 ops forward and backward). The native
+# loops cost a few microseconds per call and win at every size.
+COMPILE_MIN_NUMEL = {"tdm_generator_loss": 0, "renoise": 1 << 15, "fake_score_loss": 1 << 15, "ddim_jump": 1 << 17}
 
 
 def select(x: torch.Tensor, op: str | None = None) -> str:
@@ -37,11 +40,17 @@ def select(x: torch.Tensor, op: str | None = None) -> str:
             raise RuntimeError(
                 f"{ENV}=triton on {x.device} tensors needs TRITON_INTERPRET=1 set before tdm_fast.kernels is imported"
             )
+        if forced == "native" and x.device.type != "cpu":
+            raise RuntimeError(f"{ENV}=native runs CPU tensors only, got {x.device} tensors")
         return forced
     if x.device.type == "cuda":
         return "triton"
     if x.device.type == "cpu":
-        return "compile" if x.numel() >= CPU_MIN_NUMEL.get(op, 0) else "torch"
+        from . import _native
+
+        if _native.available():
+            return "native"
+        return "compile" if x.numel() >= COMPILE_MIN_NUMEL.get(op, 0) else "torch"
     return "torch"
 
 

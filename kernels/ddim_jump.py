@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _backend
+from . import _backend, _native
 
 
 @triton.jit
@@ -55,7 +55,44 @@ def _launch_compile(x0, eps, alpha_next, sigma_next):
     return _backend.compiled(_ddim_rows)(_backend.rows(x0), _backend.rows(eps), alpha_next, sigma_next)
 
 
-_LAUNCHERS = {"triton": _launch_triton, "compile": _launch_compile}
+_NATIVE = r"""
+// table: (2, B) float64 alpha_next, sigma_next.
+template <class T>
+static int ddim_jump(const T* x0, const T* eps, const double* table, T* out, i64 B, i64 D, int n_threads) {
+    using C = acc_t<T>;
+    const Tiles tiles(B, D);
+    #pragma omp parallel for schedule(static) num_threads(tiles.threads(n_threads))
+    for (i64 t = 0; t < tiles.total; t++) {
+        const C alpha = (C)table[tiles.row(t)], sigma = (C)table[B + tiles.row(t)];
+        const i64 hi = tiles.hi(t);
+        #pragma omp simd
+        for (i64 i = tiles.lo(t); i < hi; i++) st(out, i, alpha * ld<C>(x0, i) + sigma * ld<C>(eps, i));
+    }
+    return 0;
+}
+
+#define EXPORT(sfx, T)                                                                                \
+    extern "C" int ddim_jump_##sfx(const void* x0, const void* eps, const double* table, void* out,  \
+                                   i64 B, i64 D, int n_threads) {                                     \
+        return ddim_jump<T>((const T*)x0, (const T*)eps, table, (T*)out, B, D, n_threads);           \
+    }
+TDM_FOR_DTYPES(EXPORT)
+"""
+_NATIVE_ARGS = (*[_native.PTR] * 4, _native.I64, _native.I64, _native.INT)
+
+
+def _launch_native(x0, eps, alpha_next, sigma_next):
+    x, e = x0.contiguous(), eps.contiguous()
+    table = torch.stack([alpha_next, sigma_next]).to(torch.float64).contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _native.check(_native.kernel(_NATIVE, "ddim_jump", x.dtype, _NATIVE_ARGS)(
+        x.data_ptr(), e.data_ptr(), table.data_ptr(), out.data_ptr(), x.shape[0], x.numel() // x.shape[0],
+        _native.threads(),
+    ))
+    return out
+
+
+_LAUNCHERS = {"triton": _launch_triton, "compile": _launch_compile, "native": _launch_native}
 
 
 def ddim_jump(x0, eps, alpha_next, sigma_next, backend):

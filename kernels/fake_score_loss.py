@@ -7,12 +7,14 @@ grad_output.
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from . import _backend
+from . import _backend, _native
 from .reference import importance_weights
 
 
@@ -66,7 +68,68 @@ def _launch_compile(d_fake, x0_target, snr_tau, log_w, snr_cap):
     return _backend.compiled(_fake_score_rows)(_backend.rows(d_fake), _backend.rows(x0_target), snr_tau, log_w, cap)
 
 
-_LAUNCHERS = {"triton": _launch_triton, "compile": _launch_compile}
+_NATIVE = r"""
+// table: (2, B) float64 snr_tau, log_w. The weights min(SNR, cap) * B softmax(log_w) come first (B
+// scalars), then one pass writes the finished gradient and the per-tile squared errors.
+template <class T>
+static int fake_score_loss(const T* d, const T* target, const double* table, T* grad, i64 B, i64 D,
+                           double snr_cap, int n_threads, double* loss) {
+    using C = acc_t<T>;
+    const Tiles tiles(B, D);
+    double* part = (double*)std::malloc(sizeof(double) * (tiles.total + B));
+    if (!part) return 1;
+    double* weight = part + tiles.total;
+    double top = table[B], sum = 0.0;
+    for (i64 b = 1; b < B; b++) top = std::fmax(top, table[B + b]);
+    for (i64 b = 0; b < B; b++) sum += (weight[b] = std::exp(table[B + b] - top));
+    for (i64 b = 0; b < B; b++) weight[b] = std::fmin(table[b], snr_cap) * weight[b] / sum * B;
+    #pragma omp parallel for schedule(static) num_threads(tiles.threads(n_threads))
+    for (i64 t = 0; t < tiles.total; t++) {
+        const C scale = (C)(weight[tiles.row(t)] * 2.0 / ((double)B * D));
+        const i64 hi = tiles.hi(t);
+        double acc = 0.0;
+        #pragma omp simd reduction(+:acc)
+        for (i64 i = tiles.lo(t); i < hi; i++) {
+            const C diff = ld<C>(d, i) - ld<C>(target, i);
+            st(grad, i, scale * diff);
+            acc += diff * diff;
+        }
+        part[t] = acc;
+    }
+    double total = 0.0;
+    for (i64 b = 0; b < B; b++) {
+        double sq = 0.0;
+        for (i64 k = b * tiles.per_row; k < (b + 1) * tiles.per_row; k++) sq += part[k];
+        total += weight[b] * sq;
+    }
+    *loss = total / ((double)B * D);
+    std::free(part);
+    return 0;
+}
+
+#define EXPORT(sfx, T)                                                                                   \
+    extern "C" int fake_score_loss_##sfx(const void* d, const void* target, const double* table,        \
+                                         void* grad, i64 B, i64 D, double cap, int n_threads, double* loss) { \
+        return fake_score_loss<T>((const T*)d, (const T*)target, table, (T*)grad, B, D, cap, n_threads, loss); \
+    }
+TDM_FOR_DTYPES(EXPORT)
+"""
+_NATIVE_ARGS = (*[_native.PTR] * 4, _native.I64, _native.I64, _native.F64, _native.INT, _native.PTR)
+
+
+def _launch_native(d_fake, x0_target, snr_tau, log_w, snr_cap):
+    d, t = d_fake.contiguous(), x0_target.contiguous()
+    table = torch.stack([snr_tau, log_w]).to(torch.float64).contiguous()
+    grad = torch.empty_like(d, memory_format=torch.contiguous_format)
+    loss = ctypes.c_double()
+    _native.check(_native.kernel(_NATIVE, "fake_score_loss", d.dtype, _NATIVE_ARGS)(
+        d.data_ptr(), t.data_ptr(), table.data_ptr(), grad.data_ptr(), d.shape[0], d.numel() // d.shape[0], snr_cap,
+        _native.threads(), ctypes.byref(loss),
+    ))
+    return grad, torch.tensor(loss.value, dtype=_backend.compute_dtype(d))
+
+
+_LAUNCHERS = {"triton": _launch_triton, "compile": _launch_compile, "native": _launch_native}
 
 
 class FakeScoreLossFunction(torch.autograd.Function):

@@ -2,18 +2,22 @@
 the loss and the gradient w.r.t. x0.
 
 The gradient is ``g(d_fake - D_cfg) / (n_b B D)``. ``n_b`` is a reduction over the whole sample, so
-it is only known after the sample has been read; rather than read the inputs a second time, forward
-stores the unscaled ``g`` and the per-sample factor ``1 / (n_b B D)``, and backward applies that
-factor together with grad_output in the one in-place rescale it has to do anyway.
+it is only known after the sample has been read; rather than read the inputs a second time, the
+Triton and Inductor forms store the unscaled ``g`` and the per-sample factor ``1 / (n_b B D)``, and
+backward applies that factor together with grad_output in the one in-place rescale it has to do
+anyway. The native CPU loop applies the factor in forward instead, tile by tile while the tile's
+gradient is still in cache, so its backward has nothing to do when grad_output is 1.
 """
 from __future__ import annotations
+
+import ctypes
 
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from . import _backend
+from . import _backend, _native
 
 
 @triton.jit
@@ -162,7 +166,93 @@ def _launch_compile(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize)
     return fn(*(_backend.rows(t) for t in (x0, d_cond, d_uncond, d_fake)), scalars, normalize, row_ones)
 
 
-_LAUNCHERS = {"triton": _launch_triton, "compile": _launch_compile}
+_NATIVE = r"""
+template <class T>
+static int generator_loss(const T* x, const T* dc, const T* du, const T* df, T* grad, i64 B, i64 D,
+                          double cfg_scale, double huber_c, int huber, int normalize, int n_threads, double* loss) {
+    using C = acc_t<T>;
+    const Tiles tiles(B, D);
+    double* part = (double*)std::malloc(sizeof(double) * (2 * tiles.total + B));
+    if (!part) return 1;
+    double* scale = part + 2 * tiles.total;
+    const C cfg = (C)cfg_scale, c = (C)huber_c;
+    double total = 0.0;
+    #pragma omp parallel num_threads(tiles.threads(n_threads))
+    {
+        // Same static schedule in both loops: a thread rescales the tiles it wrote, from its cache.
+        #pragma omp for schedule(static)
+        for (i64 t = 0; t < tiles.total; t++) {
+            const i64 lo = tiles.lo(t), hi = tiles.hi(t);
+            double dist = 0.0, ell = 0.0;
+            if (huber) {
+                #pragma omp simd reduction(+:dist, ell)
+                for (i64 i = lo; i < hi; i++) {
+                    const C u_ = ld<C>(du, i), d_cfg = u_ + cfg * (ld<C>(dc, i) - u_), u = ld<C>(df, i) - d_cfg;
+                    const C r = std::sqrt(u * u + c * c);
+                    dist += std::abs(ld<C>(x, i) - d_cfg);
+                    ell += u * u / (r + c);  // = r - c without its cancellation when |u| << c
+                    st(grad, i, u / r);
+                }
+            } else {
+                #pragma omp simd reduction(+:dist, ell)
+                for (i64 i = lo; i < hi; i++) {
+                    const C u_ = ld<C>(du, i), d_cfg = u_ + cfg * (ld<C>(dc, i) - u_), u = ld<C>(df, i) - d_cfg;
+                    dist += std::abs(ld<C>(x, i) - d_cfg);
+                    ell += u * u;
+                    st(grad, i, (C)2 * u);
+                }
+            }
+            part[2 * t] = dist;
+            part[2 * t + 1] = ell;
+        }
+        #pragma omp single
+        for (i64 b = 0; b < B; b++) {
+            double dist = 0.0, ell = 0.0;
+            for (i64 k = b * tiles.per_row; k < (b + 1) * tiles.per_row; k++) { dist += part[2 * k]; ell += part[2 * k + 1]; }
+            const double norm = normalize ? std::fmax(dist / D, 1e-6) : 1.0;
+            scale[b] = 1.0 / (norm * B * D);
+            total += ell / (norm * D);
+        }
+        #pragma omp for schedule(static)
+        for (i64 t = 0; t < tiles.total; t++) {
+            const C s = (C)scale[tiles.row(t)];
+            const i64 hi = tiles.hi(t);
+            #pragma omp simd
+            for (i64 i = tiles.lo(t); i < hi; i++) st(grad, i, s * ld<C>(grad, i));
+        }
+    }
+    *loss = total / B;
+    std::free(part);
+    return 0;
+}
+
+#define EXPORT(sfx, T)                                                                                       \
+    extern "C" int generator_loss_##sfx(const void* x, const void* dc, const void* du, const void* df,       \
+                                        void* grad, i64 B, i64 D, double cfg, double c, int huber,           \
+                                        int normalize, int n_threads, double* loss) {                        \
+        return generator_loss<T>((const T*)x, (const T*)dc, (const T*)du, (const T*)df, (T*)grad, B, D, cfg, \
+                                 c, huber, normalize, n_threads, loss);                                      \
+    }
+TDM_FOR_DTYPES(EXPORT)
+"""
+_NATIVE_ARGS = (*[_native.PTR] * 5, _native.I64, _native.I64, _native.F64, _native.F64, _native.INT, _native.INT,
+                _native.INT, _native.PTR)
+
+
+def _launch_native(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize):
+    """Returns the finished gradient (scale None): see the module docstring."""
+    x, dc, du, df = (t.contiguous() for t in (x0, d_cond, d_uncond, d_fake))
+    batch = x.shape[0]
+    grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+    loss = ctypes.c_double()
+    _native.check(_native.kernel(_NATIVE, "generator_loss", x.dtype, _NATIVE_ARGS)(
+        x.data_ptr(), dc.data_ptr(), du.data_ptr(), df.data_ptr(), grad.data_ptr(), batch, x.numel() // batch, cfg_scale, 1.0 if huber_c is None else huber_c, huber_c is not None, normalize, _native.threads(),
+        ctypes.byref(loss),
+    ))
+    return grad, torch.tensor(loss.value, dtype=_backend.compute_dtype(x)), None
+
+
+_LAUNCHERS = {"triton": _launch_triton, "compile": _launch_compile, "native": _launch_native}
 
 
 class TDMGeneratorLossFunction(torch.autograd.Function):
@@ -178,7 +268,9 @@ class TDMGeneratorLossFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         grad, scale = ctx.saved_tensors
-        if ctx.backend == "triton":
+        if scale is None:
+            grad = _backend.rescale_(grad, grad_output)
+        elif ctx.backend == "triton":
             grad = _rescale_triton(grad, grad_output, scale)
         else:
             grad = _backend.rescale_(grad, (grad_output * scale).unsqueeze(1))

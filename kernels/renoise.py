@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _backend, _validate
+from . import _backend, _native, _validate
 
 
 @triton.jit
@@ -86,7 +86,73 @@ def _launch_compile(x0, eps, z, scalars):
     return out, log_w
 
 
-_LAUNCHERS = {"triton": _launch_triton, "compile": _launch_compile}
+_NATIVE = r"""
+// table: (4, B) float64 alpha_s, sigma_s, alpha_tau, sigma_tau. Returns 2 for a transition that
+// fails sigma_tau^2 > (alpha_tau sigma_s / alpha_s)^2 (checked in float64 first, like transition_ok),
+// 3 for alpha_s = 0; nothing is written then.
+template <class T>
+static int renoise(const T* x0, const T* eps, const T* z, const double* table, T* out, acc_t<T>* log_w,
+                   i64 B, i64 D, int n_threads) {
+    using C = acc_t<T>;
+    for (i64 b = 0; b < B; b++) {
+        const double a_s = table[b], s_s = table[B + b], a_t = table[2 * B + b], s_t = table[3 * B + b];
+        if (a_s == 0.0) return 3;
+        if (!((s_t * a_s) * (s_t * a_s) > (a_t * s_s) * (a_t * s_s))) return 2;
+    }
+    const Tiles tiles(B, D);
+    double* part = (double*)std::malloc(sizeof(double) * tiles.total);
+    if (!part) return 1;
+    #pragma omp parallel for schedule(static) num_threads(tiles.threads(n_threads))
+    for (i64 t = 0; t < tiles.total; t++) {
+        const i64 b = tiles.row(t), hi = tiles.hi(t);
+        const double a_s = table[b], s_s = table[B + b], a_t = table[2 * B + b], s_t = table[3 * B + b];
+        const double c_eps64 = a_t / a_s * s_s;
+        const C alpha = (C)a_t, c_eps = (C)c_eps64, beta = (C)std::sqrt(s_t * s_t - c_eps64 * c_eps64), inv_s = (C)(1.0 / s_t);
+        double acc = 0.0;
+        #pragma omp simd reduction(+:acc)
+        for (i64 i = tiles.lo(t); i < hi; i++) {
+            const C zi = ld<C>(z, i), noise = c_eps * ld<C>(eps, i) + beta * zi, mix = noise * inv_s;
+            st(out, i, alpha * ld<C>(x0, i) + noise);
+            acc += zi * zi - mix * mix;
+        }
+        part[t] = acc;
+    }
+    for (i64 b = 0; b < B; b++) {
+        double acc = 0.0;
+        for (i64 k = b * tiles.per_row; k < (b + 1) * tiles.per_row; k++) acc += part[k];
+        log_w[b] = (C)(0.5 * acc / D);
+    }
+    std::free(part);
+    return 0;
+}
+
+#define EXPORT(sfx, T)                                                                                 \
+    extern "C" int renoise_##sfx(const void* x0, const void* eps, const void* z, const double* table, \
+                                 void* out, void* log_w, i64 B, i64 D, int n_threads) {               \
+        return renoise<T>((const T*)x0, (const T*)eps, (const T*)z, table, (T*)out,                   \
+                          (acc_t<T>*)log_w, B, D, n_threads);                                          \
+    }
+TDM_FOR_DTYPES(EXPORT)
+"""
+_NATIVE_ARGS = (*[_native.PTR] * 6, _native.I64, _native.I64, _native.INT)
+
+
+def _launch_native(x0, eps, z, scalars):
+    x, e, zz = (t.contiguous() for t in (x0, eps, z))
+    table = torch.stack(scalars).to(torch.float64).contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    log_w = torch.empty(x.shape[0], dtype=_backend.compute_dtype(x))
+    rc = _native.kernel(_NATIVE, "renoise", x.dtype, _NATIVE_ARGS)(
+        x.data_ptr(), e.data_ptr(), zz.data_ptr(), table.data_ptr(), out.data_ptr(), log_w.data_ptr(),
+        x.shape[0], x.numel() // x.shape[0], _native.threads(),
+    )
+    if rc in (2, 3):
+        _validate.raise_if_bad_transition(torch.tensor(False), torch.tensor(rc == 3))
+    _native.check(rc)
+    return out, log_w
+
+
+_LAUNCHERS = {"triton": _launch_triton, "compile": _launch_compile, "native": _launch_native}
 
 
 def renoise(x0, eps, z, scalars, backend):

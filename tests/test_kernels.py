@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tdm_fast.kernels as K
-from tdm_fast.kernels import _backend, reference as R
+from tdm_fast.kernels import _backend, _native, reference as R
 
 generator_loss = importlib.import_module("tdm_fast.kernels.generator_loss")
 renoise_mod = importlib.import_module("tdm_fast.kernels.renoise")
@@ -32,7 +32,7 @@ ddim_mod = importlib.import_module("tdm_fast.kernels.ddim_jump")
 
 UNIT_ROUNDOFF = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-7, torch.float64: 0.0}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-FUSED = ["triton", "compile"]
+FUSED = ["triton", "native", "compile"]
 
 needs_triton = pytest.mark.skipif(
     not _backend.interpreting(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1"
@@ -152,7 +152,7 @@ def test_generator_loss_parity(backend, dtype, huber_c):
     check_generator_loss(*_inputs((3, 5, 7, 9), dtype, 4), huber_c=huber_c)
 
 
-@pytest.mark.parametrize("backend", _backend_params(["triton"]), indirect=True)
+@pytest.mark.parametrize("backend", _backend_params(["triton", "native"]), indirect=True)
 def test_generator_loss_options(backend):
     x0, dc, du, df = _inputs((2, 4, 33), torch.float32, 4)
     check_generator_loss(x0, dc, du, df, cfg_scale=1.0, huber_c=0.5, normalize=False)
@@ -186,7 +186,7 @@ def test_ddim_jump_parity(backend, dtype):
     check_ddim_jump(*_inputs((3, 4, 9, 11), dtype, 2), a_s, s_s)
 
 
-@pytest.mark.parametrize("backend", _backend_params(["triton"]), indirect=True)
+@pytest.mark.parametrize("backend", _backend_params(["triton", "native"]), indirect=True)
 @pytest.mark.parametrize("shape", [(1, 2), (1, 4, 8, 8), (3, 1000), (5, 3, 2)])
 def test_odd_sizes(backend, shape):
     batch = shape[0]
@@ -262,7 +262,7 @@ def test_hypothesis_shapes_and_values(monkeypatch, batch, d, scale, cfg, seed):
     check_fake_score_loss(x0, dc, torch.rand(batch, generator=gen) * 8, torch.randn(batch, generator=gen))
 
 
-@pytest.mark.parametrize("backend", _backend_params(["triton"]), indirect=True)
+@pytest.mark.parametrize("backend", _backend_params(["triton", "native"]), indirect=True)
 def test_gradient_flows_only_to_the_differentiable_input(backend):
     x0, dc, du, df = (t.requires_grad_() for t in _inputs((2, 40), torch.float32, 4))
     K.tdm_generator_loss(x0, dc, du, df, 3.0).backward()
@@ -311,7 +311,7 @@ def _fail(*args, **kwargs):
 # ------------------------------------------------------------------------------- backend choice
 
 
-@pytest.mark.parametrize("name", ["triton", "compile", "torch"])
+@pytest.mark.parametrize("name", ["triton", "native", "compile", "torch"])
 def test_env_selects_backend(monkeypatch, name):
     if name == "triton" and not _backend.interpreting():
         pytest.skip("needs TRITON_INTERPRET=1")
@@ -342,12 +342,72 @@ def test_env_selects_backend(monkeypatch, name):
 
 def test_default_backend(monkeypatch):
     monkeypatch.delenv(_backend.ENV, raising=False)
-    assert K.select_backend(torch.zeros(2, 3)) == "compile"
+    assert K.select_backend(torch.zeros(2, 3)) == "native"
+    assert K.select_backend(torch.zeros(2, 3), "ddim_jump") == "native"
+    assert K.select_backend(torch.zeros(2, 3, device="meta")) == "torch"
+    # Without a compiler for the native loops: Inductor, except where a call is too small to pay
+    # for a compiled call's fixed overhead.
+    monkeypatch.setattr(_native, "available", lambda: False)
     assert K.select_backend(torch.zeros(2, 3), "tdm_generator_loss") == "compile"
-    # Tiny CPU calls cost less in the eager reference than a compiled call's fixed overhead.
     assert K.select_backend(torch.zeros(2, 3), "ddim_jump") == "torch"
     assert K.select_backend(torch.zeros(8, 4, 64, 64), "ddim_jump") == "compile"
-    assert K.select_backend(torch.zeros(2, 3, device="meta")) == "torch"
+
+
+def test_native_refuses_other_devices(monkeypatch):
+    monkeypatch.setenv(_backend.ENV, "native")
+    with pytest.raises(RuntimeError, match="CPU tensors only"):
+        K.select_backend(torch.zeros(2, 3, device="meta"))
+
+
+def test_native_without_a_compiler_explains(monkeypatch, tmp_path):
+    """A failed build names the fix; the default choice then falls back to Inductor with a warning."""
+    monkeypatch.setenv(_native.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    _native.library.cache_clear()
+    _native.available.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="TDM_FAST_KERNELS=compile"):
+            _native.library(generator_loss._NATIVE)
+        with pytest.warns(UserWarning, match="torch.compile instead"):
+            assert not _native.available()
+        monkeypatch.delenv(_backend.ENV, raising=False)
+        assert K.select_backend(torch.zeros(2, 3), "tdm_generator_loss") == "compile"
+    finally:
+        _native.library.cache_clear()
+        _native.available.cache_clear()
+        _native.kernel.cache_clear()
+
+
+@pytest.mark.parametrize("shape", [(3, 40_000), (1, 13, 16, 60, 90)])
+def test_native_multi_tile(monkeypatch, shape):
+    """Samples longer than one tile (16,384 elements, not a multiple of it): per-sample sums over
+    several tiles, and the video latent's 1.1 M-element sample."""
+    monkeypatch.setenv(_backend.ENV, "native")
+    batch = shape[0]
+    x0, dc, du, df = _inputs(shape, torch.float32, 4)
+    check_generator_loss(x0, dc, du, df)
+    check_renoise(x0, dc, du, _schedule(batch))
+    check_fake_score_loss(x0, dc, torch.rand(batch) * 8, torch.randn(batch))
+    a, s, _, _ = _schedule(batch)
+    check_ddim_jump(x0, dc, a, s)
+
+
+def test_native_is_deterministic_across_thread_counts(monkeypatch):
+    """Per-tile partial sums added in a fixed order: the same bits with 1 thread or 2."""
+    monkeypatch.setenv(_backend.ENV, "native")
+    x0, dc, du, df = _inputs((5, 40_000), torch.float32, 4)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            x = x0.clone().requires_grad_()
+            loss = K.tdm_generator_loss(x, dc, du, df, 4.5)
+            loss.backward()
+            results.append((loss, x.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def test_bad_backend_name(monkeypatch):
@@ -413,7 +473,7 @@ _BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["torch", "compile"], indirect=True)
+@pytest.mark.parametrize("backend", ["torch", "native", "compile"], indirect=True)
 @pytest.mark.parametrize("call,exc,name", _BAD, ids=[f"{i}-{b[2]}" for i, b in enumerate(_BAD)])
 def test_bad_input(backend, call, exc, name):
     with pytest.raises(exc, match=name):
