@@ -7,8 +7,6 @@ grad_output.
 """
 from __future__ import annotations
 
-import ctypes
-
 import torch
 import triton
 import triton.language as tl
@@ -73,7 +71,7 @@ _NATIVE = r"""
 // scalars), then one pass writes the finished gradient and the per-tile squared errors.
 template <class T>
 static int fake_score_loss(const T* d, const T* target, const double* table, T* grad, i64 B, i64 D,
-                           double snr_cap, int n_threads, double* loss) {
+                           double snr_cap, int n_threads, acc_t<T>* loss) {
     using C = acc_t<T>;
     const Tiles tiles(B, D);
     double* part = (double*)std::malloc(sizeof(double) * (tiles.total + B));
@@ -102,15 +100,16 @@ static int fake_score_loss(const T* d, const T* target, const double* table, T* 
         for (i64 k = b * tiles.per_row; k < (b + 1) * tiles.per_row; k++) sq += part[k];
         total += weight[b] * sq;
     }
-    *loss = total / ((double)B * D);
+    *loss = (acc_t<T>)(total / ((double)B * D));
     std::free(part);
     return 0;
 }
 
-#define EXPORT(sfx, T)                                                                                   \
-    extern "C" int fake_score_loss_##sfx(const void* d, const void* target, const double* table,        \
-                                         void* grad, i64 B, i64 D, double cap, int n_threads, double* loss) { \
-        return fake_score_loss<T>((const T*)d, (const T*)target, table, (T*)grad, B, D, cap, n_threads, loss); \
+#define EXPORT(sfx, T)                                                                                 \
+    extern "C" int fake_score_loss_##sfx(const void* d, const void* target, const double* table, void* grad, \
+                                         i64 B, i64 D, double cap, int n_threads, void* loss) {             \
+        return fake_score_loss<T>((const T*)d, (const T*)target, table, (T*)grad, B, D, cap, n_threads,      \
+                                  (acc_t<T>*)loss);                                                          \
     }
 TDM_FOR_DTYPES(EXPORT)
 """
@@ -121,12 +120,12 @@ def _launch_native(d_fake, x0_target, snr_tau, log_w, snr_cap):
     d, t = d_fake.contiguous(), x0_target.contiguous()
     table = torch.stack([snr_tau, log_w]).to(torch.float64).contiguous()
     grad = torch.empty_like(d, memory_format=torch.contiguous_format)
-    loss = ctypes.c_double()
+    loss = torch.empty((), dtype=_backend.compute_dtype(d))
     _native.check(_native.kernel(_NATIVE, "fake_score_loss", d.dtype, _NATIVE_ARGS)(
         d.data_ptr(), t.data_ptr(), table.data_ptr(), grad.data_ptr(), d.shape[0], d.numel() // d.shape[0], snr_cap,
-        _native.threads(), ctypes.byref(loss),
+        _native.threads(), loss.data_ptr(),
     ))
-    return grad, torch.tensor(loss.value, dtype=_backend.compute_dtype(d))
+    return grad, loss
 
 
 _LAUNCHERS = {"triton": _launch_triton, "compile": _launch_compile, "native": _launch_native}

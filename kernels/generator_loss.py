@@ -10,8 +10,6 @@ gradient is still in cache, so its backward has nothing to do when grad_output i
 """
 from __future__ import annotations
 
-import ctypes
-
 import torch
 import triton
 import triton.language as tl
@@ -169,7 +167,7 @@ def _launch_compile(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize)
 _NATIVE = r"""
 template <class T>
 static int generator_loss(const T* x, const T* dc, const T* du, const T* df, T* grad, i64 B, i64 D,
-                          double cfg_scale, double huber_c, int huber, int normalize, int n_threads, double* loss) {
+                          double cfg_scale, double huber_c, int huber, int normalize, int n_threads, acc_t<T>* loss) {
     using C = acc_t<T>;
     const Tiles tiles(B, D);
     double* part = (double*)std::malloc(sizeof(double) * (2 * tiles.total + B));
@@ -221,7 +219,7 @@ static int generator_loss(const T* x, const T* dc, const T* du, const T* df, T* 
             for (i64 i = tiles.lo(t); i < hi; i++) st(grad, i, s * ld<C>(grad, i));
         }
     }
-    *loss = total / B;
+    *loss = (acc_t<T>)(total / B);
     std::free(part);
     return 0;
 }
@@ -229,9 +227,9 @@ static int generator_loss(const T* x, const T* dc, const T* du, const T* df, T* 
 #define EXPORT(sfx, T)                                                                                       \
     extern "C" int generator_loss_##sfx(const void* x, const void* dc, const void* du, const void* df,       \
                                         void* grad, i64 B, i64 D, double cfg, double c, int huber,           \
-                                        int normalize, int n_threads, double* loss) {                        \
+                                        int normalize, int n_threads, void* loss) {                          \
         return generator_loss<T>((const T*)x, (const T*)dc, (const T*)du, (const T*)df, (T*)grad, B, D, cfg, \
-                                 c, huber, normalize, n_threads, loss);                                      \
+                                 c, huber, normalize, n_threads, (acc_t<T>*)loss);                           \
     }
 TDM_FOR_DTYPES(EXPORT)
 """
@@ -244,12 +242,12 @@ def _launch_native(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize):
     x, dc, du, df = (t.contiguous() for t in (x0, d_cond, d_uncond, d_fake))
     batch = x.shape[0]
     grad = torch.empty_like(x, memory_format=torch.contiguous_format)
-    loss = ctypes.c_double()
+    loss = torch.empty((), dtype=_backend.compute_dtype(x))
     _native.check(_native.kernel(_NATIVE, "generator_loss", x.dtype, _NATIVE_ARGS)(
         x.data_ptr(), dc.data_ptr(), du.data_ptr(), df.data_ptr(), grad.data_ptr(), batch, x.numel() // batch, cfg_scale, 1.0 if huber_c is None else huber_c, huber_c is not None, normalize, _native.threads(),
-        ctypes.byref(loss),
+        loss.data_ptr(),
     ))
-    return grad, torch.tensor(loss.value, dtype=_backend.compute_dtype(x)), None
+    return grad, loss, None
 
 
 _LAUNCHERS = {"triton": _launch_triton, "compile": _launch_compile, "native": _launch_native}
