@@ -26,9 +26,10 @@ def interpreting() -> bool:
 # Below these sizes (elements per call) a CPU call is cheaper in the eager reference than through
 # the ~0.1 ms fixed cost of a compiled Inductor call (Dynamo guards, validation); measured with
 # bench/bench_kernels.py-style timing on a 2-core x86 box, one torch thread. The generator loss's
-# fused form wins at every size (its reference runs ~25 ops forward and backward). The native
-# loops cost a few microseconds per call and win at every size.
+# fused form wins at every size (its reference runs ~25 ops forward and backward). A native call
+# costs ~20 µs of Python and ctypes: only the DDIM jump's reference (two ops) is cheaper below 2^15.
 COMPILE_MIN_NUMEL = {"tdm_generator_loss": 0, "renoise": 1 << 15, "fake_score_loss": 1 << 15, "ddim_jump": 1 << 17}
+NATIVE_MIN_NUMEL = {"ddim_jump": 1 << 15}
 
 
 def select(x: torch.Tensor, op: str | None = None) -> str:
@@ -48,9 +49,11 @@ def select(x: torch.Tensor, op: str | None = None) -> str:
     if x.device.type == "cpu":
         from . import _native
 
-        if _native.available():
-            return "native"
-        return "compile" if x.numel() >= COMPILE_MIN_NUMEL.get(op, 0) else "torch"
+        native = _native.available()
+        threshold = (NATIVE_MIN_NUMEL if native else COMPILE_MIN_NUMEL).get(op, 0)
+        if x.numel() < threshold:
+            return "torch"
+        return "native" if native else "compile"
     return "torch"
 
 

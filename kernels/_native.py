@@ -49,15 +49,22 @@ template <> inline void st<bf16>(bf16* p, i64 i, float v) {
     p[i].bits = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-// A tile is up to TILE elements of one sample: big enough for the SIMD loops, small enough that a
-// tile written in one pass is still in L2 for the next, and per-sample sums stay grid-independent.
+// The parallel loops run over tiles of about TILE elements: a chunk of one sample (a sample longer
+// than TILE has several), or several whole samples when they are short. Big enough for the SIMD
+// loops and to amortise the per-chunk bookkeeping of 2-element toy samples, small enough that a tile
+// written in one pass is still in L2 for the next. Per-sample sums are added up per chunk, so they do
+// not depend on the thread count.
 static const i64 TILE = 16384;
 struct Tiles {
-    i64 D, per_row, total;
-    Tiles(i64 B, i64 D_) : D(D_), per_row((D_ + TILE - 1) / TILE), total(B * ((D_ + TILE - 1) / TILE)) {}
-    i64 row(i64 t) const { return t / per_row; }
-    i64 lo(i64 t) const { return row(t) * D + (t % per_row) * TILE; }
-    i64 hi(i64 t) const { i64 h = lo(t) + TILE, end = (row(t) + 1) * D; return h < end ? h : end; }
+    i64 D, per_row, chunks, per_tile, total;
+    Tiles(i64 B, i64 D_)
+        : D(D_), per_row((D_ + TILE - 1) / TILE), chunks(B * per_row),
+          per_tile(per_row == 1 && D_ < TILE ? TILE / D_ : 1), total((chunks + per_tile - 1) / per_tile) {}
+    i64 first(i64 t) const { return t * per_tile; }
+    i64 end(i64 t) const { i64 e = (t + 1) * per_tile; return e < chunks ? e : chunks; }
+    i64 row(i64 c) const { return c / per_row; }
+    i64 lo(i64 c) const { return row(c) * D + (c % per_row) * TILE; }
+    i64 hi(i64 c) const { i64 h = lo(c) + TILE, end = (row(c) + 1) * D; return h < end ? h : end; }
     int threads(int n) const { return total < n ? (int)total : n; }
 };
 

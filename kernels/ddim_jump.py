@@ -62,12 +62,13 @@ static int ddim_jump(const T* x0, const T* eps, const double* table, T* out, i64
     using C = acc_t<T>;
     const Tiles tiles(B, D);
     #pragma omp parallel for schedule(static) num_threads(tiles.threads(n_threads))
-    for (i64 t = 0; t < tiles.total; t++) {
-        const C alpha = (C)table[tiles.row(t)], sigma = (C)table[B + tiles.row(t)];
-        const i64 hi = tiles.hi(t);
-        #pragma omp simd
-        for (i64 i = tiles.lo(t); i < hi; i++) st(out, i, alpha * ld<C>(x0, i) + sigma * ld<C>(eps, i));
-    }
+    for (i64 t = 0; t < tiles.total; t++)
+        for (i64 ch = tiles.first(t); ch < tiles.end(t); ch++) {
+            const C alpha = (C)table[tiles.row(ch)], sigma = (C)table[B + tiles.row(ch)];
+            const i64 hi = tiles.hi(ch);
+            #pragma omp simd
+            for (i64 i = tiles.lo(ch); i < hi; i++) st(out, i, alpha * ld<C>(x0, i) + sigma * ld<C>(eps, i));
+        }
     return 0;
 }
 

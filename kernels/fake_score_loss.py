@@ -74,26 +74,27 @@ static int fake_score_loss(const T* d, const T* target, const double* table, T* 
                            double snr_cap, int n_threads, acc_t<T>* loss) {
     using C = acc_t<T>;
     const Tiles tiles(B, D);
-    double* part = (double*)std::malloc(sizeof(double) * (tiles.total + B));
+    double* part = (double*)std::malloc(sizeof(double) * (tiles.chunks + B));
     if (!part) return 1;
-    double* weight = part + tiles.total;
+    double* weight = part + tiles.chunks;
     double top = table[B], sum = 0.0;
     for (i64 b = 1; b < B; b++) top = std::fmax(top, table[B + b]);
     for (i64 b = 0; b < B; b++) sum += (weight[b] = std::exp(table[B + b] - top));
     for (i64 b = 0; b < B; b++) weight[b] = std::fmin(table[b], snr_cap) * weight[b] / sum * B;
     #pragma omp parallel for schedule(static) num_threads(tiles.threads(n_threads))
-    for (i64 t = 0; t < tiles.total; t++) {
-        const C scale = (C)(weight[tiles.row(t)] * 2.0 / ((double)B * D));
-        const i64 hi = tiles.hi(t);
-        double acc = 0.0;
-        #pragma omp simd reduction(+:acc)
-        for (i64 i = tiles.lo(t); i < hi; i++) {
-            const C diff = ld<C>(d, i) - ld<C>(target, i);
-            st(grad, i, scale * diff);
-            acc += diff * diff;
+    for (i64 t = 0; t < tiles.total; t++)
+        for (i64 ch = tiles.first(t); ch < tiles.end(t); ch++) {
+            const C scale = (C)(weight[tiles.row(ch)] * 2.0 / ((double)B * D));
+            const i64 hi = tiles.hi(ch);
+            double acc = 0.0;
+            #pragma omp simd reduction(+:acc)
+            for (i64 i = tiles.lo(ch); i < hi; i++) {
+                const C diff = ld<C>(d, i) - ld<C>(target, i);
+                st(grad, i, scale * diff);
+                acc += diff * diff;
+            }
+            part[ch] = acc;
         }
-        part[t] = acc;
-    }
     double total = 0.0;
     for (i64 b = 0; b < B; b++) {
         double sq = 0.0;

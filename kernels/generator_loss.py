@@ -170,39 +170,40 @@ static int generator_loss(const T* x, const T* dc, const T* du, const T* df, T* 
                           double cfg_scale, double huber_c, int huber, int normalize, int n_threads, acc_t<T>* loss) {
     using C = acc_t<T>;
     const Tiles tiles(B, D);
-    double* part = (double*)std::malloc(sizeof(double) * (2 * tiles.total + B));
+    double* part = (double*)std::malloc(sizeof(double) * (2 * tiles.chunks + B));
     if (!part) return 1;
-    double* scale = part + 2 * tiles.total;
+    double* scale = part + 2 * tiles.chunks;
     const C cfg = (C)cfg_scale, c = (C)huber_c;
     double total = 0.0;
     #pragma omp parallel num_threads(tiles.threads(n_threads))
     {
         // Same static schedule in both loops: a thread rescales the tiles it wrote, from its cache.
         #pragma omp for schedule(static)
-        for (i64 t = 0; t < tiles.total; t++) {
-            const i64 lo = tiles.lo(t), hi = tiles.hi(t);
-            double dist = 0.0, ell = 0.0;
-            if (huber) {
-                #pragma omp simd reduction(+:dist, ell)
-                for (i64 i = lo; i < hi; i++) {
-                    const C u_ = ld<C>(du, i), d_cfg = u_ + cfg * (ld<C>(dc, i) - u_), u = ld<C>(df, i) - d_cfg;
-                    const C r = std::sqrt(u * u + c * c);
-                    dist += std::abs(ld<C>(x, i) - d_cfg);
-                    ell += u * u / (r + c);  // = r - c without its cancellation when |u| << c
-                    st(grad, i, u / r);
+        for (i64 t = 0; t < tiles.total; t++)
+            for (i64 ch = tiles.first(t); ch < tiles.end(t); ch++) {
+                const i64 lo = tiles.lo(ch), hi = tiles.hi(ch);
+                double dist = 0.0, ell = 0.0;
+                if (huber) {
+                    #pragma omp simd reduction(+:dist, ell)
+                    for (i64 i = lo; i < hi; i++) {
+                        const C u_ = ld<C>(du, i), d_cfg = u_ + cfg * (ld<C>(dc, i) - u_), u = ld<C>(df, i) - d_cfg;
+                        const C r = std::sqrt(u * u + c * c);
+                        dist += std::abs(ld<C>(x, i) - d_cfg);
+                        ell += u * u / (r + c);  // = r - c without its cancellation when |u| << c
+                        st(grad, i, u / r);
+                    }
+                } else {
+                    #pragma omp simd reduction(+:dist, ell)
+                    for (i64 i = lo; i < hi; i++) {
+                        const C u_ = ld<C>(du, i), d_cfg = u_ + cfg * (ld<C>(dc, i) - u_), u = ld<C>(df, i) - d_cfg;
+                        dist += std::abs(ld<C>(x, i) - d_cfg);
+                        ell += u * u;
+                        st(grad, i, (C)2 * u);
+                    }
                 }
-            } else {
-                #pragma omp simd reduction(+:dist, ell)
-                for (i64 i = lo; i < hi; i++) {
-                    const C u_ = ld<C>(du, i), d_cfg = u_ + cfg * (ld<C>(dc, i) - u_), u = ld<C>(df, i) - d_cfg;
-                    dist += std::abs(ld<C>(x, i) - d_cfg);
-                    ell += u * u;
-                    st(grad, i, (C)2 * u);
-                }
+                part[2 * ch] = dist;
+                part[2 * ch + 1] = ell;
             }
-            part[2 * t] = dist;
-            part[2 * t + 1] = ell;
-        }
         #pragma omp single
         for (i64 b = 0; b < B; b++) {
             double dist = 0.0, ell = 0.0;
@@ -212,12 +213,13 @@ static int generator_loss(const T* x, const T* dc, const T* du, const T* df, T* 
             total += ell / (norm * D);
         }
         #pragma omp for schedule(static)
-        for (i64 t = 0; t < tiles.total; t++) {
-            const C s = (C)scale[tiles.row(t)];
-            const i64 hi = tiles.hi(t);
-            #pragma omp simd
-            for (i64 i = tiles.lo(t); i < hi; i++) st(grad, i, s * ld<C>(grad, i));
-        }
+        for (i64 t = 0; t < tiles.total; t++)
+            for (i64 ch = tiles.first(t); ch < tiles.end(t); ch++) {
+                const C s = (C)scale[tiles.row(ch)];
+                const i64 hi = tiles.hi(ch);
+                #pragma omp simd
+                for (i64 i = tiles.lo(ch); i < hi; i++) st(grad, i, s * ld<C>(grad, i));
+            }
     }
     *loss = (acc_t<T>)(total / B);
     std::free(part);
@@ -244,8 +246,8 @@ def _launch_native(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize):
     grad = torch.empty_like(x, memory_format=torch.contiguous_format)
     loss = torch.empty((), dtype=_backend.compute_dtype(x))
     _native.check(_native.kernel(_NATIVE, "generator_loss", x.dtype, _NATIVE_ARGS)(
-        x.data_ptr(), dc.data_ptr(), du.data_ptr(), df.data_ptr(), grad.data_ptr(), batch, x.numel() // batch, cfg_scale, 1.0 if huber_c is None else huber_c, huber_c is not None, normalize, _native.threads(),
-        loss.data_ptr(),
+        x.data_ptr(), dc.data_ptr(), du.data_ptr(), df.data_ptr(), grad.data_ptr(), batch, x.numel() // batch, cfg_scale,
+        1.0 if huber_c is None else huber_c, huber_c is not None, normalize, _native.threads(), loss.data_ptr(),
     ))
     return grad, loss, None
 

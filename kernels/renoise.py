@@ -100,23 +100,25 @@ static int renoise(const T* x0, const T* eps, const T* z, const double* table, T
         if (!((s_t * a_s) * (s_t * a_s) > (a_t * s_s) * (a_t * s_s))) return 2;
     }
     const Tiles tiles(B, D);
-    double* part = (double*)std::malloc(sizeof(double) * tiles.total);
+    double* part = (double*)std::malloc(sizeof(double) * tiles.chunks);
     if (!part) return 1;
     #pragma omp parallel for schedule(static) num_threads(tiles.threads(n_threads))
-    for (i64 t = 0; t < tiles.total; t++) {
-        const i64 b = tiles.row(t), hi = tiles.hi(t);
-        const double a_s = table[b], s_s = table[B + b], a_t = table[2 * B + b], s_t = table[3 * B + b];
-        const double c_eps64 = a_t / a_s * s_s;
-        const C alpha = (C)a_t, c_eps = (C)c_eps64, beta = (C)std::sqrt(s_t * s_t - c_eps64 * c_eps64), inv_s = (C)(1.0 / s_t);
-        double acc = 0.0;
-        #pragma omp simd reduction(+:acc)
-        for (i64 i = tiles.lo(t); i < hi; i++) {
-            const C zi = ld<C>(z, i), noise = c_eps * ld<C>(eps, i) + beta * zi, mix = noise * inv_s;
-            st(out, i, alpha * ld<C>(x0, i) + noise);
-            acc += zi * zi - mix * mix;
+    for (i64 t = 0; t < tiles.total; t++)
+        for (i64 ch = tiles.first(t); ch < tiles.end(t); ch++) {
+            const i64 b = tiles.row(ch), hi = tiles.hi(ch);
+            const double a_s = table[b], s_s = table[B + b], a_t = table[2 * B + b], s_t = table[3 * B + b];
+            const double c_eps64 = a_t / a_s * s_s;
+            const C alpha = (C)a_t, c_eps = (C)c_eps64, inv_s = (C)(1.0 / s_t);
+            const C beta = (C)std::sqrt(s_t * s_t - c_eps64 * c_eps64);
+            double acc = 0.0;
+            #pragma omp simd reduction(+:acc)
+            for (i64 i = tiles.lo(ch); i < hi; i++) {
+                const C zi = ld<C>(z, i), noise = c_eps * ld<C>(eps, i) + beta * zi, mix = noise * inv_s;
+                st(out, i, alpha * ld<C>(x0, i) + noise);
+                acc += zi * zi - mix * mix;
+            }
+            part[ch] = acc;
         }
-        part[t] = acc;
-    }
     for (i64 b = 0; b < B; b++) {
         double acc = 0.0;
         for (i64 k = b * tiles.per_row; k < (b + 1) * tiles.per_row; k++) acc += part[k];

@@ -343,7 +343,10 @@ def test_env_selects_backend(monkeypatch, name):
 def test_default_backend(monkeypatch):
     monkeypatch.delenv(_backend.ENV, raising=False)
     assert K.select_backend(torch.zeros(2, 3)) == "native"
-    assert K.select_backend(torch.zeros(2, 3), "ddim_jump") == "native"
+    assert K.select_backend(torch.zeros(2, 3), "tdm_generator_loss") == "native"
+    # A tiny DDIM jump costs less in the eager reference (two ops) than a native call's fixed cost.
+    assert K.select_backend(torch.zeros(2, 3), "ddim_jump") == "torch"
+    assert K.select_backend(torch.zeros(8, 4, 64, 64), "ddim_jump") == "native"
     assert K.select_backend(torch.zeros(2, 3, device="meta")) == "torch"
     # Without a compiler for the native loops: Inductor, except where a call is too small to pay
     # for a compiled call's fixed overhead.
@@ -378,10 +381,11 @@ def test_native_without_a_compiler_explains(monkeypatch, tmp_path):
         _native.kernel.cache_clear()
 
 
-@pytest.mark.parametrize("shape", [(3, 40_000), (1, 13, 16, 60, 90)])
+@pytest.mark.parametrize("shape", [(3, 40_000), (1, 13, 16, 60, 90), (5_000, 7)])
 def test_native_multi_tile(monkeypatch, shape):
     """Samples longer than one tile (16,384 elements, not a multiple of it): per-sample sums over
-    several tiles, and the video latent's 1.1 M-element sample."""
+    several tiles, and the video latent's 1.1 M-element sample; samples much shorter than a tile:
+    tiles of whole samples (2,340 of 7 elements, the last one partial)."""
     monkeypatch.setenv(_backend.ENV, "native")
     batch = shape[0]
     x0, dc, du, df = _inputs(shape, torch.float32, 4)
