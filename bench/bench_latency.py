@@ -15,11 +15,12 @@ batch 2B). Student: the unrolled K-step sampler. The compiled/ONNX teacher runs 
 around one compiled/exported network evaluation (the per-network graph), the student is one
 compiled module / one ``session.run``. Per case the median wall time of one sampler call is
 recorded (``extra_info``: ms per batch and per image, NFE). On CPU torch and ONNX Runtime use the
-same number of threads.
+same number of threads: the machine's, except for the toy model, which runs on one (``MODEL_THREADS``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -49,6 +50,11 @@ _CACHE: dict = {}
 RESULTS: dict = {}
 RATIOS: dict = {}  # (model, backend) -> teacher 50-step CFG / student K=4, timed interleaved
 RATIO_ROUNDS = 5
+# CPU threads per model where the machine's count is the wrong deployment setting. A 2-D MLP on a
+# 256×2 batch has nothing to split: on the 2-core box a second thread made the ORT K=4 student 2.2x
+# slower when it ran right after the teacher (8.7 vs 4.0 ms; ONNX Runtime's intra-op threads spin
+# after a run and the other session's threads wait for the cores) and the eager one 1.2x slower.
+MODEL_THREADS = {"toy": 1}
 
 
 def _device():
@@ -58,6 +64,19 @@ def _device():
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def model_threads(model: str):
+    """Run the block with the model's CPU thread count (``MODEL_THREADS``); no-op on a GPU."""
+    n = MODEL_THREADS.get(model) if _device().type == "cpu" else None
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def build_model(name: str):
@@ -223,10 +242,11 @@ try:
         reason = _skip_reason(backend)
         if reason:
             pytest.skip(reason)
-        fn = make_sampler(model, backend, kind, steps)
-        benchmark.group = f"{model}"
-        benchmark.pedantic(fn, rounds=ROUNDS[kind], iterations=1, warmup_rounds=0)
-        benchmark.extra_info.update(record(model, backend, kind, steps, benchmark.stats.stats.median))
+        with model_threads(model):
+            fn = make_sampler(model, backend, kind, steps)
+            benchmark.group = f"{model}"
+            benchmark.pedantic(fn, rounds=ROUNDS[kind], iterations=1, warmup_rounds=0)
+            benchmark.extra_info.update(record(model, backend, kind, steps, benchmark.stats.stats.median))
 
     @pytest.mark.parametrize("model,backend", [(m, b) for m in MODELS for b in BACKENDS],
                              ids=[f"{m}-{b}" for m in MODELS for b in BACKENDS])
@@ -236,18 +256,21 @@ try:
         reason = _skip_reason(backend)
         if reason:
             pytest.skip(reason)
-        teacher = make_sampler(model, backend, "teacher", TEACHER_STEPS)
-        student = make_sampler(model, backend, "student", 4)
-        teacher_s, student_s = [], []
-        for _ in range(RATIO_ROUNDS):
-            teacher_s.append(_seconds(teacher))
-            student_s.append(statistics.median(_seconds(student) for _ in range(3)))
+        with model_threads(model):
+            teacher = make_sampler(model, backend, "teacher", TEACHER_STEPS)
+            student = make_sampler(model, backend, "student", 4)
+            teacher_s, student_s = [], []
+            for _ in range(RATIO_ROUNDS):
+                teacher_s.append(_seconds(teacher))
+                student_s.append(statistics.median(_seconds(student) for _ in range(3)))
+            threads = torch.get_num_threads()
         t, s = statistics.median(teacher_s), statistics.median(student_s)
         RATIOS[(model, backend)] = t / s
         benchmark.group = f"{model}"
         benchmark.extra_info.update(model=model, backend=backend, teacher_ms=1e3 * t, student4_ms=1e3 * s,
-                                    interleaved_ratio=t / s, rounds=RATIO_ROUNDS)
-        benchmark.pedantic(student, rounds=1, iterations=1, warmup_rounds=0)
+                                    interleaved_ratio=t / s, rounds=RATIO_ROUNDS, threads=threads)
+        with model_threads(model):
+            benchmark.pedantic(student, rounds=1, iterations=1, warmup_rounds=0)
 
 except ImportError:  # pragma: no cover - the script mode needs no pytest
     pass
@@ -264,23 +287,26 @@ def _seconds(fn) -> float:
 
 def time_case(case, rounds=None):
     model, backend, kind, steps = case
-    fn = make_sampler(model, backend, kind, steps)
-    times = []
-    for _ in range(rounds or ROUNDS[kind]):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return record(model, backend, kind, steps, statistics.median(times))
+    with model_threads(model):
+        fn = make_sampler(model, backend, kind, steps)
+        times = []
+        for _ in range(rounds or ROUNDS[kind]):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return record(model, backend, kind, steps, statistics.median(times))
 
 
 def summary(results=None, ratios=None) -> str:
     """A markdown table plus the acceptance ratios (interleaved ones where measured)."""
     results = results or RESULTS
     ratios = RATIOS if ratios is None else ratios
-    lines = ["| model | backend | sampler | NFE | batch | ms / batch | ms / image |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | backend | sampler | NFE | batch | ms / batch | ms / image | device |",
+             "|---|---|---|---|---|---|---|---|"]
     for (m, b, kind, k), r in sorted(results.items(), key=lambda kv: (kv[0][0], BACKENDS.index(kv[0][1]), kv[0][2] != "teacher", kv[0][3])):
         name = f"teacher {k}-step CFG" if kind == "teacher" else f"student K={k}"
-        lines.append(f"| {m} | {b} | {name} | {r['nfe']} | {r['batch']} | {r['median_ms_per_batch']:.2f} | {r['median_ms_per_image']:.3f} |")
+        lines.append(f"| {m} | {b} | {name} | {r['nfe']} | {r['batch']} | {r['median_ms_per_batch']:.2f} "
+                     f"| {r['median_ms_per_image']:.3f} | {r.get('device', '')} |")
     lines.append("")
     for m in MODELS:
         for b in BACKENDS:
@@ -335,7 +361,8 @@ def main(argv=None):
             cases += [(model, backend, "student", int(k)) for k in args.steps.split(",")]
             if args.interleave:
                 for case in cases:
-                    make_sampler(*case)
+                    with model_threads(model):
+                        make_sampler(*case)
                     print(f"{_ids(case)}: ready", file=sys.stderr, flush=True)
                 all_cases.extend(cases)
                 continue
@@ -348,12 +375,14 @@ def main(argv=None):
         samples = {case: [] for case in all_cases}
         for _ in range(args.interleave):
             for case in all_cases:
-                fn = make_sampler(*case)
-                start = time.perf_counter()
-                fn()
+                with model_threads(case[0]):
+                    fn = make_sampler(*case)
+                    start = time.perf_counter()
+                    fn()
                 samples[case].append(time.perf_counter() - start)
         for case, times in samples.items():
-            record(*case, statistics.median(times))
+            with model_threads(case[0]):
+                record(*case, statistics.median(times))
     text = summary()
     print(text)
     if args.out:
