@@ -244,7 +244,6 @@ def test_multi_chunk_reduction(dtype):
     assert_close_to64(out, R.ddim_jump(x0.double(), dc.double(), a_s, s_s), dtype)
 
 
-@needs_triton
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     batch=st.integers(1, 4),
@@ -254,12 +253,13 @@ def test_multi_chunk_reduction(dtype):
     seed=st.integers(0, 2**16),
 )
 def test_hypothesis_shapes_and_values(monkeypatch, batch, d, scale, cfg, seed):
-    monkeypatch.setenv(_backend.ENV, "triton")
-    gen = torch.Generator().manual_seed(seed)
-    x0, dc, du, df = (torch.randn(batch, d, generator=gen) * scale for _ in range(4))
-    check_generator_loss(x0, dc, du, df, cfg_scale=cfg)
-    check_renoise(x0, dc, du, _schedule(batch, gen))
-    check_fake_score_loss(x0, dc, torch.rand(batch, generator=gen) * 8, torch.randn(batch, generator=gen))
+    for backend in ("triton", "native") if _backend.interpreting() else ("native",):
+        monkeypatch.setenv(_backend.ENV, backend)
+        gen = torch.Generator().manual_seed(seed)
+        x0, dc, du, df = (torch.randn(batch, d, generator=gen) * scale for _ in range(4))
+        check_generator_loss(x0, dc, du, df, cfg_scale=cfg)
+        check_renoise(x0, dc, du, _schedule(batch, gen))
+        check_fake_score_loss(x0, dc, torch.rand(batch, generator=gen) * 8, torch.randn(batch, generator=gen))
 
 
 @pytest.mark.parametrize("backend", _backend_params(["triton", "native"]), indirect=True)
