@@ -211,6 +211,26 @@ def test_unet_text_sampler_onnx(tmp_path):
     assert trt_export.check_profiles_run(path, profiles)["min"] == [[1, 4, 8, 8]]
 
 
+def test_unet_sampler_onnx_opset23_has_fused_attention(tmp_path):
+    """At opset 23 the exporter writes ONNX's Attention (and GroupNormalization) ops, which ONNX
+    Runtime runs fused; TensorRT 10.0 parses opsets up to 20, and the check says so."""
+    from tdm_fast.backbones.unet import UNetAdapter
+
+    student = Denoiser(UNetAdapter(_tiny_unet()), ScheduleConfig(), "epsilon", null_cond=torch.zeros(3, 8)).eval()
+    g = torch.Generator().manual_seed(4)
+    noise, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    path = tmp_path / "unet_k2_opset23.onnx"
+    export_sampler_onnx(student, path, 2, noise, text, opset=23)
+    ops = count_ops(path)
+    assert ops["Attention"] >= 2 and "Softmax" not in ops
+    runner = OrtSampler(path)
+    for b in (1, 3):
+        n, c = torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 3, 8, generator=g)
+        assert relative_error(runner(n, c), sample_student(student, n, c, 2)) <= FP32_TOL
+    with pytest.raises(trt_export.TensorRTCompatibilityError, match=r"opset 23 is outside(.|\n)*\['Attention'\]"):
+        trt_export.check_tensorrt_compatible(path, trt_export.default_profiles(path, batch=(1, 2, 4)))
+
+
 def test_unet_sdxl_dict_condition_onnx(tmp_path):
     from tdm_fast.backbones.unet import UNetAdapter
 
