@@ -57,7 +57,7 @@ COMPILE_MODE = os.environ.get("TDM_BENCH_COMPILE_MODE") or None
 _CACHE: dict = {}
 RESULTS: dict = {}
 RATIOS: dict = {}  # (model, backend) -> teacher 50-step CFG / student K=4, timed interleaved
-RATIO_ROUNDS = 5
+RATIO_ROUNDS = 9  # teacher calls per ratio; the medians swung by ~15 % between runs with 5
 # CPU threads per model where the machine's count is the wrong deployment setting. A 2-D MLP on a
 # 256×2 batch has nothing to split: on the 2-core box a second thread made the ORT K=4 student 2.2x
 # slower when it ran right after the teacher (8.7 vs 4.0 ms; ONNX Runtime's intra-op threads spin
