@@ -66,6 +66,12 @@ struct Tiles {
     i64 lo(i64 c) const { return row(c) * D + (c % per_row) * TILE; }
     i64 hi(i64 c) const { i64 h = lo(c) + TILE, end = (row(c) + 1) * D; return h < end ? h : end; }
     int threads(int n) const { return total < n ? (int)total : n; }
+    // Sample b's sum of per-chunk partials (part[ch] for each chunk ch), in chunk order.
+    double row_sum(const double* part, i64 b) const {
+        double s = 0.0;
+        for (i64 ch = b * per_row; ch < (b + 1) * per_row; ch++) s += part[ch];
+        return s;
+    }
 };
 
 #define TDM_FOR_DTYPES(X) X(f32, float) X(f64, double) X(f16, _Float16) X(bf16, bf16)
@@ -145,6 +151,11 @@ def available() -> bool:
         warnings.warn(f"tdm_fast: native CPU kernels unavailable, using torch.compile instead: {err}", stacklevel=3)
         return False
     return True
+
+
+def table(*per_sample: torch.Tensor) -> torch.Tensor:
+    """The (n, B) float64 table of per-sample scalars a native loop reads."""
+    return torch.stack(per_sample).to(torch.float64).contiguous()
 
 
 def threads() -> int:

@@ -84,7 +84,7 @@ _NATIVE_ARGS = (*[_native.PTR] * 4, _native.I64, _native.I64, _native.INT)
 
 def _launch_native(x0, eps, alpha_next, sigma_next):
     x, e = x0.contiguous(), eps.contiguous()
-    table = torch.stack([alpha_next, sigma_next]).to(torch.float64).contiguous()
+    table = _native.table(alpha_next, sigma_next)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     _native.check(_native.kernel(_NATIVE, "ddim_jump", x.dtype, _NATIVE_ARGS)(
         x.data_ptr(), e.data_ptr(), table.data_ptr(), out.data_ptr(), x.shape[0], x.numel() // x.shape[0],

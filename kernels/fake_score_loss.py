@@ -96,11 +96,7 @@ static int fake_score_loss(const T* d, const T* target, const double* table, T* 
             part[ch] = acc;
         }
     double total = 0.0;
-    for (i64 b = 0; b < B; b++) {
-        double sq = 0.0;
-        for (i64 k = b * tiles.per_row; k < (b + 1) * tiles.per_row; k++) sq += part[k];
-        total += weight[b] * sq;
-    }
+    for (i64 b = 0; b < B; b++) total += weight[b] * tiles.row_sum(part, b);
     *loss = (acc_t<T>)(total / ((double)B * D));
     std::free(part);
     return 0;
@@ -119,7 +115,7 @@ _NATIVE_ARGS = (*[_native.PTR] * 4, _native.I64, _native.I64, _native.F64, _nati
 
 def _launch_native(d_fake, x0_target, snr_tau, log_w, snr_cap):
     d, t = d_fake.contiguous(), x0_target.contiguous()
-    table = torch.stack([snr_tau, log_w]).to(torch.float64).contiguous()
+    table = _native.table(snr_tau, log_w)
     grad = torch.empty_like(d, memory_format=torch.contiguous_format)
     loss = torch.empty((), dtype=_backend.compute_dtype(d))
     _native.check(_native.kernel(_NATIVE, "fake_score_loss", d.dtype, _NATIVE_ARGS)(

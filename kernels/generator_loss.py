@@ -170,9 +170,11 @@ static int generator_loss(const T* x, const T* dc, const T* du, const T* df, T* 
                           double cfg_scale, double huber_c, int huber, int normalize, int n_threads, acc_t<T>* loss) {
     using C = acc_t<T>;
     const Tiles tiles(B, D);
-    double* part = (double*)std::malloc(sizeof(double) * (2 * tiles.chunks + B));
-    if (!part) return 1;
-    double* scale = part + 2 * tiles.chunks;
+    // Per-chunk sums of |x0 - D_cfg| and of the distance, then the per-sample factors.
+    double* dist = (double*)std::malloc(sizeof(double) * (2 * tiles.chunks + B));
+    if (!dist) return 1;
+    double* ell = dist + tiles.chunks;
+    double* scale = ell + tiles.chunks;
     const C cfg = (C)cfg_scale, c = (C)huber_c;
     double total = 0.0;
     #pragma omp parallel num_threads(tiles.threads(n_threads))
@@ -182,35 +184,33 @@ static int generator_loss(const T* x, const T* dc, const T* du, const T* df, T* 
         for (i64 t = 0; t < tiles.total; t++)
             for (i64 ch = tiles.first(t); ch < tiles.end(t); ch++) {
                 const i64 lo = tiles.lo(ch), hi = tiles.hi(ch);
-                double dist = 0.0, ell = 0.0;
+                double d_sum = 0.0, e_sum = 0.0;
                 if (huber) {
-                    #pragma omp simd reduction(+:dist, ell)
+                    #pragma omp simd reduction(+:d_sum, e_sum)
                     for (i64 i = lo; i < hi; i++) {
                         const C u_ = ld<C>(du, i), d_cfg = u_ + cfg * (ld<C>(dc, i) - u_), u = ld<C>(df, i) - d_cfg;
                         const C r = std::sqrt(u * u + c * c);
-                        dist += std::abs(ld<C>(x, i) - d_cfg);
-                        ell += u * u / (r + c);  // = r - c without its cancellation when |u| << c
+                        d_sum += std::abs(ld<C>(x, i) - d_cfg);
+                        e_sum += u * u / (r + c);  // = r - c without its cancellation when |u| << c
                         st(grad, i, u / r);
                     }
                 } else {
-                    #pragma omp simd reduction(+:dist, ell)
+                    #pragma omp simd reduction(+:d_sum, e_sum)
                     for (i64 i = lo; i < hi; i++) {
                         const C u_ = ld<C>(du, i), d_cfg = u_ + cfg * (ld<C>(dc, i) - u_), u = ld<C>(df, i) - d_cfg;
-                        dist += std::abs(ld<C>(x, i) - d_cfg);
-                        ell += u * u;
+                        d_sum += std::abs(ld<C>(x, i) - d_cfg);
+                        e_sum += u * u;
                         st(grad, i, (C)2 * u);
                     }
                 }
-                part[2 * ch] = dist;
-                part[2 * ch + 1] = ell;
+                dist[ch] = d_sum;
+                ell[ch] = e_sum;
             }
         #pragma omp single
         for (i64 b = 0; b < B; b++) {
-            double dist = 0.0, ell = 0.0;
-            for (i64 k = b * tiles.per_row; k < (b + 1) * tiles.per_row; k++) { dist += part[2 * k]; ell += part[2 * k + 1]; }
-            const double norm = normalize ? std::fmax(dist / D, 1e-6) : 1.0;
+            const double norm = normalize ? std::fmax(tiles.row_sum(dist, b) / D, 1e-6) : 1.0;
             scale[b] = 1.0 / (norm * B * D);
-            total += ell / (norm * D);
+            total += tiles.row_sum(ell, b) / (norm * D);
         }
         #pragma omp for schedule(static)
         for (i64 t = 0; t < tiles.total; t++)
@@ -222,7 +222,7 @@ static int generator_loss(const T* x, const T* dc, const T* du, const T* df, T* 
             }
     }
     *loss = (acc_t<T>)(total / B);
-    std::free(part);
+    std::free(dist);
     return 0;
 }
 

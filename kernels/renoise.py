@@ -119,11 +119,7 @@ static int renoise(const T* x0, const T* eps, const T* z, const double* table, T
             }
             part[ch] = acc;
         }
-    for (i64 b = 0; b < B; b++) {
-        double acc = 0.0;
-        for (i64 k = b * tiles.per_row; k < (b + 1) * tiles.per_row; k++) acc += part[k];
-        log_w[b] = (C)(0.5 * acc / D);
-    }
+    for (i64 b = 0; b < B; b++) log_w[b] = (C)(0.5 * tiles.row_sum(part, b) / D);
     std::free(part);
     return 0;
 }
@@ -141,7 +137,7 @@ _NATIVE_ARGS = (*[_native.PTR] * 6, _native.I64, _native.I64, _native.INT)
 
 def _launch_native(x0, eps, z, scalars):
     x, e, zz = (t.contiguous() for t in (x0, eps, z))
-    table = torch.stack(scalars).to(torch.float64).contiguous()
+    table = _native.table(*scalars)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     log_w = torch.empty(x.shape[0], dtype=_backend.compute_dtype(x))
     rc = _native.kernel(_NATIVE, "renoise", x.dtype, _NATIVE_ARGS)(
