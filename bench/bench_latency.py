@@ -17,8 +17,9 @@ Models (random weights except the shipped digits teacher; latency does not depen
 Teacher: DDIM with CFG at 50 trailing steps (w = 4.5; cond and uncond batched, 50 evaluations of
 batch 2B). Student: the unrolled K-step sampler. The compiled/ONNX teacher runs the Python DDIM loop
 around one compiled/exported network evaluation (the per-network graph), the student is one
-compiled module / one ``session.run``; ONNX Runtime graphs are exported at opset 23 (``ORT_OPSET``). Per case the median wall time of one sampler call is
-recorded (``extra_info``: ms per batch and per image, NFE). On CPU torch and ONNX Runtime use the
+compiled module / one ``session.run``; ONNX Runtime graphs are exported at opset 23 (``ORT_OPSET``).
+Per case the median wall time of one sampler call is recorded (``extra_info``: ms per batch and per
+image, NFE). On CPU torch and ONNX Runtime use the
 same number of threads: the machine's, except for the toy model, which runs on one (``MODEL_THREADS``).
 """
 from __future__ import annotations
