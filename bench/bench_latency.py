@@ -19,8 +19,8 @@ batch 2B). Student: the unrolled K-step sampler. The compiled/ONNX teacher runs 
 around one compiled/exported network evaluation (the per-network graph), the student is one
 compiled module / one ``session.run``; ONNX Runtime graphs are exported at opset 23 (``ORT_OPSET``).
 Per case the median wall time of one sampler call is recorded (``extra_info``: ms per batch and per
-image, NFE). On CPU torch and ONNX Runtime use the
-same number of threads: the machine's, except for the toy model, which runs on one (``MODEL_THREADS``).
+image, NFE). On CPU torch and ONNX Runtime use the same number of threads: the machine's, except
+for the toy model, which runs on one (``MODEL_THREADS``).
 """
 from __future__ import annotations
 
