@@ -248,7 +248,7 @@ def measure(op, shape_name, impls=IMPLS, rounds=10, device=None):
 def _rounds(shape_name, device):
     if device.type == "cuda":
         return 50
-    return {"sd15": 30, "sdxl": 10, "video": 5}[shape_name]
+    return {"sd15": 100, "sdxl": 20, "video": 5}[shape_name]
 
 
 # ---------------------------------------------------------------- pytest-benchmark entry points
