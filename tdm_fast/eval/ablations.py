@@ -63,7 +63,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def run_ablations(
     out_dir: str | Path = "runs/ablations",
-    iterations: int = 200,
+    iterations: int = 600,
     seeds: tuple[int, ...] = (0, 1, 2),
     variants: tuple[str, ...] = tuple(VARIANTS),
     samples: int = 2000,

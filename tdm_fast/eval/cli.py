@@ -34,7 +34,7 @@ def add_eval_arguments(parser) -> None:
     ablations.add_argument("--ablations", action="store_true", help="train and evaluate the ablation variants")
     if "--out" not in parser._option_string_actions:
         ablations.add_argument("--out", default="runs/ablations")
-    ablations.add_argument("--iterations", type=int, default=200)
+    ablations.add_argument("--iterations", type=int, default=600, help="per student (600, as bench/bench_ablations.py)")
     ablations.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of each variant")
     ablations.add_argument("--variants", nargs="+", default=None)
     ablations.add_argument("--curve-every", type=int, default=50)
