@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _native
+
 BACKENDS = ("triton", "native", "compile", "torch")
 ENV = "TDM_FAST_KERNELS"
 
@@ -47,8 +49,6 @@ def select(x: torch.Tensor, op: str | None = None) -> str:
     if x.device.type == "cuda":
         return "triton"
     if x.device.type == "cpu":
-        from . import _native
-
         native = _native.available()
         threshold = (NATIVE_MIN_NUMEL if native else COMPILE_MIN_NUMEL).get(op, 0)
         if x.numel() < threshold:

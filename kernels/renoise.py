@@ -145,7 +145,7 @@ def _launch_native(x0, eps, z, scalars):
         x.shape[0], x.numel() // x.shape[0], _native.threads(),
     )
     if rc in (2, 3):
-        _validate.raise_if_bad_transition(torch.tensor(False), torch.tensor(rc == 3))
+        _validate.raise_if_bad_transition(False, rc == 3)
     _native.check(rc)
     return out, log_w
 
