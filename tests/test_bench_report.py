@@ -111,3 +111,21 @@ def test_render_inlines_attachments_and_the_suite_summary(tmp_path):
     assert "| sweep | table |" in md and "[kernels-GPU-X-tests.log](results/kernels-GPU-X-tests.log)" in md
     assert "plus uncommitted changes" in md
     assert "| renoise | sd15 | 0.100 | 0.400 | 0.200 | **4.00x** | 2.00x |" in md
+
+
+def test_latency_summary_explains_a_ratio_below_20x(tmp_path):
+    """A launch-bound GPU row (a CFG step of batch 2 costs what a student step of batch 1 costs)
+    gets the per-step costs that explain it; a compute-bound row does not."""
+    def row(model, kind, steps, ms, batch):
+        return _bench(f"test_latency[{model}-eager-{kind}{steps}]", ms / 1e3, 1e-6,
+                      {"model": model, "backend": "eager", "kind": kind, "steps": steps, "nfe": steps * (2 if kind == "teacher" else 1),
+                       "batch": batch, "median_ms_per_batch": ms, "median_ms_per_image": ms / batch, "device": "GPU X"})
+    benches = [row("unet", "teacher", 50, 50.0, 1), row("unet", "student", 4, 4.0, 1),    # 12.5x
+               row("toy", "teacher", 50, 100.0, 8), row("toy", "student", 4, 4.0, 8)]    # 25x
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "latency-GPU-X.json").write_text(json.dumps(_json(benches)))
+    md, _ = render(results, plots=False)
+    assert "unet/eager: student K=4 is 12.5x faster" in md and "toy/eager: student K=4 is 25.0x faster" in md
+    assert md.count("why below 20x") == 1
+    assert "a teacher step (CFG, batch 2) takes 1 ms, a student step (batch 1) 1 ms (1.00x)" in md

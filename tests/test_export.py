@@ -301,6 +301,36 @@ def test_compiled_matches_eager(small_toy, toy_inputs, k):
     assert relative_error(sampler(noise, labels), ref) <= FP32_TOL
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs, channels_last)")
+@pytest.mark.parametrize("k", STEPS)
+def test_cuda_graph_sampler_matches_eager(k):
+    """The GPU default path: CUDA-graph replay, channels_last weights, cloned outputs. fp32 parity is
+    checked with TF32 off (cuDNN convolutions use TF32 by default, which alone moves the result by
+    ~1e-4, in eager as well)."""
+    from tdm_fast.backbones.unet import UNetAdapter
+
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        student = Denoiser(UNetAdapter(_tiny_unet()), ScheduleConfig(), "epsilon", null_cond=torch.zeros(3, 8),
+                           steps_set=STEPS).cuda().eval()
+        torch.nn.init.normal_(student.steps_embedding.embedding.weight)
+        g = torch.Generator(device="cuda").manual_seed(3)
+        noise, text = torch.randn(2, 4, 8, 8, generator=g, device="cuda"), torch.randn(2, 3, 8, generator=g, device="cuda")
+        sampler = compile_sampler(student, k, mode="reduce-overhead")
+        with torch.no_grad():
+            ref = sample_student(student, noise, text, k)
+        first = sampler(noise, text)
+        second = sampler(noise * 0.5, text)  # a replay must not overwrite what the first call returned
+        assert relative_error(first, ref) <= FP32_TOL
+        with torch.no_grad():
+            assert relative_error(second, sample_student(student, noise * 0.5, text, k)) <= FP32_TOL
+        assert relative_error(sampler(noise, text), ref) <= FP32_TOL
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch._dynamo.reset()
+
+
 def test_every_compiled_sampler_of_a_process_is_compiled(toy_inputs):
     """More samplers than Dynamo's per-code-object recompile limit (8): none may fall back to eager."""
     noise, labels = toy_inputs
