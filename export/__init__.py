@@ -2,8 +2,10 @@
 
 - :func:`compile_sampler` — ``torch.compile`` of the unrolled K-step sampler (:class:`StudentSampler`).
 - :func:`export_sampler_onnx` — the whole K-step sampler as one ONNX graph (K network copies, no
-  loop; times and α/σ baked in); :func:`export_denoiser_onnx` — one network evaluation.
-- :class:`OrtSampler` / :class:`OrtDenoiser` — ONNX Runtime with the torch call signatures.
+  loop; times and α/σ baked in); :func:`export_denoiser_onnx` — one network evaluation;
+  :func:`export_vae_decoder_onnx` — the VAE decoder (latents to images) as its own graph.
+- :class:`OrtSampler` / :class:`OrtDenoiser` / :class:`OrtDecoder` — ONNX Runtime with the torch
+  call signatures.
 - :mod:`tdm_fast.export.tensorrt` — engines, a CUDA-graph runner, and TensorRT-readiness checks.
 - :mod:`tdm_fast.export.cli` — ``add_export_arguments``/``run_export``/``load_runner`` for the CLI.
 
@@ -29,6 +31,10 @@ _EXPORTS = {
     "UnsupportedOperatorError": "onnx",
     "OrtSampler": "runtime",
     "OrtDenoiser": "runtime",
+    "OrtDecoder": "runtime",
+    "LatentDecoder": "vae",
+    "export_vae_decoder_onnx": "vae",
+    "load_vae": "vae",
     "build_engine": "tensorrt",
     "TensorRTRunner": "tensorrt",
     "check_tensorrt_compatible": "tensorrt",

@@ -7,7 +7,8 @@ command one call signature for every backend: ``runner(noise, cond) -> x̂0``.
 
 Files written by ``--format onnx`` (and used by ``--format tensorrt`` and the runners):
 ``<out>/sampler_k{K}_{dtype}.onnx`` (whole K-step sampler), ``<out>/denoiser_{dtype}.onnx``
-(with ``--per-network``), ``<out>/sampler_k{K}_{dtype}.engine`` + ``.engine.json`` (TensorRT),
+(with ``--per-network``), ``<out>/vae_decoder_{dtype}.onnx`` (with ``--vae``: latents -> images, one graph for every K),
+``<out>/sampler_k{K}_{dtype}.engine`` + ``.engine.json`` (TensorRT; ``vae_decoder_*.engine`` too),
 ``<out>/compile_k{K}.json`` (``--format compile``: a manifest; the compiled kernels live in
 torch inductor's on-disk cache, which the export warms).
 """
@@ -47,6 +48,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--cond-shape", default=None,
                         help="per-sample text-embedding shape, e.g. 77,768 (default: the checkpoint's null condition)")
     parser.add_argument("--per-network", action="store_true", help="also export one network evaluation (x_t, t, cond)")
+    parser.add_argument("--vae", default=None,
+                        help="also export this VAE's decoder (latents -> images in [0, 1]) as its own graph: "
+                             "a diffusers VAE folder or a pipeline folder with vae/")
     parser.add_argument("--dynamic-resolution", action="store_true", help="symbolic height/width (TensorRT profiles)")
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
@@ -126,13 +130,16 @@ def onnx_name(steps: int, dtype: str) -> str:
 
 
 def run_export(args, student: Denoiser | None = None) -> dict:
-    """Runs ``tdm-fast export``; returns ``{"files": [...], "parity": {K: rel. error}, ...}``.
+    """Runs ``tdm-fast export``; returns ``{"files": [...], "parity": {K or "vae_decoder": rel. error}, ...}``.
 
     ``student`` overrides loading ``args.checkpoint`` with ``Denoiser.from_pretrained`` (e.g. the
     CLI's own loader that also accepts run folders).
     """
     from .onnx import export_denoiser_onnx, export_sampler_onnx
     from .sampler import compile_sampler
+
+    if args.vae and args.format == "compile":
+        raise ValueError("--vae exports the decoder as an ONNX graph: use it with --format onnx or tensorrt")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     checkpoint = Path(args.checkpoint)
@@ -169,15 +176,7 @@ def run_export(args, student: Denoiser | None = None) -> dict:
                 got = OrtSampler(path)(noise.to(device="cpu", dtype=dt), cast_cond(cond, dt, "cpu"))
                 result["parity"][steps] = relative_error(got, ref)
             if args.format == "tensorrt":
-                from .tensorrt import build_engine
-
-                resolution = _shape(args.trt_resolution)
-                if resolution:
-                    resolution = (resolution[0:2], resolution[2:4], resolution[4:6])
-                engine = build_engine(path, batch=_shape(args.trt_batch), resolution=resolution,
-                                      fp16=args.trt_precision == "fp16", bf16=args.trt_precision == "bf16",
-                                      timing_cache=args.timing_cache)
-                result["files"] += [str(engine), str(engine) + ".json"]
+                result["files"] += _build_engine(args, path)
         result["timings_s"][steps] = round(time.perf_counter() - start, 2)
     if args.per_network and args.format != "compile":
         path = out / f"denoiser_{args.dtype}.onnx"
@@ -185,11 +184,51 @@ def run_export(args, student: Denoiser | None = None) -> dict:
                              dtype=args.dtype, dynamic_resolution=args.dynamic_resolution, opset=args.opset,
                              exporter=args.exporter)
         result["files"].append(str(path))
+    if args.vae:
+        _export_decoder(args, noise, device, out, result)
     for steps, err in result["parity"].items():
-        print(f"K={steps}: {args.format} vs torch max relative error {err:.2e}")
+        label = "VAE decoder" if steps == "vae_decoder" else f"K={steps}"
+        print(f"{label}: {args.format} vs torch max relative error {err:.2e}")
     for f in result["files"]:
         print(f"wrote {f}")
     return result
+
+
+def _export_decoder(args, noise: torch.Tensor, device, out: Path, result: dict) -> None:
+    """``--vae``: the decoder graph for the student's latents, its ORT parity and its engine."""
+    from .vae import LatentDecoder, export_vae_decoder_onnx, load_vae
+
+    vae = load_vae(args.vae).to(device)
+    channels = int(vae.config.latent_channels)
+    if noise.dim() != 4 or noise.shape[1] != channels:
+        raise ValueError(f"the VAE decodes latents of {channels} channels (B, {channels}, h, w), but this student "
+                         f"samples {tuple(noise.shape[1:])}")
+    path = out / f"vae_decoder_{args.dtype}.onnx"
+    export_vae_decoder_onnx(vae, path, noise, args.dtype, dynamic_resolution=args.dynamic_resolution,
+                            opset=args.opset, exporter=args.exporter)
+    result["files"].append(str(path))
+    if not args.no_verify:
+        from .runtime import OrtDecoder
+
+        dt = torch.float32 if args.dtype == "fp32" else torch.float16
+        with torch.no_grad():
+            ref = LatentDecoder(vae)(noise)
+        result["parity"]["vae_decoder"] = relative_error(OrtDecoder(path)(noise.to(device="cpu", dtype=dt)), ref)
+    if args.format == "tensorrt":
+        result["files"] += _build_engine(args, path)
+
+
+def _build_engine(args, onnx_path: Path) -> list[str]:
+    """The TensorRT engine of one exported graph with the ``--trt-*`` settings; the files written."""
+    from .tensorrt import build_engine
+
+    resolution = _shape(args.trt_resolution)
+    if resolution:
+        resolution = (resolution[0:2], resolution[2:4], resolution[4:6])
+    engine = build_engine(onnx_path, batch=_shape(args.trt_batch), resolution=resolution,
+                          fp16=args.trt_precision == "fp16", bf16=args.trt_precision == "bf16",
+                          timing_cache=args.timing_cache)
+    return [str(engine), str(engine) + ".json"]
 
 
 # -- runners ----------------------------------------------------------------------------------

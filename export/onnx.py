@@ -153,6 +153,10 @@ def _check_runs(fn, dtype, noise, cond):
         ) from error
 
 
+_DOC_STRINGS = {"sampler": "tdm-fast deterministic few-step sampler", "denoiser": "tdm-fast denoiser",
+                "vae_decoder": "tdm-fast VAE decoder (latents to images in [0, 1])"}
+
+
 def _set_metadata(path: Path, meta: dict) -> dict:
     import onnx
 
@@ -162,7 +166,7 @@ def _set_metadata(path: Path, meta: dict) -> dict:
         entry = model.metadata_props.add()
         entry.key = META_PREFIX + key
         entry.value = value if isinstance(value, str) else json.dumps(value)
-    model.doc_string = "tdm-fast deterministic few-step sampler" if meta.get("graph") == "sampler" else "tdm-fast denoiser"
+    model.doc_string = _DOC_STRINGS[meta["graph"]]
     external = model.ByteSize() > 1_800_000_000
     onnx.save(model, str(path), save_as_external_data=external)
     onnx.checker.check_model(str(path), full_check=True)

@@ -2,7 +2,8 @@
 
 :class:`OrtSampler` runs an exported sampler graph: ``runner(noise, cond) -> x̂0`` in one
 ``session.run`` call. :class:`OrtDenoiser` runs a per-network graph:
-``runner(x_t, t, cond) -> (x0, eps)``. Inputs are checked against the graph's declared shapes and
+``runner(x_t, t, cond) -> (x0, eps)``; :class:`OrtDecoder` a VAE decoder graph:
+``runner(latents) -> images``. Inputs are checked against the graph's declared shapes and
 dtypes before the call, and a mismatch raises ``ValueError`` naming the input and what it expects.
 """
 from __future__ import annotations
@@ -136,3 +137,17 @@ class OrtDenoiser(_OrtRunner):
         values = {"x_t": x_t, "t": t, **dict(zip(self.cond_spec.names, self.cond_spec.flatten(cond)))}
         x0, eps = self._run(self._feed(values), device)
         return x0, eps
+
+
+class OrtDecoder(_OrtRunner):
+    """``OrtDecoder(path)(latents) -> images`` in [0, 1]: an exported VAE decoder graph
+    (:func:`tdm_fast.export.vae.export_vae_decoder_onnx`)."""
+
+    def __init__(self, path, providers=None, threads=None, session_options=None):
+        super().__init__(path, providers, threads, session_options)
+        if self.meta.get("graph") != "vae_decoder":
+            raise ValueError(f"{self.path} is not a VAE decoder graph (inputs {self.input_order}); use OrtSampler")
+
+    def __call__(self, latents) -> torch.Tensor:
+        device = latents.device if isinstance(latents, torch.Tensor) else torch.device("cpu")
+        return self._run(self._feed({"latents": latents}), device)[0]

@@ -371,8 +371,8 @@ def _torch_dtype(trt, dtype):
 
 
 class TensorRTRunner:
-    """``TensorRTRunner(engine)(noise, cond) -> x̂0`` (or ``(x_t, t, cond) -> (x0, eps)`` for a
-    per-network engine), with torch CUDA buffers preallocated per input-shape set and optional
+    """``TensorRTRunner(engine)(noise, cond) -> x̂0`` (``(x_t, t, cond) -> (x0, eps)`` for a
+    per-network engine, ``(latents) -> images`` for a VAE decoder engine), with torch CUDA buffers preallocated per input-shape set and optional
     CUDA-graph replay (``cuda_graph=True``; outputs are cloned before return)."""
 
     def __init__(self, engine_path, cuda_graph: bool = False):
@@ -400,8 +400,9 @@ class TensorRTRunner:
             (self.inputs if mode == trt.TensorIOMode.INPUT else self.outputs).append(name)
         self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in self.inputs + self.outputs}
         onnx_meta = self.meta.get("onnx_metadata", {})
-        self.per_network = onnx_meta.get("graph") == "denoiser"
-        lead = ("x_t", "t") if self.per_network else ("noise",)
+        self.graph = onnx_meta.get("graph", "sampler")
+        self.per_network = self.graph == "denoiser"
+        lead = {"denoiser": ("x_t", "t"), "vae_decoder": ("latents",)}.get(self.graph, ("noise",))
         names = tuple(n for n in self.inputs if n not in lead)
         self.cond_spec = CondSpec(onnx_meta.get("cond_kind", "dict" if len(names) > 1 else "tensor"), names)
         self.profiles = self.meta.get("profiles", {})
@@ -468,6 +469,9 @@ class TensorRTRunner:
 
     def __call__(self, *args):
         torch = self.torch
+        if self.graph == "vae_decoder":
+            (latents,) = args
+            return self._execute({"latents": latents.to(self.device)})[0]
         if self.per_network:
             x_t, t, cond = args
             t = torch.as_tensor(t, device=self.device).long().reshape(-1).expand(x_t.shape[0])

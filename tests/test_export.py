@@ -30,7 +30,8 @@ from tdm_fast.export.onnx import (  # noqa: E402
     export_sampler_onnx,
     read_metadata,
 )
-from tdm_fast.export.runtime import OrtDenoiser, OrtSampler  # noqa: E402
+from tdm_fast.export.runtime import OrtDecoder, OrtDenoiser, OrtSampler  # noqa: E402
+from tdm_fast.export.vae import LatentDecoder, export_vae_decoder_onnx, load_vae  # noqa: E402
 from tdm_fast.export.sampler import StudentSampler, compile_sampler, ddim_loop  # noqa: E402
 from tdm_fast.export import tensorrt as trt_export  # noqa: E402
 
@@ -407,6 +408,105 @@ def test_tensorrt_engine_matches_torch(toy, toy_onnx, toy_inputs, tmp_path):
         got = runner(noise.cuda(), labels.cuda())
         assert relative_error(got, ref) <= 1e-3  # TF32 may be used by TensorRT for fp32 GEMMs
         assert relative_error(runner(noise.cuda(), labels.cuda()), ref) <= 1e-3
+
+
+# -- VAE decoder -------------------------------------------------------------------------------
+
+
+def _tiny_vae(**extra):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                         sample_size=16, **extra).eval()
+
+
+def _pipeline_decode(vae, latents):
+    """What a diffusers pipeline does with the final latents (SD1.5/SDXL/SD3 ``__call__``)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    config = vae.config
+    if config.latents_mean is not None:
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (config.latents_mean, config.latents_std))
+        z = latents * std / config.scaling_factor + mean
+    else:
+        z = latents / config.scaling_factor + (config.shift_factor or 0.0)
+    with torch.no_grad():
+        return VaeImageProcessor().postprocess(vae.decode(z).sample, output_type="pt")
+
+
+@pytest.fixture(scope="module")
+def vae_onnx(tmp_path_factory):
+    """A tiny AutoencoderKL saved as a pipeline's vae/ folder, loaded back and exported."""
+    root = tmp_path_factory.mktemp("vae")
+    _tiny_vae().save_pretrained(root / "pipe" / "vae")
+    vae = load_vae(root / "pipe")
+    meta = export_vae_decoder_onnx(vae, root / "vae_decoder.onnx", (4, 8, 8), dynamic_resolution=True)
+    return vae, root / "vae_decoder.onnx", meta
+
+
+def test_vae_decoder_onnx_matches_the_pipeline(vae_onnx):
+    vae, path, meta = vae_onnx
+    decoder = OrtDecoder(path)
+    g = torch.Generator().manual_seed(5)
+    for shape in ((1, 4, 8, 8), (3, 4, 8, 8), (2, 4, 12, 10)):  # dynamic batch and resolution
+        latents = torch.randn(*shape, generator=g)
+        images = decoder(latents)
+        assert images.shape == (shape[0], 3, 2 * shape[2], 2 * shape[3])
+        assert relative_error(images, _pipeline_decode(vae, latents)) <= FP32_TOL
+        assert 0 <= float(images.min()) and float(images.max()) <= 1
+    assert meta["graph"] == "vae_decoder" and meta["scaling_factor"] == vae.config.scaling_factor and meta["upscale"] == 2
+    assert read_metadata(path)["outputs"][0]["range"] == [0, 1]
+    with pytest.raises(ValueError, match=r"input 'latents' has shape \(2, 3, 8, 8\), expected shape \('batch', 4, 'height', 'width'\)"):
+        decoder(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="not a sampler graph"):
+        OrtSampler(path)
+    # What TensorRT needs, checked without it, over a resolution profile.
+    profiles = trt_export.default_profiles(path, batch=(1, 2, 4), resolution=((8, 8), (12, 12), (16, 16)))
+    report = trt_export.check_tensorrt_compatible(path, profiles)
+    assert report["ok"] and report["profiles"]["max"]["images"] == [4, 3, 32, 32]
+    assert trt_export.check_profiles_run(path, profiles)["opt"] == [[2, 3, 24, 24]]
+
+
+def test_vae_decoder_fp16(tmp_path):
+    vae = _tiny_vae()
+    meta = export_vae_decoder_onnx(vae, tmp_path / "vae16.onnx", (4, 8, 8), dtype="fp16")
+    latents = torch.randn(2, 4, 8, 8)
+    images = OrtDecoder(tmp_path / "vae16.onnx")(latents.half())
+    assert meta["dtype"] == "fp16" and images.dtype == torch.float32
+    assert relative_error(images, _pipeline_decode(vae, latents)) <= FP16_TOL
+
+
+@pytest.mark.parametrize("config", [dict(shift_factor=0.1159, scaling_factor=1.5305),  # SD3
+                                    dict(latents_mean=(0.1, -0.2, 0.3, 0.0), latents_std=(1.1, 0.9, 1.0, 1.2),
+                                         scaling_factor=0.13025)])  # SDXL-style statistics
+def test_latent_decoder_unscales_like_the_pipelines(config):
+    vae = _tiny_vae(**config)
+    latents = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert relative_error(LatentDecoder(vae)(latents), _pipeline_decode(vae, latents)) <= 1e-5  # x·(1/s) vs x/s
+    with pytest.raises(ValueError, match=r"latents must be \(B, 4, h, w\)"):
+        LatentDecoder(vae)(torch.randn(2, 3, 8, 8))
+
+
+def test_cli_exports_the_vae_decoder_beside_the_sampler(tmp_path):
+    from tdm_fast.backbones.unet import UNetAdapter
+
+    student = Denoiser(UNetAdapter(_tiny_unet()), ScheduleConfig(), "epsilon", null_cond=torch.zeros(3, 8)).eval()
+    student.save_pretrained(tmp_path / "ckpt")
+    _tiny_vae().save_pretrained(tmp_path / "vae")
+    parser = export_cli.add_export_arguments(argparse.ArgumentParser())
+    common = ["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--steps", "1"]
+    result = export_cli.run_export(parser.parse_args(["--format", "onnx", "--vae", str(tmp_path / "vae"), *common]))
+    assert set(result["parity"]) == {1, "vae_decoder"} and max(result["parity"].values()) <= FP32_TOL
+    assert str(tmp_path / "out" / "vae_decoder_fp32.onnx") in result["files"]
+    latents = export_cli.load_runner("onnx", tmp_path / "out", 1)(torch.randn(2, 4, 8, 8), torch.randn(2, 3, 8))
+    assert OrtDecoder(tmp_path / "out" / "vae_decoder_fp32.onnx")(latents).shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="--format onnx or tensorrt"):
+        export_cli.run_export(parser.parse_args(["--format", "compile", "--vae", str(tmp_path / "vae"), *common]))
+    with pytest.raises(FileNotFoundError, match="no VAE at"):
+        load_vae(tmp_path / "ckpt")
 
 
 # -- CLI helpers -------------------------------------------------------------------------------
