@@ -9,6 +9,8 @@ has ``latents_mean``/``latents_std`` (SDXL-style), else ``z = latents / scaling_
 """
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 
 import torch
@@ -53,8 +55,6 @@ class LatentDecoder(nn.Module):
 def load_vae(path: str | Path) -> nn.Module:
     """A diffusers VAE from its folder or from a pipeline folder holding ``vae/``; the class is the
     one its ``config.json`` names (``AutoencoderKL`` and its relatives)."""
-    import json
-
     import diffusers
 
     path = Path(path)
@@ -89,8 +89,6 @@ def export_vae_decoder_onnx(
         dynamic_resolution: latent height and width are symbolic (``height``/``width``), for
             TensorRT profiles over resolutions.
     """
-    import copy
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = resolve_dtype(dtype)
