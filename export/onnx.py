@@ -303,6 +303,9 @@ def _export_inputs(denoiser: Denoiser, noise, cond, dtype, dynamic_batch: bool, 
         noise = torch.cat([noise, noise])
         cond = {k: torch.cat([v, v]) for k, v in cond.items()} if isinstance(cond, dict) else torch.cat([cond, cond])
     model = prepare_for_export(denoiser, dtype=dtype, device=device)
+    check_traceable = getattr(model.model, "check_traceable", None)  # a backbone's known tracing limits
+    if check_traceable is not None:
+        check_traceable(tuple(noise.shape))
     dev = _param_device(model) if device is None else torch.device(device)
     conds = tuple(cast_cond(c, dtype, dev) for c in spec.flatten(cond))
     return model, spec, noise.to(device=dev, dtype=dtype), conds

@@ -77,6 +77,11 @@ def cast_cond(cond, dtype: torch.dtype, device=None):
 
 
 def has_lora(module: nn.Module) -> bool:
+    """Whether ``module`` carries LoRA: peft adapters, or a role of our shared LoRA base."""
+    from tdm_fast.lora import LoRARole
+
+    if isinstance(module, LoRARole):
+        return True
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # pragma: no cover - peft is a dependency
@@ -115,9 +120,16 @@ def fuse_lora(module: nn.Module) -> nn.Module:
 def prepare_for_export(student: Denoiser, dtype: torch.dtype | None = None, device=None) -> Denoiser:
     """A deep copy of ``student`` in eval mode with LoRA fused, optionally cast to ``dtype``/``device``.
 
-    The steps embedding's forward hook is re-registered on the copy (``copy.deepcopy`` keeps the
-    hook bound to the original's embedding otherwise).
+    A student trained with LoRA roles (:class:`tdm_fast.lora.LoRARole`, the real backbones) becomes
+    a plain denoiser around a merged copy of the base (:func:`tdm_fast.lora.merged_denoiser`). The
+    steps embedding's forward hook is re-registered on the copy (``copy.deepcopy`` keeps the hook
+    bound to the original's embedding otherwise).
     """
+    from tdm_fast.lora import LoRARole, merged_denoiser
+
+    if isinstance(student.model, LoRARole):
+        clone = merged_denoiser(student).requires_grad_(False)
+        return clone if dtype is None and device is None else clone.to(device=device, dtype=dtype)
     clone = copy.deepcopy(student)
     if clone.steps_embedding is not None:
         hooks = clone.model.get_submodule(clone.time_embedding)._forward_hooks

@@ -455,17 +455,46 @@ def _fold_into_last_linear(module: nn.Module, vector: torch.Tensor) -> None:
         last.bias.add_(vector.to(last.bias))
 
 
-@torch.no_grad()
-def fuse_student(student, steps: int | None = None) -> nn.Module:
-    """A plain diffusers model (no LoRA, no hooks) computing the student; for a steps-aware student
-    ``steps`` chooses the K whose embedding is folded into the timestep embedding's bias."""
-    role = _role_of(student)
+def _merged_inner(role: LoRARole, dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of the base diffusers model with ``role``'s LoRA merged in: no LoRA layers, no hooks;
+    ``dtype`` casts the copy before the merge (a bf16 base then merges its fp32 LoRA without rounding)."""
     inner = copy.deepcopy(role.shared.adapter.inner)
+    if dtype is not None:
+        nn.Module.to(inner, dtype)  # not ModelMixin.to, which warns about its fp32-kept modules on every cast
     for layer in _tuner_layers(inner):
         layer.merge(adapter_names=[role.role])
     _remove_lora(inner)
     for hook_owner in inner.modules():
         hook_owner._forward_hooks.clear()
+    return inner
+
+
+@torch.no_grad()
+def merged_denoiser(student):
+    """The LoRA student as a plain :class:`~tdm_fast.denoiser.Denoiser` around its adapter and a
+    merged copy of the base (what export and ``torch.compile`` trace: the other roles' adapters and
+    the role switching are gone). A steps-aware student keeps its K embedding and hook, so one
+    model still serves every trained K. The merge is done in float32, so the result runs as a plain
+    fp32 module even when the base was stored in bf16/fp16 for training; cast it as you deploy it."""
+    from .denoiser import Denoiser
+
+    role = _role_of(student)
+    adapter = role.shared.adapter
+    model = type(adapter)(_merged_inner(role, torch.float32), **adapter.adapter_kwargs())
+    merged = Denoiser(model, student.schedule.config, student.prediction_type, null_cond=student.null_cond,
+                      steps_set=student.steps_set, time_embedding=adapter.time_embedding_module,
+                      steps_embedding_dim=None if student.steps_embedding is None else student.steps_embedding.embedding.embedding_dim)
+    if student.steps_embedding is not None:
+        merged.steps_embedding.embedding.weight.copy_(student.steps_embedding.embedding.weight)
+    return merged.to(next(student.parameters()).device).eval()
+
+
+@torch.no_grad()
+def fuse_student(student, steps: int | None = None) -> nn.Module:
+    """A plain diffusers model (no LoRA, no hooks) computing the student; for a steps-aware student
+    ``steps`` chooses the K whose embedding is folded into the timestep embedding's bias."""
+    role = _role_of(student)
+    inner = _merged_inner(role)
     if student.steps_embedding is not None:
         if steps is None:
             raise ValueError(f"a steps-aware student needs steps= one of {student.steps_set} to fuse")

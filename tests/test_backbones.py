@@ -9,7 +9,7 @@ import _backbone_tiny as tiny
 from tdm_fast.backbones.cli import build_preset_run, export_preset_student
 from tdm_fast.backbones.presets import get_preset, missing_components, prompt_conditions
 from tdm_fast.config import TDMConfig
-from tdm_fast.lora import LoRARole
+from tdm_fast.lora import LoRARole, merged_denoiser
 from tdm_fast.sampling import sample_student
 from tdm_fast.trainer import TDMTrainer
 
@@ -119,6 +119,38 @@ def test_exported_lora_samples_in_stock_pipeline(trained, case):
             torch.testing.assert_close(images, ours, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["sd3", "cogvideox-rope"])
+def test_lora_student_exports_to_onnx_merged(trained, case, tmp_path):
+    """A LoRA-role student (one base shared with teacher and fake score) exports with its LoRA merged
+    into the weights: no LoRA tensor in the graph, and ONNX Runtime matches the torch sampler."""
+    import onnx
+
+    from tdm_fast.export.cli import relative_error
+    from tdm_fast.export.onnx import export_sampler_onnx
+    from tdm_fast.export.runtime import OrtSampler
+
+    preset, _, variant = case.partition("-")
+    r = trained(preset, rotary=variant == "rope")
+    cond = r["trainer"].conditions(2, torch.Generator().manual_seed(1))
+    noise = torch.randn(2, *r["shape"], generator=torch.Generator().manual_seed(2))
+    export_sampler_onnx(r["student"], tmp_path / "student.onnx", 4, noise, cond)
+    names = [i.name for i in onnx.load(tmp_path / "student.onnx").graph.initializer]
+    assert names and not any("lora" in n for n in names)
+    with torch.no_grad():
+        ref = sample_student(r["student"], noise, cond, 4)
+    assert relative_error(OrtSampler(tmp_path / "student.onnx")(noise, cond), ref) <= 1e-4
+
+
+def test_cogvideox_export_names_its_native_size(trained, tmp_path):
+    """CogVideoX-2B-style sin-cos positions are rebuilt with numpy off the native size: say so up front."""
+    from tdm_fast.export.onnx import export_sampler_onnx
+
+    r = trained("cogvideox")
+    cond = r["trainer"].conditions(2, torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"native latent \(frames, height, width\) = \(3, 8, 8\) only, got \(2, 8, 8\)"):
+        export_sampler_onnx(r["student"], tmp_path / "c.onnx", 4, torch.randn(2, *r["shape"]), cond)
+
+
 def test_lora_roles_with_gradient_checkpointing_bf16_unify_and_ema(tmp_path):
     """The memory savers together on the tiny SD1.5 preset: checkpointed LoRA roles, bf16 base, K embedding, EMA."""
     tiny.BUILDERS["sd15"](tmp_path / "model")
@@ -138,3 +170,10 @@ def test_lora_roles_with_gradient_checkpointing_bf16_unify_and_ema(tmp_path):
     z, cond = torch.randn(1, *shape), conditions(1, torch.Generator().manual_seed(0))
     with trainer.ema_weights() as ema_student:
         assert torch.isfinite(sample_student(ema_student, z, cond, 2)).all()
+    # what export traces: the LoRA merged into a copy of the (bf16) base, K embedding kept
+    merged = merged_denoiser(student)
+    assert merged.steps_set == student.steps_set and not any("lora" in k for k in merged.state_dict())
+    from tdm_fast.export.cli import relative_error
+
+    for k in (1, 4):  # the LoRA student runs under bf16 autocast (accelerate), the merged one in fp32
+        assert relative_error(sample_student(merged, z, cond, k), sample_student(student, z, cond, k)) <= 5e-2

@@ -490,6 +490,28 @@ def test_latent_decoder_unscales_like_the_pipelines(config):
         LatentDecoder(vae)(torch.randn(2, 3, 8, 8))
 
 
+class _TraceOnlyPathNet(torch.nn.Module):
+    """A network with a code path taken only while being exported (libraries keep such paths for
+    tracers): the graph then computes something else than the module."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+
+    def forward(self, x_t, t, labels):
+        return self.lin(x_t) * (2.0 if torch.compiler.is_exporting() else 1.0)
+
+
+def test_cli_export_refuses_a_graph_that_does_not_match_torch(tmp_path):
+    student = Denoiser(_TraceOnlyPathNet(), TOY_SCHEDULE, "epsilon", null_cond=2).eval()
+    parser = export_cli.add_export_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--format", "onnx", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "out"),
+                              "--steps", "2", "--shape", "2"])
+    with pytest.raises(ValueError, match=r"do not compute what the torch model computes: K=2 \(.*\) exceed the fp32 tolerance 0.0001"):
+        export_cli.run_export(args, student=student)
+    assert export_cli.parity_tolerance("onnx", "fp16", "cpu") == 2e-2
+
+
 def test_cli_exports_the_vae_decoder_beside_the_sampler(tmp_path):
     from tdm_fast.backbones.unet import UNetAdapter
 

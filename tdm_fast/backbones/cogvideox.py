@@ -22,6 +22,25 @@ class CogVideoXAdapter(DiffusersAdapter):
     def adapter_kwargs(self) -> dict:
         return {"vae_scale_factor_spatial": self.vae_scale_factor_spatial}
 
+    def check_traceable(self, x_t_shape: tuple[int, ...]) -> None:
+        """Raise unless ``torch.export`` (ONNX export) can trace a call on latents of ``x_t_shape``.
+
+        With sin-cos position embeddings (CogVideoX-2B) that is the native latent size only: at any
+        other size diffusers rebuilds the position table with numpy during the call, which the tracer
+        cannot capture.
+        """
+        config = self.inner.config
+        if config.use_rotary_positional_embeddings:
+            return
+        native = ((config.sample_frames - 1) // config.temporal_compression_ratio + 1, config.sample_height, config.sample_width)
+        got = (x_t_shape[1], x_t_shape[3], x_t_shape[4])
+        if got != native:
+            raise ValueError(
+                f"this CogVideoX model exports at its native latent (frames, height, width) = {native} only, got {got}: "
+                "at other sizes diffusers rebuilds its sin-cos position table with numpy during the call, which "
+                "torch.export cannot trace"
+            )
+
     def rotary_embedding(self, x_t: torch.Tensor):
         config = self.inner.config
         if not config.use_rotary_positional_embeddings:
