@@ -128,17 +128,17 @@ def prepare_for_export(student: Denoiser, dtype: torch.dtype | None = None, devi
     from tdm_fast.lora import LoRARole, merged_denoiser
 
     if isinstance(student.model, LoRARole):
-        clone = merged_denoiser(student).requires_grad_(False)
-        return clone if dtype is None and device is None else clone.to(device=device, dtype=dtype)
-    clone = copy.deepcopy(student)
-    if clone.steps_embedding is not None:
-        hooks = clone.model.get_submodule(clone.time_embedding)._forward_hooks
-        for handle, fn in list(hooks.items()):
-            if isinstance(getattr(fn, "__self__", None), StepsEmbedding):
-                del hooks[handle]
-    clone.model = fuse_lora(clone.model)
-    if clone.steps_embedding is not None:
-        clone.model.get_submodule(clone.time_embedding).register_forward_hook(clone.steps_embedding.hook)
+        clone = merged_denoiser(student)
+    else:
+        clone = copy.deepcopy(student)
+        if clone.steps_embedding is not None:
+            hooks = clone.model.get_submodule(clone.time_embedding)._forward_hooks
+            for handle, fn in list(hooks.items()):
+                if isinstance(getattr(fn, "__self__", None), StepsEmbedding):
+                    del hooks[handle]
+        clone.model = fuse_lora(clone.model)
+        if clone.steps_embedding is not None:
+            clone.model.get_submodule(clone.time_embedding).register_forward_hook(clone.steps_embedding.hook)
     clone.eval().requires_grad_(False)
     if dtype is not None or device is not None:
         clone.to(device=device, dtype=dtype)
