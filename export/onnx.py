@@ -111,12 +111,10 @@ def _run_exporter(module, args, path: Path, input_names, output_names, dynamic_d
                 shapes = tuple(shapes)
                 if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
                     shapes = (shapes,)  # forward(*tensors): torch.export sees one tuple argument
-                program = torch.onnx.export(
-                    module, tuple(args), None, dynamo=True, input_names=list(input_names),
-                    output_names=list(output_names), dynamic_shapes=shapes, opset_version=opset,
-                    verbose=False, optimize=True,
-                )
+                program = _dynamo_export(module, tuple(args), shapes, input_names=list(input_names),
+                                         output_names=list(output_names), opset_version=opset)
                 program.save(str(path))
+                _drop_noop_squeezes(path)
             elif exporter == "torchscript":
                 axes = {name: {a: n for a, n in d.items()} for name, d in zip(input_names, dynamic_dims) if d}
                 if "batch" in {n for d in dynamic_dims for n in d.values()}:
@@ -138,6 +136,58 @@ def _run_exporter(module, args, path: Path, input_names, output_names, dynamic_d
                     f"Replace it in the network, or register a custom translation with torch.onnx."
                 ) from error
             raise
+
+
+def _dynamo_export(module, args: tuple, shapes, **options):
+    """``torch.onnx.export(dynamo=True)``, retried from a plain ``torch.export`` when its own capture fails.
+
+    Each capture traces models the other cannot: the exporter's (deferred runtime asserts) fails on
+    PixArt's attention-mask reshape with a symbolic batch, plain ``torch.export`` succeeds there and
+    instead bounds the batch of the VAE decoder's attention (<= 63), which the exporter's does not.
+    """
+    options.update(dynamo=True, dynamic_shapes=shapes, verbose=False, optimize=True)
+    try:
+        return torch.onnx.export(module, args, None, **options)
+    except Exception as error:  # noqa: BLE001 - retried only when the capture itself failed
+        if type(error).__name__ != "TorchExportError":
+            raise
+        try:
+            exported = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+        except Exception:  # noqa: BLE001 - the first capture's error is the one to report
+            raise error from None
+        return torch.onnx.export(exported, args, None, **options)
+
+
+def _drop_noop_squeezes(path: Path) -> int:
+    """Turn every ``Squeeze`` of axes whose size is known and not 1 into ``Identity`` in the model
+    at ``path`` (rewritten when one is found); returns how many.
+
+    ``torch.squeeze(x, dim)`` leaves a dimension that is not 1 alone, but the exporter translates it
+    into an ONNX ``Squeeze`` of that axis, which the checker rejects (PixArt's ``squeeze(1)`` on its
+    (B, tokens, C) output).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in (*model.graph.input, *model.graph.value_info)}
+    dropped = 0
+    for node in model.graph.node:
+        if node.op_type != "Squeeze" or len(node.input) < 2 or node.input[1] not in constants or node.input[0] not in shapes:
+            continue
+        shape = shapes[node.input[0]]
+        axes = [int(a) for a in constants[node.input[1]].reshape(-1)]
+        if shape and all(shape[a] is not None and shape[a] != 1 for a in axes):
+            node.op_type = "Identity"
+            del node.input[1:]
+            dropped += 1
+    if dropped:
+        onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_800_000_000)
+    return dropped
 
 
 def _check_runs(fn, dtype, noise, cond):
