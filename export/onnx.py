@@ -113,8 +113,11 @@ def _run_exporter(module, args, path: Path, input_names, output_names, dynamic_d
                     shapes = (shapes,)  # forward(*tensors): torch.export sees one tuple argument
                 program = _dynamo_export(module, tuple(args), shapes, input_names=list(input_names),
                                          output_names=list(output_names), opset_version=opset)
-                program.save(str(path))
-                _drop_noop_squeezes(path)
+                import onnx
+
+                model = program.model_proto
+                _drop_noop_squeezes(model)
+                onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_800_000_000)
             elif exporter == "torchscript":
                 axes = {name: {a: n for a, n in d.items()} for name, d in zip(input_names, dynamic_dims) if d}
                 if "batch" in {n for d in dynamic_dims for n in d.values()}:
@@ -158,18 +161,16 @@ def _dynamo_export(module, args: tuple, shapes, **options):
         return torch.onnx.export(exported, args, None, **options)
 
 
-def _drop_noop_squeezes(path: Path) -> int:
-    """Turn every ``Squeeze`` of axes whose size is known and not 1 into ``Identity`` in the model
-    at ``path`` (rewritten when one is found); returns how many.
+def _drop_noop_squeezes(model) -> int:
+    """Turn every ``Squeeze`` of axes whose size is known and not 1 into ``Identity`` (in place, in
+    an ``onnx.ModelProto``); returns how many.
 
     ``torch.squeeze(x, dim)`` leaves a dimension that is not 1 alone, but the exporter translates it
     into an ONNX ``Squeeze`` of that axis, which the checker rejects (PixArt's ``squeeze(1)`` on its
     (B, tokens, C) output).
     """
-    import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
     constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
                       if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
@@ -185,8 +186,6 @@ def _drop_noop_squeezes(path: Path) -> int:
             node.op_type = "Identity"
             del node.input[1:]
             dropped += 1
-    if dropped:
-        onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_800_000_000)
     return dropped
 
 
