@@ -135,7 +135,7 @@ def run_export(args, student: Denoiser | None = None) -> dict:
     ``student`` overrides loading ``args.checkpoint`` with ``Denoiser.from_pretrained`` (e.g. the
     CLI's own loader that also accepts run folders).
     """
-    from .onnx import export_denoiser_onnx, export_sampler_onnx
+    from .onnx import export_denoiser_onnx, export_sampler_onnx, resolve_dtype
     from .sampler import compile_sampler
 
     if args.vae and args.format == "compile":
@@ -172,7 +172,7 @@ def run_export(args, student: Denoiser | None = None) -> dict:
                 from .sampler import cast_cond
 
                 ref = sample_student(student, noise, cond, steps, args.total_steps)
-                dt = torch.float32 if args.dtype == "fp32" else torch.float16
+                dt = resolve_dtype(args.dtype)
                 got = OrtSampler(path)(noise.to(device="cpu", dtype=dt), cast_cond(cond, dt, "cpu"))
                 result["parity"][steps] = relative_error(got, ref)
             if args.format == "tensorrt":
@@ -215,6 +215,7 @@ def parity_tolerance(fmt: str, dtype: str, device) -> float:
 
 def _export_decoder(args, noise: torch.Tensor, device, out: Path, result: dict) -> None:
     """``--vae``: the decoder graph for the student's latents, its ORT parity and its engine."""
+    from .onnx import resolve_dtype
     from .vae import LatentDecoder, export_vae_decoder_onnx, load_vae
 
     vae = load_vae(args.vae).to(device)
@@ -229,7 +230,7 @@ def _export_decoder(args, noise: torch.Tensor, device, out: Path, result: dict) 
     if not args.no_verify:
         from .runtime import OrtDecoder
 
-        dt = torch.float32 if args.dtype == "fp32" else torch.float16
+        dt = resolve_dtype(args.dtype)
         with torch.no_grad():
             ref = LatentDecoder(vae)(noise)
         result["parity"]["vae_decoder"] = relative_error(OrtDecoder(path)(noise.to(device="cpu", dtype=dt)), ref)
