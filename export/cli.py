@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -125,6 +126,35 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 # -- export -----------------------------------------------------------------------------------
 
 
+def check_export_args(args) -> None:
+    """What ``tdm-fast export`` can refuse before it loads or writes anything."""
+    if args.format == "tensorrt":
+        from .tensorrt import tensorrt_available
+
+        ok, why = tensorrt_available()
+        if not ok:
+            raise ValueError(f"--format tensorrt: {why}")
+    if args.vae and args.format == "compile":
+        raise ValueError("--vae exports the decoder as an ONNX graph: use it with --format onnx or tensorrt")
+    if args.vae and not Path(args.vae).exists():
+        raise ValueError(f"--vae {args.vae} does not exist")
+    if args.format != "compile":
+        import onnx
+
+        low, high = (18, onnx.defs.onnx_opset_version()) if args.exporter == "dynamo" else (9, 20)
+        if not low <= args.opset <= high:
+            raise ValueError(f"--opset {args.opset}: the {args.exporter} exporter writes opsets {low}..{high}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag, value in (("--shape", args.shape), ("--cond-shape", args.cond_shape)):
+        try:
+            shape = _shape(value)
+        except ValueError:
+            shape = ()
+        if value is not None and (not shape or min(shape) < 1):
+            raise ValueError(f"{flag} {value!r}: expected positive sizes such as 4,64,64")
+
+
 def onnx_name(steps: int, dtype: str) -> str:
     return f"sampler_k{steps}_{dtype}.onnx"
 
@@ -138,16 +168,31 @@ def run_export(args, student: Denoiser | None = None) -> dict:
     from .onnx import export_denoiser_onnx, export_sampler_onnx, resolve_dtype
     from .sampler import compile_sampler
 
-    if args.vae and args.format == "compile":
-        raise ValueError("--vae exports the decoder as an ONNX graph: use it with --format onnx or tensorrt")
-
+    check_export_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     checkpoint = Path(args.checkpoint)
     student = (student or Denoiser.from_pretrained(checkpoint)).to(device).eval()
     out = Path(args.out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    noise, cond = example_inputs(student, args.batch_size, _shape(args.shape), _shape(args.cond_shape), device)
     result = {"files": [], "parity": {}, "timings_s": {}}
+    try:
+        _export_all(args, student, device, checkpoint, out, result)
+    except BaseException:
+        # a failed export leaves nothing behind that looks deployable
+        for name in result["files"]:
+            Path(name).unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return result
+
+
+def _export_all(args, student, device, checkpoint: Path, out: Path, result: dict) -> None:
+    from .onnx import export_denoiser_onnx, export_sampler_onnx, resolve_dtype
+    from .sampler import compile_sampler
+
+    noise, cond = example_inputs(student, args.batch_size, _shape(args.shape), _shape(args.cond_shape), device)
     for steps in args.steps:
         start = time.perf_counter()
         if args.format == "compile":
@@ -163,9 +208,9 @@ def run_export(args, student: Denoiser | None = None) -> dict:
                 result["parity"][steps] = relative_error(got, sample_student(student, noise, cond, steps, args.total_steps))
         else:
             path = out / onnx_name(steps, args.dtype)
+            result["files"].append(str(path))
             export_sampler_onnx(student, path, steps, noise, cond, args.total_steps, args.dtype,
                                 dynamic_resolution=args.dynamic_resolution, opset=args.opset, exporter=args.exporter)
-            result["files"].append(str(path))
             if not args.no_verify:
                 from .runtime import OrtSampler
 
@@ -180,10 +225,10 @@ def run_export(args, student: Denoiser | None = None) -> dict:
         result["timings_s"][steps] = round(time.perf_counter() - start, 2)
     if args.per_network and args.format != "compile":
         path = out / f"denoiser_{args.dtype}.onnx"
+        result["files"].append(str(path))
         export_denoiser_onnx(student, path, noise, cond, steps=args.steps[0] if student.steps_set else None,
                              dtype=args.dtype, dynamic_resolution=args.dynamic_resolution, opset=args.opset,
                              exporter=args.exporter)
-        result["files"].append(str(path))
     if args.vae:
         _export_decoder(args, noise, device, out, result)
     for f in result["files"]:
@@ -198,7 +243,6 @@ def run_export(args, student: Denoiser | None = None) -> dict:
     if bad:
         raise ValueError(f"the exported graphs do not compute what the torch model computes: {', '.join(bad)} exceed "
                          f"the {args.dtype} tolerance {tol:g}; do not deploy them (try the other --exporter)")
-    return result
 
 
 def parity_tolerance(fmt: str, dtype: str, device) -> float:
@@ -224,9 +268,9 @@ def _export_decoder(args, noise: torch.Tensor, device, out: Path, result: dict) 
         raise ValueError(f"the VAE decodes latents of {channels} channels (B, {channels}, h, w), but this student "
                          f"samples {tuple(noise.shape[1:])}")
     path = out / f"vae_decoder_{args.dtype}.onnx"
+    result["files"].append(str(path))
     export_vae_decoder_onnx(vae, path, noise, args.dtype, dynamic_resolution=args.dynamic_resolution,
                             opset=args.opset, exporter=args.exporter)
-    result["files"].append(str(path))
     if not args.no_verify:
         from .runtime import OrtDecoder
 
@@ -310,9 +354,11 @@ def load_runner(backend: str, path_or_checkpoint, steps: int, total_steps: int =
             from .onnx import export_sampler_onnx
 
             noise, cond = example_inputs(student, 2)
-            tmp = Path(tempfile.mkdtemp(prefix="tdm_fast_onnx_")) / onnx_name(steps, dtype)
-            export_sampler_onnx(student, tmp, steps, noise, cond, total_steps, dtype)
-            path = tmp
+            # the session holds the graph once built, so the file is not kept
+            with tempfile.TemporaryDirectory(prefix="tdm_fast_onnx_") as tmp:
+                graph = Path(tmp) / onnx_name(steps, dtype)
+                export_sampler_onnx(student, graph, steps, noise, cond, total_steps, dtype)
+                return OrtSampler(graph)
         runner = OrtSampler(_find(path, steps, ".onnx"))
         if runner.steps is not None and runner.steps != steps:
             raise ValueError(f"{runner.path} samples with K={runner.steps}, not {steps}")

@@ -3,13 +3,14 @@
 Backends: ``triton`` (the @triton.jit kernels; CUDA, or CPU tensors under TRITON_INTERPRET=1),
 ``native`` (the same single-pass loops in C++, built on first use, see ``_native``; the measured
 fastest on CPU, see bench/bench_kernels.py), ``compile`` (the same formulation in torch, compiled by
-Inductor; the CPU fallback where no compiler builds the native loops) and ``torch`` (the reference).
-``TDM_FAST_KERNELS`` forces one.
+Inductor; the CPU fallback where no compiler builds the native loops) and ``torch`` (the reference;
+also the CPU fallback where Inductor does not work either). ``TDM_FAST_KERNELS`` forces one.
 """
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -49,12 +50,51 @@ def select(x: torch.Tensor, op: str | None = None) -> str:
     if x.device.type == "cuda":
         return "triton"
     if x.device.type == "cpu":
-        native = _native.available()
-        threshold = (NATIVE_MIN_NUMEL if native else COMPILE_MIN_NUMEL).get(op, 0)
-        if x.numel() < threshold:
+        fused = cpu_backend()
+        if fused == "torch":
             return "torch"
-        return "native" if native else "compile"
+        threshold = (NATIVE_MIN_NUMEL if fused == "native" else COMPILE_MIN_NUMEL).get(op, 0)
+        return "torch" if x.numel() < threshold else fused
     return "torch"
+
+
+def cpu_backend() -> str:
+    """The fused backend CPU tensors get: the native loops, else Inductor, else the reference."""
+    return "native" if _native.available() else _cpu_fallback()
+
+
+@functools.cache
+def _cpu_fallback() -> str:
+    """Where the native loops do not build: Inductor if it compiles here (on CPU it needs a working
+    C++ compiler too, so a broken $CXX usually fails both), else the reference. Said once."""
+    why = _native.build_error()
+    if inductor_works():
+        warnings.warn(f"tdm_fast: native CPU kernels unavailable, using torch.compile instead: {why}", stacklevel=5)
+        return "compile"
+    warnings.warn(
+        f"tdm_fast: native CPU kernels and torch.compile both unavailable, using the (slower) reference "
+        f"torch kernels: {why}",
+        stacklevel=5,
+    )
+    return "torch"
+
+
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    return x * 2.0 + 1.0
+
+
+@functools.cache
+def inductor_works() -> bool:
+    """Whether Inductor compiles a trivial function here. Its graph caches are off for the probe: a
+    hit would skip the C++ compiler that the real ops' first compile needs."""
+    try:
+        with (
+            torch._inductor.config.patch(fx_graph_cache=False),
+            torch._functorch.config.patch(enable_autograd_cache=False),
+        ):
+            return bool(torch.compile(_probe, fullgraph=True)(torch.ones(2)).eq(3.0).all())
+    except RuntimeError:  # InductorError, InvalidCxxCompiler, CppCompileError: the backend is unusable
+        return False
 
 
 @triton.jit

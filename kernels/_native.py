@@ -5,16 +5,20 @@ Why not only Inductor: at the sizes training meets (SD1.5 latents, 0.5 MB per te
 Inductor call spends more time in its Python runtime (Dynamo guards, the AOT wrapper) than in its
 kernel. A ctypes call costs a few microseconds, and a hand-written loop can also finish the generator
 loss's gradient while each sample's tile is still in cache (bench/bench_kernels.py measures all
-three). The library is cached per source, compiler and CPU, so later processes load it directly.
+three). The library is cached per source, compiler and CPU, so later processes load it directly, once
+they have checked that only this user could have written it and that its sha256 is the one recorded
+when it was built: loading a library runs its code.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -100,8 +104,115 @@ def _compiler() -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tdm_fast"
-    return Path(root) / "native"
+    """Where built libraries are kept: the configured cache if only this user can write to it, else a
+    private directory for this process."""
+    configured = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tdm_fast") / "native"
+    problem = _make_private(configured)
+    return configured if problem is None else _scratch_dir(str(configured), problem)
+
+
+def _why_untrusted(st: os.stat_result) -> str | None:
+    """Why a cache entry may hold someone else's code: it is another user's, or others may write to it."""
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _make_private(path: Path) -> str | None:
+    """Create the cache directory readable and writable by this user only; why an existing one cannot
+    be trusted, or None."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError as err:
+        return str(err)
+    return _why_untrusted(st)
+
+
+@functools.cache
+def _scratch_dir(untrusted: str, problem: str) -> Path:
+    """A private directory for this process's builds, removed at exit; said once per untrusted cache."""
+    warnings.warn(
+        f"tdm_fast: not using the native kernel cache {untrusted}: it is {problem}; building into a private "
+        f"temporary directory instead (fix its owner and mode, or set {CACHE_ENV})",
+    )
+    path = Path(tempfile.mkdtemp(prefix="tdm_fast_native_"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def _digest_path(library_path: Path) -> Path:
+    return library_path.with_name(library_path.name + ".sha256")
+
+
+class _Untrusted(Exception):
+    """A cache file that someone other than this user could have written."""
+
+
+def _read_private(path: Path) -> bytes:
+    """A cache file's content, read through one descriptor so that what is checked is what is read."""
+    # O_NOFOLLOW: a symlink could point at any file; O_NONBLOCK: a planted FIFO must not hang the open.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        problem = _why_untrusted(st) if stat.S_ISREG(st.st_mode) else "not a regular file"
+        if problem:
+            raise _Untrusted(f"{path} is {problem}")
+        return f.read()
+
+
+def _load_cached(path: Path) -> ctypes.CDLL | None:
+    """The cached library if this user built it and it is unchanged since; None when it has to be built."""
+    try:
+        content = _read_private(path)
+        recorded = _read_private(_digest_path(path)).decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        return None  # not built yet, or built by a version that recorded no digest
+    except (OSError, _Untrusted) as err:
+        warnings.warn(f"tdm_fast: rebuilding the native kernel library instead of loading it: {err}")
+        return None
+    if hashlib.sha256(content).hexdigest() != recorded:
+        warnings.warn(
+            f"tdm_fast: rebuilding the native kernel library {path} instead of loading it: its content differs "
+            "from the sha256 recorded when it was built"
+        )
+        return None
+    # The directory is private, so between the check and the load only this user could swap the file.
+    return ctypes.CDLL(str(path))
+
+
+def _compile(compiler: str, src: Path, out: Path) -> None:
+    try:
+        result = subprocess.run([compiler, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
+        error = (result.stderr[-2000:] or f"exit status {result.returncode}") if result.returncode else None
+    except OSError as err:
+        error = str(err)
+    if error is not None:
+        raise RuntimeError(
+            f"building the native CPU kernels with {compiler} failed (set TDM_FAST_KERNELS=compile or "
+            f"torch to use another backend):\n{error}"
+        )
+
+
+def _build(compiler: str, text: str, path: Path) -> ctypes.CDLL:
+    """Compile into a private temporary directory, load the result from there, then publish it to
+    ``path`` together with its sha256."""
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        src, built, digest = Path(tmp) / "op.cpp", Path(tmp) / path.name, Path(tmp) / _digest_path(path).name
+        src.write_text(text)
+        _compile(compiler, src, built)
+        # Explicit modes: under a permissive umask the next load would refuse group-writable files.
+        os.chmod(built, 0o755)
+        digest.write_text(hashlib.sha256(built.read_bytes()).hexdigest() + "\n")
+        os.chmod(digest, 0o644)
+        # Loaded before publishing: what this process runs is what it compiled, whatever a concurrent
+        # build publishes. Each rename is atomic; a reader between the two sees a mismatch and rebuilds.
+        lib = ctypes.CDLL(str(built))
+        os.replace(built, path)
+        os.replace(digest, _digest_path(path))
+    return lib
 
 
 @functools.cache
@@ -111,24 +222,8 @@ def library(source: str) -> ctypes.CDLL:
     text = PRELUDE + source
     key = hashlib.sha256("\0".join([text, compiler, *FLAGS, torch.__version__, _cpu_id()]).encode()).hexdigest()[:24]
     path = cache_dir() / f"tdm_fast_{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            src = Path(tmp) / "op.cpp"
-            src.write_text(text)
-            built = Path(tmp) / path.name
-            try:
-                result = subprocess.run([compiler, *FLAGS, str(src), "-o", str(built)], capture_output=True, text=True)
-                error = result.stderr[-2000:] if result.returncode else None
-            except OSError as err:
-                error = str(err)
-            if error is not None:
-                raise RuntimeError(
-                    f"building the native CPU kernels with {compiler} failed (set TDM_FAST_KERNELS=compile or "
-                    f"torch to use another backend):\n{error}"
-                )
-            os.replace(built, path)  # atomic: concurrent processes never load a half-written file
-    return ctypes.CDLL(str(path))
+    lib = _load_cached(path)
+    return _build(compiler, text, path) if lib is None else lib
 
 
 @functools.cache
@@ -142,15 +237,18 @@ _PROBE = 'extern "C" int probe() { int n = 0;\n#pragma omp parallel reduction(+:
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the native kernels build here (a compiler with OpenMP and the prelude's types); the
-    default CPU choice falls back to Inductor if not."""
+def build_error() -> str | None:
+    """Why the native kernels do not build here (no compiler with OpenMP or the prelude's types, a
+    broken $CXX), or None when they do."""
     try:
         library(_PROBE)
     except (RuntimeError, OSError) as err:
-        warnings.warn(f"tdm_fast: native CPU kernels unavailable, using torch.compile instead: {err}", stacklevel=3)
-        return False
-    return True
+        return str(err)
+    return None
+
+
+def available() -> bool:
+    return build_error() is None
 
 
 def table(*per_sample: torch.Tensor) -> torch.Tensor:

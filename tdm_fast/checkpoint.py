@@ -92,6 +92,30 @@ def commit_checkpoint(tmp: Path, final: Path, keep_last: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def replace_folder(path: Path, write) -> None:
+    """Runs ``write(tmp)`` on a fresh folder beside ``path``, then renames it to ``path``.
+
+    A kill leaves either the old complete folder, or the new one, or (between the two renames) only
+    the old one under a hidden name; never a partly written ``path``. Leftovers of killed writes are
+    removed first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    write(tmp)
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or the newest complete one inside a run or checkpoints folder."""
     path = Path(path)

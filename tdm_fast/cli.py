@@ -14,10 +14,29 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, checkpoint_dirs
 from .config import TDMConfig
+from .runlock import RunLockedError
 
 
 class UsageError(Exception):
     """A mistake in the command line or its inputs, reported as one line."""
+
+
+def check_output_path(path: str | Path, flag: str, folder: bool = True) -> Path:
+    """Refuses an output path that cannot be created, before anything is written: a path under a
+    regular file, a folder given where a file is (or the reverse), a parent that is not writable."""
+    import os
+
+    path = Path(path)
+    if path.exists() and folder != path.is_dir():
+        raise UsageError(f"{flag} {path} is {'a file' if folder else 'a folder'}, not {'a folder' if folder else 'a file'}")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: {parent} is a file, so nothing can be created under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {parent} is not writable")
+    return path
 
 
 # -- TDMConfig <-> flags -------------------------------------------------------------------------
@@ -44,12 +63,30 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> TDMConfig:
+    """``--config`` overlaid with the flags given; an invalid value is reported with its flag's name."""
+    import re
+
     data = TDMConfig.from_file(args.config).to_dict() if args.config else {}
+    given = []
     for field in dataclasses.fields(TDMConfig):
         value = getattr(args, field.name)
         if value is not None:
             data[field.name] = value
-    return TDMConfig.from_dict(data)
+            given.append(field.name)
+    try:
+        return TDMConfig.from_dict(data)
+    except ValueError as exc:
+        message = str(exc)
+        for name in given:  # name the flag the user typed, not the field behind it
+            message = re.sub(rf"(?<![\w-]){name}(?!\w)", "--" + name.replace("_", "-"), message)
+        raise ValueError(message) from None
+
+
+def _override_keys(args) -> tuple[str, ...]:
+    keys = tuple(k.replace("-", "_") for k in (args.override or ()))
+    if keys and args.resume is None:
+        raise UsageError("--override only applies to a resumed run: add --resume")
+    return keys
 
 
 # -- teachers and conditions --------------------------------------------------------------------
@@ -57,6 +94,8 @@ def load_denoiser(path: str):
     from .denoiser import Denoiser
 
     path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path} does not exist")
     if (path / "student").is_dir() and not (path / "denoiser.json").exists():
         path = path / "student"
     if not (path / "denoiser.json").is_file():
@@ -70,7 +109,14 @@ def _conditions_for(teacher, conditions_file: str | None):
     from .trainer import ClassConditions, EmbeddingConditions
 
     if conditions_file:
-        tensors = load_file(conditions_file)
+        if not Path(conditions_file).is_file():
+            raise UsageError(f"--conditions {conditions_file} does not exist")
+        try:
+            tensors = load_file(conditions_file)
+        except Exception as exc:  # safetensors' own error type on a damaged header
+            raise UsageError(f"--conditions {conditions_file} is not a readable safetensors file ({exc})") from None
+        if not tensors or len({v.shape[0] for v in tensors.values()}) != 1:
+            raise UsageError(f"--conditions {conditions_file} must hold tensors with one shared first (batch) dimension")
         return EmbeddingConditions(tensors["cond"] if set(tensors) == {"cond"} else tensors)
     if isinstance(teacher.null_cond, int):
         return ClassConditions(teacher.null_cond)
@@ -87,17 +133,18 @@ def _sample_shape(model, flag) -> tuple[int, ...]:
 
 # -- verbs ---------------------------------------------------------------------------------------
 def cmd_distill(args) -> int:
-    config = config_from_args(args)
-    out = Path(args.out)
-    if checkpoint_dirs(out / "checkpoints") and args.resume is None:
-        raise UsageError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
-    resume_from = None
-    if args.resume is not None:
-        from .checkpoint import resolve_checkpoint
+    from . import runlock
+    from .checkpoint import resolve_checkpoint
 
-        resume_from = resolve_checkpoint(args.resume or out)
+    config = config_from_args(args)
+    out = check_output_path(args.out, "--out")
+    overrides = _override_keys(args)
     if bool(args.teacher) == bool(args.preset):
         raise UsageError("give either --teacher (a saved denoiser) or --preset with --model and --prompts")
+    runlock.check_free(out)
+    if checkpoint_dirs(out / "checkpoints") and args.resume is None:
+        raise UsageError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+    resume_from = resolve_checkpoint(args.resume or out) if args.resume is not None else None
 
     from .trainer import TDMTrainer
 
@@ -119,18 +166,63 @@ def cmd_distill(args) -> int:
         progress=not args.quiet, optimizer_cls=optimizer_cls,
     )
     if resume_from is not None:
-        trainer.load_checkpoint(resume_from)
-    if trainer.accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    trainer.train()
-    if trainer.accelerator.is_main_process:
-        if args.preset:
-            from .backbones.cli import export_preset_student
+        trainer.load_checkpoint(resume_from, overrides)
+    main_process = trainer.accelerator.is_main_process
+    if main_process:
+        runlock.acquire(out)  # held until this process ends; the checks above are repeated under it
+    try:
+        if main_process:
+            newest = checkpoint_dirs(out / "checkpoints")
+            if resume_from is None and newest:
+                raise UsageError(f"{out} gained checkpoints from another run while this one started")
+            if resume_from is not None and resume_from.parent == out / "checkpoints" and newest[-1:] != [resume_from]:
+                raise UsageError(f"{out} gained newer checkpoints than {resume_from.name} while this run started")
+            _write_text_atomically(out / "config.json", json.dumps(config.to_dict(), indent=2))
+        trainer.train()
+        if main_process:
+            if args.preset:
+                from .backbones.cli import export_preset_student
 
-            export_preset_student(args, trainer.final_student(), config, out)
-        print(f"student saved to {out}")
+                export_preset_student(args, trainer.final_student(), config, out)
+            print(f"student saved to {out}")
+    finally:
+        if main_process:
+            runlock.release(out)
     return 0
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check_steps(steps: list[int], student, total_steps: int = 900) -> None:
+    from .sampling import stage_times
+
+    for k in steps:
+        try:
+            stage_times(k, total_steps)
+        except ValueError as exc:
+            raise UsageError(f"--steps {k}: {exc}") from None
+        if student.steps_set and k not in student.steps_set:
+            raise UsageError(f"--steps {k}: this student was trained for K in {list(student.steps_set)}")
+
+
+def _check_backend(backend: str, engine: str | None) -> None:
+    if engine is not None:
+        if backend not in ("onnx", "tensorrt"):
+            raise UsageError(f"--engine is an exported graph or engine: use it with --backend onnx or tensorrt, not {backend}")
+        if not Path(engine).exists():
+            raise UsageError(f"--engine {engine} does not exist")
+    if backend == "tensorrt":
+        from .export.tensorrt import tensorrt_available
+
+        ok, why = tensorrt_available()
+        if not ok:
+            raise UsageError(f"--backend tensorrt: {why}")
 
 
 def cmd_sample(args) -> int:
@@ -138,13 +230,23 @@ def cmd_sample(args) -> int:
 
     from .sampling import sample_student
 
+    if args.num < 1:
+        raise UsageError(f"--num must be >= 1, got {args.num}")
+    out = check_output_path(args.out, "--out", folder=False)
+    check_output_path(out.with_suffix(".safetensors"), "--out", folder=False)
+    check_output_path(out.with_suffix(".png"), "--out", folder=False)
+    _check_backend(args.backend, args.engine)
     student = load_denoiser(args.checkpoint).eval()
     steps = args.steps
-    if student.steps_set and steps not in student.steps_set:
-        raise UsageError(f"this student was trained for K in {list(student.steps_set)}, not K={steps}")
-    g = torch.Generator().manual_seed(args.seed)
+    _check_steps([steps], student)
     if not isinstance(student.null_cond, int):
         raise UsageError("tdm-fast sample draws class labels; for text models use the diffusers pipeline with TDMScheduler")
+    if getattr(student.model, "sample_shape", None) is None:
+        raise UsageError(f"{type(student.model).__name__} does not say its sample shape; sample it from Python")
+    bad = [label for label in args.labels or () if not 0 <= label < student.null_cond]
+    if bad:
+        raise UsageError(f"--labels {bad[0]}: this student's classes are 0..{student.null_cond - 1}")
+    g = torch.Generator().manual_seed(args.seed)
     labels = torch.tensor(args.labels) if args.labels else torch.randint(0, student.null_cond, (args.num,), generator=g)
     noise = torch.randn((labels.shape[0], *student.model.sample_shape), generator=g)
     if args.backend == "torch":
@@ -152,10 +254,9 @@ def cmd_sample(args) -> int:
     else:
         from .export.cli import load_runner
 
-        runner = load_runner(args.backend, args.checkpoint, steps, engine=args.engine, student=student,
-                             device="cpu" if args.backend == "onnx" else None)
+        runner = load_runner(args.backend, args.checkpoint, steps, engine=args.engine,
+                             student=None if args.engine else student, device="cpu" if args.backend == "onnx" else None)
         samples = runner(noise, labels).cpu()
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
@@ -168,9 +269,13 @@ def cmd_sample(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export.cli import run_export
+    from .export.cli import check_export_args, run_export
 
-    run_export(args, student=load_denoiser(args.checkpoint))
+    check_output_path(args.out, "--out")
+    check_export_args(args)
+    student = load_denoiser(args.checkpoint)
+    _check_steps(args.steps, student, args.total_steps)
+    run_export(args, student=student)
     return 0
 
 
@@ -240,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conditions", help="safetensors of condition embeddings (text teachers)")
     p.add_argument("--sample-shape", type=int, nargs="+", help="shape of one sample, if the model does not say")
     p.add_argument("--resume", nargs="?", const="", default=None, help="continue from the newest checkpoint (of --out, or PATH)")
+    p.add_argument("--override", nargs="+", metavar="KEY", default=None,
+                   help="with --resume: settings (e.g. fake_lr batch_size) that may differ from the checkpoint's")
     _add_config_flags(p)
     from .backbones.cli import add_distill_preset_arguments, add_plan_arguments, run_plan
 
@@ -303,12 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .trainer import NonFiniteError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, CheckpointError, ValueError, FileNotFoundError) as exc:
-        print(f"tdm-fast: error: {exc}", file=sys.stderr)
+    except (UsageError, CheckpointError, ValueError, FileNotFoundError, RunLockedError, NonFiniteError) as exc:
+        print(f"tdm-fast: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

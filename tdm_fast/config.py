@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -50,6 +52,8 @@ class TDMConfig:
     checkpoint_every: int = 0  # 0: only at the end
     keep_last: int = 2
     log_every: int = 10
+    # reliability: updates with a non-finite loss or gradient norm are skipped; this many in a row stop the run
+    max_nonfinite_skips: int = 3
 
     def __post_init__(self):
         self.steps = tuple(int(k) for k in (self.steps if isinstance(self.steps, (list, tuple)) else [self.steps]))
@@ -67,15 +71,27 @@ class TDMConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        for name in ("batch_size", "iterations", "fake_updates"):
+        for name in ("batch_size", "iterations", "fake_updates", "log_every", "max_nonfinite_skips", "total_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.fake_lr <= 0 or self.generator_lr_ratio <= 0 or self.steps_embedding_lr_ratio <= 0:
-            raise ValueError("fake_lr, generator_lr_ratio and steps_embedding_lr_ratio must be positive")
+        for name in ("checkpoint_every", "keep_last", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("fake_lr", "generator_lr_ratio", "steps_embedding_lr_ratio", "max_grad_norm", "snr_cap"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {getattr(self, name)}")
+        if self.huber_c is not None and not (math.isfinite(self.huber_c) and self.huber_c > 0):
+            raise ValueError(f"huber_c must be a positive finite number or none (MSE), got {self.huber_c}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
-        if self.cfg_scale != self.cfg_scale:
-            raise ValueError("cfg_scale is NaN")
+        for name in ("cfg_scale", "weight_decay"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
 
     @property
     def generator_lr(self) -> float:
@@ -92,16 +108,71 @@ class TDMConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**d)
+        hints = typing.get_type_hints(cls)
+        return cls(**{key: _checked(key, value, hints[key]) for key, value in d.items()})
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TDMConfig":
+        """A YAML (``.yaml``/``.yml``) or JSON file of settings; every problem is a ValueError naming the file."""
         path = Path(path)
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
 
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-        return cls.from_dict(data)
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(f"config file {path} cannot be read: {_one_line(exc)}") from None
+        except Exception as exc:  # yaml.YAMLError, without importing yaml for JSON configs
+            raise ValueError(f"config file {path} is not valid YAML: {_one_line(exc)}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping of TDMConfig fields, not a {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"config file {path}: {exc}") from None
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def _checked(key: str, value, hint):
+    """``value`` as the field's type, or a ValueError naming the key (a config file's "1e-3" stays a float,
+    a bool is not taken for a number, a list only where the field is ``steps``)."""
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ValueError(f"config key {key} cannot be null")
+    if key == "steps":
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return tuple(values)
+        raise ValueError(f"config key steps must be an integer or a list of integers, got {value!r}")
+    if bool in allowed:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config key {key} must be true or false, got {value!r}")
+    if int in allowed:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"config key {key} must be an integer, got {value!r}")
+    if float in allowed:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"config key {key} must be a number, got {value!r}")
+    if str in allowed and isinstance(value, str):
+        return value
+    raise ValueError(f"config key {key} must be a {' or '.join(t.__name__ for t in allowed)}, got {value!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -21,6 +22,29 @@ from .schedule import NoiseSchedule, ScheduleConfig
 
 DENOISER_CONFIG = "denoiser.json"
 DENOISER_TENSORS = "denoiser.safetensors"
+# A saved folder names the class of its network, and importing a module runs its code: only these
+# packages (plus those in $TDM_FAST_TRUSTED_MODULES, comma-separated, or ``trusted=``) are imported.
+TRUSTED_PACKAGES = ("tdm_fast", "diffusers")
+TRUSTED_ENV = "TDM_FAST_TRUSTED_MODULES"
+
+
+def import_model_class(qualified: str, trusted=(), source: str | Path = "") -> type:
+    """The class ``"module:QualName"`` names, imported only from a trusted package; ValueError otherwise."""
+    where = f"{source}: " if source else ""
+    module_name, _, class_name = str(qualified).partition(":")
+    packages = TRUSTED_PACKAGES + tuple(trusted) + tuple(p.strip() for p in os.environ.get(TRUSTED_ENV, "").split(",") if p.strip())
+    if not class_name or not any(module_name == p or module_name.startswith(p + ".") for p in packages):
+        raise ValueError(f"{where}model class {qualified!r} is not from a trusted package ({', '.join(packages)}); "
+                         f"if you wrote it, add its package to ${TRUSTED_ENV}")
+    try:
+        cls = importlib.import_module(module_name)
+        for part in class_name.split("."):
+            cls = getattr(cls, part)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"{where}model class {qualified!r} cannot be imported: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "from_pretrained")):
+        raise ValueError(f"{where}{qualified!r} is not a network class with from_pretrained")
+    return cls
 
 
 def _last_linear_width(module: nn.Module) -> int:
@@ -165,35 +189,70 @@ class Denoiser(nn.Module):
         (path / DENOISER_CONFIG).write_text(json.dumps(config, indent=2))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **model_kwargs) -> "Denoiser":
+    def from_pretrained(cls, path: str | Path, trusted=(), **model_kwargs) -> "Denoiser":
+        """Loads a :meth:`save_pretrained` folder. Every problem with the folder (missing or corrupt file,
+        unknown or untrusted network class, bad settings) is a ValueError that names the file."""
         path = Path(path)
         config_file = path / DENOISER_CONFIG
         if not config_file.is_file():
             raise FileNotFoundError(f"{path} is not a saved denoiser (no {DENOISER_CONFIG})")
-        config = json.loads(config_file.read_text())
-        module_name, _, class_name = config["model_class"].partition(":")
-        model_cls = getattr(importlib.import_module(module_name), class_name)
-        model = model_cls.from_pretrained(path / "model", **model_kwargs)
-        tensors = load_file(path / DENOISER_TENSORS)
-        null = config["null_cond"]
-        if isinstance(null, dict) and "dict" in null:
-            null = {k: tensors[f"null_cond.{k}"] for k in null["dict"]}
-        elif isinstance(null, dict):
-            null = tensors["null_cond"]
-        schedule = config["schedule"]
-        if schedule.get("trained_betas") is not None:
-            schedule["trained_betas"] = tuple(schedule["trained_betas"])
-        denoiser = cls(
-            model,
-            ScheduleConfig(**schedule),
-            config["prediction_type"],
-            null_cond=null,
-            steps_set=tuple(config["steps_set"]) if config["steps_set"] else None,
-            time_embedding=config["time_embedding"],
-        )
-        if denoiser.steps_embedding is not None:
-            denoiser.steps_embedding.embedding.weight.data.copy_(tensors["steps_embedding"])
+        try:
+            config = json.loads(config_file.read_text())
+            keys = ("model_class", "prediction_type", "schedule", "null_cond", "steps_set", "time_embedding")
+            missing = [k for k in keys if not isinstance(config, dict) or k not in config]
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{config_file} is not valid JSON: {' '.join(str(exc).split())}") from None
+        if missing:
+            raise ValueError(f"{config_file} lacks {', '.join(missing)}: not a denoiser config, or a damaged one")
+        model_cls = import_model_class(config["model_class"], trusted, config_file)
+        model_dir = path / "model"
+        if not model_dir.is_dir():
+            raise ValueError(f"{model_dir} is missing: {path} holds no network (an incomplete copy of a saved denoiser?)")
+        try:
+            model = model_cls.from_pretrained(model_dir, **model_kwargs)
+        except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
+            raise ValueError(f"{model_dir}: cannot load the network ({_first_line(exc)})") from None
+        tensors = _load_tensors(path / DENOISER_TENSORS)
+        try:
+            null = config["null_cond"]
+            if isinstance(null, dict) and "dict" in null:
+                null = {k: tensors[f"null_cond.{k}"] for k in null["dict"]}
+            elif isinstance(null, dict):
+                null = tensors["null_cond"]
+            schedule = dict(config["schedule"])
+            if schedule.get("trained_betas") is not None:
+                schedule["trained_betas"] = tuple(schedule["trained_betas"])
+            denoiser = cls(
+                model,
+                ScheduleConfig(**schedule),
+                config["prediction_type"],
+                null_cond=null,
+                steps_set=tuple(config["steps_set"]) if config["steps_set"] else None,
+                time_embedding=config["time_embedding"],
+            )
+            if denoiser.steps_embedding is not None:
+                denoiser.steps_embedding.embedding.weight.data.copy_(tensors["steps_embedding"])
+        except KeyError as exc:
+            raise ValueError(f"{path / DENOISER_TENSORS} lacks the tensor {exc}") from None
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(f"{config_file}: inconsistent settings ({_first_line(exc)})") from None
+        except ValueError as exc:
+            raise ValueError(f"{config_file}: {exc}") from None
         return denoiser
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _load_tensors(file: Path) -> dict:
+    if not file.is_file():
+        raise ValueError(f"{file} is missing")
+    try:
+        return load_file(file)
+    except Exception as exc:  # safetensors raises its own error type on a damaged header
+        raise ValueError(f"{file} is not a readable safetensors file ({_first_line(exc)})") from None
 
 
 def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator, cond_dropout: float = 0.0):

@@ -20,7 +20,6 @@ diffusers model; :func:`write_model_card` documents scheduler, steps and guidanc
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,8 +303,9 @@ def _adapter_source(adapter, path: str, subfolder: str | None = None) -> dict:
 
 
 def _import(qualified: str):
-    module_name, _, name = qualified.partition(":")
-    return getattr(importlib.import_module(module_name), name)
+    from .denoiser import import_model_class
+
+    return import_model_class(qualified)
 
 
 def load_adapter(source: dict, **kwargs):

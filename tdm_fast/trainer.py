@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import contextmanager
+import math
+import os
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,7 +23,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from . import kernels as fused_ops
-from .checkpoint import commit_checkpoint, load_checkpoint, write_rank_file, write_state
+from . import runlock
+from .checkpoint import commit_checkpoint, load_checkpoint, replace_folder, write_rank_file, write_state
 from .conditions import to_device
 from .config import TDMConfig
 from .denoiser import Denoiser
@@ -29,6 +32,41 @@ from .sampling import TAU_GAP, TAU_MIN, stage_times
 from .kernels import reference as reference_ops
 
 ConditionSampler = Callable[[int, torch.Generator], object]
+
+# Settings that only say how long to run and what to write: a resumed run may change them freely.
+# ``steps``, ``steps_conditioning`` and ``total_steps`` shape the networks and can never change;
+# every other setting changes the run and needs ``overrides`` (``--resume --override KEY``).
+BOOKKEEPING = ("iterations", "checkpoint_every", "keep_last", "log_every", "max_nonfinite_skips", "kernels")
+STRUCTURAL = ("steps", "steps_conditioning", "total_steps")
+STUDENT_STATE = "tdm_training.json"  # in the student folder: the step its weights come from
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite values too often to go on; nothing non-finite was written."""
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(float(value))
+
+
+def _json_value(value):
+    """Non-finite floats become null: ``metrics.jsonl`` stays strict JSON."""
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+def _short(value) -> str:
+    return "skipped" if value is None else f"{value:.4f}"
+
+
+def non_finite_tensors(state, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a nested state that hold NaN or inf."""
+    if isinstance(state, torch.Tensor):
+        return [prefix] if state.is_floating_point() and not torch.isfinite(state).all() else []
+    if isinstance(state, dict):
+        return [n for k, v in state.items() for n in non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(state, (list, tuple)):
+        return [n for i, v in enumerate(state) for n in non_finite_tensors(v, f"{prefix}.{i}")]
+    return []
 
 
 class ClassConditions:
@@ -174,6 +212,8 @@ class TDMTrainer:
         self.rng = torch.Generator().manual_seed(config.seed * 7919 + rank)
         self.steps_rng = torch.Generator().manual_seed(config.seed)
         self.step = 0
+        self.consecutive_skips = 0
+        self.skipped_updates = 0
         self._warned_unsaveable = False
 
     @torch.no_grad()
@@ -244,10 +284,29 @@ class TDMTrainer:
             d_fake, _ = self.fake(x_tau, draw.tau, cond, self._steps_arg(k))
         loss = self.ops.fake_score_loss(d_fake.float(), x0.float(), self.teacher.schedule.snr(draw.tau), log_w, self.config.snr_cap)
         self.accelerator.backward(loss)
-        self.opt_f.step()
-        self.sched_f.step()
-        self.opt_f.zero_grad(set_to_none=True)
-        return loss.item()
+        # the norm only decides whether the step is safe: the fake score is not clipped (authors' code)
+        grad_norm = self.accelerator.clip_grad_norm_(self.fake.parameters(), math.inf)
+        value = loss.item()
+        if self._apply_update(self.opt_f, self.sched_f, value, grad_norm):
+            return value
+        return None
+
+    def _apply_update(self, optimizer, scheduler, loss: float, grad_norm) -> bool:
+        """Steps ``optimizer`` unless the loss or the gradient norm is non-finite; returns whether it stepped.
+
+        The gradient norm is taken after the gradients were all-reduced, so every process decides the
+        same. Under fp16 the grad scaler owns overflowing gradients (it skips those steps and lowers
+        its scale), so only a non-finite loss is skipped here.
+        """
+        finite = _finite(loss) and (self.accelerator.scaler is not None or _finite(grad_norm))
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+            finite = float(self.accelerator.reduce(flag, reduction="sum")) == 0.0
+        if finite:
+            optimizer.step()
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return finite
 
     def generator_update(self, trajectory, cond, k: int) -> tuple[float, float]:
         draw = self.draw_stage(trajectory, k)
@@ -262,13 +321,13 @@ class TDMTrainer:
             x0, d_cond.float(), d_uncond.float(), d_fake.float(), self.config.cfg_scale, self.config.huber_c, self.config.normalize
         )
         self.accelerator.backward(loss)
-        grad_norm = self.accelerator.clip_grad_norm_(self.student.parameters(), self.config.max_grad_norm)
-        self.opt_g.step()
-        self.sched_g.step()
-        self.opt_g.zero_grad(set_to_none=True)
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.student.parameters(), self.config.max_grad_norm))
+        value = loss.item()
+        if not self._apply_update(self.opt_g, self.sched_g, value, grad_norm):
+            return None, grad_norm
         if self.ema is not None:
             self.ema.update()
-        return loss.item(), float(grad_norm)
+        return value, grad_norm
 
     def train_step(self) -> dict:
         """One TDM iteration; returns its losses."""
@@ -277,10 +336,27 @@ class TDMTrainer:
         cond = to_device(self.conditions(config.batch_size, self.rng), self.device)
         z = torch.randn((config.batch_size, *self.sample_shape), generator=self.rng).to(self.device)
         trajectory = self.rollout(z, cond, k)
-        fake_loss = sum(self.fake_score_update(trajectory, cond, k) for _ in range(config.fake_updates)) / config.fake_updates
+        fake_losses = [self.fake_score_update(trajectory, cond, k) for _ in range(config.fake_updates)]
         generator_loss, grad_norm = self.generator_update(trajectory, cond, k)
         self.step += 1
-        return {"step": self.step, "steps": k, "fake_loss": fake_loss, "generator_loss": generator_loss, "grad_norm": grad_norm}
+        applied = [v for v in fake_losses if v is not None]
+        skipped = len(fake_losses) - len(applied) + (generator_loss is None)
+        record = {"step": self.step, "steps": k, "fake_loss": sum(applied) / len(applied) if applied else None,
+                  "generator_loss": generator_loss, "grad_norm": _json_value(grad_norm), "skipped_updates": skipped}
+        self._count_skips(skipped)
+        return record
+
+    def _count_skips(self, skipped: int) -> None:
+        """Skipped updates are counted; ``max_nonfinite_skips`` iterations in a row with one stop the run."""
+        self.skipped_updates += skipped
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        if skipped:
+            warnings.warn(f"iteration {self.step}: {skipped} update(s) skipped (non-finite loss or gradient norm)")
+        if self.consecutive_skips >= self.config.max_nonfinite_skips:
+            raise NonFiniteError(
+                f"{self.consecutive_skips} iterations in a row had a non-finite loss or gradient norm (the last at step "
+                f"{self.step}); stopped without writing them. The teacher's outputs, the learning rates or the data "
+                "are the usual causes; the last checkpoint holds the last finite weights")
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self, iterations: int | None = None, callback: Callable[["TDMTrainer", dict], None] | None = None) -> list[dict]:
@@ -288,21 +364,25 @@ class TDMTrainer:
         total = iterations if iterations is not None else self.config.iterations
         history = []
         log_file = None
-        if self.output_dir is not None and self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            log_file = open(self.output_dir / "metrics.jsonl", "a")
+        writer = self.output_dir is not None and self.accelerator.is_main_process
+        if writer:
+            runlock.acquire(self.output_dir)
         bar = tqdm(total=total, initial=self.step, desc="TDM", disable=not (self.progress and self.accelerator.is_main_process))
         start = time.perf_counter()
         try:
+            if writer:
+                log_file = self._open_metrics()
+                if self.step >= total and hasattr(self.student_core.model, "save_pretrained") and not self.student_is_current():
+                    self.save_student(self.output_dir / "student")  # a resumed, finished run whose final save was cut short
             while self.step < total:
                 record = self.train_step()
                 record["elapsed_s"] = time.perf_counter() - start
                 history.append(record)
                 bar.update(1)
                 if self.step % self.config.log_every == 0 or self.step == total:
-                    bar.set_postfix(fake=f"{record['fake_loss']:.4f}", gen=f"{record['generator_loss']:.4f}", K=record["steps"])
+                    bar.set_postfix(fake=_short(record["fake_loss"]), gen=_short(record["generator_loss"]), K=record["steps"])
                     if log_file:
-                        log_file.write(json.dumps(record) + "\n")
+                        log_file.write(json.dumps({k: _json_value(v) for k, v in record.items()}, allow_nan=False) + "\n")
                         log_file.flush()
                 if callback is not None:
                     callback(self, record)
@@ -313,7 +393,27 @@ class TDMTrainer:
             bar.close()
             if log_file:
                 log_file.close()
+            if writer:
+                runlock.release(self.output_dir)
         return history
+
+    def _open_metrics(self):
+        """``metrics.jsonl`` for appending, first cut back to the rows up to the current (resumed) step, so
+        that the steps a killed run logged after its last checkpoint do not appear twice."""
+        path = self.output_dir / "metrics.jsonl"
+        if path.is_file():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line torn by a kill
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= self.step:
+                    kept.append(line + "\n")
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+        return open(path, "a")
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -336,8 +436,15 @@ class TDMTrainer:
         return {"rng": self.rng.get_state(), "steps_rng": self.steps_rng.get_state(), "torch_rng": torch.get_rng_state()}
 
     def save_checkpoint(self) -> Path:
-        """Atomic checkpoint of everything needed to continue exactly; prunes to ``keep_last``."""
+        """Atomic checkpoint of everything needed to continue exactly; prunes to ``keep_last``.
+
+        Refuses (:class:`NonFiniteError`) to write weights or optimizer state holding NaN or inf."""
         acc = self.accelerator
+        state = self._state()
+        bad = non_finite_tensors({k: v for k, v in state.items() if k != "meta"})
+        if bad:
+            raise NonFiniteError(f"not writing checkpoint step {self.step}: non-finite values in {', '.join(bad[:3])}"
+                                 + (f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""))
         root = self.output_dir / "checkpoints"
         final = root / f"step-{self.step:08d}"
         tmp = root / f".tmp-{final.name}"
@@ -348,7 +455,7 @@ class TDMTrainer:
         write_rank_file(tmp, f"rank-{acc.process_index}", self._rank_state())
         acc.wait_for_everyone()
         if acc.is_main_process:
-            write_state(tmp, self._state())
+            write_state(tmp, state)
             commit_checkpoint(tmp, final, self.config.keep_last)
             if hasattr(self.student_core.model, "save_pretrained"):
                 self.save_student(self.output_dir / "student")
@@ -361,14 +468,15 @@ class TDMTrainer:
         acc.wait_for_everyone()
         return final
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Restores networks, optimizers, LR schedules, RNG states and the step from a checkpoint."""
+    def load_checkpoint(self, path: str | Path, overrides=()) -> None:
+        """Restores networks, optimizers, LR schedules, RNG states and the step from a checkpoint.
+
+        A setting that changes the run (anything but :data:`BOOKKEEPING`) must equal the checkpoint's
+        unless it is named in ``overrides``; the optimizers, LR schedules and RNG streams then really
+        use the new values. The settings of :data:`STRUCTURAL` can never change.
+        """
         state, rank_state = load_checkpoint(path, rank_file=f"rank-{self.accelerator.process_index}")
-        saved = state["meta"]["config"]
-        for key in ("steps", "steps_conditioning", "total_steps"):
-            mine = self.config.to_dict()[key]
-            if saved[key] != mine:
-                raise ValueError(f"checkpoint was trained with {key}={saved[key]}, this run has {key}={mine}")
+        self.check_resume_config(state["meta"]["config"], overrides)
         self.student_core.load_state_dict(state["student"])
         self.fake_core.load_state_dict(state["fake"])
         self.opt_g.load_state_dict(state["optimizers"]["generator"])
@@ -376,14 +484,55 @@ class TDMTrainer:
         self.sched_g.load_state_dict(state["optimizers"]["generator_lr"])
         self.sched_f.load_state_dict(state["optimizers"]["fake_lr"])
         if self.ema is not None:
-            if "ema" not in state:
-                raise ValueError("checkpoint has no EMA weights but this run uses ema_decay")
-            for i, s in enumerate(self.ema.shadow):
-                s.copy_(state["ema"][str(i)])
+            if "ema" in state:
+                for i, s in enumerate(self.ema.shadow):
+                    s.copy_(state["ema"][str(i)])
+            elif "ema_decay" in overrides:  # EMA switched on by the resume: it starts from the restored weights
+                self.ema = EMA(self.ema.params, self.config.ema_decay)
+            else:
+                raise ValueError("checkpoint has no EMA weights but this run uses ema_decay (add --override ema_decay)")
         self.rng.set_state(rank_state["rng"])
         self.steps_rng.set_state(rank_state["steps_rng"])
         torch.set_rng_state(rank_state["torch_rng"])
         self.step = int(state["meta"]["step"])
+        self._apply_hyperparameters()
+        if "seed" in overrides:
+            self.rng.manual_seed(self.config.seed * 7919 + self.accelerator.process_index)
+            self.steps_rng.manual_seed(self.config.seed)
+
+    def check_resume_config(self, saved: dict, overrides=()) -> None:
+        """Raises ValueError naming every setting that differs from the checkpoint's without an override."""
+        mine = self.config.to_dict()
+        for key in overrides:
+            if key not in mine:
+                raise ValueError(f"--override {key}: not a setting (choose among {', '.join(sorted(mine))})")
+            if key in STRUCTURAL or key in BOOKKEEPING:
+                raise ValueError(f"--override {key}: " + ("it shapes the networks and cannot change on resume" if key in STRUCTURAL
+                                                          else "it may change on resume without --override"))
+        for key in STRUCTURAL:
+            if saved.get(key) != mine[key]:
+                raise ValueError(f"checkpoint was trained with {key}={saved.get(key)}, this run has {key}={mine[key]}")
+        changed = [k for k in mine if k not in BOOKKEEPING and k not in STRUCTURAL and k not in overrides
+                   and k in saved and saved[k] != mine[k]]
+        if changed:
+            listing = ", ".join(f"{k} {saved[k]} -> {mine[k]}" for k in changed)
+            raise ValueError(f"the checkpoint was trained with other settings ({listing}); resume with the checkpoint's "
+                             f"values, or pass --override {' '.join(changed)} to continue with the new ones")
+
+    def _apply_hyperparameters(self) -> None:
+        """Learning rates, warm-up, betas and weight decay from this run's config, on restored optimizers
+        (``load_state_dict`` brings back the checkpoint's values, the LR schedules' base rates included)."""
+        config = self.config
+        betas = (config.adam_beta1, config.adam_beta2)
+        for optimizer, scheduler, lr in ((self.opt_g, self.sched_g, config.generator_lr), (self.opt_f, self.sched_f, config.fake_lr)):
+            inner = getattr(scheduler, "scheduler", scheduler)
+            warmup = Warmup(config.warmup_steps)
+            bases = [lr] + [lr * config.steps_embedding_lr_ratio] * (len(optimizer.param_groups) - 1)
+            inner.base_lrs = bases
+            inner.lr_lambdas = [warmup] * len(bases)
+            for group, base in zip(optimizer.param_groups, bases):
+                group.update(initial_lr=base, lr=base * warmup(inner.last_epoch), betas=betas, weight_decay=config.weight_decay)
+            inner._last_lr = [g["lr"] for g in optimizer.param_groups]
 
     @contextmanager
     def ema_weights(self):
@@ -408,5 +557,19 @@ class TDMTrainer:
         return self.student_core
 
     def save_student(self, path: str | Path) -> None:
-        with self.ema_weights() as student:
-            student.save_pretrained(path)
+        """Writes the student (EMA weights where used) beside ``path``, then renames it into place, so a
+        kill leaves the previous complete student or none; ``tdm_training.json`` records its step."""
+        def write(folder: Path) -> None:
+            with self.ema_weights() as student:
+                student.save_pretrained(folder)
+            (folder / STUDENT_STATE).write_text(json.dumps({"step": self.step}))
+
+        replace_folder(Path(path), write)
+
+    def student_is_current(self) -> bool:
+        """Whether ``<output_dir>/student`` is a complete student of the current step."""
+        folder = self.output_dir / "student"
+        try:
+            return json.loads((folder / STUDENT_STATE).read_text()).get("step") == self.step
+        except (OSError, ValueError, AttributeError):
+            return False

@@ -509,6 +509,7 @@ def test_cli_export_refuses_a_graph_that_does_not_match_torch(tmp_path):
                               "--steps", "2", "--shape", "2"])
     with pytest.raises(ValueError, match=r"do not compute what the torch model computes: K=2 \(.*\) exceed the fp32 tolerance 0.0001"):
         export_cli.run_export(args, student=student)
+    assert not (tmp_path / "out").exists()  # nothing deployable-looking is left behind
     assert export_cli.parity_tolerance("onnx", "fp16", "cpu") == 2e-2
 
 

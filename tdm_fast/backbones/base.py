@@ -6,7 +6,6 @@ settings, e.g. SD3's shift), so that ``Denoiser.from_pretrained`` can rebuild it
 """
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -48,8 +47,9 @@ class DiffusersAdapter(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
+        from ..denoiser import import_model_class
+
         path = Path(path)
         meta = json.loads((path / ADAPTER_CONFIG).read_text())
-        module_name, _, class_name = meta["inner_class"].partition(":")
-        inner_cls = getattr(importlib.import_module(module_name), class_name)
+        inner_cls = import_model_class(meta["inner_class"], source=path / ADAPTER_CONFIG)
         return cls(inner_cls.from_pretrained(path, **kwargs), **meta.get("kwargs", {}))
