@@ -92,6 +92,12 @@ def commit_checkpoint(tmp: Path, final: Path, keep_last: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_leftovers(path: Path) -> None:
+    """Removes what killed :func:`replace_folder` calls left beside ``path``."""
+    for stale in Path(path).parent.glob(f".{Path(path).name}.*-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def replace_folder(path: Path, write) -> None:
     """Runs ``write(tmp)`` on a fresh folder beside ``path``, then renames it to ``path``.
 
@@ -101,8 +107,7 @@ def replace_folder(path: Path, write) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_leftovers(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     write(tmp)
     for file in tmp.rglob("*"):

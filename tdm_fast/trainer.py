@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import kernels as fused_ops
 from . import runlock
-from .checkpoint import commit_checkpoint, load_checkpoint, replace_folder, write_rank_file, write_state
+from .checkpoint import commit_checkpoint, load_checkpoint, remove_leftovers, replace_folder, write_rank_file, write_state
 from .conditions import to_device
 from .config import TDMConfig
 from .denoiser import Denoiser
@@ -372,14 +372,17 @@ class TDMTrainer:
         try:
             if writer:
                 log_file = self._open_metrics()
-                if self.step >= total and hasattr(self.student_core.model, "save_pretrained") and not self.student_is_current():
-                    self.save_student(self.output_dir / "student")  # a resumed, finished run whose final save was cut short
+                if self.step >= total and hasattr(self.student_core.model, "save_pretrained"):
+                    # a resumed, finished run whose final save was cut short
+                    if not self.student_is_current():
+                        self.save_student(self.output_dir / "student")
+                    remove_leftovers(self.output_dir / "student")
             while self.step < total:
                 record = self.train_step()
                 record["elapsed_s"] = time.perf_counter() - start
                 history.append(record)
                 bar.update(1)
-                if self.step % self.config.log_every == 0 or self.step == total:
+                if self.step % self.config.log_every == 0 or self.step == total or record["skipped_updates"]:
                     bar.set_postfix(fake=_short(record["fake_loss"]), gen=_short(record["generator_loss"]), K=record["steps"])
                     if log_file:
                         log_file.write(json.dumps({k: _json_value(v) for k, v in record.items()}, allow_nan=False) + "\n")
