@@ -505,12 +505,14 @@ def fuse_student(student, steps: int | None = None) -> nn.Module:
 
 
 def write_model_card(path, *, base_model: str, backbone: str, pipeline: str, steps: tuple[int, ...], total_steps: int,
-                     cfg_scale: float, lora: bool, prediction_type: str) -> Path:
-    """README.md stating exactly how to sample: TDMScheduler, K steps, guidance_scale=1."""
+                     cfg_scale: float, lora: bool, prediction_type: str, folder_name: str | None = None) -> Path:
+    """README.md stating exactly how to sample: TDMScheduler, K steps, guidance_scale=1. ``folder_name``:
+    the name the folder will have for its users (``path`` may be a temporary one)."""
     k = max(steps)
+    name = folder_name or Path(path).name
     load = (
-        f'pipe.load_lora_weights("{Path(path).name}")' if lora and backbone != "pixart"
-        else f'from tdm_fast.lora import load_lora_adapter; load_lora_adapter(pipe.transformer, "{Path(path).name}")' if lora
+        f'pipe.load_lora_weights("{name}")' if lora and backbone != "pixart"
+        else f'from tdm_fast.lora import load_lora_adapter; load_lora_adapter(pipe.transformer, "{name}")' if lora
         else "# fused weights: load the model folder in place of the base's"
     )
     unify = ""
@@ -518,7 +520,7 @@ def write_model_card(path, *, base_model: str, backbone: str, pipeline: str, ste
         unify = (
             "\nThis is a steps-aware student: after loading, fold the K embedding of the step count you sample with:\n\n"
             "```python\nfrom tdm_fast.lora import apply_steps_embedding\n"
-            f"apply_steps_embedding(pipe.{'unet' if backbone in ('sd15', 'sdxl') else 'transformer'}, \"{Path(path).name}\", steps={k})\n```\n"
+            f"apply_steps_embedding(pipe.{'unet' if backbone in ('sd15', 'sdxl') else 'transformer'}, \"{name}\", steps={k})\n```\n"
         )
     text = f"""---
 base_model: {base_model}

@@ -93,6 +93,7 @@ def optimizer_class(args):
 def export_preset_student(args, student, config, output_dir) -> Path:
     """Writes ``<output_dir>/lora`` (diffusers LoRA; kohya with --export-kohya), ``<output_dir>/fused``
     (with --export-fused, or always for full fine-tuning) and a README.md model card in each."""
+    from ..checkpoint import replace_folder
     from ..lora import LoRARole, fuse_student, save_lora, write_model_card
 
     preset = get_preset(args.preset)
@@ -101,8 +102,11 @@ def export_preset_student(args, student, config, output_dir) -> Path:
                 total_steps=config.total_steps, cfg_scale=config.cfg_scale, prediction_type=student.prediction_type)
     is_lora = isinstance(student.model, LoRARole)
     if is_lora:
-        save_lora(student, output_dir / "lora", kohya=args.export_kohya)
-        write_model_card(output_dir / "lora", lora=True, **card)
+        def write_lora(folder: Path) -> None:
+            save_lora(student, folder, kohya=args.export_kohya)
+            write_model_card(folder, lora=True, folder_name="lora", **card)
+
+        replace_folder(output_dir / "lora", write_lora)  # a kill leaves the old complete folder or the new one
     if not is_lora or args.export_fused:
         k = max(config.steps)
         if is_lora:
@@ -118,8 +122,11 @@ def export_preset_student(args, student, config, output_dir) -> Path:
             if student.steps_embedding is not None:
                 target = model.get_submodule(student.time_embedding.removeprefix("inner."))
                 _fold_into_last_linear(target, student.steps_embedding.embedding.weight[student.steps_set.index(k)].detach().float())
-        model.save_pretrained(output_dir / "fused" / preset.subfolder)
-        write_model_card(output_dir / "fused", lora=False, **card)
+        def write_fused(folder: Path) -> None:
+            model.save_pretrained(folder / preset.subfolder)
+            write_model_card(folder, lora=False, folder_name="fused", **card)
+
+        replace_folder(output_dir / "fused", write_fused)
     return output_dir
 
 
