@@ -146,8 +146,11 @@ def cmd_distill(args) -> int:
         raise UsageError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
     resume_from = resolve_checkpoint(args.resume or out) if args.resume is not None else None
 
+    from accelerate.utils import set_seed
+
     from .trainer import TDMTrainer
 
+    set_seed(config.seed)  # LoRA initialisation and anything else drawn from the global generators
     if args.preset:
         from .backbones.cli import build_preset_run, optimizer_class
 
@@ -280,10 +283,22 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.pipeline is not None:
+        if args.dataset != "digits":
+            raise UsageError(f"--pipeline distils a digits text-to-image pipeline; it does not go with --dataset {args.dataset}")
+        from .demos.t2i_demo import run_demo as run_t2i_demo
+
+        args.out = args.out or f"runs/demo-{args.pipeline}"
+        run_t2i_demo(args)
+        print(f"sample grid: {Path(args.out) / 'grid.png'}")
+        return 0
+    if args.model is not None:
+        raise UsageError("--model goes with --pipeline sd15|sd3 (a pipeline folder to distil instead of the shipped one)")
     if args.dataset == "digits":
         from .eval.cli import run_demo
 
         args.out = args.out or "runs/demo"
+        args.samples = args.samples or 2000
         run_demo(args)
         print(f"sample grid: {Path(args.out) / 'grid.png'}")
         return 0
@@ -297,9 +312,23 @@ def cmd_demo(args) -> int:
 
 
 def cmd_teacher_train(args) -> int:
+    if args.dataset == "digits-t2i":
+        if args.pipeline is None:
+            raise UsageError("--dataset digits-t2i needs --pipeline sd15 or sd3")
+        from .demos.t2i import run_build
+
+        run_build(args)
+        return 0
+    t2i_only = [flag for flag, value in (("--pipeline", args.pipeline), ("--vae-iterations", args.vae_iterations),
+                                         ("--threads", args.threads), ("--eval-samples", args.eval_samples)) if value is not None]
+    if t2i_only:
+        raise UsageError(f"{', '.join(t2i_only)} only go with --dataset digits-t2i (the text-to-image pipelines)")
     if args.dataset == "digits":
         from .eval.cli import run_teacher_train
 
+        args.batch_size = 128 if args.batch_size is None else args.batch_size
+        args.lr = 2e-3 if args.lr is None else args.lr
+        args.cond_dropout = 0.15 if args.cond_dropout is None else args.cond_dropout
         run_teacher_train(args)
         return 0
     from .toy2d import train_toy_teacher
@@ -380,7 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="default runs/demo (digits) or runs/demo-toy (toy2d)")
     p.add_argument("--iterations", type=int, default=None, help="TDM iterations (default: 200 digits, 600 per K toy2d)")
     digits_cli.add_demo_arguments(p)
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--pipeline", choices=["sd15", "sd3"], default=None,
+                   help="distil the shipped digits text-to-image pipeline (stock diffusers classes) through --preset "
+                        "and judge it through the stock pipeline; writes runs/demo-<pipeline>/")
+    p.add_argument("--model", default=None, help="with --pipeline: a pipeline folder of that kind instead of the shipped one")
+    p.set_defaults(func=cmd_demo, samples=None)  # --samples: 2000 (digits), 1000 (--pipeline)
 
     p = verbs.add_parser("eval", help="score a digits student against the NFE-matched baselines; --ablations: reproduction table")
     digits_cli.add_eval_arguments(p)
@@ -399,13 +432,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     teacher = _Verbs(verbs.add_parser("teacher", help="built-in teachers").add_subparsers(dest="teacher_verb", required=True), common)
     p = teacher.add_parser("train", help="train a built-in teacher")
-    p.add_argument("--dataset", choices=["toy2d", "digits"], default="toy2d")
+    p.add_argument("--dataset", choices=["toy2d", "digits", "digits-t2i"], default="toy2d",
+                   help="digits-t2i: a tiny text-to-image pipeline of stock diffusers classes (needs --pipeline)")
     p.add_argument("--out", required=True)
-    p.add_argument("--iterations", type=int, default=None, help="default 2000 (toy2d), 2500 (digits, the shipped teacher)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="default 2000 (toy2d), 2500 (digits, the shipped teacher), 2000 (digits-t2i denoiser)")
     p.add_argument("--hidden", type=int, default=128, help="toy2d MLP width")
     p.add_argument("--seed", type=int, default=0)
     digits_cli.add_teacher_arguments(p)
-    p.set_defaults(func=cmd_teacher_train)
+    g = p.add_argument_group("digits-t2i (tdm-fast teacher train --dataset digits-t2i --pipeline sd15|sd3 --out DIR)")
+    g.add_argument("--pipeline", choices=["sd15", "sd3"], default=None, help="StableDiffusionPipeline or StableDiffusion3Pipeline folder")
+    g.add_argument("--vae-iterations", type=int, default=None, help="AutoencoderKL iterations (default 400)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    g.add_argument("--eval-samples", type=int, default=None, help="also score this many 50-step CFG images with the digits classifier")
+    # --batch-size/--lr/--cond-dropout: digits 128/2e-3/0.15, digits-t2i 128/2e-3/0.1
+    p.set_defaults(func=cmd_teacher_train, batch_size=None, lr=None, cond_dropout=None)
     return parser
 
 

@@ -46,7 +46,7 @@ class TDMConfig:
     batch_size: int = 64
     iterations: int = 1000
     seed: int = 0
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None  # None: accelerate's setting (`accelerate config`, ACCELERATE_MIXED_PRECISION)
     kernels: str = "fused"
     # bookkeeping
     checkpoint_every: int = 0  # 0: only at the end
@@ -67,7 +67,7 @@ class TDMConfig:
             ("matching", self.matching, MATCHING),
             ("tau_interval", self.tau_interval, TAU_INTERVALS),
             ("kernels", self.kernels, KERNEL_CHOICES),
-            ("mixed_precision", self.mixed_precision, MIXED_PRECISION),
+            ("mixed_precision", self.mixed_precision or "no", MIXED_PRECISION),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -92,6 +92,13 @@ class TDMConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def effective_mixed_precision(self) -> str:
+        """``mixed_precision``, or accelerate's own setting when it is None (what ``Accelerator`` will use)."""
+        import os
+
+        return self.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
 
     @property
     def generator_lr(self) -> float:

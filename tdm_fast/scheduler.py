@@ -76,8 +76,6 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
             # a FlowMatch teacher config has no prediction_type entry; from_config leaves our default
             prediction_type = "flow"
             self.register_to_config(prediction_type="flow")
-        if kind != "flow" and (snr_shift_scale is not None or rescale_betas_zero_snr) and trained_betas is None:
-            trained_betas = _shifted_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, snr_shift_scale, rescale_betas_zero_snr)
         self.register_to_config(schedule=kind)
         self.prediction_type = prediction_type
         self.noise_schedule = NoiseSchedule(
@@ -89,6 +87,8 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
                 beta_schedule=beta_schedule,
                 shift=float(shift),
                 trained_betas=tuple(float(b) for b in trained_betas) if trained_betas is not None else None,
+                snr_shift_scale=None if kind == "flow" or snr_shift_scale is None else float(snr_shift_scale),
+                rescale_zero_snr=kind != "flow" and bool(rescale_betas_zero_snr),
             )
         )
         self.init_noise_sigma = 1.0
@@ -198,40 +198,3 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self):
         return self.config.num_train_timesteps
-
-
-def _shifted_betas(n, beta_start, beta_end, beta_schedule, snr_shift_scale, rescale_zero_snr) -> list[float]:
-    """Betas reproducing CogVideoX's SNR-shifted (and zero-terminal-SNR) ᾱ table."""
-    from diffusers.schedulers.scheduling_ddim_cogvideox import rescale_zero_terminal_snr
-
-    if beta_schedule == "scaled_linear":
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
-    else:
-        betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
-    ac = torch.cumprod(1.0 - betas, 0)
-    if snr_shift_scale is not None:
-        ac = ac / (snr_shift_scale + (1 - snr_shift_scale) * ac)
-    if rescale_zero_snr:
-        ac = rescale_zero_terminal_snr(ac)
-    return alphas_cumprod_to_betas(ac)
-
-
-def alphas_cumprod_to_betas(alphas_cumprod) -> list[float]:
-    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-    prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
-    return (1.0 - ac / prev).clamp(0.0, 1.0).tolist()
-
-
-def schedule_config_from_scheduler(config) -> ScheduleConfig:
-    """The engine's :class:`ScheduleConfig` of a diffusers scheduler config, including CogVideoX's
-    SNR shift and zero-terminal-SNR rescaling (as trained betas), identical to TDMScheduler's table."""
-    if hasattr(config, "config"):
-        config = config.config
-    config = dict(config)
-    base = ScheduleConfig.from_diffusers(config)
-    shift_scale = config.get("snr_shift_scale")
-    zero_snr = bool(config.get("rescale_betas_zero_snr", False))
-    if base.kind == "vp" and base.trained_betas is None and (shift_scale is not None or zero_snr):
-        betas = _shifted_betas(base.num_train_timesteps, base.beta_start, base.beta_end, base.beta_schedule, shift_scale, zero_snr)
-        return ScheduleConfig(kind="vp", num_train_timesteps=base.num_train_timesteps, trained_betas=tuple(betas))
-    return base

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from . import kernels as fused_ops
@@ -180,6 +181,11 @@ class TDMTrainer:
             raise ValueError("the teacher has no null_cond, so cfg_scale must be 1")
         self.config = config
         self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # accelerate's DeepSpeed prepare() builds one engine with one optimizer for all the models it is
+            # given, which would merge the student's and the fake score's updates
+            raise ValueError("DeepSpeed is not supported: it would train student and fake score as one engine with one "
+                             "optimizer. Use multi-GPU data parallel (accelerate launch --multi_gpu) or FSDP instead")
         self.device = self.accelerator.device
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         if student is None or fake is None:
@@ -199,8 +205,11 @@ class TDMTrainer:
                               lr=config.fake_lr, betas=betas, weight_decay=config.weight_decay)
         sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, Warmup(config.warmup_steps))
         sched_f = torch.optim.lr_scheduler.LambdaLR(opt_f, Warmup(config.warmup_steps))
-        (self.student, self.fake, self.opt_g, self.opt_f, self.sched_g, self.sched_f) = self.accelerator.prepare(
-            student.to(self.device), fake.to(self.device), opt_g, opt_f, sched_g, sched_f
+        # The LR schedules stay outside prepare(): accelerate steps a prepared scheduler once per process
+        # per call, so N processes would warm up N times faster than one.
+        self.sched_g, self.sched_f = sched_g, sched_f
+        (self.student, self.fake, self.opt_g, self.opt_f) = self.accelerator.prepare(
+            student.to(self.device), fake.to(self.device), opt_g, opt_f
         )
         self._check_sample_shape(conditions)
         self.student_core: Denoiser = self.accelerator.unwrap_model(self.student)
@@ -528,14 +537,13 @@ class TDMTrainer:
         config = self.config
         betas = (config.adam_beta1, config.adam_beta2)
         for optimizer, scheduler, lr in ((self.opt_g, self.sched_g, config.generator_lr), (self.opt_f, self.sched_f, config.fake_lr)):
-            inner = getattr(scheduler, "scheduler", scheduler)
             warmup = Warmup(config.warmup_steps)
             bases = [lr] + [lr * config.steps_embedding_lr_ratio] * (len(optimizer.param_groups) - 1)
-            inner.base_lrs = bases
-            inner.lr_lambdas = [warmup] * len(bases)
+            scheduler.base_lrs = bases
+            scheduler.lr_lambdas = [warmup] * len(bases)
             for group, base in zip(optimizer.param_groups, bases):
-                group.update(initial_lr=base, lr=base * warmup(inner.last_epoch), betas=betas, weight_decay=config.weight_decay)
-            inner._last_lr = [g["lr"] for g in optimizer.param_groups]
+                group.update(initial_lr=base, lr=base * warmup(scheduler.last_epoch), betas=betas, weight_decay=config.weight_decay)
+            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
     @contextmanager
     def ema_weights(self):

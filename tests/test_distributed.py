@@ -33,6 +33,11 @@ def test_two_cpu_processes_keep_identical_students(tmp_path):
         assert f.metadata()["world_size"] == "2"
     # each rank drew its own noise, yet DDP kept the weights in lock-step
     assert not torch.equal(ranks[0].pop("first_noise"), ranks[1].pop("first_noise"))
+    # a 4-iteration warm-up takes 4 iterations whatever the process count (accelerate would step a
+    # prepared scheduler once per process)
+    warm = torch.tensor([2 / 4, 3 / 4, 4 / 4], dtype=torch.float64) * 1e-3 * 0.2
+    for rank in ranks:
+        torch.testing.assert_close(rank.pop("lrs"), warm)
     assert ranks[0].keys() == ranks[1].keys()
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     assert (tmp_path / "checkpoints").is_dir() and len(list((tmp_path / "checkpoints").glob("step-*/rank-*.safetensors"))) == 2

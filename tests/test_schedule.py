@@ -30,14 +30,40 @@ def test_empty_stage_interval_is_refused():
         stage_times(1, total_steps=30)
 
 
-@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
-def test_vp_tables_match_diffusers(beta_schedule):
-    ref = DDPMScheduler(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012)
-    schedule = NoiseSchedule(ScheduleConfig.from_diffusers(ref))
+VP_CASES = [(cls, beta, zero) for cls in ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "CogVideoXDDIMScheduler")
+            for beta in ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid") for zero in (False, True)
+            if beta != "sigmoid" or cls == "DDPMScheduler"]
+
+
+@pytest.mark.parametrize("cls_name, beta_schedule, zero_snr", VP_CASES)
+def test_vp_tables_match_diffusers(cls_name, beta_schedule, zero_snr):
+    import diffusers
+
+    kwargs = {"snr_shift_scale": 3.0} if cls_name.startswith("CogVideoX") else {}
+    ref = getattr(diffusers, cls_name)(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012,
+                                      rescale_betas_zero_snr=zero_snr, **kwargs)
+    schedule = NoiseSchedule(ScheduleConfig.from_diffusers(ref.config))  # the saved-config path the presets use
     t = torch.arange(1000)
     alpha, sigma = schedule(t, dtype=torch.float64)
-    torch.testing.assert_close(alpha**2, ref.alphas_cumprod.double(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(alpha**2, ref.alphas_cumprod.double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(alpha**2 + sigma**2, torch.ones(1000, dtype=torch.float64))
+    if zero_snr:
+        assert float(sigma[-1]) == pytest.approx(1.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("shift", [0.5, 1.0, 3.0])
+def test_flow_tables_match_diffusers(shift):
+    ref = FlowMatchEulerDiscreteScheduler(shift=shift)
+    schedule = NoiseSchedule(ScheduleConfig.from_diffusers(ref.config))
+    # diffusers' training sigmas are shift(u) at u = (1000 - i) / 1000; i = 0 (u = 1) is past our [0, T) table
+    t = 1000 - torch.arange(1, 1000)
+    _, sigma = schedule(t, dtype=torch.float64)
+    torch.testing.assert_close(sigma, ref.sigmas[1:].double(), rtol=1e-5, atol=1e-6)
+
+
+def test_flow_schedules_with_a_per_call_shift_are_refused():
+    with pytest.raises(ValueError, match="use_dynamic_shifting"):
+        ScheduleConfig.from_diffusers({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True})
 
 
 def test_flow_schedule_applies_shift():

@@ -160,3 +160,20 @@ def test_ema_weights_are_swapped_in_and_back(teacher):
     assert any(not torch.equal(p, s) for p, s in zip(training, trainer.ema.shadow))
     final = trainer.final_student()
     assert all(torch.equal(p, s) for p, s in zip(final.parameters(), trainer.ema.shadow))
+
+
+def test_deepspeed_is_refused_with_the_alternative(teacher, monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
+    with pytest.raises(ValueError, match="DeepSpeed is not supported.*--multi_gpu.*FSDP"):
+        _trainer(teacher)
+
+
+def test_mixed_precision_defaults_to_accelerates_setting(teacher, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    config = TDMConfig()
+    assert config.mixed_precision is None and config.effective_mixed_precision == "bf16"
+    assert _trainer(teacher).accelerator.mixed_precision == "bf16"
+    assert TDMConfig(mixed_precision="no").effective_mixed_precision == "no"

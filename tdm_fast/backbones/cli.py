@@ -72,7 +72,7 @@ def build_preset_run(args, config=None):
     lora = LoRASettings.for_backbone(preset.backbone, rank=args.lora_rank, alpha=args.lora_alpha, target_modules=targets,
                                      fake="copy" if args.fake_copy else "shared")
     teacher, student, fake = lora_denoisers(teacher, config, lora, source, gradient_checkpointing=args.gradient_checkpointing)
-    dtype = _dtype_of(config.mixed_precision)
+    dtype = _dtype_of(config.effective_mixed_precision)
     if dtype is not None:  # frozen base weights in half precision; LoRA weights stay fp32
         for d in {id(x.model.shared): x.model.shared for x in (student, fake)}.values():
             d.cast_base(dtype)

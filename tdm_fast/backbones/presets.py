@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..denoiser import Denoiser
+from ..schedule import ScheduleConfig
 from ..prompts import cache_key, cached_embeddings, default_cache_dir
 from .cogvideox import CogVideoXAdapter
 from .pixart import PixArtAdapter
@@ -79,8 +80,6 @@ def load_teacher(preset: Preset | str, path: str | Path, torch_dtype=None) -> tu
     """The teacher Denoiser (``null_cond`` still unset) and its base ``source`` (for LoRA save/reload)."""
     import diffusers
 
-    from ..scheduler import schedule_config_from_scheduler
-
     preset = get_preset(preset) if isinstance(preset, str) else preset
     path = str(path)
     sched = read_scheduler_config(path)
@@ -96,7 +95,7 @@ def load_teacher(preset: Preset | str, path: str | Path, torch_dtype=None) -> tu
     else:
         adapter_kwargs = {}
     adapter = preset.adapter(inner, **adapter_kwargs)
-    teacher = Denoiser(adapter, schedule_config_from_scheduler(sched), prediction_type_of(sched))
+    teacher = Denoiser(adapter, ScheduleConfig.from_diffusers(sched), prediction_type_of(sched))
     source = {
         "path": str(Path(path).resolve()),
         "subfolder": preset.subfolder,
@@ -226,13 +225,20 @@ def split(tensors: dict[str, torch.Tensor], preset: Preset | str):
 def prompt_conditions(preset: Preset | str, path: str | Path, prompts: list[str], denoiser_model, resolution=None,
                       cache_dir: str | Path | None = "default", device=None, max_sequence_length: int | None = None):
     """Cached :func:`encode_prompts` + :func:`split`: returns (conditions, null_cond)."""
+    from accelerate import PartialState
+
     preset = get_preset(preset) if isinstance(preset, str) else preset
     if cache_dir == "default":
         cache_dir = default_cache_dir()
     key = cache_key(model=str(Path(path).resolve()), preset=preset.name, prompts=prompts,
                     resolution=resolution, max_sequence_length=max_sequence_length, version=1)
-    tensors = cached_embeddings(
-        cache_dir, key,
-        lambda: encode_prompts(preset, path, prompts, denoiser_model, resolution, device, max_sequence_length=max_sequence_length),
-    )
+    # Under several processes the main one encodes (on its own device) and writes the cache first; the
+    # others then read it. PartialState exists before the trainer's Accelerator and is the same state.
+    state = PartialState()
+    with state.main_process_first():
+        tensors = cached_embeddings(
+            cache_dir, key,
+            lambda: encode_prompts(preset, path, prompts, denoiser_model, resolution, device or state.device,
+                                   max_sequence_length=max_sequence_length),
+        )
     return split(tensors, preset)

@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py under `accelerate launch`: a few TDM iterations, then every rank
-writes its student weights so the test can check they are identical."""
+writes its student weights and its generator learning rate after each iteration, so the test can check
+they are identical and that the warm-up counts iterations, not processes."""
 import sys
 from pathlib import Path
 
@@ -13,13 +14,15 @@ from tdm_fast.trainer import ClassConditions, TDMTrainer
 out = Path(sys.argv[1])
 torch.manual_seed(0)
 teacher = toy_denoiser(ToyMLP(hidden=32, depth=1))
-config = TDMConfig(steps=(1, 2), batch_size=8, iterations=3, fake_lr=1e-3, cfg_scale=3.0, kernels="reference")
+config = TDMConfig(steps=(1, 2), batch_size=8, iterations=3, fake_lr=1e-3, cfg_scale=3.0, kernels="reference", warmup_steps=4)
 trainer = TDMTrainer(teacher, config, ClassConditions(2), (2,), output_dir=out, progress=False)
 first_noise = torch.randn(4, generator=trainer.rng.clone_state())
-trainer.train()
+lrs = []
+trainer.train(callback=lambda t, record: lrs.append(t.opt_g.param_groups[0]["lr"]))
 rank = trainer.accelerator.process_index
 save_file(
-    {**{k: v.contiguous() for k, v in trainer.student_core.state_dict().items()}, "first_noise": first_noise},
+    {**{k: v.contiguous() for k, v in trainer.student_core.state_dict().items()}, "first_noise": first_noise,
+     "lrs": torch.tensor(lrs, dtype=torch.float64)},
     out / f"rank{rank}.safetensors",
     metadata={"world_size": str(trainer.accelerator.num_processes)},
 )
