@@ -185,7 +185,7 @@ class TDMTrainer:
             # accelerate's DeepSpeed prepare() builds one engine with one optimizer for all the models it is
             # given, which would merge the student's and the fake score's updates
             raise ValueError("DeepSpeed is not supported: it would train student and fake score as one engine with one "
-                             "optimizer. Use multi-GPU data parallel (accelerate launch --multi_gpu) or FSDP instead")
+                             "optimizer. Use multi-GPU data parallel instead (accelerate launch --multi_gpu)")
         self.device = self.accelerator.device
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         if student is None or fake is None:
