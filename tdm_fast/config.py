@@ -43,7 +43,8 @@ class TDMConfig:
     fake_updates: int = 1  # fake-score updates per generator update
     warmup_steps: int = 0
     ema_decay: float | None = None
-    batch_size: int = 64
+    batch_size: int = 64  # per process and micro-batch: an update sees batch_size x accumulation x processes samples
+    gradient_accumulation_steps: int = 1
     iterations: int = 1000
     seed: int = 0
     mixed_precision: str | None = None  # None: accelerate's setting (`accelerate config`, ACCELERATE_MIXED_PRECISION)
@@ -52,6 +53,8 @@ class TDMConfig:
     checkpoint_every: int = 0  # 0: only at the end
     keep_last: int = 2
     log_every: int = 10
+    report_to: str | None = None  # accelerate trackers: tensorboard, wandb, all, ... (files under output_dir)
+    validation_every: int = 0  # sample the validation set at every K every N iterations (0: never)
     # reliability: updates with a non-finite loss or gradient norm are skipped; this many in a row stop the run
     max_nonfinite_skips: int = 3
 
@@ -71,10 +74,11 @@ class TDMConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        for name in ("batch_size", "iterations", "fake_updates", "log_every", "max_nonfinite_skips", "total_steps"):
+        for name in ("batch_size", "iterations", "fake_updates", "log_every", "max_nonfinite_skips", "total_steps",
+                     "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "keep_last", "warmup_steps"):
+        for name in ("checkpoint_every", "keep_last", "warmup_steps", "validation_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("fake_lr", "generator_lr_ratio", "steps_embedding_lr_ratio", "max_grad_norm", "snr_cap"):

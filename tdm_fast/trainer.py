@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,6 +30,7 @@ from .conditions import to_device
 from .config import TDMConfig
 from .denoiser import Denoiser
 from .sampling import TAU_GAP, TAU_MIN, stage_times
+from .validation import Validation, log_validation, save_validation
 from .kernels import reference as reference_ops
 
 ConditionSampler = Callable[[int, torch.Generator], object]
@@ -37,7 +38,8 @@ ConditionSampler = Callable[[int, torch.Generator], object]
 # Settings that only say how long to run and what to write: a resumed run may change them freely.
 # ``steps``, ``steps_conditioning`` and ``total_steps`` shape the networks and can never change;
 # every other setting changes the run and needs ``overrides`` (``--resume --override KEY``).
-BOOKKEEPING = ("iterations", "checkpoint_every", "keep_last", "log_every", "max_nonfinite_skips", "kernels")
+BOOKKEEPING = ("iterations", "checkpoint_every", "keep_last", "log_every", "max_nonfinite_skips", "kernels", "report_to",
+               "validation_every")
 STRUCTURAL = ("steps", "steps_conditioning", "total_steps")
 STUDENT_STATE = "tdm_training.json"  # in the student folder: the step its weights come from
 
@@ -53,6 +55,11 @@ def _finite(value) -> bool:
 def _json_value(value):
     """Non-finite floats become null: ``metrics.jsonl`` stays strict JSON."""
     return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+def _tracker_config(config: TDMConfig) -> dict:
+    """The config as trackers accept it (scalars only)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
 
 
 def _short(value) -> str:
@@ -176,11 +183,15 @@ class TDMTrainer:
         accelerator: Accelerator | None = None,
         progress: bool = True,
         optimizer_cls=torch.optim.AdamW,
+        validation: "Validation | None" = None,
     ):
         if teacher.null_cond is None and config.cfg_scale != 1.0:
             raise ValueError("the teacher has no null_cond, so cfg_scale must be 1")
         self.config = config
-        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+        if config.report_to and output_dir is None and accelerator is None:
+            raise ValueError(f"report_to={config.report_to!r} needs an output_dir for the tracker's files")
+        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision, log_with=config.report_to,
+                                                      project_dir=output_dir)
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             # accelerate's DeepSpeed prepare() builds one engine with one optimizer for all the models it is
             # given, which would merge the student's and the fake score's updates
@@ -194,6 +205,9 @@ class TDMTrainer:
         self.sample_shape = tuple(sample_shape)
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.progress = progress
+        if config.validation_every and validation is None:
+            validation = Validation.from_conditions(conditions, sample_shape)
+        self.validation = validation
         self.ops = fused_ops if config.kernels == "fused" else reference_ops
         self.times = {k: torch.tensor(stage_times(k, config.total_steps, teacher.schedule.num_train_timesteps)) for k in config.steps}
 
@@ -284,18 +298,32 @@ class TDMTrainer:
             log_w = torch.zeros_like(log_w)
         return x_tau, log_w
 
-    def fake_score_update(self, trajectory, cond, k: int) -> float:
-        draw = self.draw_stage(trajectory, k)
-        with torch.no_grad(), self.accelerator.autocast():
-            x0, eps = self.student_core(draw.x_t, draw.t, cond, self._steps_arg(k))
-        x_tau, log_w = self.match(x0.float(), eps.float(), draw)
-        with self.accelerator.autocast():
-            d_fake, _ = self.fake(x_tau, draw.tau, cond, self._steps_arg(k))
-        loss = self.ops.fake_score_loss(d_fake.float(), x0.float(), self.teacher.schedule.snr(draw.tau), log_w, self.config.snr_cap)
-        self.accelerator.backward(loss)
+    def _micro_batches(self, batches):
+        """(index, trajectory, cond, context) per micro-batch: gradients are all-reduced on the last only."""
+        for i, (trajectory, cond) in enumerate(batches):
+            yield i, trajectory, cond, i + 1 == len(batches)
+
+    def _sync_context(self, model, last: bool):
+        return nullcontext() if last else self.accelerator.no_sync(model)
+
+    def fake_score_update(self, batches, k: int) -> float | None:
+        """One optimizer step of the fake score over the micro-batches (their mean loss); None if skipped."""
+        total = 0.0
+        for _, trajectory, cond, last in self._micro_batches(batches):
+            draw = self.draw_stage(trajectory, k)
+            with torch.no_grad(), self.accelerator.autocast():
+                x0, eps = self.student_core(draw.x_t, draw.t, cond, self._steps_arg(k))
+            x_tau, log_w = self.match(x0.float(), eps.float(), draw)
+            with self._sync_context(self.fake, last):
+                with self.accelerator.autocast():
+                    d_fake, _ = self.fake(x_tau, draw.tau, cond, self._steps_arg(k))
+                loss = self.ops.fake_score_loss(d_fake.float(), x0.float(), self.teacher.schedule.snr(draw.tau), log_w, self.config.snr_cap)
+                loss = loss / len(batches)
+                self.accelerator.backward(loss)
+            total = total + loss.detach()
         # the norm only decides whether the step is safe: the fake score is not clipped (authors' code)
         grad_norm = self.accelerator.clip_grad_norm_(self.fake.parameters(), math.inf)
-        value = loss.item()
+        value = float(total)
         if self._apply_update(self.opt_f, self.sched_f, value, grad_norm):
             return value
         return None
@@ -317,21 +345,26 @@ class TDMTrainer:
         optimizer.zero_grad(set_to_none=True)
         return finite
 
-    def generator_update(self, trajectory, cond, k: int) -> tuple[float, float]:
-        draw = self.draw_stage(trajectory, k)
-        with self.accelerator.autocast():
-            x0, eps = self.student(draw.x_t, draw.t, cond, self._steps_arg(k))
-        x0 = x0.float()
-        x_tau, _ = self.match(x0.detach(), eps.detach().float(), draw)
-        with torch.no_grad(), self.accelerator.autocast():
-            (d_cond, _), (d_uncond, _) = self.teacher.cond_uncond(x_tau, draw.tau, cond)
-            d_fake, _ = self.fake_core(x_tau, draw.tau, cond, self._steps_arg(k))
-        loss = self.ops.tdm_generator_loss(
-            x0, d_cond.float(), d_uncond.float(), d_fake.float(), self.config.cfg_scale, self.config.huber_c, self.config.normalize
-        )
-        self.accelerator.backward(loss)
+    def generator_update(self, batches, k: int) -> tuple[float | None, float]:
+        """One optimizer step of the student over the micro-batches; (loss or None if skipped, grad norm)."""
+        total = 0.0
+        for _, trajectory, cond, last in self._micro_batches(batches):
+            draw = self.draw_stage(trajectory, k)
+            with self._sync_context(self.student, last):
+                with self.accelerator.autocast():
+                    x0, eps = self.student(draw.x_t, draw.t, cond, self._steps_arg(k))
+                x0 = x0.float()
+                x_tau, _ = self.match(x0.detach(), eps.detach().float(), draw)
+                with torch.no_grad(), self.accelerator.autocast():
+                    (d_cond, _), (d_uncond, _) = self.teacher.cond_uncond(x_tau, draw.tau, cond)
+                    d_fake, _ = self.fake_core(x_tau, draw.tau, cond, self._steps_arg(k))
+                loss = self.ops.tdm_generator_loss(
+                    x0, d_cond.float(), d_uncond.float(), d_fake.float(), self.config.cfg_scale, self.config.huber_c, self.config.normalize
+                ) / len(batches)
+                self.accelerator.backward(loss)
+            total = total + loss.detach()
         grad_norm = float(self.accelerator.clip_grad_norm_(self.student.parameters(), self.config.max_grad_norm))
-        value = loss.item()
+        value = float(total)
         if not self._apply_update(self.opt_g, self.sched_g, value, grad_norm):
             return None, grad_norm
         if self.ema is not None:
@@ -342,11 +375,13 @@ class TDMTrainer:
         """One TDM iteration; returns its losses."""
         config = self.config
         k = config.steps[int(torch.randint(0, len(config.steps), (1,), generator=self.steps_rng))]
-        cond = to_device(self.conditions(config.batch_size, self.rng), self.device)
-        z = torch.randn((config.batch_size, *self.sample_shape), generator=self.rng).to(self.device)
-        trajectory = self.rollout(z, cond, k)
-        fake_losses = [self.fake_score_update(trajectory, cond, k) for _ in range(config.fake_updates)]
-        generator_loss, grad_norm = self.generator_update(trajectory, cond, k)
+        batches = []  # gradient_accumulation_steps micro-batches of batch_size, each rolled out once
+        for _ in range(config.gradient_accumulation_steps):
+            cond = to_device(self.conditions(config.batch_size, self.rng), self.device)
+            z = torch.randn((config.batch_size, *self.sample_shape), generator=self.rng).to(self.device)
+            batches.append((self.rollout(z, cond, k), cond))
+        fake_losses = [self.fake_score_update(batches, k) for _ in range(config.fake_updates)]
+        generator_loss, grad_norm = self.generator_update(batches, k)
         self.step += 1
         applied = [v for v in fake_losses if v is not None]
         skipped = len(fake_losses) - len(applied) + (generator_loss is None)
@@ -378,6 +413,8 @@ class TDMTrainer:
             runlock.acquire(self.output_dir)
         bar = tqdm(total=total, initial=self.step, desc="TDM", disable=not (self.progress and self.accelerator.is_main_process))
         start = time.perf_counter()
+        if self.config.report_to:
+            self.accelerator.init_trackers("tdm-fast", config=_tracker_config(self.config))
         try:
             if writer:
                 log_file = self._open_metrics()
@@ -396,8 +433,12 @@ class TDMTrainer:
                     if log_file:
                         log_file.write(json.dumps({k: _json_value(v) for k, v in record.items()}, allow_nan=False) + "\n")
                         log_file.flush()
+                    if self.config.report_to:
+                        self.accelerator.log(self._tracker_values(record, len(history)), step=self.step)
                 if callback is not None:
                     callback(self, record)
+                if self.validation is not None and self.config.validation_every and self.step % self.config.validation_every == 0:
+                    self.validate()
                 every = self.config.checkpoint_every
                 if self.output_dir is not None and ((every and self.step % every == 0) or self.step == total):
                     self.save_checkpoint()
@@ -405,9 +446,33 @@ class TDMTrainer:
             bar.close()
             if log_file:
                 log_file.close()
+            if self.config.report_to:
+                self.accelerator.end_training()
             if writer:
                 runlock.release(self.output_dir)
         return history
+
+    def _tracker_values(self, record: dict, iterations: int) -> dict:
+        values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and _finite(v) and k != "step"}
+        values["lr/generator"] = self.opt_g.param_groups[0]["lr"]
+        values["lr/fake"] = self.opt_f.param_groups[0]["lr"]
+        if record.get("elapsed_s"):
+            values["samples_per_s"] = self.config.batch_size * self.config.gradient_accumulation_steps * \
+                self.accelerator.num_processes * iterations / record["elapsed_s"]
+        return values
+
+    def validate(self) -> dict:
+        """Samples the validation set at every K (main process): grid under ``<output_dir>/validation/``,
+        images and metrics to the trackers; returns the metrics."""
+        if not self.accelerator.is_main_process:
+            return {}
+        images, metrics = self.validation.run(self)
+        grids = {}
+        if self.output_dir is not None:
+            grids = save_validation(images, self.output_dir / "validation" / f"step-{self.step:08d}.png", self.step)
+        if self.config.report_to:
+            log_validation(self.accelerator, grids, metrics, self.step)
+        return metrics
 
     def _open_metrics(self):
         """``metrics.jsonl`` for appending, first cut back to the rows up to the current (resumed) step, so

@@ -138,8 +138,10 @@ def _weights(student: Path) -> dict:
     return {name: tensors for name, tensors in _tensors_of(student).items()}
 
 
-def test_sigkill_at_every_write_of_the_final_save_then_resume(teacher_dir, tmp_path):
-    args = ["distill", "--teacher", str(teacher_dir), "--iterations", "4", "--checkpoint-every", "2", *TINY]
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_sigkill_at_every_write_of_the_final_save_then_resume(teacher_dir, tmp_path, accumulation):
+    args = ["distill", "--teacher", str(teacher_dir), "--iterations", "4", "--checkpoint-every", "2",
+            "--gradient-accumulation-steps", str(accumulation), *TINY]
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), *args, "--out", str(tmp_path / "straight")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
