@@ -15,6 +15,44 @@ KERNEL_CHOICES = ("fused", "reference")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
+# One line per field for `tdm-fast distill --help` (the comments in TDMConfig say why a default is what it is).
+HELP = {
+    "steps": "K, the student's number of sampling steps; several K train one steps-aware (unify) student",
+    "steps_conditioning": "feed K to student and fake score through a zero-initialised embedding (default: on for several K)",
+    "total_steps": "T', the span of the student's stage times: t_0 = T'-1, t_{i+1} = t_i - T'/K",
+    "cfg_scale": "the teacher's classifier-free guidance scale w the student distils (negative values are accepted)",
+    "huber_c": "pseudo-Huber constant c of the generator loss; none: plain MSE",
+    "normalize": "divide each sample's generator loss by its mean |x0 - D_cfg| (the authors' normaliser)",
+    "matching": "noisy: TDM's noisy-sample matching; clean: the DMD-style ablation",
+    "importance_sampling": "weight the fake-score loss by the importance ratio of the noisy-sample transition",
+    "tau_interval": "disjoint: each stage's matching times lie in its own interval; full: up to T (ablation)",
+    "snr_cap": "cap of the SNR weight of the fake-score loss",
+    "fake_lr": "learning rate of the fake score",
+    "generator_lr_ratio": "student learning rate = fake_lr x this",
+    "steps_embedding_lr_ratio": "the K embeddings learn at this multiple of their network's learning rate",
+    "adam_beta1": "AdamW beta1 of both optimizers",
+    "adam_beta2": "AdamW beta2 of both optimizers",
+    "weight_decay": "AdamW weight decay of both optimizers",
+    "max_grad_norm": "clip the student's gradient norm to this",
+    "fake_updates": "fake-score updates per generator update",
+    "warmup_steps": "linear learning-rate warm-up over this many updates (0: none)",
+    "ema_decay": "keep an EMA of the student's weights with this decay and save it (none: no EMA)",
+    "batch_size": "samples per process and micro-batch",
+    "gradient_accumulation_steps": "micro-batches per update (an update sees batch_size x this x processes samples)",
+    "iterations": "total TDM iterations of the run (a resumed run continues up to this)",
+    "seed": "seed of noise, conditions, K draws and LoRA initialisation",
+    "mixed_precision": "no, fp16 or bf16 (default: accelerate's setting)",
+    "kernels": "fused: the fused TDM ops; reference: their pure-torch definitions",
+    "checkpoint_every": "write a checkpoint every N iterations (0: only at the end)",
+    "keep_last": "keep this many newest checkpoints (0: all)",
+    "log_every": "write metrics.jsonl and the trackers every N iterations",
+    "report_to": "accelerate trackers: tensorboard, wandb, comet_ml, mlflow, aim, clearml, dvclive or all",
+    "validation_every": "sample fixed validation inputs at every K every N iterations into <out>/validation/ (0: never)",
+    "max_nonfinite_skips": "stop the run after this many iterations in a row with a skipped (non-finite) update",
+}
+CHOICES = {"matching": MATCHING, "tau_interval": TAU_INTERVALS, "kernels": KERNEL_CHOICES, "mixed_precision": MIXED_PRECISION}
+
+
 @dataclass
 class TDMConfig:
     # the student

@@ -197,6 +197,12 @@ class TDMTrainer:
             # given, which would merge the student's and the fake score's updates
             raise ValueError("DeepSpeed is not supported: it would train student and fake score as one engine with one "
                              "optimizer. Use multi-GPU data parallel instead (accelerate launch --multi_gpu)")
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            # LoRA roles share a base that is not a registered submodule of either role, so FSDP would
+            # not shard it; sharded checkpoints and exact resume are not implemented either
+            raise ValueError("FSDP is not supported yet (the LoRA roles' shared base is not sharded and sharded "
+                             "checkpoints are not written). Use multi-GPU data parallel (accelerate launch --multi_gpu) "
+                             "with --gradient-checkpointing and --mixed-precision bf16 to save memory")
         self.device = self.accelerator.device
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         if student is None or fake is None:

@@ -162,12 +162,14 @@ def test_ema_weights_are_swapped_in_and_back(teacher):
     assert all(torch.equal(p, s) for p, s in zip(final.parameters(), trainer.ema.shadow))
 
 
-def test_deepspeed_is_refused_with_the_alternative(teacher, monkeypatch):
+@pytest.mark.parametrize("kind, message", [("DEEPSPEED", "DeepSpeed is not supported.*--multi_gpu"),
+                                           ("FSDP", "FSDP is not supported yet.*--multi_gpu")])
+def test_deepspeed_and_fsdp_are_refused_with_the_alternative(teacher, monkeypatch, kind, message):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
-    with pytest.raises(ValueError, match="DeepSpeed is not supported.*--multi_gpu"):
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: getattr(DistributedType, kind)))
+    with pytest.raises(ValueError, match=message):
         _trainer(teacher)
 
 
