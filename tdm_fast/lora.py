@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -256,6 +259,9 @@ class LoRARole(nn.Module):
         return get_peft_model_state_dict(self.shared.adapter.inner, adapter_name=self.role)
 
     def save_pretrained(self, path, **kwargs) -> None:
+        """Writes ``lora.safetensors`` and ``lora_role.json``. The JSON names the base by a path relative
+        to ``path`` (or the model id it was loaded from), never an absolute path: the base pipeline folder
+        and the run folder can be moved together."""
         if self.role is None:
             raise TypeError("the teacher role has no weights of its own; save the base model instead")
         path = Path(path)
@@ -268,6 +274,8 @@ class LoRARole(nn.Module):
             source = _adapter_source(adapter, str(path / "base"))
             type(adapter)(base, **adapter.adapter_kwargs()).save_pretrained(path / "base")
             source["path"] = "base"  # relative to this folder
+        else:
+            source = dict(source, path=portable_base_path(source["path"], path))
         state = {k: v.detach().float().contiguous().cpu() for k, v in self.lora_state_dict().items()}
         save_file(state, path / "lora.safetensors")
         config = self.shared.lora_configs[self.role].to_dict()
@@ -276,19 +284,73 @@ class LoRARole(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> "LoRARole":
+        """Loads a :meth:`save_pretrained` folder. ``source.path`` is resolved relative to the folder of
+        ``lora_role.json`` (files of older versions with an absolute path still load); a base that cannot
+        be found is a ValueError naming the file, the expected base path and how to fix it."""
         from peft import LoraConfig
         from peft.utils import set_peft_model_state_dict
 
         path = Path(path)
-        meta = json.loads((path / LORA_ROLE_CONFIG).read_text())
+        config_file = path / LORA_ROLE_CONFIG
+        meta = json.loads(config_file.read_text())
         source = dict(meta["source"])
-        if not Path(source["path"]).is_absolute() and (path / source["path"]).exists():
-            source["path"] = str(path / source["path"])
-        adapter = load_adapter(source, **kwargs)
+        source["path"], is_model_id = resolve_base_path(source["path"], config_file)
+        try:
+            adapter = load_adapter(source, **kwargs)
+        except OSError as exc:
+            if not is_model_id:
+                raise
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise ValueError(
+                f"{config_file}: the base model {source['path']!r} (a model id: no such folder beside this file) "
+                f"cannot be loaded ({lines[0] if lines else type(exc).__name__}); download it, or set \"source.path\" "
+                "in this file to the base pipeline folder (absolute, or relative to the folder of this file)"
+            ) from None
         lora = {k: v for k, v in meta["lora"].items() if k in LoraConfig.__dataclass_fields__}
         shared = SharedLoRABase(adapter, {meta["role"]: LoraConfig(**lora)}, source)
         set_peft_model_state_dict(adapter.inner, load_file(path / "lora.safetensors"), adapter_name=meta["role"])
         return cls(shared, meta["role"])
+
+
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _looks_like_model_id(name: str) -> bool:
+    return bool(_MODEL_ID.match(name)) and ".." not in name and not name.endswith((".", "-"))
+
+
+def portable_base_path(base: str, folder) -> str:
+    """What ``lora_role.json`` in ``folder`` stores for the base ``base``: an existing local folder as a
+    POSIX path relative to ``folder`` (``os.path.relpath``), anything else (a model id) as given. Only
+    where no relative path exists (another drive on Windows) does an absolute path remain."""
+    local = Path(base)
+    if not local.exists():
+        return str(base)
+    try:
+        return Path(os.path.relpath(local.resolve(), Path(folder).resolve())).as_posix()
+    except ValueError:
+        return str(local.resolve())
+
+
+def resolve_base_path(stored: str, config_file) -> tuple[str, bool]:
+    """``(path or model id, is_model_id)`` of the base named by ``source.path`` of ``config_file``
+    (a ``lora_role.json``): relative paths are taken from the file's folder; absolute ones (files of
+    older versions) are used as they are."""
+    config_file = Path(config_file)
+    folder = config_file.parent
+    local = Path(stored)
+    expected = local if local.is_absolute() else folder / local
+    if expected.exists():
+        return str(expected.resolve()), False
+    if not local.is_absolute() and _looks_like_model_id(stored):
+        return stored, True  # a Hub model id (from_pretrained looks in the local cache, or downloads)
+    shown = expected if local.is_absolute() else Path(os.path.normpath(expected))
+    raise ValueError(
+        f"{config_file}: the base pipeline folder of this LoRA role is not found at {shown} "
+        f"(\"source.path\": {stored!r}{'' if local.is_absolute() else ', relative to the folder of this file'}); "
+        "move the base folder and the run folder together so that this path holds again, or set \"source.path\" "
+        "in this file to the base's folder (absolute, or relative to the folder of this file) or its Hub model id"
+    )
 
 
 def _adapter_source(adapter, path: str, subfolder: str | None = None) -> dict:
@@ -504,30 +566,156 @@ def fuse_student(student, steps: int | None = None) -> nn.Module:
     return inner.requires_grad_(True)
 
 
+# -- portable output folders -------------------------------------------------------------------
+TDM_SCHEDULER_ENTRY = ["tdm_fast.scheduler", "TDMScheduler"]  # what diffusers' save_pretrained writes for it
+_DUPLICATE_WEIGHTS = (".bin", ".msgpack", ".h5", ".ckpt", ".ot")  # other formats beside .safetensors
+_ROOT_WEIGHTS = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".gguf")
+
+
+def save_tdm_scheduler(folder, teacher_scheduler_config: dict, total_steps: int):
+    """Writes ``folder/scheduler/scheduler_config.json``: the :class:`~tdm_fast.TDMScheduler` built from
+    the teacher pipeline's scheduler config with the run's ``total_steps`` (the training stage times), so
+    ``TDMScheduler.from_pretrained(folder, subfolder="scheduler")`` samples as the student was trained."""
+    from .scheduler import TDMScheduler
+
+    scheduler = TDMScheduler.from_config(dict(teacher_scheduler_config), total_steps=int(total_steps))
+    scheduler.save_pretrained(Path(folder) / "scheduler")
+    return scheduler
+
+
+def _copy_component(src: Path, dst: Path) -> None:
+    files = [f for f in src.rglob("*") if f.is_file()]
+    has_safetensors = any(f.suffix == ".safetensors" for f in files)
+    for f in files:
+        name = f.name
+        if has_safetensors and (f.suffix in _DUPLICATE_WEIGHTS or name.endswith(".bin.index.json")):
+            continue  # diffusers and transformers load the .safetensors files
+        target = dst / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, target)  # follows the symlinks of a Hugging Face cache snapshot
+
+
+def write_pipeline_folder(folder, base, denoiser_name: str, denoiser: nn.Module, teacher_scheduler_config: dict,
+                          total_steps: int) -> Path:
+    """A complete diffusers pipeline folder: ``denoiser`` (a plain diffusers model) saved as the
+    ``denoiser_name`` component, the TDMScheduler config as ``scheduler/`` (named
+    ``["tdm_fast.scheduler", "TDMScheduler"]`` in ``model_index.json``), and every other component of
+    the ``base`` pipeline folder (text encoders, tokenizers, VAE...) copied file by file; no model is
+    loaded. Weights in other formats beside a component's ``.safetensors`` are not copied, nor the base's
+    README.md and root-level weight files (single-file checkpoints); other root files (LICENSE) are.
+
+    ``DiffusionPipeline.from_pretrained(folder)`` then loads it with the TDMScheduler set, once
+    ``tdm_fast`` is imported (diffusers 0.42 resolves classes of other libraries from ``sys.modules`` only)."""
+    folder, base = Path(folder), Path(base)
+    index_file = base / "model_index.json"
+    if not index_file.is_file():
+        raise ValueError(f"{index_file} not found: a fused pipeline folder needs the base's diffusers pipeline folder")
+    index = json.loads(index_file.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, entry in index.items():
+        if name.startswith("_") or name in (denoiser_name, "scheduler"):
+            continue
+        if isinstance(entry, list) and entry and entry[0] is not None and (base / name).is_dir():
+            _copy_component(base / name, folder / name)
+    for f in base.iterdir():
+        if f.is_file() and not f.name.startswith(".") and f.name not in ("model_index.json", "README.md") and f.suffix not in _ROOT_WEIGHTS:
+            shutil.copy2(f, folder / f.name)
+    denoiser.save_pretrained(folder / denoiser_name)
+    save_tdm_scheduler(folder, teacher_scheduler_config, total_steps)
+    index["scheduler"] = list(TDM_SCHEDULER_ENTRY)
+    index.pop("_name_or_path", None)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def _hub_cache_model_id(path: Path) -> str | None:
+    """``org/name`` of a Hugging Face cache snapshot folder (``.../models--org--name/snapshots/<rev>``)."""
+    parts = path.parts
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("models--") and i + 1 < len(parts) and parts[i + 1] == "snapshots":
+            return part[len("models--"):].replace("--", "/")
+    return None
+
+
+def base_model_reference(base_model: str) -> dict:
+    """How a model card names the base: ``{"name", "model_id", "local", "license"}``. A model id stays as
+    it is; a local folder is named by its folder name (``local=True``) unless it is a Hugging Face cache
+    snapshot, whose model id is known. ``license`` is read from a local base's own README.md metadata."""
+    path = Path(str(base_model))
+    if not path.exists():
+        return {"name": str(base_model), "model_id": str(base_model), "local": False, "license": None}
+    path = path.resolve()
+    license = None
+    readme = path / "README.md"
+    if readme.is_file():
+        try:
+            from huggingface_hub import ModelCard
+
+            license = ModelCard.load(readme).data.get("license")
+        except Exception:  # a README without (valid) metadata
+            license = None
+    model_id = _hub_cache_model_id(path)
+    return {"name": model_id or path.name, "model_id": model_id, "local": model_id is None, "license": license}
+
+
 def write_model_card(path, *, base_model: str, backbone: str, pipeline: str, steps: tuple[int, ...], total_steps: int,
-                     cfg_scale: float, lora: bool, prediction_type: str, folder_name: str | None = None) -> Path:
-    """README.md stating exactly how to sample: TDMScheduler, K steps, guidance_scale=1. ``folder_name``:
-    the name the folder will have for its users (``path`` may be a temporary one)."""
+                     cfg_scale: float, lora: bool, prediction_type: str, folder_name: str | None = None,
+                     license: str | None = None) -> Path:
+    """README.md (``huggingface_hub.ModelCard``) stating exactly how to sample: TDMScheduler, K steps,
+    guidance_scale=1. ``folder_name``: the name the folder will have for its users (``path`` may be a
+    temporary one). ``base_model``: a model id or a local folder; the card holds no local path, only
+    the model id or the local folder's name (and says it is local, leaving ``base_model`` out of the
+    metadata, which the Hub reads as a model id). ``license``: default the base's, else ``other``."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     k = max(steps)
     name = folder_name or Path(path).name
-    load = (
-        f'pipe.load_lora_weights("{name}")' if lora and backbone != "pixart"
-        else f'from tdm_fast.lora import load_lora_adapter; load_lora_adapter(pipe.transformer, "{name}")' if lora
-        else "# fused weights: load the model folder in place of the base's"
-    )
+    ref = base_model_reference(base_model)
+    license = license or ref["license"] or "other"
+    video = backbone == "cogvideox"
+    denoiser = "unet" if backbone in ("sd15", "sdxl") else "transformer"
+    tags = ["tdm", "distillation", "few-step", "text-to-video" if video else "text-to-image", "diffusers"]
+    if lora:
+        tags.append("lora")
+    data = ModelCardData(base_model=ref["model_id"], license=license, library_name="diffusers",
+                         pipeline_tag="text-to-video" if video else "text-to-image", tags=tags)
+    base_line = (f"Base model: local pipeline folder `{ref['name']}` (not a Hub model id; set `base_model` in this "
+                 f"card's metadata to the base's model id before sharing)." if ref["local"] else f"Base model: `{ref['name']}`.")
+    license_line = ("License: `other` (the base folder records none): the base model's license applies, check it before sharing."
+                    if license == "other" and not ref["license"] else f"License: `{license}` (the base model's).")
+    output = "frames" if video else "images"
+    if lora:
+        load = (f'pipe.load_lora_weights("{name}")' if backbone != "pixart"
+                else f'from tdm_fast.lora import load_lora_adapter\nload_lora_adapter(pipe.transformer, "{name}")')
+        code = f"""import torch, diffusers
+from tdm_fast import TDMScheduler
+
+pipe = diffusers.{pipeline}.from_pretrained("{ref['name']}")
+pipe.scheduler = TDMScheduler.from_pretrained("{name}", subfolder="scheduler")  # = TDMScheduler.from_config(pipe.scheduler.config, total_steps={total_steps})
+{load}
+{output} = pipe("a photo of a cat", num_inference_steps={k}, guidance_scale=1.0).{output}"""
+        what = f"LoRA of the {'/'.join(map(str, steps))}-step student (diffusers LoRA format) and its `scheduler/` (TDMScheduler)."
+    else:
+        code = f"""import torch, diffusers
+import tdm_fast  # diffusers resolves the scheduler ["tdm_fast.scheduler", "TDMScheduler"] of model_index.json once it is imported
+
+pipe = diffusers.DiffusionPipeline.from_pretrained("{name}")  # TDMScheduler already set
+{output} = pipe("a photo of a cat", num_inference_steps={k}, guidance_scale=1.0).{output}"""
+        what = ("A complete diffusers pipeline: the student's fused weights in place of the base's "
+                f"`{denoiser}`, the base's other components, and `scheduler/` = TDMScheduler.")
     unify = ""
-    if len(steps) > 1:
+    if len(steps) > 1 and lora:
         unify = (
             "\nThis is a steps-aware student: after loading, fold the K embedding of the step count you sample with:\n\n"
             "```python\nfrom tdm_fast.lora import apply_steps_embedding\n"
-            f"apply_steps_embedding(pipe.{'unet' if backbone in ('sd15', 'sdxl') else 'transformer'}, \"{name}\", steps={k})\n```\n"
+            f"apply_steps_embedding(pipe.{denoiser}, \"{name}\", steps={k})\n```\n"
         )
-    text = f"""---
-base_model: {base_model}
-library_name: diffusers
-tags: [tdm, distillation, few-step]
----
-# TDM {'/'.join(map(str, steps))}-step student of {base_model}
+    elif len(steps) > 1:
+        unify = f"\nThis steps-aware student's K embedding is folded in for K = {k}: sample with `num_inference_steps={k}`.\n"
+    text = f"""
+# TDM {'/'.join(map(str, steps))}-step student of {ref['name']}
+
+{what}
 
 Distilled with Trajectory Distribution Matching (tdm-fast). Teacher guidance (CFG) {cfg_scale} is
 distilled into the weights: **sample with `guidance_scale=1` (no CFG)** and **`TDMScheduler`**
@@ -536,17 +724,16 @@ type `{prediction_type}`). Any other scheduler or timestep spacing gives wrong i
 
 Steps: {', '.join(map(str, steps))}.
 
-```python
-import torch, diffusers
-from tdm_fast import TDMScheduler
+{base_line}
 
-pipe = diffusers.{pipeline}.from_pretrained("{base_model}")
-pipe.scheduler = TDMScheduler.from_config(pipe.scheduler.config, total_steps={total_steps})
-{load}
-image = pipe("a photo of a cat", num_inference_steps={k}, guidance_scale=1.0).{'frames' if backbone == 'cogvideox' else 'images'}[0]
+{license_line}
+
+```python
+{code}
 ```
 {unify}"""
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "README.md").write_text(text)
+    card.save(path / "README.md")
     return path / "README.md"

@@ -10,21 +10,24 @@ from pathlib import Path
 
 import torch
 
-from .presets import PRESETS, get_preset, load_teacher, prompt_conditions, sample_shape
+from .presets import PRESETS, get_preset, load_teacher, native_resolution, prompt_conditions, sample_shape, vae_scale_factor
 
 
 def add_distill_preset_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..argtypes import positive_float, positive_int
+
     g = parser.add_argument_group("real backbones (diffusers)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="backbone family of --model")
     g.add_argument("--model", help="local diffusers pipeline folder (unet/ or transformer/, scheduler/, text encoders)")
     g.add_argument("--prompts", help="prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...})")
-    g.add_argument("--resolution", type=int, default=None, help="pixel resolution (default: the preset's)")
-    g.add_argument("--num-frames", type=int, default=49, help="video frames (cogvideox)")
-    g.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (pixart, sd3, cogvideox)")
+    g.add_argument("--resolution", type=positive_int, default=None,
+                   help="pixel resolution (default: the denoiser's sample_size x the VAE factor, e.g. 512 for SD1.5)")
+    g.add_argument("--num-frames", type=positive_int, default=49, help="video frames (cogvideox)")
+    g.add_argument("--max-sequence-length", type=positive_int, default=None, help="T5 tokens (pixart, sd3, cogvideox)")
     g.add_argument("--embedding-cache", default="default", help="folder of cached text embeddings ('none' disables)")
     g.add_argument("--full-finetune", action="store_true", help="student and fake as full copies instead of LoRA")
-    g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default per backbone)")
-    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: rank)")
+    g.add_argument("--lora-rank", type=positive_int, default=None, help="LoRA rank (default per backbone)")
+    g.add_argument("--lora-alpha", type=positive_float, default=None, help="LoRA alpha (default: rank)")
     g.add_argument("--lora-targets", default=None, help="comma-separated LoRA target modules (default per backbone)")
     g.add_argument("--fake-copy", action="store_true", help="the fake score gets its own base copy (default: second adapter on the shared base)")
     g.add_argument("--gradient-checkpointing", action="store_true")
@@ -56,14 +59,19 @@ def build_preset_run(args, config=None):
         steps = getattr(args, "steps", None) or (4,)
         config = TDMConfig(steps=tuple(steps) if isinstance(steps, (list, tuple)) else (int(steps),))
     preset = get_preset(args.preset)
+    if not Path(args.model).is_dir():
+        raise ValueError(f"--model {args.model} is not a folder: give a local diffusers pipeline folder")
+    prompts = read_prompts(args.prompts)  # the cheap checks first: a bad prompt file is refused before the load
     teacher, source = load_teacher(preset, args.model)
-    prompts = read_prompts(args.prompts)
     cache = None if str(args.embedding_cache).lower() == "none" else args.embedding_cache
-    resolution = args.resolution
+    # latents are pixels / the folder's own VAE factor (2 ** (len(vae block_out_channels) - 1); 8 without vae/),
+    # and the default resolution is the one the denoiser was built for (its sample_size × that factor)
+    scale = vae_scale_factor(args.model)
+    resolution = args.resolution or native_resolution(preset, teacher.model.config, scale)
     cond, null = prompt_conditions(preset, args.model, prompts, teacher.model.inner, resolution, cache,
                                    max_sequence_length=args.max_sequence_length)
     teacher.null_cond = null
-    shape = sample_shape(preset, teacher.model.config, resolution, getattr(args, "num_frames", 49))
+    shape = sample_shape(preset, teacher.model.config, resolution, getattr(args, "num_frames", 49), scale=scale)
     if getattr(args, "full_finetune", False):
         if args.gradient_checkpointing:
             teacher.model.inner.enable_gradient_checkpointing()  # the copies inherit it
@@ -92,18 +100,27 @@ def optimizer_class(args):
 
 def export_preset_student(args, student, config, output_dir) -> Path:
     """Writes ``<output_dir>/lora`` (diffusers LoRA; kohya with --export-kohya), ``<output_dir>/fused``
-    (with --export-fused, or always for full fine-tuning) and a README.md model card in each."""
+    (with --export-fused, or always for full fine-tuning) and a README.md model card in each.
+
+    Both folders hold ``scheduler/``: the TDMScheduler built from the teacher's scheduler config with the
+    run's ``total_steps`` (``TDMScheduler.from_pretrained(folder, subfolder="scheduler")``). ``fused/`` is
+    a complete pipeline folder (the base's other components copied, the fused denoiser in place of the
+    base's, TDMScheduler in ``model_index.json``) that ``DiffusionPipeline.from_pretrained`` loads. Each
+    folder is written beside its final place and renamed into it (a kill leaves the old or the new one)."""
     from ..checkpoint import replace_folder
-    from ..lora import LoRARole, fuse_student, save_lora, write_model_card
+    from ..lora import LoRARole, fuse_student, save_lora, save_tdm_scheduler, write_model_card, write_pipeline_folder
+    from .presets import read_scheduler_config
 
     preset = get_preset(args.preset)
     output_dir = Path(output_dir)
+    teacher_scheduler = read_scheduler_config(args.model)
     card = dict(base_model=str(args.model), backbone=preset.name, pipeline=preset.pipeline, steps=tuple(config.steps),
                 total_steps=config.total_steps, cfg_scale=config.cfg_scale, prediction_type=student.prediction_type)
     is_lora = isinstance(student.model, LoRARole)
     if is_lora:
         def write_lora(folder: Path) -> None:
             save_lora(student, folder, kohya=args.export_kohya)
+            save_tdm_scheduler(folder, teacher_scheduler, config.total_steps)
             write_model_card(folder, lora=True, folder_name="lora", **card)
 
         replace_folder(output_dir / "lora", write_lora)  # a kill leaves the old complete folder or the new one
@@ -123,7 +140,7 @@ def export_preset_student(args, student, config, output_dir) -> Path:
                 target = model.get_submodule(student.time_embedding.removeprefix("inner."))
                 _fold_into_last_linear(target, student.steps_embedding.embedding.weight[student.steps_set.index(k)].detach().float())
         def write_fused(folder: Path) -> None:
-            model.save_pretrained(folder / preset.subfolder)
+            write_pipeline_folder(folder, args.model, preset.subfolder, model, teacher_scheduler, config.total_steps)
             write_model_card(folder, lora=False, folder_name="fused", **card)
 
         replace_folder(output_dir / "fused", write_fused)
@@ -132,14 +149,15 @@ def export_preset_student(args, student, config, output_dir) -> Path:
 
 # -- tdm-fast plan --------------------------------------------------------------------------------
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..argtypes import positive_float, positive_int
     from ..plan import PLAN_CONFIGS
 
     parser.add_argument("--preset", required=True, choices=sorted(PLAN_CONFIGS))
-    parser.add_argument("--batch", type=int, default=1, help="per-GPU batch size")
-    parser.add_argument("--resolution", type=int, default=None, help="pixel resolution (default: the preset's)")
-    parser.add_argument("--num-frames", type=int, default=49)
-    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GPU memory in GiB")
-    parser.add_argument("--lora-rank", type=int, default=None)
+    parser.add_argument("--batch", type=positive_int, default=1, help="per-GPU batch size")
+    parser.add_argument("--resolution", type=positive_int, default=None, help="pixel resolution (default: the preset's)")
+    parser.add_argument("--num-frames", type=positive_int, default=49)
+    parser.add_argument("--gpu-memory", type=positive_float, default=80.0, help="GPU memory in GiB")
+    parser.add_argument("--lora-rank", type=positive_int, default=None)
     parser.add_argument("--no-activations", action="store_true", help="skip the (meta-device) activation estimate")
 
 
