@@ -416,10 +416,35 @@ def _rel(path: Path, base: Path = REPO) -> str:
 
 
 # -- tdm-fast bench plan --------------------------------------------------------------------------
+def _check_plan_args(args) -> None:
+    """``bench plan``'s flags that argparse's types cannot check alone, before any model is built."""
+    from .flops import device_peak
+    from .sampling import stage_times
+
+    for k in args.steps:
+        try:
+            stage_times(k, 900)
+        except ValueError as exc:
+            raise ValueError(f"--steps {k}: {exc}") from None
+    if args.mfu is not None and args.mfu != "measure":
+        try:
+            mfu = float(args.mfu)
+        except ValueError:
+            mfu = float("nan")
+        if not 0.0 < mfu <= 1.0:
+            raise ValueError(f"--mfu {args.mfu}: expected a utilisation in (0, 1], or 'measure'")
+    if args.peak_tflops is None:
+        try:
+            device_peak(args.gpu)
+        except ValueError as exc:
+            raise ValueError(f"--gpu: {exc}") from None
+
+
 def bench_plan(args) -> dict:
     """FLOPs per TDM iteration of a real preset, projected GPU-hours, and the paper's figures."""
     from .flops import DEFAULT_UTILISATION, format_flops_plan, plan_flops
 
+    _check_plan_args(args)
     plan = plan_flops(args.preset, steps=tuple(args.steps), batch=args.batch, resolution=args.resolution,
                       num_frames=args.num_frames, lora=args.lora, fake_updates=args.fake_updates,
                       checkpointing=args.checkpointing, exact_backward=args.exact_backward)
@@ -447,28 +472,30 @@ def bench_plan(args) -> dict:
 # -- CLI -----------------------------------------------------------------------------------------
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``tdm-fast bench [suite ...]`` and ``tdm-fast bench plan ...``."""
+    from .argtypes import non_negative_float, positive_float, positive_int
+
     parser.add_argument("suites", nargs="*", metavar="suite",
                         help=f"suites to run (default: all of {', '.join(available_suites()) or 'bench/bench_*.py'}), "
                              "or 'plan' for the FLOP/GPU-hour projection")
     parser.add_argument("--render-only", action="store_true", help="only re-render RESULTS.md and plots from the JSON present")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the JSON goes (RESULTS.md is written beside it)")
-    parser.add_argument("--k", type=float, default=DEFAULT_K, help="regression threshold in units of IQR_old + IQR_new")
-    parser.add_argument("--min-rel", type=float, default=DEFAULT_MIN_REL, help="relative floor of the regression threshold")
+    parser.add_argument("--k", type=non_negative_float, default=DEFAULT_K, help="regression threshold in units of IQR_old + IQR_new")
+    parser.add_argument("--min-rel", type=non_negative_float, default=DEFAULT_MIN_REL, help="relative floor of the regression threshold")
     parser.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a benchmark got slower")
     parser.add_argument("--pytest-args", default="", help="extra pytest arguments, one string (e.g. \"-k toy\")")
     plan = parser.add_argument_group("bench plan (FLOPs and projected GPU-hours of a real backbone)")
     plan.add_argument("--preset", choices=["sd15", "sdxl", "pixart", "sd3", "cogvideox"], default="sdxl")
-    plan.add_argument("--steps", type=int, nargs="+", default=[4], help="K, or several for a unify student")
-    plan.add_argument("--batch", type=int, default=16, help="batch per iteration (all GPUs together)")
-    plan.add_argument("--iters", type=int, default=2000)
+    plan.add_argument("--steps", type=positive_int, nargs="+", default=[4], help="K, or several for a unify student")
+    plan.add_argument("--batch", type=positive_int, default=16, help="batch per iteration (all GPUs together)")
+    plan.add_argument("--iters", type=positive_int, default=2000)
     plan.add_argument("--gpu", default="a800", help="a100, a800, h100, h100-pcie, h800, h200, b200, l40s, a10g, v100")
-    plan.add_argument("--peak-tflops", type=float, help="override the GPU's peak (TFLOP/s)")
+    plan.add_argument("--peak-tflops", type=positive_float, help="override the GPU's peak (TFLOP/s)")
     plan.add_argument("--mfu", default=None, help="utilisation: a fraction, or 'measure' (here); default 0.35 assumed")
-    plan.add_argument("--resolution", type=int, help="pixels (default: the preset's)")
-    plan.add_argument("--num-frames", type=int, default=49)
+    plan.add_argument("--resolution", type=positive_int, help="pixels (default: the preset's)")
+    plan.add_argument("--num-frames", type=positive_int, default=49)
     plan.add_argument("--lora", action="store_true", help="LoRA: frozen base, backward = input gradients only")
     plan.add_argument("--checkpointing", action="store_true", help="gradient checkpointing: one recomputed forward per backward")
-    plan.add_argument("--fake-updates", type=int, default=1)
+    plan.add_argument("--fake-updates", type=positive_int, default=1)
     plan.add_argument("--exact-backward", action="store_true", help="measure the backward FLOPs on the meta model (slower)")
 
 
@@ -480,7 +507,10 @@ def run_bench(args) -> int:
             raise ValueError("'plan' is not a suite: run `tdm-fast bench plan ...` on its own")
         bench_plan(args)
         return 0
-    results_dir = Path(args.results_dir)
+    from .cli import check_output_path
+
+    results_dir = check_output_path(args.results_dir, "--results-dir")
+    check_output_path(results_dir.parent / "RESULTS.md", "--results-dir", folder=False)
     rc = 0
     if not args.render_only:
         available = available_suites()

@@ -12,6 +12,7 @@ import sys
 import typing
 from pathlib import Path
 
+from .argtypes import positive_int
 from .checkpoint import CheckpointError, checkpoint_dirs
 from .config import TDMConfig
 from .runlock import RunLockedError
@@ -29,7 +30,7 @@ def check_output_path(path: str | Path, flag: str, folder: bool = True) -> Path:
     path = Path(path)
     if path.exists() and folder != path.is_dir():
         raise UsageError(f"{flag} {path} is {'a file' if folder else 'a folder'}, not {'a folder' if folder else 'a file'}")
-    parent = path
+    parent = path if folder else path.parent  # an existing file may be replaced: what matters is its folder
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
@@ -156,6 +157,7 @@ def cmd_distill(args) -> int:
 
         teacher, student, fake, conditions, shape = build_preset_run(args, config)
         optimizer_cls = optimizer_class(args)
+        validation = _preset_validation(args.model, conditions, shape) if config.validation_every else None
     else:
         teacher = load_denoiser(args.teacher)
         student = fake = None
@@ -164,10 +166,16 @@ def cmd_distill(args) -> int:
         import torch
 
         optimizer_cls = torch.optim.AdamW
-    trainer = TDMTrainer(
-        teacher, config, conditions, shape, output_dir=out, student=student, fake=fake,
-        progress=not args.quiet, optimizer_cls=optimizer_cls,
-    )
+        validation = None  # the trainer's default: the run's own conditions, samples shown as images
+    try:
+        trainer = TDMTrainer(
+            teacher, config, conditions, shape, output_dir=out, student=student, fake=fake,
+            progress=not args.quiet, optimizer_cls=optimizer_cls, validation=validation,
+        )
+    except ValueError as exc:  # the trainer's shape check, reported under the flag that set the shape
+        if args.sample_shape and str(exc).startswith("sample_shape "):
+            raise UsageError("--sample-shape " + str(exc)[len("sample_shape "):]) from None
+        raise
     if resume_from is not None:
         trainer.load_checkpoint(resume_from, overrides)
     main_process = trainer.accelerator.is_main_process
@@ -192,6 +200,25 @@ def cmd_distill(args) -> int:
         if main_process:
             runlock.release(out)
     return 0
+
+
+def _preset_validation(model: str, conditions, shape):
+    """Validation grids of a latent model decoded by the pipeline's own VAE (latents if it has none)."""
+    from .validation import Validation
+
+    decode = None
+    if (Path(model) / "vae" / "config.json").is_file():
+        import torch
+
+        from .export.vae import LatentDecoder, load_vae
+
+        decoder = LatentDecoder(load_vae(model))
+
+        def decode(latents):
+            with torch.no_grad():
+                return decoder.to(latents.device)(latents.float())
+
+    return Validation.from_conditions(conditions, shape, count=8, decode=decode)
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
@@ -282,6 +309,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _refuse_flags(args, flags: tuple[tuple[str, str], ...], why: str) -> None:
+    """A flag that the chosen mode would ignore is an error, not silently dropped (its default is None)."""
+    given = [flag for flag, dest in flags if getattr(args, dest, None) is not None]
+    if given:
+        raise UsageError(f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply {why}")
+
+
 def cmd_demo(args) -> int:
     if args.pipeline is not None:
         if args.dataset != "digits":
@@ -298,13 +332,16 @@ def cmd_demo(args) -> int:
         from .eval.cli import run_demo
 
         args.out = args.out or "runs/demo"
+        check_output_path(args.out, "--out")
         args.samples = args.samples or 2000
         run_demo(args)
         print(f"sample grid: {Path(args.out) / 'grid.png'}")
         return 0
     from .demo_toy import run_toy_demo
 
-    out = Path(args.out or "runs/demo-toy")
+    _refuse_flags(args, (("--samples", "samples"), ("--eval-seeds", "eval_seeds"), ("--digits-teacher", "digits_teacher")),
+                  "to --dataset toy2d")
+    out = check_output_path(args.out or "runs/demo-toy", "--out")
     run_toy_demo(out, iterations=args.iterations or 600, progress=not args.quiet)
     print((out / "metrics.md").read_text())
     print(f"scatter plot: {out / 'scatter.png'}")
@@ -312,6 +349,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_teacher_train(args) -> int:
+    check_output_path(args.out, "--out")
     if args.dataset == "digits-t2i":
         if args.pipeline is None:
             raise UsageError("--dataset digits-t2i needs --pipeline sd15 or sd3")
@@ -326,6 +364,7 @@ def cmd_teacher_train(args) -> int:
     if args.dataset == "digits":
         from .eval.cli import run_teacher_train
 
+        _refuse_flags(args, (("--hidden", "hidden"),), "to --dataset digits (its UNet has a fixed size)")
         args.batch_size = 128 if args.batch_size is None else args.batch_size
         args.lr = 2e-3 if args.lr is None else args.lr
         args.cond_dropout = 0.15 if args.cond_dropout is None else args.cond_dropout
@@ -333,7 +372,10 @@ def cmd_teacher_train(args) -> int:
         return 0
     from .toy2d import train_toy_teacher
 
-    teacher = train_toy_teacher(iterations=args.iterations or 2000, seed=args.seed, hidden=args.hidden, progress=not args.quiet)
+    _refuse_flags(args, (("--batch-size", "batch_size"), ("--lr", "lr"), ("--cond-dropout", "cond_dropout")),
+                  "to --dataset toy2d (they set the digits teachers' training)")
+    teacher = train_toy_teacher(iterations=args.iterations or 2000, seed=args.seed, hidden=args.hidden or 128,
+                                progress=not args.quiet)
     teacher.save_pretrained(args.out)
     print(f"teacher saved to {args.out}")
     return 0
@@ -349,6 +391,16 @@ def _verb(run):
     return call
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (a missing or unknown flag, a value of the wrong type or out of range)
+    in the format of every other user error: one line ``tdm-fast: error: ...``, exit code 2 (no usage block;
+    ``--help`` shows it)."""
+
+    def error(self, message: str):
+        where = f" (see {self.prog} --help)" if self.prog != "tdm-fast" else ""
+        self.exit(2, f"tdm-fast: error: {' '.join(message.split())}{where}\n")
+
+
 class _Verbs:
     """Sub-command factory that gives every verb the common flags (so ``--quiet`` goes anywhere)."""
 
@@ -360,9 +412,9 @@ class _Verbs:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tdm-fast", description="Trajectory Distribution Matching: few-step distillation")
+    parser = _Parser(prog="tdm-fast", description="Trajectory Distribution Matching: few-step distillation")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     # SUPPRESS: a verb without --quiet must not reset a --quiet given before it
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     verbs = _Verbs(parser.add_subparsers(dest="verb", required=True), common)
@@ -407,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("demo", help="distil a built-in teacher in minutes and compare with the NFE-matched baselines")
     p.add_argument("--dataset", choices=["digits", "toy2d"], default="digits")
     p.add_argument("--out", default=None, help="default runs/demo (digits) or runs/demo-toy (toy2d)")
-    p.add_argument("--iterations", type=int, default=None, help="TDM iterations (default: 200 digits, 600 per K toy2d)")
+    p.add_argument("--iterations", type=positive_int, default=None, help="TDM iterations (default: 200 digits, 600 per K toy2d)")
     digits_cli.add_demo_arguments(p)
     p.add_argument("--pipeline", choices=["sd15", "sd3"], default=None,
                    help="distil the shipped digits text-to-image pipeline (stock diffusers classes) through --preset "
@@ -435,9 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=["toy2d", "digits", "digits-t2i"], default="toy2d",
                    help="digits-t2i: a tiny text-to-image pipeline of stock diffusers classes (needs --pipeline)")
     p.add_argument("--out", required=True)
-    p.add_argument("--iterations", type=int, default=None,
+    p.add_argument("--iterations", type=positive_int, default=None,
                    help="default 2000 (toy2d), 2500 (digits, the shipped teacher), 2000 (digits-t2i denoiser)")
-    p.add_argument("--hidden", type=int, default=128, help="toy2d MLP width")
+    p.add_argument("--hidden", type=positive_int, default=None, help="toy2d MLP width (default 128)")
     p.add_argument("--seed", type=int, default=0)
     digits_cli.add_teacher_arguments(p)
     g = p.add_argument_group("digits-t2i (tdm-fast teacher train --dataset digits-t2i --pipeline sd15|sd3 --out DIR)")

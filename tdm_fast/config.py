@@ -165,7 +165,7 @@ class TDMConfig:
         """A YAML (``.yaml``/``.yml``) or JSON file of settings; every problem is a ValueError naming the file."""
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
+            raise ValueError(f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
         try:
             text = path.read_text(encoding="utf-8")
             if path.suffix in (".yaml", ".yml"):

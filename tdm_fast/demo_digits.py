@@ -82,11 +82,14 @@ def run_digits_demo(
     from .eval.digits import DigitsMetrics, acceptance, evaluate_digits, format_table, save_grid, shipped_reference_cache
 
     torch.manual_seed(seed)
+    t_start = time.perf_counter()
+    # everything that can refuse the run comes before the first write
+    config = demo_config(iterations, seed=seed, **config_overrides)
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    teacher = load_digits_teacher(teacher_path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    teacher = load_digits_teacher(teacher_path)
-    config = demo_config(iterations, seed=seed, **config_overrides)
     trainer, history, train_s = distill_digits(teacher, config, progress=progress)
     with open(out_dir / "train_log.jsonl", "w") as f:
         for record in history:
@@ -151,20 +154,21 @@ def run_digits_demo(
 
 def add_demo_arguments(parser) -> None:
     """argparse options of ``tdm-fast demo`` (digits; progress: the CLI's --quiet)."""
+    from .argtypes import positive_int
     from .digits import _add
 
     _add(parser, "--out", default="runs/demo", help="output folder (default runs/demo)")
-    _add(parser, "--iterations", type=int, default=None, help=f"TDM iterations (default {DEMO_ITERATIONS})")
-    _add(parser, "--samples", type=int, default=2000, help="evaluation samples per seed")
-    _add(parser, "--eval-seeds", type=int, nargs="+", default=[0])
+    _add(parser, "--iterations", type=positive_int, default=None, help=f"TDM iterations (default {DEMO_ITERATIONS})")
+    _add(parser, "--samples", type=positive_int, default=2000, help="evaluation samples per seed")
+    _add(parser, "--eval-seeds", type=int, nargs="+", default=None, help="evaluation seeds (default 0)")
     _add(parser, "--seed", type=int, default=0)
     _add(parser, "--digits-teacher", default=None, help="a saved digits teacher folder (default: the shipped one)")
 
 
 def run_demo(args) -> dict:
     results = run_digits_demo(
-        args.out, iterations=getattr(args, "iterations", None) or DEMO_ITERATIONS, samples=getattr(args, "samples", 2000),
-        seeds=tuple(getattr(args, "eval_seeds", [0])), seed=getattr(args, "seed", 0),
+        args.out, iterations=getattr(args, "iterations", None) or DEMO_ITERATIONS, samples=getattr(args, "samples", None) or 2000,
+        seeds=tuple(getattr(args, "eval_seeds", None) or [0]), seed=getattr(args, "seed", 0),
         teacher_path=getattr(args, "digits_teacher", None), progress=not getattr(args, "quiet", False),
     )
     print((Path(args.out) / "metrics.md").read_text())

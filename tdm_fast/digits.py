@@ -187,7 +187,12 @@ def load_digits_teacher(path: str | Path | None = None) -> Denoiser:
         path = Path(path)
         if not (path / "denoiser.json").is_file():
             raise FileNotFoundError(f"{path} is not a saved denoiser; train one with `tdm-fast teacher train --dataset digits`")
-        return Denoiser.from_pretrained(path).eval().requires_grad_(False)
+        teacher = Denoiser.from_pretrained(path)
+        shape = getattr(teacher.model, "sample_shape", None)
+        if shape is None or tuple(shape) != (1, IMAGE_SIZE, IMAGE_SIZE) or teacher.null_cond != NULL_CLASS:
+            raise ValueError(f"{path} is not a digits teacher: it samples {tuple(shape) if shape is not None else 'an unknown shape'} "
+                             f"with null class {teacher.null_cond!r}, a digits teacher (1, {IMAGE_SIZE}, {IMAGE_SIZE}) with {NULL_CLASS}")
+        return teacher.eval().requires_grad_(False)
     from safetensors.torch import load_file
 
     stem = ASSETS / TEACHER_ASSET
@@ -308,11 +313,13 @@ def _add(parser, *flags, **kwargs) -> None:
 def add_teacher_arguments(parser) -> None:
     """argparse options of ``tdm-fast teacher train --dataset digits`` (progress: the CLI's --quiet)."""
     _add(parser, "--out", default="runs/digits_teacher", help="folder for the trained teacher")
-    _add(parser, "--iterations", type=int, default=None, help="default 2500 (the shipped teacher)")
+    from .argtypes import positive_float, positive_int, probability
+
+    _add(parser, "--iterations", type=positive_int, default=None, help="default 2500 (the shipped teacher)")
     _add(parser, "--seed", type=int, default=0)
-    _add(parser, "--batch-size", type=int, default=128)
-    _add(parser, "--lr", type=float, default=2e-3)
-    _add(parser, "--cond-dropout", type=float, default=0.15)
+    _add(parser, "--batch-size", type=positive_int, default=128)
+    _add(parser, "--lr", type=positive_float, default=2e-3)
+    _add(parser, "--cond-dropout", type=probability, default=0.15, help="rate of null-class labels (for CFG), in [0, 1)")
 
 
 def run_teacher_train(args) -> dict:

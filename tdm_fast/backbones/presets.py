@@ -59,7 +59,18 @@ def read_scheduler_config(path: str | Path) -> dict:
     file = Path(path) / "scheduler" / "scheduler_config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: --model must be a local diffusers pipeline folder")
-    return json.loads(file.read_text())
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{file} is not valid JSON ({_first_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object, not a {type(config).__name__}")
+    return config
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def prediction_type_of(scheduler_config: dict) -> str:
@@ -85,7 +96,13 @@ def load_teacher(preset: Preset | str, path: str | Path, torch_dtype=None) -> tu
     sched = read_scheduler_config(path)
     inner_cls = getattr(diffusers, preset.inner_class)
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    inner = inner_cls.from_pretrained(path, subfolder=preset.subfolder, **kwargs)
+    folder = Path(path) / preset.subfolder
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} not found: a {preset.name} pipeline folder holds its {preset.inner_class} in {preset.subfolder}/")
+    try:
+        inner = inner_cls.from_pretrained(path, subfolder=preset.subfolder, **kwargs)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:  # missing, corrupt or mismatched weights/config
+        raise ValueError(f"{folder}: cannot load the {preset.inner_class} ({_first_line(exc)})") from None
     if preset.adapter is SD3Adapter:
         adapter_kwargs = {"shift": float(sched.get("shift", 1.0)), "num_train_timesteps": int(sched.get("num_train_timesteps", 1000))}
     elif preset.adapter is PixArtAdapter:
@@ -104,6 +121,24 @@ def load_teacher(preset: Preset | str, path: str | Path, torch_dtype=None) -> tu
         "adapter_kwargs": adapter_kwargs,
     }
     return teacher, source
+
+
+def native_resolution(preset: Preset | str, teacher_config, scale: int = 8) -> int | tuple[int, int]:
+    """The pixel resolution the denoiser was built for: its latent ``sample_size`` (video:
+    ``sample_height``/``sample_width``) times the VAE factor ``scale`` — SD1.5 64·8 = 512, SDXL and SD3
+    128·8 = 1024, CogVideoX (60·8, 90·8) = (480, 720); the preset's default when the config has no size."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    get = teacher_config.get if hasattr(teacher_config, "get") else lambda k, d=None: getattr(teacher_config, k, d)
+    if preset.video:
+        h, w = get("sample_height", None), get("sample_width", None)
+        return (int(h) * scale, int(w) * scale) if h and w else VIDEO_SIZE
+    size = get("sample_size", None)
+    if not size:
+        return preset.resolution
+    if isinstance(size, int):
+        return size * scale
+    h, w = size
+    return int(h) * scale if h == w else (int(h) * scale, int(w) * scale)
 
 
 def sample_shape(preset: Preset | str, teacher_config, resolution: int | tuple[int, int] | None = None, num_frames: int = 49,
@@ -144,7 +179,22 @@ def _pipeline_for_text(preset: Preset, path: str, denoiser_model, device):
     kwargs.update({k: v for k, v in missing_components(path, pipeline_cls).items() if k not in kwargs})
     if preset.name == "sd15":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = pipeline_cls.from_pretrained(path, **kwargs)
+    index_file = Path(path) / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{index_file} not found: --model must be a local diffusers pipeline folder")
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{index_file} is not valid JSON ({_first_line(exc)})") from None
+    for name, entry in index.items():  # the text encoders and tokenizers the prompts need
+        if name.startswith(("text_encoder", "tokenizer")) and name not in kwargs and isinstance(entry, list) \
+                and entry[0] is not None and not (Path(path) / name).is_dir():
+            raise FileNotFoundError(f"{Path(path) / name} not found: {index_file} lists it, and the prompts need it "
+                                    "(they are not in the embedding cache)")
+    try:
+        pipe = pipeline_cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
+        raise ValueError(f"{path}: cannot load the text encoders of the {preset.pipeline} ({_first_line(exc)})") from None
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         encoder = getattr(pipe, name, None)
         if encoder is not None:

@@ -79,9 +79,9 @@ def run_ablations(
     Writes ``ablations.json``, ``ablations.md`` and ``quality_vs_iterations.png`` into ``out_dir``;
     partial results are written after each run, so an interrupted sweep keeps what it finished.
     """
+    teacher = load_digits_teacher(teacher_path)  # a bad teacher is refused before the folder is made
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    teacher = load_digits_teacher(teacher_path)
     metrics = DigitsMetrics()
     say = print if progress else (lambda *_: None)
 

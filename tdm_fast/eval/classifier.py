@@ -124,14 +124,19 @@ def train_digits_classifier(
 
 def add_classifier_arguments(parser) -> None:
     """argparse options of ``tdm-fast classifier train`` (progress: the CLI's --quiet)."""
+    from ..argtypes import positive_int
     from ..digits import _add
 
     _add(parser, "--out", default="runs/digits_classifier", help="path stem: writes STEM.safetensors and STEM.json")
-    _add(parser, "--iterations", type=int, default=None, help="default 1500 (the shipped classifier)")
+    _add(parser, "--iterations", type=positive_int, default=None, help="default 1500 (the shipped classifier)")
     _add(parser, "--seed", type=int, default=0)
 
 
 def run_classifier_train(args) -> dict:
+    from ..cli import check_output_path
+
+    for suffix in (".safetensors", ".json"):  # --out is a path stem: both files must be creatable
+        check_output_path(Path(args.out).with_suffix(suffix), "--out", folder=False)
     _, info = train_digits_classifier(args.out, iterations=getattr(args, "iterations", None) or 1500,
                                       seed=getattr(args, "seed", 0), progress=not getattr(args, "quiet", False))
     print(f"held-out accuracy {info['heldout_accuracy']:.4f}; saved {args.out}.safetensors and .json "

@@ -22,25 +22,62 @@ __all__ = [
 
 
 def add_eval_arguments(parser) -> None:
+    from ..argtypes import finite_float, non_negative_int, positive_int
+
     """``tdm-fast eval STUDENT`` scores a saved digits student; ``--ablations`` runs the reproduction table."""
     parser.add_argument("student", nargs="?", help="a saved student folder (Denoiser.save_pretrained)")
     parser.add_argument("--teacher", default=None, help="digits teacher folder (default: the shipped one)")
-    parser.add_argument("--steps", type=int, nargs="+", default=None, help="K values (default: the student's steps set, else 4)")
-    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--steps", type=positive_int, nargs="+", default=None, help="K values (default: the student's steps set, else 4)")
+    parser.add_argument("--samples", type=positive_int, default=2000)
     parser.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--cfg-scale", type=float, default=None, help="teacher CFG of the reference (default 2)")
+    # any finite w: 1 is the plain conditional teacher, below 1 it leans toward the unconditional one
+    parser.add_argument("--cfg-scale", type=finite_float, default=None, help="teacher CFG of the reference (default 2)")
     parser.add_argument("--json", default=None, help="write the results here")
     ablations = parser.add_argument_group("ablations (tdm-fast eval --ablations)")
     ablations.add_argument("--ablations", action="store_true", help="train and evaluate the ablation variants")
     if "--out" not in parser._option_string_actions:
         ablations.add_argument("--out", default="runs/ablations")
-    ablations.add_argument("--iterations", type=int, default=600, help="per student (600, as bench/bench_ablations.py)")
+    ablations.add_argument("--iterations", type=positive_int, default=600, help="per student (600, as bench/bench_ablations.py)")
     ablations.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of each variant")
     ablations.add_argument("--variants", nargs="+", default=None)
-    ablations.add_argument("--curve-every", type=int, default=50)
+    ablations.add_argument("--curve-every", type=non_negative_int, default=50, help="0: no quality-vs-iterations curve")
+
+
+def _check_eval_args(args) -> None:
+    """What ``tdm-fast eval`` refuses before it loads a network or writes a file."""
+    from ..cli import UsageError, check_output_path
+
+    if args.ablations:
+        from .ablations import VARIANTS
+
+        if args.student:
+            raise UsageError(f"--ablations trains its own students: give either a student folder ({args.student}) or --ablations")
+        unknown = [v for v in args.variants or () if v not in VARIANTS]
+        if unknown:
+            raise UsageError(f"--variants {unknown[0]}: not a variant (choose among {', '.join(VARIANTS)})")
+        check_output_path(args.out or "runs/ablations", "--out")
+    elif not args.student:
+        raise UsageError("tdm-fast eval: give a student folder, or --ablations")
+    if args.teacher is not None and not Path(args.teacher).exists():
+        raise UsageError(f"--teacher {args.teacher} does not exist")
+    if args.json:
+        check_output_path(args.json, "--json", folder=False)
+
+
+def check_digits_student(student, teacher, path) -> None:
+    """A student ``tdm-fast eval`` can score: it samples the digits teacher's shape and classes."""
+    from ..cli import UsageError
+
+    want = tuple(teacher.model.sample_shape)
+    got = getattr(student.model, "sample_shape", None)
+    if got is None or tuple(got) != want or student.null_cond != teacher.null_cond:
+        what = f"samples of shape {tuple(got)}" if got is not None else f"a {type(student.model).__name__} network"
+        raise UsageError(f"{path} is not a student of the digits teacher: it has {what} and null class {student.null_cond!r}, "
+                         f"the teacher {want} and {teacher.null_cond!r}; tdm-fast eval scores digits students")
 
 
 def run_eval(args) -> dict:
+    _check_eval_args(args)
     if args.ablations:
         from .ablations import VARIANTS, run_ablations
 
@@ -51,15 +88,15 @@ def run_eval(args) -> dict:
         )
         print(table)
         return results
-    if not args.student:
-        raise ValueError("tdm-fast eval: give a student folder, or --ablations")
-    from ..denoiser import Denoiser
+    from ..cli import _check_steps, load_denoiser
     from ..digits import DIGITS_CFG_SCALE, load_digits_teacher
     from .digits import evaluate_digits, format_table
 
     teacher = load_digits_teacher(args.teacher)
-    student = Denoiser.from_pretrained(args.student).eval()
+    student = load_denoiser(args.student).eval()
+    check_digits_student(student, teacher, args.student)
     steps = args.steps or list(student.steps_set or (4,))
+    _check_steps(steps, student)
     results = evaluate_digits(
         teacher, {k: student for k in steps}, args.cfg_scale or DIGITS_CFG_SCALE, samples=args.samples,
         seeds=tuple(args.eval_seeds), progress=None if getattr(args, "quiet", False) else print,

@@ -1,0 +1,501 @@
+"""The bad-input table (issue 16): every foreseeable user mistake, verb by verb.
+
+Each case must end with exit code 2, exactly one stderr line ``tdm-fast: error: …`` naming the
+offending flag or file, no traceback, and the directory trees untouched: the shared fixtures
+(teacher, a trained run, corrupt copies, a tiny SD 1.5 pipeline) and the test's own folder, which is
+also the working directory (so a default output path such as ``runs/demo`` would show up too).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tdm_fast.cli import main
+from tdm_fast.toy2d import ToyMLP, toy_denoiser
+
+TINY = ["--batch-size", "16", "--fake-lr", "1e-3", "--cfg-scale", "3", "--kernels", "reference", "--quiet"]
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+def _truncate(file, keep: float = 0.5):
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep)])
+
+
+def _edit_json(file, **changes):
+    data = json.loads(file.read_text())
+    data.update(changes)
+    file.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Everything the cases point at, built once: W/teacher, W/run (student K ∈ {1, 2, 4}), W/bad/* and W/sd/*."""
+    root = tmp_path_factory.mktemp("world")
+    teacher = root / "teacher"
+    torch.manual_seed(0)
+    toy_denoiser(ToyMLP(hidden=32, depth=1)).save_pretrained(teacher)
+    run = root / "run"
+    assert main(["distill", "--teacher", str(teacher), "--out", str(run), "--iterations", "2", "--steps", "1", "2", "4", *TINY]) == 0
+    bad = root / "bad"
+    bad.mkdir()
+
+    def teacher_copy(name):
+        shutil.copytree(teacher, bad / name)
+        return bad / name
+
+    def student_copy(name):
+        shutil.copytree(run / "student", bad / name)
+        return bad / name
+
+    _truncate(teacher_copy("teacher-trunc") / "model" / "diffusion_pytorch_model.safetensors")
+    (teacher_copy("teacher-garbage") / "denoiser.safetensors").write_bytes(b"garbage")
+    (teacher_copy("teacher-trunc-denoiser") / "denoiser.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")
+    shutil.rmtree(teacher_copy("teacher-no-model") / "model")
+    (teacher_copy("teacher-model-config") / "model" / "config.json").write_text("{ not json")
+    _edit_json(teacher_copy("teacher-os-system") / "denoiser.json", model_class="os:system")
+    _edit_json(teacher_copy("teacher-evil") / "denoiser.json", model_class="evil_mod:X")
+    _edit_json(teacher_copy("teacher-not-a-net") / "denoiser.json", model_class="tdm_fast.toy2d:NUM_CLASSES")
+    (teacher_copy("teacher-json") / "denoiser.json").write_text("{ model_class: ")
+    (teacher_copy("teacher-json-keys") / "denoiser.json").write_text(json.dumps({"model_class": "tdm_fast.toy2d:ToyMLP"}))
+    (teacher_copy("teacher-json-list") / "denoiser.json").write_text("[1, 2, 3]")
+    _edit_json(teacher_copy("teacher-schedule") / "denoiser.json", schedule={"kind": "banana"})
+    (teacher_copy("teacher-empty-json") / "denoiser.json").write_bytes(b"")
+
+    _truncate(student_copy("student-trunc") / "model" / "diffusion_pytorch_model.safetensors")
+    (student_copy("student-garbage") / "denoiser.safetensors").write_bytes(b"garbage")
+    save_file({}, student_copy("student-no-k") / "denoiser.safetensors")
+    (student_copy("student-empty-json") / "denoiser.json").write_bytes(b"")
+
+    (bad / "afile").write_text("a regular file\n")
+    (bad / "clf.safetensors").mkdir()
+    (bad / "types.yaml").write_text("fake_lr: fast\n")
+    (bad / "bool.json").write_text(json.dumps({"batch_size": True}))
+    (bad / "syntax.yaml").write_text("fake_lr: [1e-3,\nbatch_size: 4\n")
+    (bad / "list.yaml").write_text("- fake_lr\n- 1e-3\n")
+    (bad / "unknown.yaml").write_text("fake_lrr: 1e-3\n")
+    (bad / "broken.json").write_text('{"fake_lr": 1e-3,')
+    (bad / "range.yaml").write_text("log_every: 0\n")
+    (bad / "cond-garbage.safetensors").write_bytes(b"garbage")
+    save_file({}, bad / "cond-empty.safetensors")
+    save_file({"a": torch.zeros(2, 3), "b": torch.zeros(3, 3)}, bad / "cond-mismatch.safetensors")
+    (bad / "empty-prompts.txt").write_text("# only a comment\n\n   \n")
+    (bad / "bad-prompts.jsonl").write_text('{"prompt": "a cat"}\nnot json\n')
+    (bad / "prompts.txt").write_text("a photo of a cat\n")
+
+    from _backbone_tiny import build_sd15
+
+    sd = root / "sd"
+    build_sd15(sd / "full")
+    shutil.rmtree(sd / "full" / "_tok", ignore_errors=True)
+    for name, missing in (("no-unet", "unet"), ("no-scheduler", "scheduler"), ("no-text-encoder", "text_encoder")):
+        shutil.copytree(sd / "full", sd / name)
+        shutil.rmtree(sd / name / missing)
+    shutil.copytree(sd / "full", sd / "trunc-unet")
+    _truncate(next((sd / "trunc-unet" / "unet").glob("*.safetensors")))
+    return root
+
+
+def _tree(root):
+    """Every path under ``root`` with its bytes (None for a folder): what a case must leave as it was."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+def _paths(world, tmp_path) -> dict:
+    return {"T": world / "teacher", "R": world / "run", "S": world / "run" / "student", "B": world / "bad",
+            "F": world / "bad" / "afile", "SD": world / "sd", "O": tmp_path / "out", "tmp": tmp_path}
+
+
+CASE_SECONDS = int(os.environ.get("TDM_FAST_CASE_SECONDS", "30"))  # a rejected input is rejected up front: a case still running by then started real work
+
+
+class CaseTooSlow(BaseException):
+    pass
+
+
+def _too_slow(*_):
+    raise CaseTooSlow(f"still running after {CASE_SECONDS} s: the input was not rejected before the work began")
+
+
+def _check(argv: str, needle: str, world, tmp_path, capsys, monkeypatch):
+    paths = _paths(world, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = shlex.split(argv.format(**paths))
+    before_world, before_tmp = _tree(world), _tree(tmp_path)
+    capsys.readouterr()
+    previous = signal.signal(signal.SIGALRM, _too_slow)
+    signal.alarm(CASE_SECONDS)
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's own exit path
+        code = exc.code
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err, err
+    assert code == 2, f"exit {code}: {err}"
+    assert len(lines) == 1 and lines[0].startswith("tdm-fast: error: "), err
+    assert needle.format(**paths) in lines[0], lines[0]
+    assert _tree(tmp_path) == before_tmp, "the case wrote into its folder / the working directory"
+    assert _tree(world) == before_world, "the case changed the shared fixtures"
+
+
+def _table(cases):
+    return pytest.mark.parametrize("argv, needle", [c[1:] for c in cases], ids=[c[0] for c in cases])
+
+
+# -- distill -------------------------------------------------------------------------------------
+DISTILL = [
+    # teachers
+    ("teacher-missing", "distill --teacher {B}/nowhere --out {O}", "{B}/nowhere"),
+    ("teacher-is-file", "distill --teacher {F} --out {O}", "{F}"),
+    ("teacher-trunc-weights", "distill --teacher {B}/teacher-trunc --out {O}", "{B}/teacher-trunc/model"),
+    ("teacher-garbage-denoiser", "distill --teacher {B}/teacher-garbage --out {O}", "{B}/teacher-garbage/denoiser.safetensors"),
+    ("teacher-trunc-denoiser", "distill --teacher {B}/teacher-trunc-denoiser --out {O}", "denoiser.safetensors"),
+    ("teacher-no-model", "distill --teacher {B}/teacher-no-model --out {O}", "{B}/teacher-no-model/model"),
+    ("teacher-model-config", "distill --teacher {B}/teacher-model-config --out {O}", "{B}/teacher-model-config/model"),
+    ("model-class-os-system", "distill --teacher {B}/teacher-os-system --out {O}", "{B}/teacher-os-system/denoiser.json"),
+    ("model-class-evil", "distill --teacher {B}/teacher-evil --out {O}", "'evil_mod:X'"),
+    ("model-class-not-a-net", "distill --teacher {B}/teacher-not-a-net --out {O}", "NUM_CLASSES"),
+    ("denoiser-json-syntax", "distill --teacher {B}/teacher-json --out {O}", "{B}/teacher-json/denoiser.json"),
+    ("denoiser-json-keys", "distill --teacher {B}/teacher-json-keys --out {O}", "{B}/teacher-json-keys/denoiser.json"),
+    ("denoiser-json-list", "distill --teacher {B}/teacher-json-list --out {O}", "{B}/teacher-json-list/denoiser.json"),
+    ("denoiser-json-empty", "distill --teacher {B}/teacher-empty-json --out {O}", "{B}/teacher-empty-json/denoiser.json"),
+    ("denoiser-schedule", "distill --teacher {B}/teacher-schedule --out {O}", "{B}/teacher-schedule/denoiser.json"),
+    ("teacher-and-preset", "distill --teacher {T} --preset sd15 --out {O}", "--teacher"),
+    ("neither-teacher-nor-preset", "distill --out {O}", "--teacher"),
+    ("out-required", "distill --teacher {T}", "--out"),
+    # config files
+    ("config-missing", "distill --teacher {T} --out {O} --config {B}/nowhere.yaml", "{B}/nowhere.yaml"),
+    ("config-wrong-type", "distill --teacher {T} --out {O} --config {B}/types.yaml", "{B}/types.yaml"),
+    ("config-bool-for-int", "distill --teacher {T} --out {O} --config {B}/bool.json", "batch_size"),
+    ("config-yaml-syntax", "distill --teacher {T} --out {O} --config {B}/syntax.yaml", "{B}/syntax.yaml"),
+    ("config-list", "distill --teacher {T} --out {O} --config {B}/list.yaml", "{B}/list.yaml"),
+    ("config-unknown-key", "distill --teacher {T} --out {O} --config {B}/unknown.yaml", "fake_lrr"),
+    ("config-json-syntax", "distill --teacher {T} --out {O} --config {B}/broken.json", "{B}/broken.json"),
+    ("config-range", "distill --teacher {T} --out {O} --config {B}/range.yaml", "log_every"),
+    ("config-is-folder", "distill --teacher {T} --out {O} --config {B}", "{B}"),
+    # settings
+    ("log-every-0", "distill --teacher {T} --out {O} --log-every 0", "--log-every"),
+    ("checkpoint-every-neg", "distill --teacher {T} --out {O} --checkpoint-every -1", "--checkpoint-every"),
+    ("keep-last-neg", "distill --teacher {T} --out {O} --keep-last -2", "--keep-last"),
+    ("warmup-neg", "distill --teacher {T} --out {O} --warmup-steps -3", "--warmup-steps"),
+    ("fake-lr-inf", "distill --teacher {T} --out {O} --fake-lr inf", "--fake-lr"),
+    ("fake-lr-nan", "distill --teacher {T} --out {O} --fake-lr nan", "--fake-lr"),
+    ("fake-lr-neg", "distill --teacher {T} --out {O} --fake-lr -1", "--fake-lr"),
+    ("fake-lr-text", "distill --teacher {T} --out {O} --fake-lr fast", "--fake-lr"),
+    ("max-grad-norm-nan", "distill --teacher {T} --out {O} --max-grad-norm nan", "--max-grad-norm"),
+    ("ema-decay-1.5", "distill --teacher {T} --out {O} --ema-decay 1.5", "--ema-decay"),
+    ("ema-decay-0", "distill --teacher {T} --out {O} --ema-decay 0", "--ema-decay"),
+    ("adam-beta2-neg", "distill --teacher {T} --out {O} --adam-beta2 -0.1", "--adam-beta2"),
+    ("total-steps-0", "distill --teacher {T} --out {O} --total-steps 0", "--total-steps"),
+    ("huber-c-neg", "distill --teacher {T} --out {O} --huber-c -1", "--huber-c"),
+    ("cfg-scale-nan", "distill --teacher {T} --out {O} --cfg-scale nan", "--cfg-scale"),
+    ("weight-decay-neg", "distill --teacher {T} --out {O} --weight-decay -0.1", "--weight-decay"),
+    ("adam-beta1-1", "distill --teacher {T} --out {O} --adam-beta1 1.0", "--adam-beta1"),
+    ("steps-0", "distill --teacher {T} --out {O} --steps 0", "--steps"),
+    ("steps-text", "distill --teacher {T} --out {O} --steps four", "--steps"),
+    ("steps-duplicate", "distill --teacher {T} --out {O} --steps 2 2", "--steps"),
+    ("steps-4-total-60", "distill --teacher {T} --out {O} --steps 4 --total-steps 60", "--steps"),
+    ("batch-size-0", "distill --teacher {T} --out {O} --batch-size 0", "--batch-size"),
+    ("iterations-neg", "distill --teacher {T} --out {O} --iterations -5", "--iterations"),
+    ("matching-unknown", "distill --teacher {T} --out {O} --matching blurry", "--matching"),
+    ("kernels-unknown", "distill --teacher {T} --out {O} --kernels cuda", "--kernels"),
+    ("mixed-precision-unknown", "distill --teacher {T} --out {O} --mixed-precision fp8", "--mixed-precision"),
+    ("max-nonfinite-skips-0", "distill --teacher {T} --out {O} --max-nonfinite-skips 0", "--max-nonfinite-skips"),
+    ("sample-shape-wrong", "distill --teacher {T} --out {O} --sample-shape 3", "--sample-shape"),
+    ("unknown-flag", "distill --teacher {T} --out {O} --fake-lrr 1e-3", "--fake-lrr"),
+    # output folder
+    ("out-under-file", "distill --teacher {T} --out {F}/run", "--out"),
+    ("out-is-file", "distill --teacher {T} --out {F}", "--out"),
+    ("out-holds-run", "distill --teacher {T} --out {R} --iterations 4", "--resume"),
+    # resume
+    ("override-without-resume", "distill --teacher {T} --out {O} --override fake_lr", "--override"),
+    ("resume-missing", "distill --teacher {T} --out {O} --resume {B}/nowhere", "{B}/nowhere"),
+    ("resume-empty-out", "distill --teacher {T} --out {O} --resume", "{O}"),
+    ("resume-override-steps", "distill --teacher {T} --out {R} --resume --steps 1 2 4 --override steps " + " ".join(TINY), "--override steps"),
+    ("resume-override-bookkeeping", "distill --teacher {T} --out {R} --resume --steps 1 2 4 --override iterations " + " ".join(TINY),
+     "--override iterations"),
+    ("resume-override-unknown", "distill --teacher {T} --out {R} --resume --steps 1 2 4 --override fake_lrr " + " ".join(TINY), "--override fake_lrr"),
+    ("resume-changed-fake-lr", "distill --teacher {T} --out {R} --resume --steps 1 2 4 --iterations 4 " + " ".join(TINY).replace("1e-3", "2e-3"), "fake_lr"),
+    ("resume-changed-steps", "distill --teacher {T} --out {R} --resume --steps 4 " + " ".join(TINY), "steps"),
+    # conditions
+    ("conditions-missing", "distill --teacher {T} --out {O} --conditions {B}/nowhere.safetensors", "--conditions"),
+    ("conditions-garbage", "distill --teacher {T} --out {O} --conditions {B}/cond-garbage.safetensors", "--conditions"),
+    ("conditions-empty", "distill --teacher {T} --out {O} --conditions {B}/cond-empty.safetensors", "--conditions"),
+    ("conditions-mismatch", "distill --teacher {T} --out {O} --conditions {B}/cond-mismatch.safetensors", "--conditions"),
+]
+
+
+@_table(DISTILL)
+def test_distill(argv, needle, world, tmp_path, capsys, monkeypatch):
+    _check(argv, needle, world, tmp_path, capsys, monkeypatch)
+
+
+# -- distill --preset (a tiny random SD 1.5 pipeline) --------------------------------------------
+PRESET = "distill --preset sd15 --out {O} --iterations 1 --embedding-cache {tmp}/cache --quiet "
+DISTILL_PRESET = [
+    ("model-missing", PRESET + "--model {SD}/nowhere --prompts {B}/prompts.txt", "{SD}/nowhere"),
+    ("model-is-file", PRESET + "--model {F} --prompts {B}/prompts.txt", "--model {F}"),
+    ("model-without-unet", PRESET + "--model {SD}/no-unet --prompts {B}/prompts.txt", "{SD}/no-unet/unet"),
+    ("model-without-scheduler", PRESET + "--model {SD}/no-scheduler --prompts {B}/prompts.txt", "{SD}/no-scheduler/scheduler"),
+    ("model-without-text-encoder", PRESET + "--model {SD}/no-text-encoder --prompts {B}/prompts.txt", "{SD}/no-text-encoder/text_encoder"),
+    ("model-truncated-unet", PRESET + "--model {SD}/trunc-unet --prompts {B}/prompts.txt", "{SD}/trunc-unet/unet"),
+    ("prompts-no-usable-line", PRESET + "--model {SD}/full --prompts {B}/empty-prompts.txt", "{B}/empty-prompts.txt"),
+    ("prompts-bad-jsonl", PRESET + "--model {SD}/full --prompts {B}/bad-prompts.jsonl", "{B}/bad-prompts.jsonl"),
+    ("prompts-missing", PRESET + "--model {SD}/full --prompts {B}/nowhere.txt", "{B}/nowhere.txt"),
+    ("without-model", PRESET + "--prompts {B}/prompts.txt", "--model"),
+    ("lora-rank-0", PRESET + "--model {SD}/full --prompts {B}/prompts.txt --lora-rank 0", "--lora-rank"),
+    ("resolution-0", PRESET + "--model {SD}/full --prompts {B}/prompts.txt --resolution 0", "--resolution"),
+]
+
+
+@_table(DISTILL_PRESET)
+def test_distill_preset(argv, needle, world, tmp_path, capsys, monkeypatch):
+    _check(argv, needle, world, tmp_path, capsys, monkeypatch)
+
+
+# -- sample --------------------------------------------------------------------------------------
+SAMPLE = [
+    ("labels-out-of-range", "sample --checkpoint {R} --labels 5 --out {O}", "--labels"),
+    ("labels-negative", "sample --checkpoint {R} --labels 0 -1 --out {O}", "--labels"),
+    ("steps-3-on-124", "sample --checkpoint {R} --steps 3 --out {O}", "--steps"),
+    ("steps-0", "sample --checkpoint {R} --steps 0 --out {O}", "--steps"),
+    ("num-0", "sample --checkpoint {R} --num 0 --out {O}", "--num"),
+    ("num-neg", "sample --checkpoint {R} --num -3 --out {O}", "--num"),
+    ("engine-missing", "sample --checkpoint {R} --backend onnx --engine {B}/nowhere.onnx --out {O}", "--engine"),
+    ("engine-with-torch", "sample --checkpoint {R} --engine {F} --backend torch --out {O}", "--engine"),
+    ("backend-tensorrt", "sample --checkpoint {R} --backend tensorrt --out {O}", "--backend tensorrt"),
+    ("backend-unknown", "sample --checkpoint {R} --backend jax --out {O}", "--backend"),
+    ("checkpoint-missing", "sample --checkpoint {B}/nowhere --out {O}", "{B}/nowhere"),
+    ("checkpoint-not-denoiser", "sample --checkpoint {B} --out {O}", "{B}"),
+    ("student-trunc-weights", "sample --checkpoint {B}/student-trunc --out {O}", "{B}/student-trunc/model"),
+    ("student-garbage-denoiser", "sample --checkpoint {B}/student-garbage --out {O}", "{B}/student-garbage/denoiser.safetensors"),
+    ("student-no-k-embedding", "sample --checkpoint {B}/student-no-k --out {O}", "{B}/student-no-k/denoiser.safetensors"),
+    ("student-empty-json", "sample --checkpoint {B}/student-empty-json --out {O}", "{B}/student-empty-json/denoiser.json"),
+    ("out-under-file", "sample --checkpoint {R} --out {F}/samples", "--out"),
+    ("out-is-folder", "sample --checkpoint {R} --out {B}", "--out"),
+    ("seed-text", "sample --checkpoint {R} --seed abc --out {O}", "--seed"),
+]
+
+
+@_table(SAMPLE)
+def test_sample(argv, needle, world, tmp_path, capsys, monkeypatch):
+    _check(argv, needle, world, tmp_path, capsys, monkeypatch)
+
+
+# -- export --------------------------------------------------------------------------------------
+EXPORT = [
+    ("format-tensorrt", "export --checkpoint {S} --out {O} --format tensorrt --steps 4", "--format tensorrt"),
+    ("opset-11-dynamo", "export --checkpoint {S} --out {O} --opset 11", "--opset"),
+    ("steps-0", "export --checkpoint {S} --out {O} --steps 0", "--steps"),
+    ("steps-3-on-124", "export --checkpoint {S} --out {O} --steps 1 3", "--steps 3"),
+    ("steps-4-total-60", "export --checkpoint {S} --out {O} --steps 4 --total-steps 60", "--steps"),
+    ("shape-text", "export --checkpoint {S} --out {O} --shape abc", "--shape"),
+    ("shape-zero", "export --checkpoint {S} --out {O} --shape 0,2", "--shape"),
+    ("cond-shape-text", "export --checkpoint {S} --out {O} --cond-shape x", "--cond-shape"),
+    ("vae-missing", "export --checkpoint {S} --out {O} --vae {B}/nowhere", "--vae"),
+    ("vae-with-compile", "export --checkpoint {S} --out {O} --format compile --vae {B}", "--vae"),
+    ("batch-size-0", "export --checkpoint {S} --out {O} --batch-size 0", "--batch-size"),
+    ("out-is-file", "export --checkpoint {S} --out {F}", "--out"),
+    ("out-under-file", "export --checkpoint {S} --out {F}/x", "--out"),
+    ("checkpoint-missing", "export --checkpoint {B}/nowhere --out {O}", "{B}/nowhere"),
+    ("checkpoint-garbage", "export --checkpoint {B}/student-garbage --out {O}", "{B}/student-garbage/denoiser.safetensors"),
+    ("checkpoint-trunc", "export --checkpoint {B}/student-trunc --out {O}", "{B}/student-trunc/model"),
+    ("format-unknown", "export --checkpoint {S} --out {O} --format tflite", "--format"),
+    ("dtype-unknown", "export --checkpoint {S} --out {O} --dtype fp8", "--dtype"),
+    ("opset-21-torchscript", "export --checkpoint {S} --out {O} --exporter torchscript --opset 21", "--opset"),
+]
+
+
+@_table(EXPORT)
+def test_export(argv, needle, world, tmp_path, capsys, monkeypatch):
+    _check(argv, needle, world, tmp_path, capsys, monkeypatch)
+
+
+# -- eval ----------------------------------------------------------------------------------------
+EVAL = [
+    ("toy-student", "eval {S} --samples 50 --eval-seeds 0", "{S}"),
+    ("student-missing", "eval {B}/nowhere", "{B}/nowhere"),
+    ("student-garbage", "eval {B}/student-garbage", "{B}/student-garbage/denoiser.safetensors"),
+    ("no-student", "eval", "student"),
+    ("teacher-missing", "eval {S} --teacher {B}/nowhere", "--teacher"),
+    ("samples-0", "eval {S} --samples 0", "--samples"),
+    ("steps-0", "eval {S} --steps 0", "--steps"),
+    ("cfg-scale-nan", "eval {S} --cfg-scale nan", "--cfg-scale"),
+    ("json-under-file", "eval {S} --json {F}/results.json", "--json"),
+    ("ablations-iterations-0", "eval --ablations --iterations 0 --out {O}", "--iterations"),
+    ("ablations-iterations-neg", "eval --ablations --iterations -5 --out {O}", "--iterations"),
+    ("ablations-unknown-variant", "eval --ablations --variants tdm sharp --out {O}", "sharp"),
+    ("ablations-curve-every-neg", "eval --ablations --curve-every -1 --out {O}", "--curve-every"),
+    ("ablations-out-under-file", "eval --ablations --out {F}/abl", "--out"),
+    ("ablations-with-student", "eval {S} --ablations --out {O}", "--ablations"),
+    ("ablations-corrupt-teacher", "eval --ablations --teacher {B}/teacher-garbage --out {O}", "{B}/teacher-garbage/denoiser.safetensors"),
+    ("toy-teacher", "eval {S} --teacher {T}", "{T}"),
+]
+
+
+@_table(EVAL)
+def test_eval(argv, needle, world, tmp_path, capsys, monkeypatch):
+    _check(argv, needle, world, tmp_path, capsys, monkeypatch)
+
+
+# -- demo ----------------------------------------------------------------------------------------
+DEMO = [
+    ("iterations-0", "demo --iterations 0", "--iterations"),
+    ("iterations-neg", "demo --iterations -5", "--iterations"),
+    ("toy-iterations-0", "demo --dataset toy2d --iterations 0", "--iterations"),
+    ("samples-0", "demo --samples 0", "--samples"),
+    ("out-is-file", "demo --out {F}", "--out"),
+    ("out-under-file", "demo --out {F}/demo", "--out"),
+    ("toy-out-under-file", "demo --dataset toy2d --out {F}/demo", "--out"),
+    ("digits-teacher-missing", "demo --digits-teacher {B}/nowhere", "{B}/nowhere"),
+    ("digits-teacher-corrupt", "demo --digits-teacher {B}/teacher-garbage", "{B}/teacher-garbage/denoiser.safetensors"),
+    ("toy-with-digits-teacher", "demo --dataset toy2d --digits-teacher {T}", "--digits-teacher"),
+    ("digits-teacher-is-toy", "demo --digits-teacher {T}", "{T}"),
+    ("toy-with-samples", "demo --dataset toy2d --samples 100", "--samples"),
+    ("dataset-unknown", "demo --dataset cifar", "--dataset"),
+]
+
+
+@_table(DEMO)
+def test_demo(argv, needle, world, tmp_path, capsys, monkeypatch):
+    _check(argv, needle, world, tmp_path, capsys, monkeypatch)
+
+
+# -- teacher train -------------------------------------------------------------------------------
+TEACHER = [
+    ("toy-cond-dropout", "teacher train --out {O} --cond-dropout 0.1", "--cond-dropout"),
+    ("toy-lr", "teacher train --dataset toy2d --out {O} --lr 1e-3", "--lr"),
+    ("toy-batch-size", "teacher train --dataset toy2d --out {O} --batch-size 64", "--batch-size"),
+    ("digits-hidden", "teacher train --dataset digits --out {O} --hidden 64", "--hidden"),
+    ("toy-iterations-0", "teacher train --out {O} --iterations 0", "--iterations"),
+    ("digits-iterations-0", "teacher train --dataset digits --out {O} --iterations 0", "--iterations"),
+    ("iterations-neg", "teacher train --out {O} --iterations -5", "--iterations"),
+    ("hidden-0", "teacher train --out {O} --hidden 0", "--hidden"),
+    ("digits-cond-dropout-1.5", "teacher train --dataset digits --out {O} --cond-dropout 1.5", "--cond-dropout"),
+    ("digits-lr-neg", "teacher train --dataset digits --out {O} --lr -1", "--lr"),
+    ("digits-lr-nan", "teacher train --dataset digits --out {O} --lr nan", "--lr"),
+    ("digits-batch-size-0", "teacher train --dataset digits --out {O} --batch-size 0", "--batch-size"),
+    ("out-is-file", "teacher train --out {F}", "--out"),
+    ("out-under-file", "teacher train --out {F}/teacher", "--out"),
+    ("out-required", "teacher train", "--out"),
+]
+
+
+@_table(TEACHER)
+def test_teacher_train(argv, needle, world, tmp_path, capsys, monkeypatch):
+    _check(argv, needle, world, tmp_path, capsys, monkeypatch)
+
+
+# -- classifier train ----------------------------------------------------------------------------
+CLASSIFIER = [
+    ("iterations-0", "classifier train --out {O}/clf --iterations 0", "--iterations"),
+    ("iterations-neg", "classifier train --out {O}/clf --iterations -5", "--iterations"),
+    ("out-under-file", "classifier train --out {F}/clf", "--out"),
+    ("out-stem-is-folder", "classifier train --out {B}/clf", "--out"),  # {B}/clf.safetensors is a folder
+    ("seed-text", "classifier train --out {O}/clf --seed abc", "--seed"),
+    ("no-verb", "classifier", "classifier"),
+]
+
+
+@_table(CLASSIFIER)
+def test_classifier_train(argv, needle, world, tmp_path, capsys, monkeypatch):
+    _check(argv, needle, world, tmp_path, capsys, monkeypatch)
+
+
+# -- plan ----------------------------------------------------------------------------------------
+PLAN = [
+    ("batch-0", "plan --preset sd15 --batch 0", "--batch"),
+    ("batch-neg", "plan --preset sd15 --batch -2", "--batch"),
+    ("resolution-0", "plan --preset sd15 --resolution 0", "--resolution"),
+    ("num-frames-0", "plan --preset cogvideox --num-frames 0", "--num-frames"),
+    ("gpu-memory-0", "plan --preset sd15 --gpu-memory 0", "--gpu-memory"),
+    ("gpu-memory-nan", "plan --preset sd15 --gpu-memory nan", "--gpu-memory"),
+    ("lora-rank-0", "plan --preset sd15 --lora-rank 0", "--lora-rank"),
+    ("preset-unknown", "plan --preset sd99", "--preset"),
+]
+
+
+@_table(PLAN)
+def test_plan(argv, needle, world, tmp_path, capsys, monkeypatch):
+    _check(argv, needle, world, tmp_path, capsys, monkeypatch)
+
+
+# -- bench ---------------------------------------------------------------------------------------
+BENCH = [
+    ("plan-batch-0", "bench plan --preset sd15 --batch 0", "--batch"),
+    ("plan-iters-0", "bench plan --preset sd15 --iters 0", "--iters"),
+    ("plan-steps-0", "bench plan --preset sd15 --steps 0", "--steps"),
+    ("plan-mfu-text", "bench plan --preset sd15 --mfu lots", "--mfu"),
+    ("plan-mfu-1.5", "bench plan --preset sd15 --mfu 1.5", "--mfu"),
+    ("plan-gpu-unknown", "bench plan --preset sd15 --gpu tpu9", "--gpu"),
+    ("plan-peak-neg", "bench plan --preset sd15 --peak-tflops -1", "--peak-tflops"),
+    ("plan-fake-updates-0", "bench plan --preset sd15 --fake-updates 0", "--fake-updates"),
+    ("plan-resolution-0", "bench plan --preset sd15 --resolution 0", "--resolution"),
+    ("plan-with-suite", "bench plan training", "plan"),
+    ("unknown-suite", "bench no_such_suite --results-dir {O}", "no_such_suite"),
+    ("results-dir-under-file", "bench --render-only --results-dir {F}/results", "--results-dir"),
+    ("k-neg", "bench --render-only --results-dir {O} --k -1", "--k"),
+    ("min-rel-neg", "bench --render-only --results-dir {O} --min-rel -0.5", "--min-rel"),
+]
+
+
+@_table(BENCH)
+def test_bench(argv, needle, world, tmp_path, capsys, monkeypatch):
+    _check(argv, needle, world, tmp_path, capsys, monkeypatch)
+
+
+def test_the_table_is_large_enough():
+    tables = (DISTILL, DISTILL_PRESET, SAMPLE, EXPORT, EVAL, DEMO, TEACHER, CLASSIFIER, PLAN, BENCH)
+    ids = [(id(t), c[0]) for t in tables for c in t]
+    assert len(ids) == len(set(ids)) and len(ids) >= 60
+
+
+# -- the real exit path: subprocesses ------------------------------------------------------------
+SUBPROCESS = [
+    ("distill --teacher {T} --out {O} --log-every 0", "--log-every"),  # a library check
+    ("distill --teacher {T} --out {O} --steps four", "--steps"),  # argparse's own exit path
+    ("teacher train --out {O} --cond-dropout 0.1", "--cond-dropout"),
+]
+
+
+def test_subprocess_exit_code_and_one_line(world, tmp_path):
+    """The console entry point: exit status 2 and one ``tdm-fast: error:`` line on stderr (the runs overlap)."""
+    paths = _paths(world, tmp_path)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
+    before_world, before_tmp = _tree(world), _tree(tmp_path)
+    procs = [(needle, subprocess.Popen([sys.executable, "-m", "tdm_fast", *shlex.split(argv.format(**paths))], cwd=tmp_path,
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+             for argv, needle in SUBPROCESS]
+    for needle, proc in procs:
+        out, err = proc.communicate(timeout=120)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode == 2, err
+        assert len(lines) == 1 and lines[0].startswith("tdm-fast: error: ") and needle in lines[0], err
+    assert _tree(tmp_path) == before_tmp and _tree(world) == before_world
+
+
+def test_an_existing_output_file_may_be_replaced(tmp_path):
+    """check_output_path refuses what cannot be created, not a file that a rerun overwrites."""
+    from tdm_fast.cli import UsageError, check_output_path
+
+    (tmp_path / "s.safetensors").write_bytes(b"old samples")
+    assert check_output_path(tmp_path / "s.safetensors", "--out", folder=False) == tmp_path / "s.safetensors"
+    assert check_output_path(tmp_path / "new" / "deeper", "--out") == tmp_path / "new" / "deeper"
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        check_output_path(tmp_path / "s.safetensors", "--out")
+    with pytest.raises(UsageError, match="so nothing can be created under it"):
+        check_output_path(tmp_path / "s.safetensors" / "x.png", "--out", folder=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]
