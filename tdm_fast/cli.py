@@ -46,21 +46,30 @@ def _optional_float(text: str) -> float | None:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TDMConfig field (``--fake-lr``, ``--no-importance-sampling`` …); defaults come from the config."""
+    """One flag per TDMConfig field (``--fake-lr``, ``--no-importance-sampling`` …), with its help, default
+    and choices; values left unset fall back to ``--config``, then to TDMConfig's defaults."""
+    from .config import CHOICES, HELP
+
     group = parser.add_argument_group("TDM settings (override --config)")
     hints = typing.get_type_hints(TDMConfig)
     for field in dataclasses.fields(TDMConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        text = HELP[field.name]
+        if "(default" not in text:
+            text += f" (default: {' '.join(map(str, default)) if isinstance(default, tuple) else default})"
         if field.name == "steps":
-            group.add_argument(flag, type=int, nargs="+", default=None, help="K, or several K for a unify student")
+            group.add_argument(flag, type=int, nargs="+", default=None, metavar="K", help=text)
         elif kind in (bool, bool | None):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif kind == float | None:
-            group.add_argument(flag, type=_optional_float, default=None, metavar="FLOAT|none")
+            group.add_argument(flag, type=_optional_float, default=None, metavar="FLOAT|none", help=text)
+        elif field.name in CHOICES:
+            group.add_argument(flag, choices=CHOICES[field.name], default=None, help=text)
         else:
             base = kind if kind in (int, float, str) else str
-            group.add_argument(flag, type=base, default=None)
+            group.add_argument(flag, type=base, default=None, help=text)
 
 
 def config_from_args(args) -> TDMConfig:
@@ -411,9 +420,19 @@ class _Verbs:
         return self.subparsers.add_parser(name, parents=[self.common], **kwargs)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tdm-fast")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tdm-fast", description="Trajectory Distribution Matching: few-step distillation")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     common = _Parser(add_help=False)
     # SUPPRESS: a verb without --quiet must not reset a --quiet given before it
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
@@ -506,7 +525,10 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import NonFiniteError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or argparse's one-line error: an exit code, not an exception
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
     except (UsageError, CheckpointError, ValueError, FileNotFoundError, RunLockedError, NonFiniteError) as exc:

@@ -40,7 +40,7 @@ def _error_line(result):
     [
         (["--steps", "0"], "positive integer"),
         (["--steps", "4", "--total-steps", "60"], "empty noise interval"),
-        (["--matching", "blurry"], "matching must be one of"),
+        (["--matching", "blurry"], "--matching: invalid choice"),
         (["--sample-shape", "3"], "do not fit the teacher"),
     ],
 )
@@ -121,3 +121,21 @@ def test_sample_writes_tensors_and_png(teacher_dir, tmp_path):
     assert samples.shape == (8, 2) and torch.isfinite(samples).all()
     assert (tmp_path / "s.png").stat().st_size > 0
     assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--steps", "4", "--out", str(tmp_path / "s")]) == 2
+
+
+def test_every_distill_flag_has_help_default_and_choices(capsys):
+    import dataclasses
+
+    from tdm_fast.config import CHOICES, TDMConfig
+
+    assert main(["distill", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    text = text[text.index("TDM settings (override --config):"):]
+    for field in dataclasses.fields(TDMConfig):
+        flag = "--" + field.name.replace("_", "-")
+        start = text.index(flag + " ") if flag + " " in text else text.index(flag + ",")
+        entry = text[start:start + 400]
+        assert "(default" in entry, flag
+        if field.name in CHOICES:
+            assert "{" + ",".join(CHOICES[field.name]) + "}" in entry, flag
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("tdm-fast ")
