@@ -276,6 +276,7 @@ def prompt_conditions(preset: Preset | str, path: str | Path, prompts: list[str]
                       cache_dir: str | Path | None = "default", device=None, max_sequence_length: int | None = None):
     """Cached :func:`encode_prompts` + :func:`split`: returns (conditions, null_cond)."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
     if cache_dir == "default":
@@ -284,7 +285,7 @@ def prompt_conditions(preset: Preset | str, path: str | Path, prompts: list[str]
                     resolution=resolution, max_sequence_length=max_sequence_length, version=1)
     # Under several processes the main one encodes (on its own device) and writes the cache first; the
     # others then read it. PartialState exists before the trainer's Accelerator and is the same state.
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as AcceleratorState will read it
     with state.main_process_first():
         tensors = cached_embeddings(
             cache_dir, key,
