@@ -1,0 +1,383 @@
+"""``tdm-fast demo --pipeline sd15|sd3``: distil a shipped text-to-image pipeline of stock diffusers
+classes (:mod:`tdm_fast.demos.t2i`) through the user's path, and judge it through the stock pipeline.
+
+The path is exactly what ``tdm-fast distill --preset sd15|sd3 --model DIR --prompts FILE`` runs:
+:func:`~tdm_fast.backbones.cli.build_preset_run` (the teacher from the folder's denoiser and scheduler
+config, prompt embeddings computed by the pipeline's own ``encode_prompt`` and cached, student and
+fake score as two LoRA adapters on one shared base, the teacher = adapters off, the K embedding on
+the timestep embedding), :class:`~tdm_fast.trainer.TDMTrainer` with a unify student K ∈ {1, 2, 4},
+and :func:`~tdm_fast.backbones.cli.export_preset_student` (diffusers LoRA + K-embedding table).
+
+Sampling is done by the stock pipeline only: ``pipe.scheduler = TDMScheduler.from_config(...)``,
+``pipe.load_lora_weights(run/lora)``, ``apply_steps_embedding(pipe.unet | pipe.transformer, run/lora,
+steps=K)``, ``guidance_scale=1``, VAE decoding. Every NFE-matched baseline of spec §9 runs through the
+same stock pipeline with the teacher's weights:
+
+- ``*{K}-student-times``: deterministic DDIM (VP) / Euler (flow, the same update) at the student's
+  own times t_i — ``TDMScheduler`` on the teacher, no CFG;
+- ``*{K}-trailing``: the stock scheduler at K trailing steps, no CFG — SD1.5:
+  ``DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=True)`` (so its last step returns x̂0);
+  SD3: ``FlowMatchEulerDiscreteScheduler`` itself (σ from 1 down, last step to σ = 0);
+- for K ≥ 2 both of these at K/2 steps with CFG (two evaluations a step).
+
+Scores (:class:`tdm_fast.eval.digits.DigitsMetrics`, on the pipeline images pooled to 8×8): FID on the
+digits classifier's features to the teacher's 50-step CFG samples of the same prompts and initial
+latents, FID to the real digits, class accuracy, coverage, diversity. ``metrics.json`` has the digits
+demo's shape (``comparisons["K=k"]["fid_ratio"]`` = student FID / best baseline FID, ``acceptance``).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import TDMConfig
+from . import t2i
+
+CFG = {"sd15": t2i.SD15_CFG, "sd3": t2i.SD3_CFG}
+# The distillation recipe per pipeline, chosen by measurement (see the module's RECIPE_NOTES and
+# docs). LoRA on the attention projections plus the convolutions / feed-forward of the tiny backbones.
+DEMO_ITERATIONS = {"sd15": 300, "sd3": 300}
+LORA = {
+    "sd15": {"rank": 16, "targets": None},
+    "sd3": {"rank": 16, "targets": None},
+}
+
+
+def demo_config(pipeline: str, iterations: int | None = None, seed: int = 0, **overrides) -> TDMConfig:
+    settings = dict(
+        steps=(1, 2, 4),
+        steps_conditioning=True,
+        cfg_scale=CFG[pipeline],
+        fake_lr=1e-3,
+        generator_lr_ratio=0.1,
+        warmup_steps=50,
+        ema_decay=0.99,
+        batch_size=64,
+        iterations=iterations or DEMO_ITERATIONS[pipeline],
+        seed=seed,
+        kernels="reference",
+        log_every=10,
+    )
+    settings.update(overrides)
+    return TDMConfig(**settings)
+
+
+def preset_argv(pipeline: str, model: Path, prompts: Path, cache: Path | str, rank: int | None = None,
+                targets: str | None = None, fake_copy: bool = False) -> list[str]:
+    """The ``tdm-fast distill`` flags of this run (what a user would type)."""
+    argv = ["--preset", pipeline, "--model", str(model), "--prompts", str(prompts), "--resolution", str(t2i.IMAGE_SIZE),
+            "--embedding-cache", str(cache)]
+    if pipeline == "sd3":
+        argv += ["--max-sequence-length", str(t2i.T5_LENGTH)]
+    if rank is not None:
+        argv += ["--lora-rank", str(rank)]
+    if targets:
+        argv += ["--lora-targets", targets]
+    if fake_copy:
+        argv.append("--fake-copy")
+    return argv
+
+
+def preset_args(argv: list[str]):
+    import argparse
+
+    from ..backbones.cli import add_distill_preset_arguments
+
+    parser = argparse.ArgumentParser(prog="tdm-fast distill")
+    add_distill_preset_arguments(parser)
+    return parser.parse_args(argv)
+
+
+# -- the stock samplers --------------------------------------------------------------------------
+def _scheduler(pipe, kind: str, total_steps: int = 900):
+    """A scheduler for ``pipe`` from its shipped config: 'stock' (as shipped), 'tdm' (the student's
+    times), 'trailing' (the stock scheduler at trailing spacing)."""
+    import diffusers
+
+    from ..scheduler import TDMScheduler
+
+    config = pipe._tdm_base_scheduler_config
+    if kind == "stock":
+        return type(pipe._tdm_base_scheduler).from_config(config)
+    if kind == "tdm":
+        return TDMScheduler.from_config(config, total_steps=total_steps)
+    if kind == "trailing":
+        if isinstance(pipe, diffusers.StableDiffusion3Pipeline):
+            return diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+        return diffusers.DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True)
+    raise ValueError(kind)
+
+
+def teacher_samplers(pipeline: str, steps: int, cfg_scale: float) -> list[dict]:
+    """The NFE-matched candidates of spec §9 for a K-step student, as stock-pipeline settings."""
+    step = "euler" if pipeline == "sd3" else "ddim"
+    out = [
+        {"name": f"{step}{steps}-student-times", "scheduler": "tdm", "steps": steps, "guidance": 1.0, "nfe": steps},
+        {"name": f"{step}{steps}-trailing", "scheduler": "trailing", "steps": steps, "guidance": 1.0, "nfe": steps},
+    ]
+    if steps >= 2:
+        half = steps // 2
+        out += [
+            {"name": f"{step}{half}-cfg-student-times", "scheduler": "tdm", "steps": half, "guidance": cfg_scale, "nfe": 2 * half},
+            {"name": f"{step}{half}-cfg-trailing", "scheduler": "trailing", "steps": half, "guidance": cfg_scale, "nfe": 2 * half},
+        ]
+    return out
+
+
+def load_stock(model_dir: Path):
+    pipe = t2i.load_pipeline(model_dir)
+    pipe._tdm_base_scheduler = pipe.scheduler
+    pipe._tdm_base_scheduler_config = dict(pipe.scheduler.config)
+    return pipe
+
+
+def load_student_pipeline(model_dir: Path, lora_dir: Path, steps: int, total_steps: int = 900):
+    """The user's sampling path: stock pipeline + TDMScheduler + LoRA + the K embedding folded in."""
+    from ..lora import STEPS_EMBEDDING_FILE, apply_steps_embedding
+    from ..scheduler import TDMScheduler
+
+    pipe = t2i.load_pipeline(model_dir)
+    pipe.scheduler = TDMScheduler.from_config(pipe.scheduler.config, total_steps=total_steps)
+    pipe.load_lora_weights(str(lora_dir))
+    if (Path(lora_dir) / STEPS_EMBEDDING_FILE).is_file():
+        apply_steps_embedding(pipe.unet if hasattr(pipe, "unet") else pipe.transformer, lora_dir, steps=steps)
+    return pipe
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+@torch.no_grad()
+def evaluate_pipelines(pipeline: str, model_dir: Path, lora_dir: Path | None, steps=(1, 2, 4), cfg_scale: float | None = None,
+                       samples: int = 1000, seed: int = 0, reference_steps: int = 50, total_steps: int = 900, bootstrap: int = 0,
+                       keep_images: int = 0, say=None, metrics=None, reference=None) -> dict:
+    """Scores the teacher's reference, each student K (``lora_dir`` None: skip) and every NFE-matched
+    baseline through the stock pipeline; returns the digits demo's results dict (``samplers``,
+    ``comparisons``, ...). ``reference`` (images) skips recomputing the teacher-50 samples."""
+    from ..eval.digits import DigitsMetrics
+
+    say = say or (lambda _m: None)
+    cfg_scale = CFG[pipeline] if cfg_scale is None else cfg_scale
+    metrics = metrics or DigitsMetrics(bootstrap=bootstrap)
+    prompts, labels, latents = t2i.eval_prompts(samples, seed)
+    teacher = load_stock(model_dir)
+    rows, images = {}, {}
+
+    def score(name, imgs, nfe, elapsed, ref_feats):
+        row = metrics(t2i.to_digits8(imgs), labels, ref_feats)
+        feats = row.pop("features")
+        rows[name] = {"nfe": nfe, **row, "ms_per_image": 1000 * elapsed / samples}
+        if keep_images:
+            images[name] = imgs[:keep_images]
+        return feats
+
+    ref_name = f"teacher-{reference_steps}"
+    teacher.scheduler = _scheduler(teacher, "stock")
+    if reference is None:
+        reference, elapsed = _timed(lambda: t2i.generate(teacher, prompts, latents, reference_steps, cfg_scale))
+    else:
+        elapsed = float("nan")
+    ref_feats = score(ref_name, reference, 2 * reference_steps, elapsed, None)
+    rows[ref_name]["fid_teacher"] = 0.0
+    say(f"{ref_name}: accuracy {rows[ref_name]['accuracy']:.3f}")
+    candidates: dict[int, list[str]] = {}
+    for k in sorted(steps):
+        candidates[k] = []
+        for s in teacher_samplers(pipeline, k, cfg_scale):
+            candidates[k].append(s["name"])
+            if s["name"] in rows:
+                continue
+            teacher.scheduler = _scheduler(teacher, s["scheduler"], total_steps)
+            out, elapsed = _timed(lambda: t2i.generate(teacher, prompts, latents, s["steps"], s["guidance"]))
+            score(s["name"], out, s["nfe"], elapsed, ref_feats)
+            say(f"{s['name']}: FID to teacher-50 {rows[s['name']]['fid_teacher']:.3f}")
+    if lora_dir is not None:
+        for k in sorted(steps):
+            pipe = load_student_pipeline(model_dir, lora_dir, k, total_steps)
+            out, elapsed = _timed(lambda: t2i.generate(pipe, prompts, latents, k, 1.0))
+            score(f"tdm-{k}", out, k, elapsed, ref_feats)
+            say(f"tdm-{k}: FID to teacher-50 {rows[f'tdm-{k}']['fid_teacher']:.3f}, accuracy {rows[f'tdm-{k}']['accuracy']:.3f}")
+    results = {"samples": samples, "seeds": [seed], "cfg_scale": cfg_scale, "reference": ref_name, "samplers": rows,
+               "comparisons": {}}
+    for k, names in candidates.items():
+        best = min(names, key=lambda n: rows[n]["fid_teacher"])
+        entry = {"baseline": best, "candidates": names, "baseline_fid": rows[best]["fid_teacher"]}
+        if f"tdm-{k}" in rows:
+            tdm = rows[f"tdm-{k}"]
+            entry.update(tdm=f"tdm-{k}", fid_ratio=tdm["fid_teacher"] / max(rows[best]["fid_teacher"], 1e-12),
+                         accuracy_gap_to_teacher=tdm["accuracy"] - rows[ref_name]["accuracy"])
+        results["comparisons"][f"K={k}"] = entry
+    if keep_images:
+        results["images"] = images
+    results["reference_images"] = reference
+    return results
+
+
+# -- the demo ------------------------------------------------------------------------------------
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items() if not isinstance(v, torch.Tensor)}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+@torch.no_grad()
+def _teacher_probe(teacher, conditions, shape) -> torch.Tensor:
+    """Teacher outputs (conditional and unconditional x̂0) on fixed inputs at three times."""
+    g = torch.Generator().manual_seed(123)
+    cond = conditions(4, torch.Generator().manual_seed(7))
+    x = torch.randn((4, *shape), generator=g)
+    outs = []
+    for t in (100, 500, 900):
+        (c, _), (u, _) = teacher.cond_uncond(x, t, cond)
+        outs += [c, u]
+    return torch.stack(outs)
+
+
+def run_t2i_demo(
+    pipeline: str = "sd15",
+    out_dir: str | Path | None = None,
+    iterations: int | None = None,
+    samples: int = 1000,
+    seed: int = 0,
+    eval_seed: int = 0,
+    model: str | Path | None = None,
+    lora_rank: int | None = None,
+    lora_targets: str | None = None,
+    fake_copy: bool = False,
+    columns: int = 20,
+    bootstrap: int = 50,
+    progress: bool = True,
+    **config_overrides,
+) -> dict:
+    """Distils the shipped ``pipeline`` ('sd15' or 'sd3'; ``model``: another folder of the same kind),
+    evaluates through the stock pipeline and writes ``grid.png``, ``metrics.md``, ``metrics.json``,
+    ``train_log.jsonl`` and the LoRA (``lora/``) to ``out_dir`` (default ``runs/demo-<pipeline>``)."""
+    from ..backbones.cli import build_preset_run, export_preset_student
+    from ..eval.digits import acceptance, format_table, save_grid
+    from ..sampling import sample_student
+    from ..trainer import TDMTrainer
+
+    if pipeline not in t2i.PIPELINES:
+        raise ValueError(f"--pipeline must be one of {t2i.PIPELINES}, got {pipeline!r}")
+    t_start = time.perf_counter()
+    torch.manual_seed(seed)
+    model_dir = Path(model) if model is not None else t2i.shipped_pipeline(pipeline)
+    if t2i.pipeline_kind(model_dir) != pipeline:
+        raise ValueError(f"{model_dir} is not a {pipeline} pipeline folder")
+    out_dir = Path(out_dir or f"runs/demo-{pipeline}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say = print if progress else (lambda _m: None)
+
+    prompts_file = t2i.write_prompt_file(out_dir / "prompts.txt")
+    rank = lora_rank or LORA[pipeline]["rank"]
+    targets = lora_targets or LORA[pipeline]["targets"]
+    argv = preset_argv(pipeline, model_dir, prompts_file, out_dir / "embeddings", rank, targets, fake_copy)
+    args = preset_args(argv)
+    config = demo_config(pipeline, iterations, seed=seed, **config_overrides)
+    teacher, student, fake, conditions, shape = build_preset_run(args, config)
+    probe_before = _teacher_probe(teacher, conditions, shape)
+    trainer = TDMTrainer(teacher, config, conditions, shape, output_dir=None, student=student, fake=fake, progress=progress)
+    t_train = time.perf_counter()
+    history = trainer.train()
+    train_s = time.perf_counter() - t_train
+    with open(out_dir / "train_log.jsonl", "w") as f:
+        for record in history:
+            f.write(json.dumps(record) + "\n")
+    student = trainer.final_student().eval()
+    teacher_unchanged = bool(torch.equal(probe_before, _teacher_probe(teacher, conditions, shape)))
+    export_preset_student(args, student, config, out_dir)
+    lora_dir = out_dir / "lora"
+
+    # the stock pipeline reproduces the engine's student (scheduler, LoRA, K embedding, prompt embeddings)
+    prompts, labels, latents = t2i.eval_prompts(8, eval_seed)
+    check = load_student_pipeline(model_dir, lora_dir, max(config.steps), config.total_steps)
+    piped = t2i.generate(check, prompts, latents, max(config.steps), 1.0, output_type="latent")
+    cond = t2i.encode_prompts(check, prompts)
+    cond = cond["encoder_hidden_states"] if pipeline == "sd15" else cond
+    ours = sample_student(student, latents.clone(), cond, max(config.steps), config.total_steps)
+    parity = float((piped - ours).abs().max())
+    del check
+
+    t_eval = time.perf_counter()
+    results = evaluate_pipelines(pipeline, model_dir, lora_dir, config.steps, config.cfg_scale, samples=samples, seed=eval_seed,
+                                 total_steps=config.total_steps, bootstrap=bootstrap, keep_images=columns, say=say)
+    eval_s = time.perf_counter() - t_eval
+    results.pop("reference_images")
+    images = results.pop("images")
+    base4 = results["comparisons"].get("K=4", {}).get("baseline")
+    rows = [(results["reference"], f"teacher {results['reference'].split('-')[1]}-step CFG")]
+    if base4:
+        rows.append((base4, f"teacher 4 NFE\n({base4})"))
+    rows += [(f"tdm-{k}", f"TDM {k} step{'s' if k > 1 else ''}") for k in sorted(config.steps, reverse=True)]
+    save_grid(images, rows, out_dir / "grid.png", columns)
+
+    results["pipeline"] = pipeline
+    results["model"] = str(model_dir)
+    results["distill_argv"] = argv
+    results["training"] = {
+        "iterations": config.iterations, "wall_clock_s": train_s, "s_per_iteration": train_s / max(1, config.iterations),
+        "config": config.to_dict(), "lora_rank": rank, "lora_targets": targets, "fake_copy": fake_copy,
+        "threads": torch.get_num_threads(),
+    }
+    results["teacher_unchanged"] = teacher_unchanged
+    results["pipeline_parity_max_abs"] = parity
+    results["eval_wall_clock_s"] = eval_s
+    results["total_wall_clock_s"] = time.perf_counter() - t_start
+    results["acceptance"] = acceptance(results)
+    results["acceptance"]["teacher outputs bit-identical after distillation"] = teacher_unchanged
+    results["lora"] = str(lora_dir)
+    (out_dir / "metrics.json").write_text(json.dumps(_jsonable(results), indent=2))
+    md = [
+        f"# TDM demo on the shipped digits text-to-image pipeline `{pipeline}`",
+        "",
+        f"Distilled through `tdm-fast distill {' '.join(argv)}` settings (LoRA roles: student and fake score as two "
+        f"adapters of rank {rank} on one base, the teacher = adapters off), unify student K ∈ {list(config.steps)}, "
+        f"{config.iterations} iterations, batch {config.batch_size}, CFG {config.cfg_scale}; training {train_s:.0f} s, "
+        f"evaluation {eval_s:.0f} s, total {results['total_wall_clock_s']:.0f} s on {torch.get_num_threads()} thread(s).",
+        "",
+        "Every row is sampled by the stock diffusers pipeline: students with `TDMScheduler`, `load_lora_weights` and "
+        "`apply_steps_embedding`, guidance 1; baselines with the teacher's weights (`*-student-times`: `TDMScheduler` "
+        "on the teacher; `*-trailing`: the stock scheduler at trailing spacing), images decoded by the VAE and pooled "
+        "16×16 → 8×8 for the digits classifier.",
+        "",
+        format_table(results),
+        "",
+        "Acceptance: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in results["acceptance"].items()),
+        "",
+        f"Stock pipeline vs the engine's sampler (K={max(config.steps)}, 8 prompts, latents): max |Δ| = {parity:.2e}.",
+        "",
+        "![samples](grid.png)",
+        "",
+    ]
+    (out_dir / "metrics.md").write_text("\n".join(md))
+    return _jsonable(results)
+
+
+def add_t2i_demo_arguments(parser) -> None:
+    """Options of ``tdm-fast demo --pipeline`` besides the shared --out/--iterations/--samples/--seed."""
+    from ..digits import _add
+
+    _add(parser, "--pipeline", choices=list(t2i.PIPELINES), default=None,
+         help="distil the shipped digits text-to-image pipeline of this kind through --preset and the stock pipeline")
+    _add(parser, "--model", default=None, help="with --pipeline: a pipeline folder to use instead of the shipped one")
+
+
+def run_demo(args) -> dict:
+    samples = getattr(args, "samples", None) or 1000
+    seeds = getattr(args, "eval_seeds", None) or [0]
+    results = run_t2i_demo(
+        args.pipeline, args.out or f"runs/demo-{args.pipeline}", iterations=getattr(args, "iterations", None), samples=samples,
+        seed=getattr(args, "seed", 0), eval_seed=seeds[0], model=getattr(args, "model", None),
+        progress=not getattr(args, "quiet", False),
+    )
+    out = Path(args.out or f"runs/demo-{args.pipeline}")
+    print((out / "metrics.md").read_text())
+    return results
