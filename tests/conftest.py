@@ -8,6 +8,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """A saved toy teacher (the 2-D mixture MLP, untrained): what the CLI tests distil."""
+    from tdm_fast.toy2d import ToyMLP, toy_denoiser
+
+    path = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    toy_denoiser(ToyMLP(hidden=32, depth=1)).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -10,17 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from tdm_fast.cli import main
-from tdm_fast.toy2d import ToyMLP, toy_denoiser
+
 
 TINY = ["--batch-size", "16", "--fake-lr", "1e-3", "--cfg-scale", "3", "--kernels", "reference", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher")
-    torch.manual_seed(0)
-    toy_denoiser(ToyMLP(hidden=32, depth=1)).save_pretrained(path)
-    return path
 
 
 def _cli(*args, **kwargs):

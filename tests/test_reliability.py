@@ -16,19 +16,11 @@ from safetensors.torch import load_file
 from tdm_fast.cli import main
 from tdm_fast.config import TDMConfig
 from tdm_fast.denoiser import Denoiser
-from tdm_fast.toy2d import NUM_CLASSES, ToyMLP, toy_denoiser
+from tdm_fast.toy2d import NUM_CLASSES
 from tdm_fast.trainer import ClassConditions, NonFiniteError, TDMTrainer
 
 TINY = ["--batch-size", "16", "--fake-lr", "1e-3", "--cfg-scale", "3", "--kernels", "reference", "--quiet"]
 SCRIPT = Path(__file__).parent / "scripts" / "kill_at_write.py"
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher")
-    torch.manual_seed(0)
-    toy_denoiser(ToyMLP(hidden=32, depth=1)).save_pretrained(path)
-    return path
 
 
 def _distill(teacher_dir, out, *flags):

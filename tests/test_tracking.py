@@ -8,14 +8,6 @@ from tdm_fast.toy2d import NUM_CLASSES, ToyMLP, toy_denoiser
 from tdm_fast.trainer import ClassConditions, TDMTrainer
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher")
-    torch.manual_seed(0)
-    toy_denoiser(ToyMLP(hidden=32, depth=1)).save_pretrained(path)
-    return path
-
-
 def test_tensorboard_gets_losses_and_validation_grids(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -55,17 +55,21 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def read_scheduler_config(path: str | Path) -> dict:
-    file = Path(path) / "scheduler" / "scheduler_config.json"
+def _pipeline_json(file: Path) -> dict:
+    """A JSON object of a pipeline folder; errors name the file."""
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: --model must be a local diffusers pipeline folder")
     try:
-        config = json.loads(file.read_text())
+        data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"{file} is not valid JSON ({_first_line(exc)})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file} must hold a JSON object, not a {type(config).__name__}")
-    return config
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def read_scheduler_config(path: str | Path) -> dict:
+    return _pipeline_json(Path(path) / "scheduler" / "scheduler_config.json")
 
 
 def _first_line(exc: Exception) -> str:
@@ -180,12 +184,7 @@ def _pipeline_for_text(preset: Preset, path: str, denoiser_model, device):
     if preset.name == "sd15":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     index_file = Path(path) / "model_index.json"
-    if not index_file.is_file():
-        raise FileNotFoundError(f"{index_file} not found: --model must be a local diffusers pipeline folder")
-    try:
-        index = json.loads(index_file.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"{index_file} is not valid JSON ({_first_line(exc)})") from None
+    index = _pipeline_json(index_file)
     for name, entry in index.items():  # the text encoders and tokenizers the prompts need
         if name.startswith(("text_encoder", "tokenizer")) and name not in kwargs and isinstance(entry, list) \
                 and entry[0] is not None and not (Path(path) / name).is_dir():
