@@ -88,6 +88,13 @@ def _assert_trusted_build(library: Path, digest: Path) -> None:
     assert digest.read_text().strip() == _sha256(library)
 
 
+def _replace(library: Path, content: bytes) -> None:
+    """A new file at the library's path: writing into the old one would change the code this process
+    has mapped from it (the probe library is loaded) and crash it."""
+    library.unlink()
+    library.write_bytes(content)
+
+
 def _plant(library: Path, digest: Path, planted: bytes, case: str, tmp_path: Path) -> None:
     """Put the planted library where the probe library was, each case failing one check only (the
     others pass: a digest that matches it, files of this user, no write access for others)."""
@@ -150,7 +157,7 @@ def test_library_without_digest_is_rebuilt_silently(cache, planted):
     library, digest = _built(cache)
     _forget()
     digest.unlink()
-    library.write_bytes(planted)
+    _replace(library, planted)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _native.library(_native._PROBE).probe() >= 1
@@ -164,7 +171,7 @@ def test_library_without_digest_is_rebuilt_silently(cache, planted):
 def test_untrusted_cache_directory_is_not_used(cache, planted, case):
     library, digest = _built(cache)
     _forget()
-    library.write_bytes(planted)
+    _replace(library, planted)
     digest.write_text(hashlib.sha256(planted).hexdigest() + "\n")
     if case == "writable by others":
         cache.chmod(0o777)
