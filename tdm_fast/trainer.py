@@ -183,7 +183,7 @@ class TDMTrainer:
         accelerator: Accelerator | None = None,
         progress: bool = True,
         optimizer_cls=torch.optim.AdamW,
-        validation: "Validation | None" = None,
+        validation: Validation | None = None,
     ):
         if teacher.null_cond is None and config.cfg_scale != 1.0:
             raise ValueError("the teacher has no null_cond, so cfg_scale must be 1")
@@ -304,10 +304,11 @@ class TDMTrainer:
             log_w = torch.zeros_like(log_w)
         return x_tau, log_w
 
-    def _micro_batches(self, batches):
-        """(index, trajectory, cond, context) per micro-batch: gradients are all-reduced on the last only."""
+    @staticmethod
+    def _micro_batches(batches):
+        """(trajectory, cond, is_last) per micro-batch: gradients are all-reduced on the last only."""
         for i, (trajectory, cond) in enumerate(batches):
-            yield i, trajectory, cond, i + 1 == len(batches)
+            yield trajectory, cond, i + 1 == len(batches)
 
     def _sync_context(self, model, last: bool):
         return nullcontext() if last else self.accelerator.no_sync(model)
@@ -315,7 +316,7 @@ class TDMTrainer:
     def fake_score_update(self, batches, k: int) -> float | None:
         """One optimizer step of the fake score over the micro-batches (their mean loss); None if skipped."""
         total = 0.0
-        for _, trajectory, cond, last in self._micro_batches(batches):
+        for trajectory, cond, last in self._micro_batches(batches):
             draw = self.draw_stage(trajectory, k)
             with torch.no_grad(), self.accelerator.autocast():
                 x0, eps = self.student_core(draw.x_t, draw.t, cond, self._steps_arg(k))
@@ -354,7 +355,7 @@ class TDMTrainer:
     def generator_update(self, batches, k: int) -> tuple[float | None, float]:
         """One optimizer step of the student over the micro-batches; (loss or None if skipped, grad norm)."""
         total = 0.0
-        for _, trajectory, cond, last in self._micro_batches(batches):
+        for trajectory, cond, last in self._micro_batches(batches):
             draw = self.draw_stage(trajectory, k)
             with self._sync_context(self.student, last):
                 with self.accelerator.autocast():
