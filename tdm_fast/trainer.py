@@ -169,6 +169,8 @@ class TDMTrainer:
         output_dir: where checkpoints, ``metrics.jsonl`` and the final student go.
         student, fake: prebuilt networks (e.g. LoRA); default copies of the teacher.
         optimizer_cls: AdamW by default; e.g. bitsandbytes' AdamW8bit to save memory.
+        validation: what to sample every ``config.validation_every`` iterations (a
+            :class:`~tdm_fast.validation.Validation`); default: 16 draws of ``conditions`` with fixed noise.
     """
 
     def __init__(

@@ -271,6 +271,20 @@ def split(tensors: dict[str, torch.Tensor], preset: Preset | str):
     return cond, null
 
 
+def text_files_fingerprint(path: str | Path) -> list:
+    """(name, size, mtime) of every file of the folder's text encoders and tokenizers (and its
+    model_index.json): part of the embedding cache key, so a folder whose text encoders were rebuilt or
+    replaced in place gets fresh embeddings instead of the stale ones cached under the same path."""
+    root = Path(path)
+    entries = []
+    for folder in sorted(root.glob("text_encoder*")) + sorted(root.glob("tokenizer*")) + [root / "model_index.json"]:
+        for file in sorted(folder.rglob("*")) if folder.is_dir() else [folder]:
+            if file.is_file():
+                st = file.stat()
+                entries.append([str(file.relative_to(root)), st.st_size, st.st_mtime_ns])
+    return entries
+
+
 def prompt_conditions(preset: Preset | str, path: str | Path, prompts: list[str], denoiser_model, resolution=None,
                       cache_dir: str | Path | None = "default", device=None, max_sequence_length: int | None = None):
     """Cached :func:`encode_prompts` + :func:`split`: returns (conditions, null_cond)."""
@@ -281,7 +295,8 @@ def prompt_conditions(preset: Preset | str, path: str | Path, prompts: list[str]
     if cache_dir == "default":
         cache_dir = default_cache_dir()
     key = cache_key(model=str(Path(path).resolve()), preset=preset.name, prompts=prompts,
-                    resolution=resolution, max_sequence_length=max_sequence_length, version=1)
+                    resolution=resolution, max_sequence_length=max_sequence_length, version=1,
+                    text_files=text_files_fingerprint(path))
     # Under several processes the main one encodes (on its own device) and writes the cache first; the
     # others then read it. PartialState exists before the trainer's Accelerator and is the same state.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as AcceleratorState will read it

@@ -15,9 +15,11 @@ same stock pipeline with the teacher's weights:
 
 - ``*{K}-student-times``: deterministic DDIM (VP) / Euler (flow, the same update) at the student's
   own times t_i — ``TDMScheduler`` on the teacher, no CFG;
-- ``*{K}-trailing``: the stock scheduler at K trailing steps, no CFG — SD1.5:
+- ``*{K}-trailing``: K steps at trailing spacing t = T-1, T-1-T/K, ..., no CFG — SD1.5: the stock
   ``DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=True)`` (so its last step returns x̂0);
-  SD3: ``FlowMatchEulerDiscreteScheduler`` itself (σ from 1 down, last step to σ = 0);
+  SD3: Euler at σ = shift(t/T) of those t (``TDMScheduler`` with T' = T);
+- SD3 also ``euler{K}-stock``: the shipped ``FlowMatchEulerDiscreteScheduler`` at K steps (σ from 1 to
+  1/T, last step to σ = 0), what a user gets by lowering ``num_inference_steps``;
 - for K ≥ 2 both of these at K/2 steps with CFG (two evaluations a step).
 
 Scores (:class:`tdm_fast.eval.digits.DigitsMetrics`, on the pipeline images pooled to 8×8): FID on the
@@ -106,7 +108,9 @@ def _scheduler(pipe, kind: str, total_steps: int = 900):
         return TDMScheduler.from_config(config, total_steps=total_steps)
     if kind == "trailing":
         if isinstance(pipe, diffusers.StableDiffusion3Pipeline):
-            return diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+            # σ at t = T-1, T-1-T/K, ... (shifted): the flow version of DDIM's trailing spacing; the Euler
+            # step of a flow model is the deterministic DDIM jump, which TDMScheduler makes
+            return TDMScheduler.from_config(config, total_steps=int(config.get("num_train_timesteps", 1000)))
         return diffusers.DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True)
     raise ValueError(kind)
 
@@ -114,16 +118,13 @@ def _scheduler(pipe, kind: str, total_steps: int = 900):
 def teacher_samplers(pipeline: str, steps: int, cfg_scale: float) -> list[dict]:
     """The NFE-matched candidates of spec §9 for a K-step student, as stock-pipeline settings."""
     step = "euler" if pipeline == "sd3" else "ddim"
-    out = [
-        {"name": f"{step}{steps}-student-times", "scheduler": "tdm", "steps": steps, "guidance": 1.0, "nfe": steps},
-        {"name": f"{step}{steps}-trailing", "scheduler": "trailing", "steps": steps, "guidance": 1.0, "nfe": steps},
-    ]
+    spacings = ["student-times", "trailing"] + (["stock"] if pipeline == "sd3" else [])
+    kinds = {"student-times": "tdm", "trailing": "trailing", "stock": "stock"}
+    out = [{"name": f"{step}{steps}-{sp}", "scheduler": kinds[sp], "steps": steps, "guidance": 1.0, "nfe": steps} for sp in spacings]
     if steps >= 2:
         half = steps // 2
-        out += [
-            {"name": f"{step}{half}-cfg-student-times", "scheduler": "tdm", "steps": half, "guidance": cfg_scale, "nfe": 2 * half},
-            {"name": f"{step}{half}-cfg-trailing", "scheduler": "trailing", "steps": half, "guidance": cfg_scale, "nfe": 2 * half},
-        ]
+        out += [{"name": f"{step}{half}-cfg-{sp}", "scheduler": kinds[sp], "steps": half, "guidance": cfg_scale, "nfe": 2 * half}
+                for sp in spacings]
     return out
 
 
@@ -153,13 +154,64 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
+# -- the teacher's 50-step reference (cached in the package for the shipped pipelines) -----------
+REFERENCE_DIR = t2i.T2I_ASSETS / "reference"
+
+
+def _reference_meta(pipeline: str, samples: int, seed: int, steps: int, cfg_scale: float) -> dict:
+    return {"pipeline": pipeline, "samples": samples, "seed": seed, "steps": steps, "cfg_scale": cfg_scale,
+            "prompts": "tdm_fast.demos.t2i.eval_prompts", "pooled": "2x2 average, 16x16 -> 8x8, [-1, 1]"}
+
+
+def write_reference_cache(pipeline: str, samples: int = 2000, seed: int = 0, steps: int = 50, cfg_scale: float | None = None,
+                          model_dir: str | Path | None = None, folder: str | Path | None = None) -> Path:
+    """Computes the teacher's ``steps``-step CFG samples of :func:`tdm_fast.demos.t2i.eval_prompts`
+    through the stock pipeline and stores them pooled to 8×8 (what the metrics read):
+    ``<folder>/<pipeline>.safetensors`` + ``.json`` (default folder: the package's)."""
+    from safetensors.torch import save_file
+
+    cfg_scale = CFG[pipeline] if cfg_scale is None else cfg_scale
+    folder = Path(folder) if folder is not None else REFERENCE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe = load_stock(Path(model_dir) if model_dir is not None else t2i.shipped_pipeline(pipeline))
+    prompts, _, latents = t2i.eval_prompts(samples, seed)
+    images = t2i.generate(pipe, prompts, latents, steps, cfg_scale)
+    save_file({"images": t2i.to_digits8(images).contiguous()}, str(folder / f"{pipeline}.safetensors"))
+    (folder / f"{pipeline}.json").write_text(json.dumps(_reference_meta(pipeline, samples, seed, steps, cfg_scale), indent=2))
+    return folder / f"{pipeline}.safetensors"
+
+
+def cached_reference(pipeline: str, teacher, samples: int, seed: int, steps: int, cfg_scale: float, check: int = 100,
+                     folder: str | Path | None = None):
+    """``(pooled images, first `check` images at full size)`` from the cache, or None.
+
+    Used only if the settings match and the given teacher pipeline reproduces the first ``check``
+    samples (max |Δ| ≤ 1e-3 after pooling), so another teacher never hits the cache."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder) if folder is not None else REFERENCE_DIR
+    meta_file = folder / f"{pipeline}.json"
+    if not meta_file.is_file():
+        return None
+    if json.loads(meta_file.read_text()) != _reference_meta(pipeline, samples, seed, steps, cfg_scale):
+        return None
+    images = load_file(str(folder / f"{pipeline}.safetensors"))["images"]
+    prompts, _, latents = t2i.eval_prompts(samples, seed)
+    n = min(check, samples)
+    fresh = t2i.generate(teacher, prompts[:n], latents[:n], steps, cfg_scale)
+    if (t2i.to_digits8(fresh) - images[:n]).abs().max() > 1e-3:
+        return None
+    return images, fresh
+
+
 @torch.no_grad()
 def evaluate_pipelines(pipeline: str, model_dir: Path, lora_dir: Path | None, steps=(1, 2, 4), cfg_scale: float | None = None,
-                       samples: int = 1000, seed: int = 0, reference_steps: int = 50, total_steps: int = 900, bootstrap: int = 0,
-                       keep_images: int = 0, say=None, metrics=None, reference=None) -> dict:
+                       samples: int = 2000, seed: int = 0, reference_steps: int = 50, total_steps: int = 900, bootstrap: int = 0,
+                       keep_images: int = 0, say=None, metrics=None, use_cache: bool = True) -> dict:
     """Scores the teacher's reference, each student K (``lora_dir`` None: skip) and every NFE-matched
     baseline through the stock pipeline; returns the digits demo's results dict (``samplers``,
-    ``comparisons``, ...). ``reference`` (images) skips recomputing the teacher-50 samples."""
+    ``comparisons``, ...). With ``use_cache`` the teacher's reference samples come from the package's
+    cache when it matches (see :func:`cached_reference`)."""
     from ..eval.digits import DigitsMetrics
 
     say = say or (lambda _m: None)
@@ -169,21 +221,27 @@ def evaluate_pipelines(pipeline: str, model_dir: Path, lora_dir: Path | None, st
     teacher = load_stock(model_dir)
     rows, images = {}, {}
 
-    def score(name, imgs, nfe, elapsed, ref_feats):
-        row = metrics(t2i.to_digits8(imgs), labels, ref_feats)
+    def score(name, imgs8, nfe, elapsed, ref_feats, full=None):
+        row = metrics(imgs8, labels, ref_feats)
         feats = row.pop("features")
         rows[name] = {"nfe": nfe, **row, "ms_per_image": 1000 * elapsed / samples}
         if keep_images:
-            images[name] = imgs[:keep_images]
+            images[name] = full[:keep_images]
         return feats
 
     ref_name = f"teacher-{reference_steps}"
     teacher.scheduler = _scheduler(teacher, "stock")
-    if reference is None:
-        reference, elapsed = _timed(lambda: t2i.generate(teacher, prompts, latents, reference_steps, cfg_scale))
+    start = time.perf_counter()
+    cached = cached_reference(pipeline, teacher, samples, seed, reference_steps, cfg_scale) if use_cache else None
+    if cached is not None:
+        reference8, reference_full = cached
+        elapsed = (time.perf_counter() - start) * samples / min(100, samples)  # the check's throughput
+        say(f"{ref_name}: from the package's cache (first {min(100, samples)} samples recomputed and matched)")
     else:
-        elapsed = float("nan")
-    ref_feats = score(ref_name, reference, 2 * reference_steps, elapsed, None)
+        reference_full = t2i.generate(teacher, prompts, latents, reference_steps, cfg_scale)
+        reference8 = t2i.to_digits8(reference_full)
+        elapsed = time.perf_counter() - start
+    ref_feats = score(ref_name, reference8, 2 * reference_steps, elapsed, None, reference_full)
     rows[ref_name]["fid_teacher"] = 0.0
     say(f"{ref_name}: accuracy {rows[ref_name]['accuracy']:.3f}")
     candidates: dict[int, list[str]] = {}
@@ -195,16 +253,16 @@ def evaluate_pipelines(pipeline: str, model_dir: Path, lora_dir: Path | None, st
                 continue
             teacher.scheduler = _scheduler(teacher, s["scheduler"], total_steps)
             out, elapsed = _timed(lambda: t2i.generate(teacher, prompts, latents, s["steps"], s["guidance"]))
-            score(s["name"], out, s["nfe"], elapsed, ref_feats)
+            score(s["name"], t2i.to_digits8(out), s["nfe"], elapsed, ref_feats, out)
             say(f"{s['name']}: FID to teacher-50 {rows[s['name']]['fid_teacher']:.3f}")
     if lora_dir is not None:
         for k in sorted(steps):
             pipe = load_student_pipeline(model_dir, lora_dir, k, total_steps)
             out, elapsed = _timed(lambda: t2i.generate(pipe, prompts, latents, k, 1.0))
-            score(f"tdm-{k}", out, k, elapsed, ref_feats)
+            score(f"tdm-{k}", t2i.to_digits8(out), k, elapsed, ref_feats, out)
             say(f"tdm-{k}: FID to teacher-50 {rows[f'tdm-{k}']['fid_teacher']:.3f}, accuracy {rows[f'tdm-{k}']['accuracy']:.3f}")
     results = {"samples": samples, "seeds": [seed], "cfg_scale": cfg_scale, "reference": ref_name, "samplers": rows,
-               "comparisons": {}}
+               "comparisons": {}, "reference_cached": cached is not None}
     for k, names in candidates.items():
         best = min(names, key=lambda n: rows[n]["fid_teacher"])
         entry = {"baseline": best, "candidates": names, "baseline_fid": rows[best]["fid_teacher"]}
@@ -215,7 +273,7 @@ def evaluate_pipelines(pipeline: str, model_dir: Path, lora_dir: Path | None, st
         results["comparisons"][f"K={k}"] = entry
     if keep_images:
         results["images"] = images
-    results["reference_images"] = reference
+    results["reference_images8"] = reference8
     return results
 
 
@@ -245,7 +303,7 @@ def run_t2i_demo(
     pipeline: str = "sd15",
     out_dir: str | Path | None = None,
     iterations: int | None = None,
-    samples: int = 1000,
+    samples: int = 2000,
     seed: int = 0,
     eval_seed: int = 0,
     model: str | Path | None = None,
@@ -255,6 +313,7 @@ def run_t2i_demo(
     columns: int = 20,
     bootstrap: int = 50,
     progress: bool = True,
+    reference_steps: int = 50,
     **config_overrides,
 ) -> dict:
     """Distils the shipped ``pipeline`` ('sd15' or 'sd3'; ``model``: another folder of the same kind),
@@ -308,9 +367,10 @@ def run_t2i_demo(
 
     t_eval = time.perf_counter()
     results = evaluate_pipelines(pipeline, model_dir, lora_dir, config.steps, config.cfg_scale, samples=samples, seed=eval_seed,
-                                 total_steps=config.total_steps, bootstrap=bootstrap, keep_images=columns, say=say)
+                                 reference_steps=reference_steps, total_steps=config.total_steps, bootstrap=bootstrap,
+                                 keep_images=columns, say=say)
     eval_s = time.perf_counter() - t_eval
-    results.pop("reference_images")
+    results.pop("reference_images8")
     images = results.pop("images")
     base4 = results["comparisons"].get("K=4", {}).get("baseline")
     rows = [(results["reference"], f"teacher {results['reference'].split('-')[1]}-step CFG")]
@@ -371,7 +431,7 @@ def add_t2i_demo_arguments(parser) -> None:
 
 
 def run_demo(args) -> dict:
-    samples = getattr(args, "samples", None) or 1000
+    samples = getattr(args, "samples", None) or 2000
     seeds = getattr(args, "eval_seeds", None) or [0]
     results = run_t2i_demo(
         args.pipeline, args.out or f"runs/demo-{args.pipeline}", iterations=getattr(args, "iterations", None), samples=samples,
