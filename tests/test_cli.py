@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +132,26 @@ def test_every_distill_flag_has_help_default_and_choices(capsys):
         if field.name in CHOICES:
             assert "{" + ",".join(CHOICES[field.name]) + "}" in entry, flag
     assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("tdm-fast ")
+
+
+def test_sample_honours_engine_and_leaves_no_temporary_export(teacher_dir, tmp_path, monkeypatch):
+    import tempfile
+
+    from tdm_fast.export import onnx as onnx_export
+
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher_dir), "--out", str(run), "--iterations", "2", "--steps", "2", *TINY]) == 0
+    temporary = lambda: set(Path(tempfile.gettempdir()).glob("tdm_fast_onnx_*"))  # noqa: E731
+    before = temporary()
+    assert main(["sample", "--checkpoint", str(run), "--steps", "2", "--backend", "onnx", "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    assert temporary() == before  # the on-the-fly export is removed once its session is built
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "graphs"), "--steps", "2", "--quiet"]) == 0
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("--engine was given: nothing may be exported")
+
+    monkeypatch.setattr(onnx_export, "export_sampler_onnx", no_export)
+    assert main(["sample", "--checkpoint", str(run), "--steps", "2", "--backend", "onnx", "--engine", str(tmp_path / "graphs"),
+                 "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    a, b = load_file(tmp_path / "a.safetensors")["samples"], load_file(tmp_path / "b.safetensors")["samples"]
+    torch.testing.assert_close(a, b)
