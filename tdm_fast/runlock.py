@@ -25,13 +25,15 @@ class RunLockedError(RuntimeError):
 _held: dict[Path, list] = {}  # resolved folder -> [file object, depth]
 
 
-def _holder(file) -> str:
+def _busy(folder: Path, file) -> RunLockedError:
+    """The error naming the holder that the lock file describes."""
     file.seek(0)
     try:
         info = json.loads(file.read() or "{}")
+        holder = f"process {info.get('pid', '?')} on {info.get('host', '?')} (since {info.get('started', '?')})"
     except ValueError:
-        return "another process"
-    return f"process {info.get('pid', '?')} on {info.get('host', '?')} (since {info.get('started', '?')})"
+        holder = "another process"
+    return RunLockedError(f"{folder} is in use by {holder}: wait for it to finish, or choose another --out")
 
 
 def acquire(folder: str | Path) -> Path:
@@ -46,9 +48,9 @@ def acquire(folder: str | Path) -> Path:
     try:
         fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _holder(file)
+        error = _busy(folder, file)
         file.close()
-        raise RunLockedError(f"{folder} is in use by {holder}: wait for it to finish, or choose another --out") from None
+        raise error from None
     file.seek(0)
     file.truncate()
     file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
@@ -66,7 +68,7 @@ def check_free(folder: str | Path) -> None:
         try:
             fcntl.flock(file.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunLockedError(f"{folder} is in use by {_holder(file)}: wait for it to finish, or choose another --out") from None
+            raise _busy(folder, file) from None
 
 
 def release(folder: str | Path) -> None:
