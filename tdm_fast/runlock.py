@@ -82,16 +82,3 @@ def release(folder: str | Path) -> None:
         fcntl.flock(entry[0].fileno(), fcntl.LOCK_UN)
         entry[0].close()
 
-
-class RunLock:
-    """``with RunLock(folder):`` — :func:`acquire` on entry, :func:`release` on exit."""
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-
-    def __enter__(self) -> "RunLock":
-        acquire(self.folder)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        release(self.folder)
