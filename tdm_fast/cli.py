@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("demo", help="distil a built-in teacher in minutes and compare with the NFE-matched baselines")
     p.add_argument("--dataset", choices=["digits", "toy2d"], default="digits")
     p.add_argument("--out", default=None, help="default runs/demo (digits) or runs/demo-toy (toy2d)")
-    p.add_argument("--iterations", type=positive_int, default=None, help="TDM iterations (default: 200 digits, 600 per K toy2d)")
+    p.add_argument("--iterations", type=positive_int, default=None, help="TDM iterations (default: 200 digits, 600 per K toy2d; with --pipeline 1000 sd15, 500 sd3)")
     digits_cli.add_demo_arguments(p)
     p.add_argument("--pipeline", choices=["sd15", "sd3"], default=None,
                    help="distil the shipped digits text-to-image pipeline (stock diffusers classes) through --preset "

@@ -454,8 +454,6 @@ def save_lora(student, path, kohya: bool = False) -> Path:
     ``pytorch_lora_weights_kohya.safetensors`` (UNet models). A steps-aware student also writes its
     K-embedding table (``tdm_steps_embedding.safetensors``, see :func:`apply_steps_embedding`).
     """
-    from diffusers.utils import convert_state_dict_to_diffusers
-
     role = _role_of(student)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -472,9 +470,11 @@ def save_lora(student, path, kohya: bool = False) -> Path:
         import diffusers
 
         pipeline_cls = getattr(diffusers, pipeline_name)
-        # UNet LoRAs in the diffusers naming (as the SD/SDXL training scripts save them); transformer
-        # loaders (SD3, CogVideoX) take peft's naming as is.
-        layers = convert_state_dict_to_diffusers(state) if kwarg == "unet_lora_layers" else state
+        # peft's naming for every key, UNets included: convert_state_dict_to_diffusers renames only the
+        # attention projections (to_q/k/v/out -> lora.down/up) and leaves every other target (convs,
+        # feed-forward, proj_in/out) in peft's naming, and diffusers' loaders choose one naming for the
+        # whole file from its first key, silently dropping the other half of a mixed file.
+        layers = state
         kwargs = {kwarg: layers}
         meta_kwarg = kwarg.replace("_layers", "_adapter_metadata")
         if meta_kwarg in inspect.signature(pipeline_cls.save_lora_weights).parameters:

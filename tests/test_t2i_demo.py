@@ -1,0 +1,121 @@
+"""``tdm-fast demo --pipeline``: the user's path (--preset, LoRA roles, unify K, cached prompt
+embeddings, stock pipeline + TDMScheduler + load_lora_weights + apply_steps_embedding), shortened;
+and the library defects this path exposed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tdm_fast.demos import t2i, t2i_demo
+
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory):
+    cache = {}
+
+    def run(pipeline):
+        if pipeline not in cache:
+            out = tmp_path_factory.mktemp(f"demo-{pipeline}")
+            results = t2i_demo.run_t2i_demo(
+                pipeline, out, iterations=40, samples=200, bootstrap=0, columns=4, progress=False, reference_steps=20,
+                warmup_steps=5, batch_size=32,
+            )
+            cache[pipeline] = (out, results)
+        return cache[pipeline]
+
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", t2i.PIPELINES)
+def test_short_demo_runs_the_whole_path_and_moves_fid_toward_teacher(short_runs, pipeline):
+    out, results = short_runs(pipeline)
+    for name in ("grid.png", "metrics.md", "metrics.json", "train_log.jsonl", "lora/pytorch_lora_weights.safetensors",
+                 "lora/tdm_steps_embedding.safetensors"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["comparisons"]) == {"K=1", "K=2", "K=4"}
+    for key, comp in saved["comparisons"].items():
+        assert comp["fid_ratio"] > 0 and comp["baseline"] in comp["candidates"]
+    assert all(isinstance(v, bool) for v in saved["acceptance"].values())
+    assert saved["teacher_unchanged"] and saved["teacher_equals_fresh_base"]  # adapters off in the teacher's calls
+    assert saved["acceptance"]["teacher outputs bit-identical after distillation"]
+    assert saved["pipeline_parity_max_abs"] < 1e-3  # stock pipeline == the engine's sampler
+    rows = saved["samplers"]
+    step = "euler" if pipeline == "sd3" else "ddim"
+    # the untrained student is the teacher at the student's times (LoRA B = 0, K embedding = 0): after
+    # tens of iterations the student must be closer to the teacher's 50-step CFG samples than that
+    for k in (1, 2, 4):
+        assert rows[f"tdm-{k}"]["fid_teacher"] < rows[f"{step}{k}-student-times"]["fid_teacher"], k
+
+
+def test_preset_shape_uses_the_folders_vae_factor_and_native_resolution(tmp_path):
+    """Defect found on this path: the latent shape assumed a VAE factor of 8 (and a default resolution of
+    512), so a pipeline whose VAE downsamples 2× got 2×2 latents from --resolution 16, and 256×256 by default."""
+    from tdm_fast.backbones.cli import build_preset_run
+
+    prompts = t2i.write_prompt_file(tmp_path / "p.txt")
+    for extra in ([], ["--resolution", "16"]):
+        args = t2i_demo.preset_args(["--preset", "sd15", "--model", str(t2i.shipped_pipeline("sd15")), "--prompts", str(prompts),
+                                     "--embedding-cache", str(tmp_path / "cache"), "--lora-rank", "2", *extra])
+        _, _, _, conditions, shape = build_preset_run(args)
+        assert shape == (4, 8, 8)
+
+
+def test_embedding_cache_follows_rebuilt_text_encoders(tmp_path):
+    """Defect found on this path: the prompt-embedding cache was keyed by the folder's path only, so a
+    pipeline rebuilt in place (``teacher train --out`` the same DIR) silently trained on stale embeddings."""
+    import diffusers
+
+    from tdm_fast.backbones.presets import prompt_conditions
+
+    model = tmp_path / "model"
+    pipe = t2i.assemble_pipeline("sd15", t2i.make_vae())
+    pipe.save_pretrained(model)
+    prompts = ["the number 7", "a handwritten digit one"]
+    first, _ = prompt_conditions("sd15", model, prompts, pipe.unet, 16, tmp_path / "cache")
+    encoder = diffusers.StableDiffusionPipeline.from_pretrained(model, safety_checker=None, feature_extractor=None,
+                                                                requires_safety_checker=False).text_encoder
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.mul_(1.5)
+    encoder.save_pretrained(model / "text_encoder")
+    second, _ = prompt_conditions("sd15", model, prompts, pipe.unet, 16, tmp_path / "cache")
+    fresh, _ = prompt_conditions("sd15", model, prompts, pipe.unet, 16, None)
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, fresh)
+
+
+@pytest.mark.parametrize("pipeline", t2i.PIPELINES)
+def test_lora_on_every_layer_kind_round_trips_into_the_stock_pipeline(pipeline, tmp_path):
+    """Defect found on this path: save_lora wrote a UNet LoRA half in diffusers' legacy naming (the
+    attention projections) and half in peft's (convs, feed-forward, proj_in/out); the stock pipeline's
+    loader picks one naming from the first key and silently dropped the other half (max |Δ| 3.3 between
+    the pipeline's and the engine's student)."""
+    from tdm_fast.backbones.cli import build_preset_run, export_preset_student
+    from tdm_fast.config import TDMConfig
+
+    model = t2i.shipped_pipeline(pipeline)
+    argv = t2i_demo.preset_argv(pipeline, model, t2i.write_prompt_file(tmp_path / "p.txt"), tmp_path / "cache", 4,
+                                t2i_demo.LORA[pipeline]["targets"])
+    args = t2i_demo.preset_args(argv)
+    config = TDMConfig(steps=(1, 2, 4), cfg_scale=4.5, kernels="reference")
+    _, student, _, _, _ = build_preset_run(args, config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a trained-looking student: every LoRA factor and the K embedding non-zero
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    export_preset_student(args, student, config, tmp_path / "run")
+    for k in (1, 4):
+        assert t2i_demo.pipeline_parity(pipeline, model, tmp_path / "run" / "lora", student, k, samples=4) < 1e-4
+
+
+def test_baselines_are_nfe_matched():
+    for pipeline in t2i.PIPELINES:
+        for k in (1, 2, 4):
+            samplers = t2i_demo.teacher_samplers(pipeline, k, 4.5)
+            assert all(s["nfe"] <= k for s in samplers)
+            assert any(s["scheduler"] == "tdm" and s["guidance"] == 1.0 and s["steps"] == k for s in samplers)
+            assert any(s["guidance"] > 1 for s in samplers) == (k >= 2)
