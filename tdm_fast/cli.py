@@ -484,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distil the shipped digits text-to-image pipeline (stock diffusers classes) through --preset "
                         "and judge it through the stock pipeline; writes runs/demo-<pipeline>/")
     p.add_argument("--model", default=None, help="with --pipeline: a pipeline folder of that kind instead of the shipped one")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, samples=None)  # --samples: 2000 (digits and --pipeline); refused for toy2d
 
     p = verbs.add_parser("eval", help="score a digits student against the NFE-matched baselines; --ablations: reproduction table")
     digits_cli.add_eval_arguments(p)
