@@ -506,9 +506,21 @@ def apply_steps_embedding(model: nn.Module, path, steps: int) -> None:
     _fold_into_last_linear(target, weight[steps_set.index(steps)])
 
 
+def _base_linears(module: nn.Module) -> list[nn.Linear]:
+    """The nn.Linear layers of ``module`` in module order, a LoRA-wrapped layer counted by its base
+    layer (never its ``lora_A``/``lora_B``, whose output is scaled by alpha/rank and dropped by a merge)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(module, BaseTunerLayer):
+        base = module.get_base_layer()
+        return [base] if isinstance(base, nn.Linear) else []
+    if isinstance(module, nn.Linear):
+        return [module]
+    return [lin for child in module.children() for lin in _base_linears(child)]
+
+
 def _fold_into_last_linear(module: nn.Module, vector: torch.Tensor) -> None:
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    last = linears[-1]
+    last = _base_linears(module)[-1]
     if getattr(module, "post_act", None) is not None:
         raise ValueError("cannot fold a steps embedding through a post-activation")
     with torch.no_grad():

@@ -112,6 +112,27 @@ def test_lora_on_every_layer_kind_round_trips_into_the_stock_pipeline(pipeline, 
         assert t2i_demo.pipeline_parity(pipeline, model, tmp_path / "run" / "lora", student, k, samples=4) < 1e-4
 
 
+def test_steps_embedding_folds_into_the_base_layer_of_a_lora_wrapped_time_embedding(tmp_path):
+    """Defect found on this path: apply_steps_embedding folded the K embedding into the bias of the
+    last nn.Linear inside the time embedding, which is the LoRA ``lora_B`` when the time embedding's own
+    linear layers are LoRA targets: the embedding was then scaled by alpha/rank (and lost by fuse_lora)."""
+    from tdm_fast.backbones.cli import build_preset_run, export_preset_student
+    from tdm_fast.config import TDMConfig
+
+    model = t2i.shipped_pipeline("sd15")
+    argv = t2i_demo.preset_argv("sd15", model, t2i.write_prompt_file(tmp_path / "p.txt"), tmp_path / "cache", 4,
+                                "to_q,to_k,to_v,to_out.0,linear_1,linear_2") + ["--lora-alpha", "8"]
+    args = t2i_demo.preset_args(argv)
+    config = TDMConfig(steps=(1, 2, 4), cfg_scale=4.5, kernels="reference")
+    _, student, _, _, _ = build_preset_run(args, config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    export_preset_student(args, student, config, tmp_path / "run")
+    assert t2i_demo.pipeline_parity("sd15", model, tmp_path / "run" / "lora", student, 2, samples=4) < 1e-4
+
+
 def test_baselines_are_nfe_matched():
     for pipeline in t2i.PIPELINES:
         for k in (1, 2, 4):
