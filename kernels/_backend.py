@@ -144,11 +144,9 @@ def rescale_(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
     In place because the stored gradient is the only full-size buffer these ops allocate; a second
     backward through a retained graph then fails autograd's saved-tensor version check instead of
-    returning a twice-scaled gradient. A CPU grad_output of exactly 1 (``loss.backward()``) skips the
-    pass over memory; on a GPU the check would cost a host sync, more than the pass it saves.
+    returning a twice-scaled gradient. Never skipped for a grad_output of 1: telling would make the
+    host read the device in every training step.
     """
-    if factor.device.type == "cpu" and factor.numel() == 1 and factor.item() == 1.0:
-        return grad
     return grad.mul_(factor)
 
 

@@ -104,13 +104,16 @@ def transition_ok(alpha_s, sigma_s, alpha_tau, sigma_tau):
 
 
 def raise_if_bad_transition(ok, alpha_s_zero) -> None:
-    """The one host sync of renoise: raise the transition's ValueError from ``transition_ok``'s flags."""
-    if not bool(ok):
+    """The transition's ValueError from ``transition_ok``'s flags. On an accelerator a device-side
+    assertion (the host does not wait for the device in a training step); on the CPU it raises at once."""
+    try:
+        torch._assert_async(torch.as_tensor(ok), "renoise: need alpha_s != 0 and sigma_tau^2 > (alpha_tau*sigma_s/alpha_s)^2")
+    except RuntimeError:
         if bool(alpha_s_zero):
-            raise ValueError("alpha_s must be non-zero")
+            raise ValueError("alpha_s must be non-zero") from None
         raise ValueError(
             "sigma_tau is too small for the transition from s to tau: need sigma_tau^2 > (alpha_tau*sigma_s/alpha_s)^2"
-        )
+        ) from None
 
 
 def fake_score_loss_args(d_fake, x0_target, snr_tau, log_w, snr_cap):

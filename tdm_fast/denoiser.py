@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import device_assert
 from .conditions import batch_size, concat, expand_null
 from .parameterization import broadcast, check_prediction_type, from_x0_eps, to_x0_eps
 from .schedule import NoiseSchedule, ScheduleConfig
@@ -72,10 +73,8 @@ class StepsEmbedding(nn.Module):
         steps = torch.as_tensor(steps, device=device).long().reshape(-1).expand(batch)
         table = torch.tensor(self.steps_set, device=device)
         match = steps.unsqueeze(-1) == table
-        if steps.device.type != "cpu":  # no host sync in a training step
-            torch._assert_async(match.any(-1).all(), f"steps not in the trained set {self.steps_set}")
-        elif not match.any(-1).all():
-            raise ValueError(f"steps {sorted(set(steps.tolist()))} not in the trained set {self.steps_set}")
+        device_assert.check(match.any(-1), f"steps not in the trained set {self.steps_set}",
+                            lambda: f": got {sorted(set(steps.tolist()))}")
         return match.float().argmax(-1)
 
     def hook(self, module, inputs, output):

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import device_assert
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 
 
@@ -143,11 +145,7 @@ class NoiseSchedule:
         if t.dtype.is_floating_point:
             raise TypeError(f"timesteps must be integers, got dtype {t.dtype}")
         n = self.num_train_timesteps
-        if t.device.type == "cpu":
-            if (t < 0).any() or (t >= n).any():
-                raise ValueError(f"timesteps must lie in [0, {n}), got {t.min()}..{t.max()}")
-        else:
-            torch._assert_async(((t >= 0) & (t < n)).all(), f"timesteps must lie in [0, {n})")
+        device_assert.check((t >= 0) & (t < n), f"timesteps must lie in [0, {n})", lambda: f", got {t.min()}..{t.max()}")
         alphas, sigmas = self._tables(t.device)
         idx = t.long()
         return alphas[idx].to(dtype), sigmas[idx].to(dtype)
