@@ -3,7 +3,9 @@
     tdm-fast bench ablations          (~25 minutes on 2 CPU cores)
 
 Runs ``tdm_fast.eval.ablations.run_ablations`` once: every variant (TDM; clean-sample matching;
-importance sampling off; unify without K-conditioning) for training seeds 0, 1, 2 and
+importance sampling off; unify without K-conditioning; the Fisher-divergence objective; the
+DPM-Solver++(2M) student trajectory, whose students and TDM's are also sampled with the other solver
+for the train × test table of paper Table 6) for training seeds 0, 1, 2 and
 ``TDM_ABLATION_ITERATIONS`` iterations (default 600), scored at K = 1, 2, 4 against the
 teacher-50 CFG samples and the NFE-matched DDIM baselines. The benchmark's time is the whole
 sweep's wall-clock; ``extra_info`` holds the results, which ``summarize`` renders as the table and

@@ -8,6 +8,9 @@
   go to ``extra_info``. Teachers: the built-in 2-D toy MLP and the digits UNet (8×8), each with
   the fused kernels (``tdm_fast.kernels``: Triton on CUDA, Inductor-compiled on CPU) and the
   pure-torch reference kernels. Three untimed warm-up steps absorb compilation.
+* ``test_step_breakdown_fisher[teacher]``: the same with ``objective="fisher"`` (reference kernels:
+  the Fisher loss is plain torch either way), so that its extra cost per iteration shows per
+  category beside the KL rows — mostly the new "teacher+fake bwd to x_τ (fisher)" (docs/fisher.md).
 * ``test_time_to_quality_toy``: trains a small toy teacher, distils a 4-step student and records
   the sliced Wasserstein distance to the teacher's 100-step CFG samples every ``EVAL_EVERY``
   iterations, against iterations and against training wall-clock (evaluation time excluded) —
@@ -40,7 +43,16 @@ def _env_info(trainer) -> dict:
 @pytest.mark.parametrize("kernels", ["fused", "reference"])
 @pytest.mark.parametrize("teacher", ["toy", "digits"])
 def test_step_breakdown(benchmark, teacher, kernels):
-    trainer = make_trainer(teacher, kernels)
+    _breakdown(benchmark, teacher, kernels, "kl")
+
+
+@pytest.mark.parametrize("teacher", ["toy", "digits"])
+def test_step_breakdown_fisher(benchmark, teacher):
+    _breakdown(benchmark, teacher, "reference", "fisher")
+
+
+def _breakdown(benchmark, teacher, kernels, objective):
+    trainer = make_trainer(teacher, kernels, objective=objective)
     for _ in range(WARMUP):
         trainer.train_step()
     with StepProfiler(trainer) as profiler:
@@ -49,6 +61,7 @@ def test_step_breakdown(benchmark, teacher, kernels):
     benchmark.extra_info.update(_env_info(trainer))
     benchmark.extra_info.update(
         teacher=teacher,
+        objective=objective,
         step_ms=round(summary["step_ms"], 3),
         network_ms=round(summary["network_ms"], 3),
         outside_network_pct=round(100 * summary["outside_network_share"], 2),

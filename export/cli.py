@@ -26,6 +26,7 @@ import torch
 from tdm_fast.conditions import expand_null
 from tdm_fast.denoiser import DENOISER_CONFIG, Denoiser
 from tdm_fast.sampling import sample_student
+from tdm_fast.solvers import SOLVERS, trained_solver
 
 FORMATS = ("compile", "onnx", "tensorrt")
 BACKENDS = ("torch", "compile", "onnx", "tensorrt")
@@ -43,6 +44,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--steps", type=int, nargs="+", default=[4], help="K values to export (e.g. 1 2 4)")
     parser.add_argument("--total-steps", type=int, default=900, help="T' of the stage times (default 900)")
+    parser.add_argument("--solver", choices=SOLVERS, default=None,
+                        help="the student's trajectory: ddim or dpmsolver (DPM-Solver++ 2M; default: the run's "
+                             "student_solver, else ddim)")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="ONNX weights/inputs precision")
     parser.add_argument("--batch-size", type=int, default=2, help="example batch for tracing (batch stays dynamic)")
     parser.add_argument("--shape", default=None, help="per-sample noise shape, e.g. 4,64,64 (default: from the model config)")
@@ -169,6 +173,7 @@ def run_export(args, student: Denoiser | None = None) -> dict:
     from .sampler import compile_sampler
 
     check_export_args(args)
+    args.solver = args.solver or trained_solver(args.checkpoint)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     checkpoint = Path(args.checkpoint)
     student = (student or Denoiser.from_pretrained(checkpoint)).to(device).eval()
@@ -196,27 +201,29 @@ def _export_all(args, student, device, checkpoint: Path, out: Path, result: dict
     for steps in args.steps:
         start = time.perf_counter()
         if args.format == "compile":
-            sampler = compile_sampler(student, steps, args.total_steps, mode=args.compile_mode)
+            sampler = compile_sampler(student, steps, args.total_steps, mode=args.compile_mode, solver=args.solver)
             got = sampler(noise, cond)
             manifest = out / f"compile_k{steps}.json"
             manifest.write_text(json.dumps({
                 "checkpoint": str(checkpoint.resolve()), "steps": steps, "total_steps": args.total_steps,
-                "mode": args.compile_mode, "times": list(sampler.times), "example_shape": list(noise.shape),
+                "solver": args.solver, "mode": args.compile_mode, "times": list(sampler.times), "example_shape": list(noise.shape),
             }, indent=2))
             result["files"].append(str(manifest))
             if not args.no_verify:
-                result["parity"][steps] = relative_error(got, sample_student(student, noise, cond, steps, args.total_steps))
+                result["parity"][steps] = relative_error(got, sample_student(student, noise, cond, steps, args.total_steps,
+                                                                             solver=args.solver))
         else:
             path = out / onnx_name(steps, args.dtype)
             result["files"].append(str(path))
             export_sampler_onnx(student, path, steps, noise, cond, args.total_steps, args.dtype,
-                                dynamic_resolution=args.dynamic_resolution, opset=args.opset, exporter=args.exporter)
+                                dynamic_resolution=args.dynamic_resolution, opset=args.opset, exporter=args.exporter,
+                                solver=args.solver)
             if not args.no_verify:
                 from .runtime import OrtSampler
 
                 from .sampler import cast_cond
 
-                ref = sample_student(student, noise, cond, steps, args.total_steps)
+                ref = sample_student(student, noise, cond, steps, args.total_steps, solver=args.solver)
                 dt = resolve_dtype(args.dtype)
                 got = OrtSampler(path)(noise.to(device="cpu", dtype=dt), cast_cond(cond, dt, "cpu"))
                 result["parity"][steps] = relative_error(got, ref)
@@ -303,11 +310,11 @@ class TorchRunner:
 
     backend = "torch"
 
-    def __init__(self, student: Denoiser, steps: int, total_steps: int = 900):
-        self.student, self.steps, self.total_steps = student, steps, total_steps
+    def __init__(self, student: Denoiser, steps: int, total_steps: int = 900, solver: str = "ddim"):
+        self.student, self.steps, self.total_steps, self.solver = student, steps, total_steps, solver
 
     def __call__(self, noise, cond):
-        return sample_student(self.student, noise, cond, self.steps, self.total_steps)
+        return sample_student(self.student, noise, cond, self.steps, self.total_steps, solver=self.solver)
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -325,13 +332,15 @@ def _find(path: Path, steps: int, suffix: str) -> Path:
 
 def load_runner(backend: str, path_or_checkpoint, steps: int, total_steps: int = 900, device=None,
                 engine=None, dtype: str = "fp32", compile_mode: str | None = None, cuda_graph: bool = False,
-                student: Denoiser | None = None):
+                student: Denoiser | None = None, solver: str = "ddim"):
     """A sampler ``runner(noise, cond) -> x̂0`` for ``backend`` in ``torch|compile|onnx|tensorrt``.
 
     ``path_or_checkpoint`` is a ``Denoiser.save_pretrained`` folder (torch, compile; onnx exports
     it to a temporary file on the fly) or an exported ``.onnx`` / ``.engine`` file or the
     ``tdm-fast export --out`` folder (``engine`` overrides it for onnx/tensorrt). ``student``: an
     already loaded denoiser to use instead of loading the checkpoint (torch, compile, onnx on the fly).
+    ``solver``: the trajectory (``ddim`` or ``dpmsolver``); an exported graph or engine must have been
+    exported with it.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -342,10 +351,10 @@ def load_runner(backend: str, path_or_checkpoint, steps: int, total_steps: int =
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         student = (student or Denoiser.from_pretrained(path)).to(device).eval()
         if backend == "torch":
-            return TorchRunner(student, steps, total_steps)
+            return TorchRunner(student, steps, total_steps, solver)
         from .sampler import compile_sampler
 
-        return compile_sampler(student, steps, total_steps, mode=compile_mode)
+        return compile_sampler(student, steps, total_steps, mode=compile_mode, solver=solver)
     if backend == "onnx":
         from .runtime import OrtSampler
 
@@ -357,11 +366,13 @@ def load_runner(backend: str, path_or_checkpoint, steps: int, total_steps: int =
             # the session holds the graph once built, so the file is not kept
             with tempfile.TemporaryDirectory(prefix="tdm_fast_onnx_") as tmp:
                 graph = Path(tmp) / onnx_name(steps, dtype)
-                export_sampler_onnx(student, graph, steps, noise, cond, total_steps, dtype)
+                export_sampler_onnx(student, graph, steps, noise, cond, total_steps, dtype, solver=solver)
                 return OrtSampler(graph)
         runner = OrtSampler(_find(path, steps, ".onnx"))
         if runner.steps is not None and runner.steps != steps:
             raise ValueError(f"{runner.path} samples with K={runner.steps}, not {steps}")
+        if runner.solver != solver:
+            raise ValueError(f"{runner.path} samples with the {runner.solver} solver, not {solver}")
         return runner
     from .tensorrt import TensorRTRunner
 
@@ -371,4 +382,7 @@ def load_runner(backend: str, path_or_checkpoint, steps: int, total_steps: int =
     built = runner.meta.get("onnx_metadata", {}).get("steps")
     if built is not None and built != steps:
         raise ValueError(f"{runner.engine_path} samples with K={built}, not {steps}")
+    built_solver = runner.meta.get("onnx_metadata", {}).get("solver", "ddim")
+    if built_solver != solver:
+        raise ValueError(f"{runner.engine_path} samples with the {built_solver} solver, not {solver}")
     return runner

@@ -266,6 +266,7 @@ def export_sampler_onnx(
     opset: int = DEFAULT_OPSET,
     exporter: str = "dynamo",
     device=None,
+    solver: str = "ddim",
 ) -> dict:
     """Export the whole K-step sampler of ``student`` as one ONNX graph; returns its metadata.
 
@@ -276,13 +277,14 @@ def export_sampler_onnx(
             arithmetic runs in float32 inside the graph as in the torch sampler).
         dynamic_batch: the batch dimension is symbolic (``batch``).
         dynamic_resolution: height and width of 4-D noise are symbolic (for TensorRT profiles).
+        solver: the trajectory, ``ddim`` or ``dpmsolver`` (recorded in the metadata as ``solver``).
     LoRA adapters are merged into the weights (on a copy) before export.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = resolve_dtype(dtype)
     model, spec, noise, conds = _export_inputs(student, noise, cond, dtype, dynamic_batch, device)
-    sampler = StudentSampler(model, steps, total_steps).eval()
+    sampler = StudentSampler(model, steps, total_steps, solver).eval()
     flat = FlatInputs(sampler, spec, leading=1).eval()
     if dtype != torch.float32:
         _check_runs(sampler, dtype, noise, spec.unflatten(conds))
@@ -293,6 +295,7 @@ def export_sampler_onnx(
         **_common_meta("sampler", model, sampler.backbone, dtype, spec, input_names, (noise,) + conds, dyn, ("x0",), opset, exporter),
         "steps": steps,
         "total_steps": total_steps,
+        "solver": solver,
         "timesteps": list(sampler.times),
         "alphas": list(sampler.alphas),
         "sigmas": list(sampler.sigmas),

@@ -116,6 +116,7 @@ class OrtSampler(_OrtRunner):
             raise ValueError(f"{self.path} is not a sampler graph (inputs {self.input_order}); use OrtDenoiser")
         self.steps = self.meta.get("steps")
         self.times = self.meta.get("timesteps")
+        self.solver = self.meta.get("solver", "ddim")  # graphs exported before the solver choice are DDIM
 
     def __call__(self, noise, cond) -> torch.Tensor:
         device = noise.device if isinstance(noise, torch.Tensor) else torch.device("cpu")

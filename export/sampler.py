@@ -5,7 +5,8 @@ single-step denoiser module used for per-network export, condition flattening, L
 Both modules call the wrapped network directly (``denoiser.model(x_t, t, cond)``) instead of
 ``Denoiser.forward``: the latter validates timesteps with host-side reads (``.any()``, ``.cpu()``)
 that would break a traced or compiled graph. The arithmetic is the same as
-:func:`tdm_fast.sampling.sample_student` (network in its own dtype, the DDIM jump in float32).
+:func:`tdm_fast.sampling.sample_student` (network in its own dtype, the jump in float32; DDIM or
+DPM-Solver++(2M), :mod:`tdm_fast.solvers`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch import nn
 from tdm_fast.denoiser import Denoiser, StepsEmbedding
 from tdm_fast.parameterization import to_x0_eps
 from tdm_fast.sampling import stage_times
+from tdm_fast.solvers import correct, multistep_coefficients
 
 # -- conditions -------------------------------------------------------------------------------
 
@@ -168,17 +170,21 @@ class _StepsMixin:
 class StudentSampler(_StepsMixin, nn.Module):
     """``forward(noise, cond) -> x̂0``: the deterministic K-step sampler of spec §2, unrolled.
 
-    The stage times and their α, σ are Python constants, so a traced graph contains K copies of
-    the network and no loop. ``cond`` is a tensor or a dict of tensors, as for the student.
+    The stage times, their α, σ and the solver's coefficients are Python constants, so a traced
+    graph contains K copies of the network and no loop. ``cond`` is a tensor or a dict of tensors,
+    as for the student. ``solver``: ``ddim`` or ``dpmsolver`` (the previous stage's x̂0 is one more
+    live tensor in the graph).
     """
 
-    def __init__(self, student: Denoiser, steps: int, total_steps: int = 900):
+    def __init__(self, student: Denoiser, steps: int, total_steps: int = 900, solver: str = "ddim"):
         super().__init__()
         self.net = student.model
         self.prediction_type = student.prediction_type
         self.steps = steps
         self.total_steps = total_steps
+        self.solver = solver
         self.times = tuple(stage_times(steps, total_steps, student.schedule.num_train_timesteps))
+        self.coefficients = tuple(multistep_coefficients(student.schedule, list(self.times), solver))
         alphas, sigmas = student.schedule(torch.tensor(self.times), dtype=torch.float64)
         self.alphas = tuple(float(a) for a in alphas)
         self.sigmas = tuple(float(s) for s in sigmas)
@@ -191,14 +197,18 @@ class StudentSampler(_StepsMixin, nn.Module):
     def forward(self, noise: torch.Tensor, cond) -> torch.Tensor:
         x = noise
         dtype = noise.dtype
-        x0 = noise
+        x0 = x0_prev = noise  # c_0 = 0: the first step never reads x0_prev
         for i, t in enumerate(self.times):
             self._set_steps(x)
             t_vec = x.new_full((x.shape[0],), t, dtype=torch.long)
             out = self.net(x, t_vec, cond)
             x0, eps = to_x0_eps(out.float(), x.float(), self.alphas[i], self.sigmas[i], self.prediction_type)
             if i + 1 < len(self.times):
-                x = (self.alphas[i + 1] * x0 + self.sigmas[i + 1] * eps).to(dtype)
+                jump_x0, jump_eps = x0, eps
+                if self.coefficients[i]:
+                    jump_x0, jump_eps = correct(x0, eps, x0_prev, self.coefficients[i], self.alphas[i], self.sigmas[i])
+                x = (self.alphas[i + 1] * jump_x0 + self.sigmas[i + 1] * jump_eps).to(dtype)
+            x0_prev = x0
         return x0.to(dtype)
 
 
@@ -327,6 +337,7 @@ def compile_sampler(
     channels_last: bool | None = None,
     backend: str = "inductor",
     fuse: bool = True,
+    solver: str = "ddim",
 ) -> CompiledSampler:
     """``torch.compile`` the unrolled K-step sampler of ``student``.
 
@@ -339,10 +350,11 @@ def compile_sampler(
         channels_last: convert 4-D inputs and the network's weights to channels-last; default on
             CUDA only (it helps convolutions with cuDNN/Triton, not the CPU inductor path).
         fuse: fuse LoRA adapters into the weights first (on a copy; the student is not modified).
+        solver: ``ddim`` or ``dpmsolver``, as for :func:`tdm_fast.sampling.sample_student`.
 
     Calls with the same student and settings return the same :class:`CompiledSampler`.
     """
-    key = (steps, total_steps, mode, dynamic, fullgraph, channels_last, backend, fuse)
+    key = (steps, total_steps, mode, dynamic, fullgraph, channels_last, backend, fuse, solver)
     per_student = _COMPILE_CACHE.setdefault(student, {})
     if key in per_student:
         return per_student[key]
@@ -352,7 +364,7 @@ def compile_sampler(
     if channels_last is None:
         channels_last = device.type == "cuda"
     model = prepare_for_export(student) if fuse and has_lora(student.model) else student
-    module = StudentSampler(model, steps, total_steps).eval()
+    module = StudentSampler(model, steps, total_steps, solver).eval()
     if channels_last:
         module.net.to(memory_format=torch.channels_last)
     compiled = torch.compile(_own_forward(module), mode=mode, dynamic=dynamic, fullgraph=fullgraph, backend=backend)

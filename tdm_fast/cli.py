@@ -16,6 +16,7 @@ from .argtypes import positive_int
 from .checkpoint import CheckpointError, checkpoint_dirs
 from .config import TDMConfig
 from .runlock import RunLockedError
+from .solvers import SOLVERS, trained_solver
 
 
 class UsageError(Exception):
@@ -199,11 +200,12 @@ def cmd_distill(args) -> int:
                 raise UsageError(f"{out} gained newer checkpoints than {resume_from.name} while this run started")
             _write_text_atomically(out / "config.json", json.dumps(config.to_dict(), indent=2))
         trainer.train()
+        student = trainer.final_student() if args.preset else None  # every process: FSDP gathers it
         if main_process:
             if args.preset:
                 from .backbones.cli import export_preset_student
 
-                export_preset_student(args, trainer.final_student(), config, out)
+                export_preset_student(args, student, config, out)
             print(f"student saved to {out}")
     finally:
         if main_process:
@@ -288,13 +290,14 @@ def cmd_sample(args) -> int:
     g = torch.Generator().manual_seed(args.seed)
     labels = torch.tensor(args.labels) if args.labels else torch.randint(0, student.null_cond, (args.num,), generator=g)
     noise = torch.randn((labels.shape[0], *student.model.sample_shape), generator=g)
+    solver = args.solver or trained_solver(args.checkpoint)
     if args.backend == "torch":
-        samples = sample_student(student, noise, labels, steps)
+        samples = sample_student(student, noise, labels, steps, solver=solver)
     else:
         from .export.cli import load_runner
 
-        runner = load_runner(args.backend, args.checkpoint, steps, engine=args.engine,
-                             student=None if args.engine else student, device="cpu" if args.backend == "onnx" else None)
+        runner = load_runner(args.backend, args.checkpoint, steps, engine=args.engine, student=None if args.engine else student,
+                             device="cpu" if args.backend == "onnx" else None, solver=solver)
         samples = runner(noise, labels).cpu()
     out.parent.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
@@ -464,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=int, nargs="+")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/samples")
+    p.add_argument("--solver", choices=SOLVERS, default=None,
+                   help="the trajectory to sample: ddim or dpmsolver (default: the run's student_solver, else ddim)")
     from .export.cli import add_backend_arguments, add_export_arguments
 
     add_backend_arguments(p)

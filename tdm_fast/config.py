@@ -8,8 +8,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .sampling import stage_times
+from .solvers import SOLVERS
 
 MATCHING = ("noisy", "clean")
+OBJECTIVES = ("kl", "fisher")
 TAU_INTERVALS = ("disjoint", "full")
 KERNEL_CHOICES = ("fused", "reference")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -20,8 +22,12 @@ HELP = {
     "steps": "K, the student's number of sampling steps; several K train one steps-aware (unify) student",
     "steps_conditioning": "feed K to student and fake score through a zero-initialised embedding (default: on for several K)",
     "total_steps": "T', the span of the student's stage times: t_0 = T'-1, t_{i+1} = t_i - T'/K",
+    "student_solver": "the solver of the student's trajectory in rollout and sampling: ddim or dpmsolver "
+                      "(DPM-Solver++ 2M over the stage times; paper Table 6, see docs/student_solver.md)",
     "cfg_scale": "the teacher's classifier-free guidance scale w the student distils (negative values are accepted)",
-    "huber_c": "pseudo-Huber constant c of the generator loss; none: plain MSE",
+    "objective": "the divergence the student minimises: kl (reverse KL, the paper's default) or fisher (Fisher divergence, "
+                 "paper Table 8; backpropagates through the teacher and fake score, see docs/fisher.md)",
+    "huber_c": "pseudo-Huber constant c of the KL generator loss; none: plain MSE (the fisher objective has no Huber form)",
     "normalize": "divide each sample's generator loss by its mean |x0 - D_cfg| (the authors' normaliser)",
     "matching": "noisy: TDM's noisy-sample matching; clean: the DMD-style ablation",
     "importance_sampling": "weight the fake-score loss by the importance ratio of the noisy-sample transition",
@@ -50,7 +56,8 @@ HELP = {
     "validation_every": "sample fixed validation inputs at every K every N iterations into <out>/validation/ (0: never)",
     "max_nonfinite_skips": "stop the run after this many iterations in a row with a skipped (non-finite) update",
 }
-CHOICES = {"matching": MATCHING, "tau_interval": TAU_INTERVALS, "kernels": KERNEL_CHOICES, "mixed_precision": MIXED_PRECISION}
+CHOICES = {"student_solver": SOLVERS, "objective": OBJECTIVES, "matching": MATCHING, "tau_interval": TAU_INTERVALS,
+           "kernels": KERNEL_CHOICES, "mixed_precision": MIXED_PRECISION}
 
 
 @dataclass
@@ -59,8 +66,10 @@ class TDMConfig:
     steps: tuple[int, ...] = (4,)  # one K, or several for a steps-aware ("unify") student
     steps_conditioning: bool | None = None  # feed K to student and fake; default: on for several K
     total_steps: int = 900  # T' of spec §2
+    student_solver: str = "ddim"  # "dpmsolver": DPM-Solver++(2M) trajectory (tdm_fast.solvers)
     # the objective
     cfg_scale: float = 4.5
+    objective: str = "kl"  # "fisher": seed Table 8, derived in docs/fisher.md
     huber_c: float | None = 1e-3  # None: plain MSE
     normalize: bool = True
     matching: str = "noisy"  # "clean" is the DMD-style ablation
@@ -105,6 +114,8 @@ class TDMConfig:
         if self.steps_conditioning is None:
             self.steps_conditioning = len(self.steps) > 1
         for name, value, allowed in (
+            ("student_solver", self.student_solver, SOLVERS),
+            ("objective", self.objective, OBJECTIVES),
             ("matching", self.matching, MATCHING),
             ("tau_interval", self.tau_interval, TAU_INTERVALS),
             ("kernels", self.kernels, KERNEL_CHOICES),

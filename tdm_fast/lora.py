@@ -584,13 +584,14 @@ _DUPLICATE_WEIGHTS = (".bin", ".msgpack", ".h5", ".ckpt", ".ot")  # other format
 _ROOT_WEIGHTS = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".gguf")
 
 
-def save_tdm_scheduler(folder, teacher_scheduler_config: dict, total_steps: int):
+def save_tdm_scheduler(folder, teacher_scheduler_config: dict, total_steps: int, solver: str = "ddim"):
     """Writes ``folder/scheduler/scheduler_config.json``: the :class:`~tdm_fast.TDMScheduler` built from
-    the teacher pipeline's scheduler config with the run's ``total_steps`` (the training stage times), so
-    ``TDMScheduler.from_pretrained(folder, subfolder="scheduler")`` samples as the student was trained."""
+    the teacher pipeline's scheduler config with the run's ``total_steps`` (the training stage times) and
+    ``student_solver``, so ``TDMScheduler.from_pretrained(folder, subfolder="scheduler")`` samples as the
+    student was trained."""
     from .scheduler import TDMScheduler
 
-    scheduler = TDMScheduler.from_config(dict(teacher_scheduler_config), total_steps=int(total_steps))
+    scheduler = TDMScheduler.from_config(dict(teacher_scheduler_config), total_steps=int(total_steps), solver=solver)
     scheduler.save_pretrained(Path(folder) / "scheduler")
     return scheduler
 
@@ -608,7 +609,7 @@ def _copy_component(src: Path, dst: Path) -> None:
 
 
 def write_pipeline_folder(folder, base, denoiser_name: str, denoiser: nn.Module, teacher_scheduler_config: dict,
-                          total_steps: int) -> Path:
+                          total_steps: int, solver: str = "ddim") -> Path:
     """A complete diffusers pipeline folder: ``denoiser`` (a plain diffusers model) saved as the
     ``denoiser_name`` component, the TDMScheduler config as ``scheduler/`` (named
     ``["tdm_fast.scheduler", "TDMScheduler"]`` in ``model_index.json``), and every other component of
@@ -633,7 +634,7 @@ def write_pipeline_folder(folder, base, denoiser_name: str, denoiser: nn.Module,
         if f.is_file() and not f.name.startswith(".") and f.name not in ("model_index.json", "README.md") and f.suffix not in _ROOT_WEIGHTS:
             shutil.copy2(f, folder / f.name)
     denoiser.save_pretrained(folder / denoiser_name)
-    save_tdm_scheduler(folder, teacher_scheduler_config, total_steps)
+    save_tdm_scheduler(folder, teacher_scheduler_config, total_steps, solver)
     index["scheduler"] = list(TDM_SCHEDULER_ENTRY)
     index.pop("_name_or_path", None)
     (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -7,6 +7,7 @@ import torch
 
 from .denoiser import Denoiser
 from .parameterization import broadcast
+from .solvers import correct, multistep_coefficients
 
 TAU_MIN = 20  # the smallest noise level the fake score is trained on (spec §3)
 TAU_GAP = 10  # τ stays this far below the stage's own time t
@@ -54,18 +55,28 @@ def sample_student(
     steps: int,
     total_steps: int = 900,
     return_trajectory: bool = False,
+    solver: str = "ddim",
 ):
-    """Deterministic K-step sampling: x̂0 at each t_i, DDIM jump to t_{i+1}, output the last x̂0.
+    """Deterministic K-step sampling: x̂0 at each t_i, a jump to t_{i+1}, output the last x̂0.
 
-    With ``return_trajectory`` also returns the list of visited states ``x_{t_0..t_{K-1}}``.
+    ``solver``: ``ddim`` (spec §2) or ``dpmsolver`` (DPM-Solver++(2M), :mod:`tdm_fast.solvers`); a
+    student may be sampled with the solver it was not trained with (Table 6). With
+    ``return_trajectory`` also returns the list of visited states ``x_{t_0..t_{K-1}}``.
     """
     times = stage_times(steps, total_steps, student.schedule.num_train_timesteps)
-    x, trajectory = noise, []
+    coefficients = multistep_coefficients(student.schedule, times, solver)
+    x, trajectory, x0_prev = noise, [], None
     for i, t in enumerate(times):
         trajectory.append(x)
         x0, eps = student(x, t, cond, steps=steps if student.steps_set else None)
         if i + 1 < len(times):
-            x = _jump(student, x0, eps, times[i + 1])
+            if coefficients[i]:
+                alpha, sigma = student.schedule(t, dtype=torch.float32, device=x0.device)
+                jump_x0, jump_eps = correct(x0.float(), eps.float(), x0_prev, coefficients[i], alpha, sigma)
+                x = _jump(student, jump_x0, jump_eps, times[i + 1]).to(x0.dtype)
+            else:
+                x = _jump(student, x0, eps, times[i + 1])
+            x0_prev = x0.float()
     return (x0, trajectory) if return_trajectory else x0
 
 

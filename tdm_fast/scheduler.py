@@ -1,10 +1,13 @@
 """``TDMScheduler``: the student's K-step sampler (spec §2) as a diffusers scheduler.
 
 ``set_timesteps(K)`` gives t_0 = T'-1, t_{i+1} = t_i - T'/K (K=4, T'=900: [899, 674, 449, 224]);
-``step`` turns the model output into (x̂0, ε̂) and makes the deterministic DDIM jump to the next
-stage's time; the last step returns x̂0 itself. The arithmetic is that of
-:func:`tdm_fast.sampling.sample_student` (float64 tables cast to float32, fp32 conversions), so a
-stock diffusers pipeline with ``guidance_scale=1`` reproduces our sampler to fp32 rounding.
+``step`` turns the model output into (x̂0, ε̂) and makes the deterministic jump to the next stage's
+time; the last step returns x̂0 itself. ``solver="dpmsolver"`` makes that jump DPM-Solver++(2M)'s
+(:mod:`tdm_fast.solvers`: the scheduler keeps the previous stage's x̂0) for a student trained, or to be
+tested, on that trajectory; the flag is saved with the config, so ``from_pretrained`` samples the same
+way. The arithmetic is that of :func:`tdm_fast.sampling.sample_student` (float64 tables cast to
+float32, fp32 conversions), so a stock diffusers pipeline with ``guidance_scale=1`` reproduces our
+sampler to fp32 rounding.
 
 Flow-matching models (SD3): ``schedule="flow"``; the integer stage times map to σ_t = shift(t/T),
 and ``timesteps`` holds ``σ_t · T`` (float), which is what ``StableDiffusion3Pipeline`` passes to
@@ -23,6 +26,7 @@ from diffusers.utils import BaseOutput
 from .parameterization import broadcast, check_prediction_type, to_x0_eps
 from .sampling import stage_times
 from .schedule import NoiseSchedule, ScheduleConfig
+from .solvers import check_solver, correct, multistep_coefficients
 
 # diffusers' names for prediction types, mapped to ours
 _PREDICTION_ALIASES = {"flow_prediction": "flow"}
@@ -45,6 +49,7 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
         schedule: ``"vp"`` or ``"flow"``; ``None`` infers flow from ``prediction_type`` or a
             flow-matching teacher config (``shift`` without betas).
         shift: the flow schedule's shift (SD3: 3.0).
+        solver: ``"ddim"`` (spec §2) or ``"dpmsolver"`` (DPM-Solver++(2M) over the stage times).
     """
 
     _compatibles = [
@@ -68,7 +73,9 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
         shift: float = 1.0,
         snr_shift_scale: float | None = None,
         rescale_betas_zero_snr: bool = False,
+        solver: str = "ddim",
     ):
+        check_solver(solver)
         prediction_type = _PREDICTION_ALIASES.get(prediction_type, prediction_type)
         check_prediction_type(prediction_type)
         kind = schedule or ("flow" if prediction_type == "flow" else "vp")
@@ -94,6 +101,8 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.stage_times: list[int] = []
+        self.coefficients: list[float] = []
+        self._previous = None  # (stage index, x̂0) of the last step: DPM-Solver's history
         self.timesteps = torch.tensor([], dtype=torch.long)
         self.sigmas = None
         self._step_index = None
@@ -138,6 +147,8 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
         k = int(num_inference_steps)
         self.num_inference_steps = k
         self.stage_times = stage_times(k, int(self.config.total_steps), int(self.config.num_train_timesteps))
+        self.coefficients = multistep_coefficients(self.noise_schedule, self.stage_times, self.config.solver)
+        self._previous = None
         t = torch.tensor(self.stage_times, dtype=torch.long)
         if self.noise_schedule.is_flow:
             self.sigmas = self.noise_schedule.sigmas[t].float()
@@ -165,7 +176,11 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
         return alpha.to(device), sigma.to(device)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, **kwargs):
-        """x̂0, ε̂ at the current stage time, then x_{t_{i+1}} = α x̂0 + σ ε̂ (last stage: x̂0)."""
+        """x̂0, ε̂ at the current stage time, then x_{t_{i+1}} = α x̂0 + σ ε̂ (last stage: x̂0).
+
+        With ``solver="dpmsolver"`` the jump is made from DPM-Solver++(2M)'s corrected (x̂0, ε̂) when the
+        previous stage was stepped just before (a run started mid-trajectory takes a first-order step
+        first, as diffusers' multistep schedulers do)."""
         if not self.stage_times:
             raise ValueError("call set_timesteps before step")
         index = self.index_for_timestep(timestep)
@@ -175,9 +190,13 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
         if index + 1 < len(self.stage_times):
             a_next, s_next = self._stage_alpha_sigma(index + 1, sample.device)
             a_next, s_next = a_next.expand(sample.shape[0]), s_next.expand(sample.shape[0])
-            prev = (broadcast(a_next, x0) * x0.float() + broadcast(s_next, x0) * eps.float()).to(sample.dtype)
+            jump_x0, jump_eps = x0.float(), eps.float()
+            if self.coefficients[index] and self._previous is not None and self._previous[0] == index - 1:
+                jump_x0, jump_eps = correct(jump_x0, jump_eps, self._previous[1], self.coefficients[index], alpha, sigma)
+            prev = (broadcast(a_next, x0) * jump_x0 + broadcast(s_next, x0) * jump_eps).to(sample.dtype)
         else:
             prev = x0
+        self._previous = (index, x0.float())
         self._step_index = index + 1
         if not return_dict:
             return (prev, x0)

@@ -23,6 +23,8 @@ from collections import defaultdict
 
 import torch
 
+# objective="fisher" backpropagates through teacher and fake inside the student's backward
+FISHER_BACKWARD = "teacher+fake bwd to x_τ (fisher)"
 NETWORK_CATEGORIES = (
     "student fwd (rollout, no grad)",
     "student fwd (fake update, no grad)",
@@ -32,6 +34,8 @@ NETWORK_CATEGORIES = (
     "student bwd",
     "teacher fwd (cond+uncond, 2B)",
     "fake fwd (generator, no grad)",
+    "fake fwd (generator, grad: fisher)",
+    FISHER_BACKWARD,
 )
 OTHER_CATEGORIES = (
     "TDM kernels (renoise, ddim_jump, losses)",
@@ -66,6 +70,7 @@ class StepProfiler:
         self._last = 0.0
         self._handles = []
         self._saved: list[tuple[object, str, bool, object]] = []
+        self._open_backwards = 0
         self.totals: dict[str, float] = defaultdict(float)
         self.steps = 0
         self.step_seconds: list[float] = []
@@ -116,7 +121,28 @@ class StepProfiler:
             if self.phase == "fake":
                 return "student fwd (fake update, no grad)"
             return "student fwd (grad)" if grad else "student fwd (rollout, no grad)"
+        if self.phase == "generator":
+            return "fake fwd (generator, grad: fisher)" if grad else "fake fwd (generator, no grad)"
         return "fake fwd (grad)" if grad else "fake fwd (generator, no grad)"
+
+    def _backward_started(self, grad):
+        if self._open_backwards == 0:
+            self._enter(FISHER_BACKWARD)
+        self._open_backwards += 1
+
+    def _backward_finished(self, grad):
+        self._open_backwards -= 1
+        if self._open_backwards == 0:
+            self._exit()
+
+    def _time_backward(self, args, output) -> None:
+        """Carves the Fisher objective's backward through teacher and fake out of "student bwd": the
+        gradient reaching a network's output opens the region, the one leaving its input closes it
+        (counted, so that the two networks' back-to-back stretches make one region)."""
+        x, x0 = args[0], output[0]
+        if x0.requires_grad and x.requires_grad:
+            x0.register_hook(self._backward_started)
+            x.register_hook(self._backward_finished)
 
     def _hook_network(self, module, role: str) -> None:
         def pre(mod, args):
@@ -124,6 +150,8 @@ class StepProfiler:
 
         def post(mod, args, output):
             self._exit()
+            if role != "student" and self.phase == "generator":
+                self._time_backward(args, output)
 
         self._handles.append(module.register_forward_pre_hook(pre))
         self._handles.append(module.register_forward_hook(post))

@@ -24,12 +24,15 @@ from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from . import kernels as fused_ops
-from . import runlock
+from . import objectives
+from . import fsdp, runlock
 from .checkpoint import commit_checkpoint, load_checkpoint, remove_leftovers, replace_folder, write_rank_file, write_state
 from .conditions import to_device
 from .config import TDMConfig
 from .denoiser import Denoiser
+from .parameterization import broadcast
 from .sampling import TAU_GAP, TAU_MIN, stage_times
+from .solvers import correct, multistep_coefficients
 from .validation import Validation, log_validation, save_validation
 from .kernels import reference as reference_ops
 
@@ -120,24 +123,30 @@ class EMA:
         self.shadow = [p.detach().float().clone() for p in params]
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, skipped: torch.Tensor | None = None) -> None:
+        """``skipped`` (a 0-d device tensor, 1 = the optimizer step was skipped) holds the average still
+        without the host having to read it."""
+        weight = 1.0 - self.decay if skipped is None else (1.0 - skipped) * (1.0 - self.decay)
         for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().float(), 1.0 - self.decay)
+            fsdp.local(s).lerp_(fsdp.local(p.detach()).float(), weight)
 
     @torch.no_grad()
     def copy_to(self, params) -> None:
         for s, p in zip(self.shadow, params):
-            p.copy_(s.to(p.dtype))
+            fsdp.local(p).copy_(fsdp.local(s).to(p.dtype))
 
 
 @dataclass
 class StageDraw:
-    """Per-sample stage k, its time t, stage end s and the matching time τ."""
+    """Per-sample stage k, its time t, stage end s and the matching time τ; with the DPM-Solver
+    trajectory also the previous stage's x̂0 and the stage's multistep coefficient (else None)."""
 
     x_t: torch.Tensor
     t: torch.Tensor
     s: torch.Tensor
     tau: torch.Tensor
+    x0_prev: torch.Tensor | None = None
+    coefficient: torch.Tensor | None = None
 
 
 def make_student_and_fake(teacher: Denoiser, config: TDMConfig) -> tuple[Denoiser, Denoiser]:
@@ -149,6 +158,22 @@ def make_student_and_fake(teacher: Denoiser, config: TDMConfig) -> tuple[Denoise
         return Denoiser(model, teacher.schedule, teacher.prediction_type, teacher.null_cond, steps_set, teacher.time_embedding)
 
     return copy_of_teacher(), copy_of_teacher()
+
+
+def skips_on_device(optimizer) -> bool:
+    """Fused Adam/AdamW skip a step on the device when handed a ``found_inf`` flag (as the grad scaler
+    does), so a non-finite update is refused without the host waiting for the device."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and bool(inner.defaults.get("fused"))
+
+
+def make_optimizer(optimizer_cls, groups: list[dict], device: torch.device, **kwargs):
+    """``optimizer_cls(groups, **kwargs)``, fused where it is torch's Adam/AdamW on a device with fused kernels."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    if optimizer_cls in (torch.optim.Adam, torch.optim.AdamW) and device.type in _get_fused_kernels_supported_devices():
+        kwargs.setdefault("fused", True)
+    return optimizer_cls(groups, **kwargs)
 
 
 def _param_groups(denoiser: Denoiser, lr: float, steps_lr_ratio: float) -> list[dict]:
@@ -199,16 +224,17 @@ class TDMTrainer:
             # given, which would merge the student's and the fake score's updates
             raise ValueError("DeepSpeed is not supported: it would train student and fake score as one engine with one "
                              "optimizer. Use multi-GPU data parallel instead (accelerate launch --multi_gpu)")
-        if self.accelerator.distributed_type == DistributedType.FSDP:
-            # LoRA roles share a base that is not a registered submodule of either role, so FSDP would
-            # not shard it; sharded checkpoints and exact resume are not implemented either
-            raise ValueError("FSDP is not supported yet (the LoRA roles' shared base is not sharded and sharded "
-                             "checkpoints are not written). Use multi-GPU data parallel (accelerate launch --multi_gpu) "
-                             "with --gradient-checkpointing and --mixed-precision bf16 to save memory")
         self.device = self.accelerator.device
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         if student is None or fake is None:
             student, fake = make_student_and_fake(teacher, config)
+        sharding = fsdp.plugin(self.accelerator)
+        self.fsdp = sharding is not None
+        if self.fsdp:
+            fsdp.check_supported(sharding, self.accelerator, student, fake)
+            self._export_template = fsdp.meta_template(student)
+            for network in (self.teacher, student, fake):
+                fsdp.shard(network.to(self.device), sharding, self.device, self.accelerator.num_processes)
         self.conditions = conditions
         self.sample_shape = tuple(sample_shape)
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -218,21 +244,26 @@ class TDMTrainer:
         self.validation = validation
         self.ops = fused_ops if config.kernels == "fused" else reference_ops
         self.times = {k: torch.tensor(stage_times(k, config.total_steps, teacher.schedule.num_train_timesteps)) for k in config.steps}
+        self.coefficients = {k: multistep_coefficients(teacher.schedule, self.times[k].tolist(), config.student_solver)
+                             for k in config.steps}
 
         student_params = [p for p in student.parameters() if p.requires_grad]
         betas = (config.adam_beta1, config.adam_beta2)
-        opt_g = optimizer_cls(_param_groups(student, config.generator_lr, config.steps_embedding_lr_ratio),
-                              lr=config.generator_lr, betas=betas, weight_decay=config.weight_decay)
-        opt_f = optimizer_cls(_param_groups(fake, config.fake_lr, config.steps_embedding_lr_ratio),
-                              lr=config.fake_lr, betas=betas, weight_decay=config.weight_decay)
+        opt_g = make_optimizer(optimizer_cls, _param_groups(student, config.generator_lr, config.steps_embedding_lr_ratio),
+                               self.device, lr=config.generator_lr, betas=betas, weight_decay=config.weight_decay)
+        opt_f = make_optimizer(optimizer_cls, _param_groups(fake, config.fake_lr, config.steps_embedding_lr_ratio),
+                               self.device, lr=config.fake_lr, betas=betas, weight_decay=config.weight_decay)
         sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, Warmup(config.warmup_steps))
         sched_f = torch.optim.lr_scheduler.LambdaLR(opt_f, Warmup(config.warmup_steps))
         # The LR schedules stay outside prepare(): accelerate steps a prepared scheduler once per process
         # per call, so N processes would warm up N times faster than one.
         self.sched_g, self.sched_f = sched_g, sched_f
-        (self.student, self.fake, self.opt_g, self.opt_f) = self.accelerator.prepare(
-            student.to(self.device), fake.to(self.device), opt_g, opt_f
-        )
+        if self.fsdp:  # FSDP reduces the gradients itself: no DDP wrapper
+            self.student, self.fake, self.opt_g, self.opt_f = student, fake, opt_g, opt_f
+        else:
+            (self.student, self.fake, self.opt_g, self.opt_f) = self.accelerator.prepare(
+                student.to(self.device), fake.to(self.device), opt_g, opt_f
+            )
         self._check_sample_shape(conditions)
         self.student_core: Denoiser = self.accelerator.unwrap_model(self.student)
         self.fake_core: Denoiser = self.accelerator.unwrap_model(self.fake)
@@ -264,18 +295,30 @@ class TDMTrainer:
 
     @torch.no_grad()
     def rollout(self, z: torch.Tensor, cond, k: int) -> torch.Tensor:
-        """Runs the student's K stages from noise without grad; returns x_{t_0..t_{K-1}} stacked (K, B, ...)."""
-        times = self.times[k].tolist()
-        x, states = z, []
+        """Runs the student's K stages from noise without grad; returns x_{t_0..t_{K-1}} stacked (K, B, ...).
+
+        With a multistep solver (``student_solver="dpmsolver"``, K >= 3) a stage's state is the pair
+        (x_{t_i}, x̂0_{t_{i-1}}): the K states are followed by the K-1 predictions x̂0_{t_0..t_{K-2}}."""
+        times, coefficients = self.times[k].tolist(), self.coefficients[k]
+        multistep = any(coefficients)
+        x, states, predictions = z, [], []
         with self.accelerator.autocast():
             for i, t in enumerate(times):
                 states.append(x)
                 if i + 1 == len(times):
                     break
                 x0, eps = self.student_core(x, t, cond, self._steps_arg(k))
+                x0, eps = x0.float(), eps.float()
                 alpha, sigma = self.teacher.schedule(torch.full((x.shape[0],), times[i + 1], device=x.device))
-                x = self.ops.ddim_jump(x0.float(), eps.float(), alpha, sigma)
-        return torch.stack(states)
+                if coefficients[i]:
+                    alpha_t, sigma_t = self.teacher.schedule(torch.full((x.shape[0],), t, device=x.device))
+                    x = self.ops.ddim_jump(*correct(x0, eps, predictions[-1], coefficients[i], broadcast(alpha_t, x0),
+                                                    broadcast(sigma_t, x0)), alpha, sigma)
+                else:
+                    x = self.ops.ddim_jump(x0, eps, alpha, sigma)
+                if multistep:
+                    predictions.append(x0)
+        return torch.stack(states + predictions)
 
     def draw_stage(self, trajectory: torch.Tensor, k: int) -> StageDraw:
         """Per sample: a stage, its start t, its end s, and τ in the stage's own interval (spec §3.2)."""
@@ -288,13 +331,31 @@ class TDMTrainer:
         low = (s + 1).clamp(min=TAU_MIN)
         high = t - TAU_GAP if self.config.tau_interval == "disjoint" else torch.full_like(t, self.teacher.schedule.num_train_timesteps)
         tau = low + (torch.rand(b, generator=self.rng) * (high - low)).long()
-        x_t = trajectory[stage.to(trajectory.device), torch.arange(b, device=trajectory.device)]
-        return StageDraw(x_t, t.to(self.device), s.to(self.device), tau.to(self.device))
+        rows = torch.arange(b, device=trajectory.device)
+        x_t = trajectory[stage.to(trajectory.device), rows]
+        if not any(self.coefficients[k]):
+            return StageDraw(x_t, self._upload(t), self._upload(s), self._upload(tau))
+        # stage 0 has no previous prediction; its coefficient is 0, so x̂0_{t_0} stands in
+        x0_prev = trajectory[(k + (stage - 1).clamp(min=0)).to(trajectory.device), rows]
+        return StageDraw(x_t, self._upload(t), self._upload(s), self._upload(tau), x0_prev,
+                         self._upload(torch.tensor(self.coefficients[k])[stage]))
+
+    def stage_output(self, x0: torch.Tensor, eps: torch.Tensor, draw: StageDraw) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (x̂0, ε̂) from which the student's solver jumps at the drawn stage: the student's own for
+        DDIM, DPM-Solver++(2M)'s corrected pair otherwise (docs/student_solver.md). The stage's sample
+        x_s = α_s x̂0 + σ_s ε̂ is then the solver's state, and x̂0 the data it is matched as."""
+        if draw.x0_prev is None:
+            return x0, eps
+        alpha_t, sigma_t = self.teacher.schedule(draw.t)
+        return correct(x0, eps, draw.x0_prev.to(x0.dtype), broadcast(draw.coefficient, x0), broadcast(alpha_t, x0),
+                       broadcast(sigma_t, x0))
 
     def match(self, x0: torch.Tensor, eps: torch.Tensor, draw: StageDraw) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noisy-sample matching (spec §4), or the clean-sample ablation; returns x_τ and log w."""
+        """Noisy-sample matching (spec §4), or the clean-sample ablation, from the student's prediction at
+        the drawn stage (put through :meth:`stage_output` here); returns x_τ and log w."""
+        x0, eps = self.stage_output(x0, eps, draw)
         schedule = self.teacher.schedule
-        z = torch.randn(x0.shape, generator=self.rng).to(self.device, x0.dtype)
+        z = self._upload(torch.randn(x0.shape, generator=self.rng)).to(x0.dtype)
         alpha_tau, sigma_tau = schedule(draw.tau)
         if self.config.matching == "clean":
             x_tau = self.ops.ddim_jump(x0, z, alpha_tau, sigma_tau)
@@ -313,102 +374,149 @@ class TDMTrainer:
             yield trajectory, cond, i + 1 == len(batches)
 
     def _sync_context(self, model, last: bool):
-        return nullcontext() if last else self.accelerator.no_sync(model)
+        if last:
+            return nullcontext()
+        return fsdp.no_gradient_sync(model) if self.fsdp else self.accelerator.no_sync(model)
 
-    def fake_score_update(self, batches, k: int) -> float | None:
-        """One optimizer step of the fake score over the micro-batches (their mean loss); None if skipped."""
+    def _clip(self, model, max_norm: float) -> torch.Tensor:
+        norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        return norm.full_tensor() if fsdp.is_sharded(norm) else norm
+
+    def fake_score_update(self, batches, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step of the fake score over the micro-batches; (their mean loss, skipped flag) as
+        device tensors."""
         total = 0.0
         for trajectory, cond, last in self._micro_batches(batches):
             draw = self.draw_stage(trajectory, k)
             with torch.no_grad(), self.accelerator.autocast():
                 x0, eps = self.student_core(draw.x_t, draw.t, cond, self._steps_arg(k))
             x_tau, log_w = self.match(x0.float(), eps.float(), draw)
+            target, _ = self.stage_output(x0.float(), eps.float(), draw)  # the x̂0 that x_τ was matched as
             with self._sync_context(self.fake, last):
                 with self.accelerator.autocast():
                     d_fake, _ = self.fake(x_tau, draw.tau, cond, self._steps_arg(k))
-                loss = self.ops.fake_score_loss(d_fake.float(), x0.float(), self.teacher.schedule.snr(draw.tau), log_w, self.config.snr_cap)
+                loss = self.ops.fake_score_loss(d_fake.float(), target, self.teacher.schedule.snr(draw.tau), log_w, self.config.snr_cap)
                 loss = loss / len(batches)
                 self.accelerator.backward(loss)
             total = total + loss.detach()
         # the norm only decides whether the step is safe: the fake score is not clipped (authors' code)
-        grad_norm = self.accelerator.clip_grad_norm_(self.fake.parameters(), math.inf)
-        value = float(total)
-        if self._apply_update(self.opt_f, self.sched_f, value, grad_norm):
-            return value
-        return None
+        grad_norm = self._clip(self.fake, math.inf)
+        return total, self._apply_update(self.opt_f, self.sched_f, total, grad_norm)
 
-    def _apply_update(self, optimizer, scheduler, loss: float, grad_norm) -> bool:
-        """Steps ``optimizer`` unless the loss or the gradient norm is non-finite; returns whether it stepped.
+    def _apply_update(self, optimizer, scheduler, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """Steps ``optimizer`` unless the loss or the gradient norm is non-finite; returns the skipped flag
+        (a 0-d float tensor on the device, 1 = skipped). The LR schedule counts iterations, skipped or not.
 
-        The gradient norm is taken after the gradients were all-reduced, so every process decides the
-        same. Under fp16 the grad scaler owns overflowing gradients (it skips those steps and lowers
-        its scale), so only a non-finite loss is skipped here.
+        A fused Adam/AdamW skips on the device (see :func:`skips_on_device`): the host never waits.
+        Other optimizers make the host read the flag. The gradient norm is taken after the gradients
+        were all-reduced, and the flag is all-reduced, so every process decides the same. Under fp16
+        the grad scaler owns overflowing gradients (it skips those steps and lowers its scale), so only
+        a non-finite loss is skipped here.
         """
-        finite = _finite(loss) and (self.accelerator.scaler is not None or _finite(grad_norm))
+        bad = ~torch.isfinite(torch.as_tensor(loss, device=self.device))
+        if self.accelerator.scaler is None:
+            bad = bad | ~torch.isfinite(grad_norm.to(self.device))
+        bad = bad.float().reshape(())
         if self.accelerator.num_processes > 1:
-            flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
-            finite = float(self.accelerator.reduce(flag, reduction="sum")) == 0.0
-        if finite:
+            bad = self.accelerator.reduce(bad.reshape(1), reduction="sum").clamp(max=1.0).reshape(())
+        if self.accelerator.scaler is None and skips_on_device(optimizer):
+            inner = getattr(optimizer, "optimizer", optimizer)
+            inner.grad_scale, inner.found_inf = None, bad
             optimizer.step()
-            scheduler.step()
+        elif not bool(bad):
+            optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return finite
+        return bad
 
-    def generator_update(self, batches, k: int) -> tuple[float | None, float]:
-        """One optimizer step of the student over the micro-batches; (loss or None if skipped, grad norm)."""
+    def generator_update(self, batches, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step of the student over the micro-batches; (loss, grad norm, skipped flag) as
+        device tensors."""
         total = 0.0
+        # The Fisher loss backpropagates through the teacher and the fake score at x_τ (docs/fisher.md);
+        # the fake's weights are frozen through the backward so that only the student collects gradients.
+        fisher = self.config.objective == "fisher"
         for trajectory, cond, last in self._micro_batches(batches):
             draw = self.draw_stage(trajectory, k)
-            with self._sync_context(self.student, last):
+            with self._sync_context(self.student, last), objectives.frozen(self.fake_core) if fisher else nullcontext():
                 with self.accelerator.autocast():
                     x0, eps = self.student(draw.x_t, draw.t, cond, self._steps_arg(k))
                 x0 = x0.float()
                 x_tau, _ = self.match(x0.detach(), eps.detach().float(), draw)
-                with torch.no_grad(), self.accelerator.autocast():
+                if fisher:  # written on the data x_τ was matched as: x̂0, or DPM-Solver's D (docs/student_solver.md)
+                    x0 = self.stage_output(x0, eps.float(), draw)[0]
+                    x_tau = objectives.with_x0_path(x_tau, x0, self.teacher.schedule(draw.tau)[0])
+                with torch.set_grad_enabled(fisher), self.accelerator.autocast():
                     (d_cond, _), (d_uncond, _) = self.teacher.cond_uncond(x_tau, draw.tau, cond)
                     d_fake, _ = self.fake_core(x_tau, draw.tau, cond, self._steps_arg(k))
-                loss = self.ops.tdm_generator_loss(
-                    x0, d_cond.float(), d_uncond.float(), d_fake.float(), self.config.cfg_scale, self.config.huber_c, self.config.normalize
-                ) / len(batches)
+                if fisher:
+                    loss = objectives.fisher_generator_loss(x0, d_cond.float(), d_uncond.float(), d_fake.float(),
+                                                            self.config.cfg_scale, self.config.normalize)
+                else:
+                    loss = self.ops.tdm_generator_loss(x0, d_cond.float(), d_uncond.float(), d_fake.float(), self.config.cfg_scale,
+                                                       self.config.huber_c, self.config.normalize)
+                loss = loss / len(batches)
                 self.accelerator.backward(loss)
             total = total + loss.detach()
-        grad_norm = float(self.accelerator.clip_grad_norm_(self.student.parameters(), self.config.max_grad_norm))
-        value = float(total)
-        if not self._apply_update(self.opt_g, self.sched_g, value, grad_norm):
-            return None, grad_norm
+        grad_norm = self._clip(self.student, self.config.max_grad_norm)
+        skipped = self._apply_update(self.opt_g, self.sched_g, total, grad_norm)
         if self.ema is not None:
-            self.ema.update()
-        return value, grad_norm
+            self.ema.update(skipped)
+        return total, grad_norm, skipped
 
     def train_step(self) -> dict:
-        """One TDM iteration; returns its losses."""
+        """One TDM iteration; returns its losses (reading them makes the host wait for the device)."""
+        record = self._records([self._iterate()])[0]
+        self._count_skips(record["skipped_updates"], record["step"])
+        return record
+
+    def _iterate(self) -> dict:
+        """One TDM iteration, its losses, gradient norm and skipped flags left on the device."""
         config = self.config
-        k = config.steps[int(torch.randint(0, len(config.steps), (1,), generator=self.steps_rng))]
+        k = config.steps[torch.randint(0, len(config.steps), (1,), generator=self.steps_rng).tolist()[0]]
         batches = []  # gradient_accumulation_steps micro-batches of batch_size, each rolled out once
         for _ in range(config.gradient_accumulation_steps):
             cond = to_device(self.conditions(config.batch_size, self.rng), self.device)
-            z = torch.randn((config.batch_size, *self.sample_shape), generator=self.rng).to(self.device)
+            z = self._upload(torch.randn((config.batch_size, *self.sample_shape), generator=self.rng))
             batches.append((self.rollout(z, cond, k), cond))
-        fake_losses = [self.fake_score_update(batches, k) for _ in range(config.fake_updates)]
-        generator_loss, grad_norm = self.generator_update(batches, k)
+        fake = [self.fake_score_update(batches, k) for _ in range(config.fake_updates)]
+        generator = self.generator_update(batches, k)
         self.step += 1
-        applied = [v for v in fake_losses if v is not None]
-        skipped = len(fake_losses) - len(applied) + (generator_loss is None)
-        record = {"step": self.step, "steps": k, "fake_loss": sum(applied) / len(applied) if applied else None,
-                  "generator_loss": generator_loss, "grad_norm": _json_value(grad_norm), "skipped_updates": skipped}
-        self._count_skips(skipped)
-        return record
+        return {"step": self.step, "steps": k, "fake": fake, "generator": generator}
 
-    def _count_skips(self, skipped: int) -> None:
+    def _upload(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host-drawn tensor onto the device without making the host wait (pinned, asynchronous copy)."""
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def _records(self, pending: list[dict]) -> list[dict]:
+        """The host-side records of iterations run by :meth:`_iterate`, read from the device in one go."""
+        scalars = [v for it in pending for v in [*(x for pair in it["fake"] for x in pair), *it["generator"]]]
+        values = iter(torch.stack([v.detach().float().reshape(()) for v in scalars]).tolist()) if scalars else iter(())
+        records = []
+        for it in pending:
+            fake = [(next(values), next(values)) for _ in it["fake"]]
+            generator_loss, grad_norm, generator_skipped = next(values), next(values), next(values)
+            applied = [loss for loss, skipped in fake if not skipped]
+            skipped = len(fake) - len(applied) + int(generator_skipped > 0)
+            record = {"step": it["step"], "steps": it["steps"], "fake_loss": sum(applied) / len(applied) if applied else None,
+                      "generator_loss": None if generator_skipped else generator_loss, "grad_norm": _json_value(grad_norm),
+                      "skipped_updates": skipped}
+            record.update({k: v for k, v in it.items() if k not in ("step", "steps", "fake", "generator")})
+            records.append(record)
+        return records
+
+    def _count_skips(self, skipped: int, step: int) -> None:
         """Skipped updates are counted; ``max_nonfinite_skips`` iterations in a row with one stop the run."""
         self.skipped_updates += skipped
         self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
         if skipped:
-            warnings.warn(f"iteration {self.step}: {skipped} update(s) skipped (non-finite loss or gradient norm)")
+            warnings.warn(f"iteration {step}: {skipped} update(s) skipped (non-finite loss or gradient norm)")
         if self.consecutive_skips >= self.config.max_nonfinite_skips:
             raise NonFiniteError(
                 f"{self.consecutive_skips} iterations in a row had a non-finite loss or gradient norm (the last at step "
-                f"{self.step}); stopped without writing them. The teacher's outputs, the learning rates or the data "
+                f"{step}); stopped without writing them. The teacher's outputs, the learning rates or the data "
                 "are the usual causes; the last checkpoint holds the last finite weights")
 
     # -- the loop --------------------------------------------------------------------------------
@@ -427,29 +535,40 @@ class TDMTrainer:
         try:
             if writer:
                 log_file = self._open_metrics()
-                if self.step >= total and hasattr(self.student_core.model, "save_pretrained"):
-                    # a resumed, finished run whose final save was cut short
-                    if not self.student_is_current():
-                        self.save_student(self.output_dir / "student")
+            if self.output_dir is not None and self.step >= total and hasattr(self.student_core.model, "save_pretrained"):
+                # a resumed, finished run whose final save was cut short
+                if not self.student_is_current():
+                    self.save_student(self.output_dir / "student")
+                if writer:
                     remove_leftovers(self.output_dir / "student")
+            pending = []  # iterations whose losses are still on the device
             while self.step < total:
-                record = self.train_step()
-                record["elapsed_s"] = time.perf_counter() - start
-                history.append(record)
+                pending.append(self._iterate())
+                pending[-1]["elapsed_s"] = time.perf_counter() - start
                 bar.update(1)
-                if self.step % self.config.log_every == 0 or self.step == total or record["skipped_updates"]:
-                    bar.set_postfix(fake=_short(record["fake_loss"]), gen=_short(record["generator_loss"]), K=record["steps"])
-                    if log_file:
-                        log_file.write(json.dumps({k: _json_value(v) for k, v in record.items()}, allow_nan=False) + "\n")
-                        log_file.flush()
-                    if self.config.report_to:
-                        self.accelerator.log(self._tracker_values(record, len(history)), step=self.step)
-                if callback is not None:
-                    callback(self, record)
-                if self.validation is not None and self.config.validation_every and self.step % self.config.validation_every == 0:
-                    self.validate()
                 every = self.config.checkpoint_every
-                if self.output_dir is not None and ((every and self.step % every == 0) or self.step == total):
+                validate = self.validation is not None and self.config.validation_every and self.step % self.config.validation_every == 0
+                checkpoint = self.output_dir is not None and ((every and self.step % every == 0) or self.step == total)
+                # the host reads the device only here: at log steps, or where a callback, validation or a
+                # checkpoint needs the iteration's outcome (a checkpoint after a run of skips must not be written)
+                if not (callback or validate or checkpoint or self.step % self.config.log_every == 0 or self.step == total):
+                    continue
+                for record in self._records(pending):
+                    history.append(record)
+                    if record["step"] % self.config.log_every == 0 or record["step"] == total or record["skipped_updates"]:
+                        bar.set_postfix(fake=_short(record["fake_loss"]), gen=_short(record["generator_loss"]), K=record["steps"])
+                        if log_file:
+                            log_file.write(json.dumps({k: _json_value(v) for k, v in record.items()}, allow_nan=False) + "\n")
+                            log_file.flush()
+                        if self.config.report_to:
+                            self.accelerator.log(self._tracker_values(record, len(history)), step=record["step"])
+                    self._count_skips(record["skipped_updates"], record["step"])
+                    if callback is not None:
+                        callback(self, record)
+                pending = []
+                if validate:
+                    self.validate()
+                if checkpoint:
                     self.save_checkpoint()
         finally:
             bar.close()
@@ -473,9 +592,11 @@ class TDMTrainer:
     def validate(self) -> dict:
         """Samples the validation set at every K (main process): grid under ``<output_dir>/validation/``,
         images and metrics to the trackers; returns the metrics."""
-        if not self.accelerator.is_main_process:
+        if not (self.accelerator.is_main_process or self.fsdp):  # sharded networks sample on every process
             return {}
         images, metrics = self.validation.run(self)
+        if not self.accelerator.is_main_process:
+            return {}
         grids = {}
         if self.output_dir is not None:
             grids = save_validation(images, self.output_dir / "validation" / f"step-{self.step:08d}.png", self.step)
@@ -527,7 +648,11 @@ class TDMTrainer:
         Refuses (:class:`NonFiniteError`) to write weights or optimizer state holding NaN or inf."""
         acc = self.accelerator
         state = self._state()
-        bad = non_finite_tensors({k: v for k, v in state.items() if k != "meta"})
+        shards = self._split_shards(state) if self.fsdp else {}
+        bad = non_finite_tensors({k: v for k, v in state.items() if k != "meta"}) + non_finite_tensors(shards)
+        if self.fsdp:  # each process sees its own shards; all of them must refuse together
+            count = acc.reduce(torch.tensor([float(len(bad))], device=self.device), reduction="sum")
+            bad = bad or (["the shards of another process"] if float(count) else [])
         if bad:
             raise NonFiniteError(f"not writing checkpoint step {self.step}: non-finite values in {', '.join(bad[:3])}"
                                  + (f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""))
@@ -538,21 +663,29 @@ class TDMTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        write_rank_file(tmp, f"rank-{acc.process_index}", self._rank_state())
+        write_rank_file(tmp, f"rank-{acc.process_index}", {**self._rank_state(), **({"shards": shards} if shards else {})})
         acc.wait_for_everyone()
         if acc.is_main_process:
             write_state(tmp, state)
             commit_checkpoint(tmp, final, self.config.keep_last)
-            if hasattr(self.student_core.model, "save_pretrained"):
-                self.save_student(self.output_dir / "student")
-            elif not self._warned_unsaveable:
-                self._warned_unsaveable = True
-                warnings.warn(
-                    f"{type(self.student_core.model).__name__} has no save_pretrained: checkpoints hold its weights, "
-                    "but no loadable student/ folder is written (use a diffusers ModelMixin to get one)"
-                )
+        if hasattr(self.student_core.model, "save_pretrained"):
+            self.save_student(self.output_dir / "student")
+        elif acc.is_main_process and not self._warned_unsaveable:
+            self._warned_unsaveable = True
+            warnings.warn(
+                f"{type(self.student_core.model).__name__} has no save_pretrained: checkpoints hold its weights, "
+                "but no loadable student/ folder is written (use a diffusers ModelMixin to get one)"
+            )
         acc.wait_for_everyone()
         return final
+
+    @staticmethod
+    def _split_shards(state: dict) -> dict:
+        """Under FSDP the networks, the EMA and the optimizer moments are this process's shards: they go
+        to its rank file (taken out of ``state``), the shared files keep the rest."""
+        shards = {k: fsdp.local(state.pop(k)) for k in ("student", "fake", "ema") if k in state}
+        shards["optimizers"] = {k: fsdp.local(state["optimizers"].pop(k)) for k in ("generator", "fake")}
+        return shards
 
     def load_checkpoint(self, path: str | Path, overrides=()) -> None:
         """Restores networks, optimizers, LR schedules, RNG states and the step from a checkpoint.
@@ -563,16 +696,29 @@ class TDMTrainer:
         """
         state, rank_state = load_checkpoint(path, rank_file=f"rank-{self.accelerator.process_index}")
         self.check_resume_config(state["meta"]["config"], overrides)
-        self.student_core.load_state_dict(state["student"])
-        self.fake_core.load_state_dict(state["fake"])
-        self.opt_g.load_state_dict(state["optimizers"]["generator"])
-        self.opt_f.load_state_dict(state["optimizers"]["fake"])
+        if self.fsdp:
+            shards = rank_state.get("shards")
+            if shards is None or state["meta"].get("world_size") != self.accelerator.num_processes:
+                raise ValueError(f"{path} was not written by a fully sharded run on {self.accelerator.num_processes} "
+                                 f"processes (it has world size {state['meta'].get('world_size')}, "
+                                 f"{'sharded' if shards else 'unsharded'}): resume it as it was launched")
+            fsdp.load_shards(self.student_core, shards["student"])
+            fsdp.load_shards(self.fake_core, shards["fake"])
+            self.opt_g.load_state_dict(fsdp.optimizer_state_from_shards(shards["optimizers"]["generator"], self.opt_g))
+            self.opt_f.load_state_dict(fsdp.optimizer_state_from_shards(shards["optimizers"]["fake"], self.opt_f))
+            ema = shards.get("ema")
+        else:
+            self.student_core.load_state_dict(state["student"])
+            self.fake_core.load_state_dict(state["fake"])
+            self.opt_g.load_state_dict(state["optimizers"]["generator"])
+            self.opt_f.load_state_dict(state["optimizers"]["fake"])
+            ema = state.get("ema")
         self.sched_g.load_state_dict(state["optimizers"]["generator_lr"])
         self.sched_f.load_state_dict(state["optimizers"]["fake_lr"])
         if self.ema is not None:
-            if "ema" in state:
+            if ema is not None:
                 for i, s in enumerate(self.ema.shadow):
-                    s.copy_(state["ema"][str(i)])
+                    fsdp.local(s).copy_(ema[str(i)])
             elif "ema_decay" in overrides:  # EMA switched on by the resume: it starts from the restored weights
                 self.ema = EMA(self.ema.params, self.config.ema_decay)
             else:
@@ -636,20 +782,39 @@ class TDMTrainer:
                     p.copy_(saved)
 
     def final_student(self) -> Denoiser:
-        """The student to keep once training is over: with EMA on, its EMA weights are copied in for good."""
+        """The student to keep once training is over: with EMA on, its EMA weights are copied in for good.
+
+        Under FSDP every process must call it: the main process gets the gathered, unsharded student,
+        the others their sharded one."""
         if self.ema is not None:
             self.ema.copy_to(self.ema.params)
+        if self.fsdp:
+            return fsdp.gather_into(self._export_template, self.student_core, self.accelerator.is_main_process) or self.student_core
         return self.student_core
 
     def save_student(self, path: str | Path) -> None:
         """Writes the student (EMA weights where used) beside ``path``, then renames it into place, so a
-        kill leaves the previous complete student or none; ``tdm_training.json`` records its step."""
+        kill leaves the previous complete student or none; ``tdm_training.json`` records its step.
+
+        Only the main process writes; under FSDP every process must call it (the student is gathered)."""
+        if self.fsdp:
+            with self.ema_weights() as sharded:
+                student = fsdp.gather_into(self._export_template, sharded, self.accelerator.is_main_process)
+        elif not self.accelerator.is_main_process:
+            return
+        else:
+            student = None
+
         def write(folder: Path) -> None:
-            with self.ema_weights() as student:
+            if student is not None:
                 student.save_pretrained(folder)
+            else:
+                with self.ema_weights() as current:
+                    current.save_pretrained(folder)
             (folder / STUDENT_STATE).write_text(json.dumps({"step": self.step}))
 
-        replace_folder(Path(path), write)
+        if self.accelerator.is_main_process:
+            replace_folder(Path(path), write)
 
     def student_is_current(self) -> bool:
         """Whether ``<output_dir>/student`` is a complete student of the current step."""

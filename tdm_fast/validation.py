@@ -53,7 +53,8 @@ class Validation:
         noise = self.noise.to(trainer.device)
         with trainer.ema_weights() as student, trainer.accelerator.autocast():
             for k in sorted(trainer.config.steps):
-                x = sample_student(student, noise, cond, k, trainer.config.total_steps).float()
+                x = sample_student(student, noise, cond, k, trainer.config.total_steps,
+                                   solver=trainer.config.student_solver).float()
                 decoded = self.decode(x) if self.decode is not None else ((x + 1) / 2).clamp(0, 1)
                 images[k] = decoded.cpu()
                 if self.metric is not None:

@@ -68,7 +68,7 @@ def test_preset_lora_training_changes_student_not_teacher(trained, preset):
     torch.testing.assert_close(sample_student(reloaded, z, cond, 4), sample_student(student, z, cond, 4), rtol=1e-5, atol=1e-5)
 
 
-def _pipeline_latents(preset, r, steps, latents, prompts):
+def _pipeline_latents(preset, r, steps, latents, prompts, solver="ddim"):
     import diffusers
 
     from tdm_fast.lora import load_lora_adapter
@@ -78,7 +78,7 @@ def _pipeline_latents(preset, r, steps, latents, prompts):
     cls = getattr(diffusers, p.pipeline)
     model_dir = r["root"] / "model"
     pipe = cls.from_pretrained(model_dir, **missing_components(model_dir, cls))
-    pipe.scheduler = TDMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = TDMScheduler.from_config(pipe.scheduler.config, solver=solver)
     lora_dir = r["root"] / "export" / "lora"
     if preset == "pixart":
         load_lora_adapter(pipe.transformer, lora_dir)
@@ -117,6 +117,10 @@ def test_exported_lora_samples_in_stock_pipeline(trained, case):
         if steps == 4:
             ours = sample_student(r["student"], latents.clone(), cond, 4)
             torch.testing.assert_close(images, ours, rtol=1e-4, atol=1e-5)
+    # issue 19: TDMScheduler(solver="dpmsolver") in the stock pipeline is our DPM-Solver++(2M) trajectory
+    images = _pipeline_latents(preset, r, 4, latents.clone(), prompts, solver="dpmsolver")
+    ours = sample_student(r["student"], latents.clone(), cond, 4, solver="dpmsolver")
+    torch.testing.assert_close(images, ours, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["sd3", "pixart", "cogvideox-rope"])

@@ -116,6 +116,18 @@ def test_sample_writes_tensors_and_png(teacher_dir, tmp_path):
     assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--steps", "4", "--out", str(tmp_path / "s")]) == 2
 
 
+def test_sample_defaults_to_the_trained_solver(teacher_dir, tmp_path):
+    """Issue 19: a run trained on the DPM-Solver trajectory samples on it unless --solver says otherwise."""
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher_dir), "--out", str(run), "--iterations", "2", "--steps", "3",
+                 "--student-solver", "dpmsolver", *TINY]) == 0
+    out = {}
+    for name, flags in (("default", []), ("dpmsolver", ["--solver", "dpmsolver"]), ("ddim", ["--solver", "ddim"])):
+        assert main(["sample", "--checkpoint", str(run), "--steps", "3", "--out", str(tmp_path / name), "--quiet", *flags]) == 0
+        out[name] = load_file(tmp_path / f"{name}.safetensors")["samples"]
+    assert torch.equal(out["default"], out["dpmsolver"]) and not torch.allclose(out["default"], out["ddim"])
+
+
 def test_every_distill_flag_has_help_default_and_choices(capsys):
     import dataclasses
 

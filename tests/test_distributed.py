@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -18,11 +19,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(script: Path, *args) -> subprocess.CompletedProcess:
+def _launch(script: Path, *args, fsdp: bool = False) -> subprocess.CompletedProcess:
     # `accelerate launch --cpu` starts a single process unless MPI is installed; torchrun's launcher
     # (--multi_gpu) with ACCELERATE_USE_CPU gives real 2-process DDP over gloo on a CPU-only machine.
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        sys.executable, "-m", "accelerate.commands.launch", *(["--use_fsdp", "--fsdp_version", "2"] if fsdp else ["--multi_gpu"]),
+        "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
         str(script), *map(str, args),
     ]
@@ -48,16 +50,23 @@ def test_two_cpu_processes_keep_identical_students(tmp_path):
     assert (tmp_path / "checkpoints").is_dir() and len(list((tmp_path / "checkpoints").glob("step-*/rank-*.safetensors"))) == 2
 
 
-def test_two_ranks_resume_exactly_after_sigkill_with_accumulation(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp"])
+def test_two_ranks_resume_exactly_after_sigkill_with_accumulation(tmp_path, fsdp):
     """Rank 1 is SIGKILLed in iteration 5 (after the step-4 checkpoint); the resumed run ends where an
-    uninterrupted one does: students, fake scores, EMA and optimizer moments bit-identical."""
+    uninterrupted one does: students, fake scores, EMA and optimizer moments bit-identical (under FSDP
+    each rank's shards, from sharded checkpoints)."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert _launch(RESUME_SCRIPT, straight, 8, 0).returncode == 0
-    assert _launch(RESUME_SCRIPT, killed, 8, 5).returncode != 0
+    result = _launch(RESUME_SCRIPT, straight, 8, 0, fsdp=fsdp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _launch(RESUME_SCRIPT, killed, 8, 5, fsdp=fsdp).returncode != 0
     assert [p.name for p in sorted((killed / "checkpoints").glob("step-*"))][-1] == "step-00000004"
     assert not (killed / "rank0.safetensors").exists()
-    result = _launch(RESUME_SCRIPT, killed, 8, 0)
+    result = _launch(RESUME_SCRIPT, killed, 8, 0, fsdp=fsdp)
     assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (load_file(straight / f"rank{rank}.safetensors") for rank in (0, 1))
+    students = [k for k in first if k.startswith("student.")]
+    # data parallel: every rank holds the whole student; FSDP: each its own shard
+    assert all(torch.equal(first[k], second[k]) for k in students) != fsdp
     for rank in (0, 1):
         a, b = load_file(straight / f"rank{rank}.safetensors"), load_file(killed / f"rank{rank}.safetensors")
         assert a.keys() == b.keys() and any(k.startswith("opt_f.") for k in a)

@@ -115,11 +115,18 @@ def test_ablation_sweep_writes_the_table_and_checks_the_claims(tmp_path):
 
     table, results = run_ablations(tmp_path, iterations=4, seeds=(0, 1), samples=200, curve_every=2,
                                    curve_samples=100, progress=False)
-    assert set(results["runs"]) == {"tdm", "clean", "no_is", "unify_no_k"}
+    assert set(results["runs"]) == {"tdm", "clean", "no_is", "unify_no_k", "fisher", "dpmsolver"}
     assert all(set(runs) == {"0", "1"} for runs in results["runs"].values())
     assert "clean-sample matching" in table and "teacher-50 CFG" in table and "Training wall-clock" in table
     assert "the measure's floor" in table and results["fid_floor"] > 0
     claim_lines = [line for line in table.splitlines() if line.startswith("- ")]
-    assert len(claim_lines) == 4 and all("spread" in line for line in claim_lines)
+    assert len(claim_lines) == 7 + 4 and all("spread" in line for line in claim_lines)
+    assert any("paper Table 8" in line for line in claim_lines)
+    # issue 19: the train × test solver table; both solver students scored with both solvers at K = 4
+    assert "| DPM-Solver++(2M) |" in table and "[31.35]" in table
+    for variant, trained in (("tdm", "ddim"), ("dpmsolver", "dpmsolver")):
+        for run in results["runs"][variant].values():
+            assert set(run["test_solvers"]) == {"K=4"} and set(run["test_solvers"]["K=4"]) == {"ddim", "dpmsolver"}
+            assert run["test_solvers"]["K=4"][trained] == run["K=4"]
     assert (tmp_path / "ablations.json").exists() and (tmp_path / "quality_vs_iterations.png").exists()
     assert [p["iteration"] for p in results["curve"]["0"]] == [2, 4]

@@ -360,6 +360,26 @@ def test_student_sampler_module_is_the_sampler(toy, toy_inputs):
         StudentSampler(toy, 3)
 
 
+def test_onnx_dpmsolver_sampler_matches_torch(toy, toy_inputs, tmp_path):
+    """Issue 19: the DPM-Solver++(2M) trajectory exports too (the unrolled graph carries the previous
+    stage's x̂0); ONNX Runtime matches sample_student(solver="dpmsolver") to the fp32 tolerance."""
+    noise, labels = toy_inputs
+    path = tmp_path / "sampler_k4_fp32.onnx"
+    meta = export_sampler_onnx(toy, path, 4, torch.randn(2, 2), torch.tensor([0, 1]), solver="dpmsolver")
+    assert meta["solver"] == "dpmsolver" and read_metadata(path)["solver"] == "dpmsolver"
+    runner = OrtSampler(path)
+    assert runner.solver == "dpmsolver" and runner.steps == 4
+    ref = sample_student(toy, noise, labels, 4, solver="dpmsolver")
+    with torch.no_grad():
+        assert relative_error(StudentSampler(toy, 4, solver="dpmsolver")(noise, labels), ref) <= 1e-6
+    got = runner(noise, labels)
+    assert relative_error(got, ref) <= FP32_TOL and runner.run_count == 1
+    assert relative_error(got, sample_student(toy, noise, labels, 4)) > 100 * FP32_TOL  # the solvers do differ
+    with pytest.raises(ValueError, match="dpmsolver solver, not ddim"):
+        export_cli.load_runner("onnx", path, 4)
+    assert relative_error(export_cli.load_runner("onnx", path, 4, solver="dpmsolver")(noise, labels), ref) <= FP32_TOL
+
+
 # -- TensorRT --------------------------------------------------------------------------------
 
 

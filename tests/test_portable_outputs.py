@@ -28,8 +28,9 @@ def run(tmp_path_factory):
     tiny.build_sd15(project / "model")
     args = tiny.preset_args("sd15", project / "model", tiny.write_prompts(project / "prompts.txt"), embedding_cache="none",
                             export_fused=True)
+    # not the default T' = 900 nor the default DDIM trajectory: the saved scheduler must carry the run's
     config = TDMConfig(steps=(4,), batch_size=2, iterations=3, cfg_scale=2.0, fake_lr=1e-2, kernels="reference", log_every=1,
-                       total_steps=800)  # not the default 900: the saved scheduler must carry the run's T'
+                       total_steps=800, student_solver="dpmsolver")
     teacher, student, fake, conditions, shape = build_preset_run(args, config)
     trainer = TDMTrainer(teacher, config, conditions, shape, project / "out", student, fake, progress=False)
     trainer.train()
@@ -38,7 +39,7 @@ def run(tmp_path_factory):
     cond, _ = prompt_conditions("sd15", project / "model", PROMPTS, teacher.model.shared.adapter.inner, 64, cache_dir=None)
     latents = torch.randn((2, *shape), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ours = sample_student(student, latents.clone(), cond, 4, total_steps=config.total_steps)
+        ours = sample_student(student, latents.clone(), cond, 4, total_steps=config.total_steps, solver=config.student_solver)
     return dict(root=root, project=project, out=project / "out", config=config, student=student, cond=cond, latents=latents,
                 ours=ours, results={})
 
@@ -62,7 +63,7 @@ def test_student_folder_loads_after_moving_base_and_run_together(run, tmp_path):
     try:
         reloaded = Denoiser.from_pretrained(moved / "out" / "student")
         with torch.no_grad():
-            again = sample_student(reloaded, run["latents"].clone(), run["cond"], 4, total_steps=800)
+            again = sample_student(reloaded, run["latents"].clone(), run["cond"], 4, total_steps=800, solver="dpmsolver")
         torch.testing.assert_close(again, run["ours"], rtol=1e-5, atol=1e-5)
 
         # the run folder moved without its base: a ValueError naming the file, the expected path and the fix
@@ -83,8 +84,8 @@ def test_student_folder_loads_after_moving_base_and_run_together(run, tmp_path):
     meta["source"]["path"] = str((run["project"] / "model").resolve())
     (old / "model" / "lora_role.json").write_text(json.dumps(meta))
     with torch.no_grad():
-        torch.testing.assert_close(sample_student(Denoiser.from_pretrained(old), run["latents"].clone(), run["cond"], 4, total_steps=800), run["ours"],
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sample_student(Denoiser.from_pretrained(old), run["latents"].clone(), run["cond"], 4, total_steps=800,
+                                                  solver="dpmsolver"), run["ours"], rtol=1e-5, atol=1e-5)
 
 
 def test_lora_folder_runs_in_the_stock_pipeline_with_its_scheduler(run):
@@ -95,6 +96,7 @@ def test_lora_folder_runs_in_the_stock_pipeline_with_its_scheduler(run):
     pipe = StableDiffusionPipeline.from_pretrained(model, **missing_components(model, StableDiffusionPipeline))
     pipe.scheduler = TDMScheduler.from_pretrained(lora, subfolder="scheduler")
     assert pipe.scheduler.config.total_steps == run["config"].total_steps == 800
+    assert pipe.scheduler.config.solver == run["config"].student_solver == "dpmsolver"
     pipe.load_lora_weights(lora)
     images = _latents(pipe, run["latents"])
     torch.testing.assert_close(images, run["ours"], rtol=1e-4, atol=1e-5)
@@ -118,7 +120,7 @@ def test_fused_folder_is_a_complete_pipeline_with_tdm_scheduler(run, monkeypatch
     # the tiny base has no VAE ([null, null] in model_index.json): diffusers wants it passed as None, as for the base itself
     pipe = DiffusionPipeline.from_pretrained(fused, **missing_components(fused, StableDiffusionPipeline))
     assert isinstance(pipe, StableDiffusionPipeline) and isinstance(pipe.scheduler, TDMScheduler)
-    assert pipe.scheduler.config.total_steps == 800
+    assert pipe.scheduler.config.total_steps == 800 and pipe.scheduler.config.solver == "dpmsolver"
     assert not any("lora" in k for k in pipe.unet.state_dict())
     images = _latents(pipe, run["latents"])
     lora_images = run["results"].get("lora")

@@ -1,4 +1,4 @@
-"""TDMScheduler: spec §2's times and DDIM jumps, as a diffusers scheduler."""
+"""TDMScheduler: spec §2's times and DDIM (or DPM-Solver++(2M), issue 19) jumps, as a diffusers scheduler."""
 import pytest
 import torch
 from torch import nn
@@ -25,18 +25,20 @@ def test_timesteps_match_spec():
     assert s.scale_model_input(x, 899) is x
 
 
+@pytest.mark.parametrize("solver", ["ddim", "dpmsolver"])
 @pytest.mark.parametrize("prediction_type,schedule", [("epsilon", "vp"), ("v_prediction", "vp"), ("flow", "flow")])
-def test_step_loop_equals_sample_student(prediction_type, schedule):
+def test_step_loop_equals_sample_student(prediction_type, schedule, solver):
     if schedule == "flow":
         cfg = ScheduleConfig(kind="flow", shift=3.0)
-        sched = TDMScheduler.from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "num_train_timesteps": 1000})
+        sched = TDMScheduler.from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "num_train_timesteps": 1000},
+                                         solver=solver)
     else:
         cfg = ScheduleConfig.from_diffusers({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"})
-        sched = TDMScheduler(prediction_type=prediction_type)
+        sched = TDMScheduler(prediction_type=prediction_type, solver=solver)
     den = Denoiser(Toy(), cfg, prediction_type)
     noise, cond = torch.randn(2, 4, 3, 3), torch.tensor([0.1, -0.3])
-    for k in (1, 2, 4):
-        ours = sample_student(den, noise, cond, k)
+    for k in (1, 2, 3, 4):
+        ours = sample_student(den, noise, cond, k, solver=solver)
         # the sd3 pipeline passes sigmas= and (with dynamic shifting) mu=: accepted and ignored
         sched.set_timesteps(k, sigmas=[1.0] * k, mu=0.5) if schedule == "flow" else sched.set_timesteps(k)
         x = noise
@@ -70,3 +72,28 @@ def test_x0_from_last_step():
     x = alpha * x0 + sigma * eps
     out = s.step(from_x0_eps(x0, eps, alpha, sigma, "epsilon"), 899, x)
     torch.testing.assert_close(out.prev_sample, x0, rtol=1e-4, atol=1e-4)
+
+
+def test_solver_is_saved_with_the_config(tmp_path):
+    s = TDMScheduler(solver="dpmsolver")
+    s.save_pretrained(tmp_path)
+    loaded = TDMScheduler.from_pretrained(tmp_path)
+    assert loaded.config.solver == "dpmsolver"
+    loaded.set_timesteps(4)
+    assert loaded.coefficients[1] > 0
+    assert TDMScheduler().config.solver == "ddim"
+    with pytest.raises(ValueError, match="solver must be one of"):
+        TDMScheduler(solver="euler")
+
+
+def test_dpmsolver_started_mid_trajectory_steps_first_order_first():
+    """img2img-style: the first step taken has no previous x̂0, so it is the DDIM step."""
+    den = Denoiser(Toy(), ScheduleConfig(), "epsilon")
+    x, cond = torch.randn(2, 4, 3, 3), torch.tensor([0.1, -0.3])
+    outs = {}
+    for solver in ("ddim", "dpmsolver"):
+        s = TDMScheduler(solver=solver)
+        s.set_timesteps(4)
+        t = s.timesteps[2]
+        outs[solver] = s.step(den.model(x, t.expand(2), cond), t, x).prev_sample
+    assert torch.equal(outs["ddim"], outs["dpmsolver"])

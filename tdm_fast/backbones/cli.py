@@ -103,7 +103,7 @@ def export_preset_student(args, student, config, output_dir) -> Path:
     (with --export-fused, or always for full fine-tuning) and a README.md model card in each.
 
     Both folders hold ``scheduler/``: the TDMScheduler built from the teacher's scheduler config with the
-    run's ``total_steps`` (``TDMScheduler.from_pretrained(folder, subfolder="scheduler")``). ``fused/`` is
+    run's ``total_steps`` and ``student_solver`` (``TDMScheduler.from_pretrained(folder, subfolder="scheduler")``). ``fused/`` is
     a complete pipeline folder (the base's other components copied, the fused denoiser in place of the
     base's, TDMScheduler in ``model_index.json``) that ``DiffusionPipeline.from_pretrained`` loads. Each
     folder is written beside its final place and renamed into it (a kill leaves the old or the new one)."""
@@ -120,7 +120,7 @@ def export_preset_student(args, student, config, output_dir) -> Path:
     if is_lora:
         def write_lora(folder: Path) -> None:
             save_lora(student, folder, kohya=args.export_kohya)
-            save_tdm_scheduler(folder, teacher_scheduler, config.total_steps)
+            save_tdm_scheduler(folder, teacher_scheduler, config.total_steps, config.student_solver)
             write_model_card(folder, lora=True, folder_name="lora", **card)
 
         replace_folder(output_dir / "lora", write_lora)  # a kill leaves the old complete folder or the new one
@@ -140,7 +140,8 @@ def export_preset_student(args, student, config, output_dir) -> Path:
                 target = model.get_submodule(student.time_embedding.removeprefix("inner."))
                 _fold_into_last_linear(target, student.steps_embedding.embedding.weight[student.steps_set.index(k)].detach().float())
         def write_fused(folder: Path) -> None:
-            write_pipeline_folder(folder, args.model, preset.subfolder, model, teacher_scheduler, config.total_steps)
+            write_pipeline_folder(folder, args.model, preset.subfolder, model, teacher_scheduler, config.total_steps,
+                                  config.student_solver)
             write_model_card(folder, lora=False, folder_name="fused", **card)
 
         replace_folder(output_dir / "fused", write_fused)

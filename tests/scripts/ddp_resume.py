@@ -1,7 +1,8 @@
-"""Run by tests/test_distributed.py under `accelerate launch`: TDM on 2 ranks with gradient accumulation,
+"""Run by tests/test_distributed.py under `accelerate launch` (data parallel, or FSDP with --use_fsdp):
+TDM on 2 ranks with gradient accumulation,
 resumed from the newest checkpoint in OUT when there is one. With KILL_AT, rank 1 SIGKILLs itself in
 that iteration (before its checkpoint). At the end every rank writes its student, fake score, EMA and
-optimizer moments, so the test can compare a killed-and-resumed run with an uninterrupted one."""
+optimizer moments (its own shards under FSDP), so the test can compare a killed-and-resumed run with an uninterrupted one."""
 import os
 import signal
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from tdm_fast import fsdp
 from tdm_fast.checkpoint import checkpoint_dirs
 from tdm_fast.config import TDMConfig
 from tdm_fast.toy2d import ToyMLP, toy_denoiser
@@ -38,4 +40,4 @@ tensors.update({f"ema.{i}": s for i, s in enumerate(trainer.ema.shadow)})
 for name, opt in (("opt_g", trainer.opt_g), ("opt_f", trainer.opt_f)):
     for i, state in opt.state_dict()["state"].items():
         tensors.update({f"{name}.{i}.{k}": v for k, v in state.items()})
-save_file({k: v.contiguous() for k, v in tensors.items()}, out / f"rank{trainer.accelerator.process_index}.safetensors")
+save_file({k: fsdp.local(v).contiguous() for k, v in tensors.items()}, out / f"rank{trainer.accelerator.process_index}.safetensors")
