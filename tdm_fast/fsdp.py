@@ -1,10 +1,13 @@
-"""Fully sharded training (FSDP2, ``torch.distributed.fsdp.fully_shard``) of full fine-tunes.
+"""Fully sharded training (FSDP2, ``torch.distributed.fsdp.fully_shard``).
 
-Each of the three networks (teacher, student, fake score) is sharded on its own over all processes:
-every block class a diffusers model names in ``_no_split_modules`` becomes an FSDP unit, the whole
-:class:`~tdm_fast.denoiser.Denoiser` (network and steps embedding) the root unit. Gradients are
-reduce-scattered by FSDP itself, so the trainer does not wrap the networks in DDP; the optimizers are
-built on the sharded (DTensor) parameters and fused AdamW still skips non-finite updates on the device.
+Each network is sharded over all processes: every block class a diffusers model names in
+``_no_split_modules`` becomes an FSDP unit, and the network the root unit. Full fine-tuning shards the
+three :class:`~tdm_fast.denoiser.Denoiser` s (network and steps embedding) one by one. With LoRA roles
+the unit is the shared base (frozen weights and every role's LoRA together): the teacher, student and
+fake Denoisers all call it, each with its own adapter active; their steps embeddings (a few hundred
+numbers) stay replicated and their gradients are all-reduced. Gradients are reduce-scattered by FSDP
+itself, so the trainer does not wrap the networks in DDP; the optimizers are built on the sharded
+(DTensor) parameters and fused AdamW still skips non-finite updates on the device.
 
 Checkpoints are sharded: each process writes its own shards of the networks, the EMA and the
 optimizer moments to its rank file, so a run resumes exactly on the same number of processes. The
@@ -38,26 +41,45 @@ def plugin(accelerator: Accelerator):
     return None
 
 
-def check_supported(settings, accelerator: Accelerator, student: nn.Module, fake: nn.Module) -> None:
+def check_supported(settings, accelerator: Accelerator) -> None:
     """ValueError naming the alternative for what FSDP here does not do."""
     if settings.fsdp_version != 2:
         raise ValueError("FSDP1 is not supported: launch with --fsdp_version 2 (FSDP2, torch's fully_shard)")
     if accelerator.mixed_precision == "fp16":
         raise ValueError("FSDP with fp16 is not supported (it needs a sharded grad scaler): use --mixed-precision bf16")
-    if any(getattr(m.model, "shared", None) is not None for m in (student, fake)):
-        # the roles' LoRA weights live inside one shared base, which would have to become a single FSDP
-        # unit driven by three Denoisers; LoRA roles train well under 1 % of the weights, so the base in
-        # bf16 on every process (data parallel) is the memory-cheap layout for them
-        raise ValueError("FSDP shards full fine-tunes only (--full-finetune); LoRA roles train with multi-GPU data "
-                         "parallel (accelerate launch --multi_gpu) and a bf16 base (--mixed-precision bf16)")
 
 
-def meta_template(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` with its parameters on the meta device (no memory), buffers real: what an
-    unsharded export is loaded into (:func:`gather_into`)."""
-    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad) for p in module.parameters()}
-    memo.update({id(b): b.detach().clone() for b in module.buffers()})
-    return copy.deepcopy(module, memo)
+def unit(network: nn.Module) -> nn.Module:
+    """The FSDP unit that holds ``network``'s weights: a LoRA role's shared base, else the network."""
+    shared = getattr(getattr(network, "model", None), "shared", None)
+    return shared.adapter if shared is not None else network
+
+
+def shard_networks(networks, settings, device: torch.device, num_processes: int) -> None:
+    """Shards the unit of every network once (a teacher role shares its unit with the student role)."""
+    done = set()
+    for network in networks:
+        module = unit(network)
+        if id(module) not in done:
+            done.add(id(module))
+            shard(module, settings, device, num_processes)
+
+
+def meta_template(network: nn.Module) -> nn.Module:
+    """A copy of ``network`` (with its shared base, for a LoRA role) whose parameters are on the meta
+    device (no memory), buffers real: what an unsharded export is loaded into (:func:`gather_into`)."""
+    params = [*network.parameters(), *unit(network).parameters()]
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad) for p in params}
+    memo.update({id(b): b.detach().clone() for m in (network, unit(network)) for b in m.buffers()})
+    return copy.deepcopy(network, memo)
+
+
+def all_reduce_replicated(params, accelerator: Accelerator) -> None:
+    """Averages the gradients of the parameters FSDP does not manage (a LoRA role's steps embedding),
+    as FSDP averages the sharded ones."""
+    for p in params:
+        if p.grad is not None and not is_sharded(p):
+            p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
 def _block_classes(module: nn.Module) -> set[str]:
@@ -129,15 +151,18 @@ def optimizer_state_from_shards(saved: dict, optimizer: torch.optim.Optimizer) -
     return {**saved, "state": state}
 
 
-def gather_into(template: nn.Module, sharded: nn.Module, is_main: bool) -> nn.Module | None:
-    """The full weights of ``sharded`` loaded into ``template`` (see :func:`meta_template`) on the main
-    process; None elsewhere. Every process must call it (the gather is collective)."""
+def gather_into(template: nn.Module, network: nn.Module, is_main: bool) -> nn.Module | None:
+    """The full weights of the sharded ``network`` loaded into ``template`` (see :func:`meta_template`)
+    on the main process; None elsewhere. Every process must call it (the gather is collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(unit(network), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main:
         return None
-    template.load_state_dict(full, assign=True)
+    unit(template).load_state_dict(full, assign=True)
+    if unit(network) is not network:  # a role: its replicated weights (steps embedding) are its own
+        replicated = {k: v.detach().cpu().clone() for k, v in network.state_dict().items() if not is_sharded(v)}
+        template.load_state_dict(replicated, strict=False, assign=True)
     return template
 
 

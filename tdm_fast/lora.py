@@ -205,14 +205,20 @@ class _RoleGatedTarget:
         return self.module.modules()
 
     def register_forward_hook(self, hook, **kwargs):
-        shared, role = self.role.shared, self.role.role
+        return self.module.register_forward_hook(_GatedHook(self.role.shared, self.role.role, hook), **kwargs)
 
-        def gated(module, inputs, output):
-            if shared.active == role:
-                return hook(module, inputs, output)
-            return None
 
-        return self.module.register_forward_hook(gated, **kwargs)
+class _GatedHook:
+    """``hook`` while ``role`` is active on ``shared``. An object, not a closure, so that a deep copy of
+    a role's Denoiser (with its shared base) gates on the copy's base, not on the original's."""
+
+    def __init__(self, shared: "SharedLoRABase", role: str, hook):
+        self.shared, self.role, self.hook = shared, role, hook
+
+    def __call__(self, module, inputs, output):
+        if self.shared.active == self.role:
+            return self.hook(module, inputs, output)
+        return None
 
 
 class LoRARole(nn.Module):

@@ -231,10 +231,11 @@ class TDMTrainer:
         sharding = fsdp.plugin(self.accelerator)
         self.fsdp = sharding is not None
         if self.fsdp:
-            fsdp.check_supported(sharding, self.accelerator, student, fake)
+            fsdp.check_supported(sharding, self.accelerator)
             self._export_template = fsdp.meta_template(student)
             for network in (self.teacher, student, fake):
-                fsdp.shard(network.to(self.device), sharding, self.device, self.accelerator.num_processes)
+                network.to(self.device)
+            fsdp.shard_networks((self.teacher, student, fake), sharding, self.device, self.accelerator.num_processes)
         self.conditions = conditions
         self.sample_shape = tuple(sample_shape)
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -376,9 +377,11 @@ class TDMTrainer:
     def _sync_context(self, model, last: bool):
         if last:
             return nullcontext()
-        return fsdp.no_gradient_sync(model) if self.fsdp else self.accelerator.no_sync(model)
+        return fsdp.no_gradient_sync(fsdp.unit(model)) if self.fsdp else self.accelerator.no_sync(model)
 
     def _clip(self, model, max_norm: float) -> torch.Tensor:
+        if self.fsdp:
+            fsdp.all_reduce_replicated(model.parameters(), self.accelerator)
         norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
         return norm.full_tensor() if fsdp.is_sharded(norm) else norm
 
