@@ -69,10 +69,8 @@ def runs(tmp_path_factory, request):
     root = tmp_path_factory.mktemp(request.param)
     prompts = t2i.write_prompt_file(root / "prompts.txt")
     layout = ["--full-finetune"] if request.param == "full-finetune" else []
-    plan = [("straight", ["--iterations", 4], True), ("ddp", ["--iterations", 4], False)]
-    if request.param == "lora-roles":  # full networks resume through the same sharded files: tests/test_distributed.py
-        plan += [("cut", ["--iterations", 2], True), ("cut", ["--iterations", 4, "--resume"], True)]
-    for name, flags, fsdp_on in plan:
+    for name, flags, fsdp_on in (("straight", ["--iterations", 4], True), ("ddp", ["--iterations", 4], False),
+                                 ("cut", ["--iterations", 2], True), ("cut", ["--iterations", 4, "--resume"], True)):
         result = _distill(root / name, prompts, *layout, *flags, fsdp_on=fsdp_on)
         assert result.returncode == 0, result.stderr[-3000:]
     return root
@@ -91,8 +89,6 @@ def test_sharded_checkpoints_hold_each_process_its_own_shards(runs):
 
 
 def test_a_sharded_run_resumes_exactly(runs):
-    if not (runs / "cut").is_dir():
-        pytest.skip("full networks: tests/test_distributed.py::test_two_ranks_resume_exactly_after_sigkill_with_accumulation[fsdp]")
     straight, resumed = _student(runs / "straight"), _student(runs / "cut")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
