@@ -19,7 +19,8 @@ from tdm_fast.checkpoint import load_checkpoint
 from tdm_fast.demos import t2i
 
 RUN = ["--resolution", "32", "--export-fused", "--batch-size", "2", "--kernels", "reference", "--steps", "1", "2", "4",
-       "--checkpoint-every", "2", "--ema-decay", "0.9", "--gradient-accumulation-steps", "2", "--quiet"]
+       "--checkpoint-every", "2", "--ema-decay", "0.9", "--gradient-accumulation-steps", "2", "--validation-every", "2",
+       "--quiet"]
 FOLDED = "time_embedding.linear_2.bias"  # a fused pipeline runs one K: its embedding is folded into this bias
 
 
@@ -86,6 +87,10 @@ def test_sharded_checkpoints_hold_each_process_its_own_shards(runs):
     # every rank holds its own part of each sharded weight (a role's steps embedding stays replicated)
     sharded = [k for k in weights if "steps_embedding" not in k]
     assert sharded and all(not torch.equal(first[k], second[k]) for k in sharded if first[k].numel() > 1)
+
+
+def test_validation_samples_the_sharded_student(runs):
+    assert sorted(p.name for p in (runs / "straight" / "validation").iterdir()) == ["step-00000002.png", "step-00000004.png"]
 
 
 def test_a_sharded_run_resumes_exactly(runs):
