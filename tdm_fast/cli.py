@@ -354,7 +354,7 @@ def cmd_demo(args) -> int:
     _refuse_flags(args, (("--samples", "samples"), ("--eval-seeds", "eval_seeds"), ("--digits-teacher", "digits_teacher")),
                   "to --dataset toy2d")
     out = check_output_path(args.out or "runs/demo-toy", "--out")
-    run_toy_demo(out, iterations=args.iterations or 600, progress=not args.quiet)
+    run_toy_demo(out, iterations=args.iterations or 600, progress=not args.quiet, seed=args.seed)
     print((out / "metrics.md").read_text())
     print(f"scatter plot: {out / 'scatter.png'}")
     return 0

@@ -33,8 +33,12 @@ def run_toy_demo(
     steps: tuple[int, ...] = (1, 2, 4),
     samples: int = 4000,
     progress: bool = True,
+    seed: int = 0,
 ) -> dict:
-    """Writes ``teacher/``, ``student-K{k}/``, ``metrics.json``, ``metrics.md`` and ``scatter.png``."""
+    """Writes ``teacher/``, ``student-K{k}/``, ``metrics.json``, ``metrics.md`` and ``scatter.png``.
+
+    ``seed`` seeds the distillation; the teacher is always trained with seed 0, so that runs with
+    different seeds distil the same teacher."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -44,7 +48,7 @@ def run_toy_demo(
     students, train_seconds = {}, {}
     for k in steps:
         t0 = time.perf_counter()
-        trainer = TDMTrainer(teacher, toy_config(k, iterations), ClassConditions(NUM_CLASSES), (2,), progress=progress)
+        trainer = TDMTrainer(teacher, toy_config(k, iterations, seed), ClassConditions(NUM_CLASSES), (2,), progress=progress)
         trainer.train()
         train_seconds[k] = time.perf_counter() - t0
         students[k] = trainer.final_student().eval()
@@ -52,6 +56,7 @@ def run_toy_demo(
     results = evaluate_toy(teacher, students, TOY_CFG_SCALE, samples=samples)
     results["timing_s"] = {"teacher": teacher_seconds, **{f"distill_K{k}": s for k, s in train_seconds.items()}}
     results["iterations"] = iterations
+    results["seed"] = seed
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     (out / "metrics.md").write_text(format_table(results) + "\n")
     plot_toy(teacher, students, out / "scatter.png")
