@@ -1,5 +1,5 @@
 """FSDP2 (issue 14): the shipped tiny SD1.5 pipeline distilled through `tdm-fast distill --preset sd15`, as LoRA
-roles on one shared base and as a full fine-tune, under `accelerate launch --use_fsdp --fsdp_version 2` on 2
+roles on one shared base and as a full fine-tune (with the Fisher objective), under `accelerate launch --use_fsdp --fsdp_version 2` on 2
 CPU processes (gloo). The sharded run resumes exactly, writes a loadable student and pipeline, and trains
 the same student as data parallel; what FSDP does not do is refused with the alternative named."""
 from __future__ import annotations
@@ -69,7 +69,9 @@ def _rank_tensors(step, rank: int) -> dict:
 def runs(tmp_path_factory, request):
     root = tmp_path_factory.mktemp(request.param)
     prompts = t2i.write_prompt_file(root / "prompts.txt")
-    layout = ["--full-finetune"] if request.param == "full-finetune" else []
+    # the full fine-tune also runs the Fisher objective: its generator loss backpropagates through the
+    # sharded teacher and fake score
+    layout = ["--full-finetune", "--objective", "fisher"] if request.param == "full-finetune" else []
     for name, flags, fsdp_on in (("straight", ["--iterations", 4], True), ("ddp", ["--iterations", 4], False),
                                  ("cut", ["--iterations", 2], True), ("cut", ["--iterations", 4, "--resume"], True)):
         result = _distill(root / name, prompts, *layout, *flags, fsdp_on=fsdp_on)
