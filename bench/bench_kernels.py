@@ -305,7 +305,7 @@ def summarize(benchmarks) -> str:
     Times are the interleaved medians of the fused test where it recorded them (each
     implementation called in turn, round after round), else each test's own median.
 
-    Called by ``tdm-fast bench`` on the JSON it renders (tdm_fast/bench_report.py).
+    Called by ``tdm-fast bench`` on the JSON it renders (tdm_fast/perf/bench_report.py).
     """
     cases = {}
     for b in benchmarks:

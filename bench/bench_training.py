@@ -3,7 +3,7 @@
     python -m pytest bench/bench_training.py --benchmark-json=out.json      # or: tdm-fast bench training
 
 * ``test_step_breakdown[teacher-kernels]``: one benchmark round = one TDM iteration
-  (``trainer.train_step``) under :class:`tdm_fast.step_profiler.StepProfiler`; the per-category
+  (``trainer.train_step``) under :class:`tdm_fast.perf.step_profiler.StepProfiler`; the per-category
   breakdown (ms per step), the share of time outside network passes, batch, device and threads
   go to ``extra_info``. Teachers: the built-in 2-D toy MLP and the digits UNet (8×8), each with
   the fused kernels (``tdm_fast.kernels``: Triton on CUDA, Inductor-compiled on CPU) and the
@@ -26,7 +26,7 @@ import time
 import pytest
 import torch
 
-from tdm_fast.step_profiler import StepProfiler, make_trainer
+from tdm_fast.perf.step_profiler import StepProfiler, make_trainer
 
 ROUNDS = int(os.environ.get("TDM_BENCH_ROUNDS", "8"))
 TTQ_ITERS = int(os.environ.get("TDM_BENCH_TTQ_ITERS", "300"))

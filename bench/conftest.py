@@ -2,7 +2,7 @@
 
 - Every --benchmark-json records *which machine* measured it: ``machine_info`` gains the
   hostname-independent ``tdm_machine_id`` and the CPU model, usable cores, torch/triton versions
-  and GPU name (see ``tdm_fast.bench_report.machine_info``), so bench/RESULTS.md can say so.
+  and GPU name (see ``tdm_fast.perf.bench_report.machine_info``), so bench/RESULTS.md can say so.
 - accelerate keeps one process-wide state; reset it after each benchmark that built a trainer.
 
 Suites add their own fixtures in their files; add shared ones here (do not replace this file).
@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    from tdm_fast.bench_report import machine_info as tdm_machine_info
+    from tdm_fast.perf.bench_report import machine_info as tdm_machine_info
 
     machine_info.update(tdm_machine_info())
 

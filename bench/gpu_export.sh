@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TDM_BENCH_COMPILE_MODE=${TDM_BENCH_COMPILE_MODE:-reduce-overhead}
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
 mkdir -p bench/results
-id=$("$PY" -c "from tdm_fast.bench_report import machine_id; print(machine_id())")
+id=$("$PY" -c "from tdm_fast.perf.bench_report import machine_id; print(machine_id())")
 if [[ -n "${TENSORRT_WHEEL:-}" ]]; then
   "$PY" -m pip install --no-deps --no-index "$TENSORRT_WHEEL" || echo "could not install $TENSORRT_WHEEL; TensorRT rows will be skipped"
 fi

@@ -11,7 +11,7 @@ export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 unset TDM_FAST_KERNELS
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
 mkdir -p bench/results
-id=$("$PY" -c "from tdm_fast.bench_report import machine_id; print(machine_id())")
+id=$("$PY" -c "from tdm_fast.perf.bench_report import machine_id; print(machine_id())")
 "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider -rs -k "Cuda" 2>&1 | tee "bench/results/kernels-$id-tests.log"
 # the training iteration never waits for the device between log steps (CUDA's sync debug mode)
 "$PY" -m pytest tests/test_trainer.py -q -p no:cacheprovider -rs -k "cuda_iteration" 2>&1 | tee -a "bench/results/kernels-$id-tests.log"

@@ -8,7 +8,7 @@ time splits over the same classes.
     python bench/profile_unet.py [--steps 4] [--rounds 20] [--out bench/results/latency-<machine>-unet-profile.md]
 
 With ``--out`` the table goes into a markdown file that ``tdm-fast bench --render-only`` inlines into
-bench/RESULTS.md under the latency suite of the same machine (``tdm_fast.bench_report.machine_id``).
+bench/RESULTS.md under the latency suite of the same machine (``tdm_fast.perf.bench_report.machine_id``).
 """
 from __future__ import annotations
 

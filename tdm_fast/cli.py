@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     digits_cli.add_classifier_arguments(p)
     p.set_defaults(func=_verb(digits_cli.run_classifier_train))
 
-    from .bench_report import add_bench_arguments, run_bench
+    from .perf.bench_report import add_bench_arguments, run_bench
 
     p = verbs.add_parser("bench", help="run benchmark suites -> bench/RESULTS.md; `bench plan`: FLOPs and GPU-hours of a real backbone")
     add_bench_arguments(p)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tdm_fast.bench_report import compare, load_results, machine_info, render
+from tdm_fast.perf.bench_report import compare, load_results, machine_info, render
 
 
 def _bench(name, median, iqr, extra=None):
@@ -72,7 +72,7 @@ def test_machine_info_is_hostname_independent():
 
 
 def test_step_profiler_breakdown_adds_up_and_restores_the_trainer():
-    from tdm_fast.step_profiler import CATEGORIES, StepProfiler, make_trainer
+    from tdm_fast.perf.step_profiler import CATEGORIES, StepProfiler, make_trainer
 
     trainer = make_trainer("toy", "reference", batch=32)
     ops = trainer.ops

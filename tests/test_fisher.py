@@ -265,7 +265,7 @@ def test_fisher_improves_a_one_step_digits_student():
 
 
 def test_profiler_shows_the_fisher_backward():
-    from tdm_fast.step_profiler import FISHER_BACKWARD, StepProfiler, make_trainer
+    from tdm_fast.perf.step_profiler import FISHER_BACKWARD, StepProfiler, make_trainer
 
     trainer = make_trainer("toy", "reference", batch=32, objective="fisher")
     with StepProfiler(trainer) as profiler:

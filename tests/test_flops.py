@@ -4,7 +4,7 @@ import argparse
 import pytest
 import torch
 
-from tdm_fast.flops import (IterationSettings, count_flops, device_peak, gpu_key, projected_gpu_hours,
+from tdm_fast.perf.flops import (IterationSettings, count_flops, device_peak, gpu_key, projected_gpu_hours,
                             tdm_iteration_flops)
 
 
@@ -49,7 +49,7 @@ def test_peaks_and_hours():
 
 
 def test_bench_plan_sdxl_prints_flops_and_paper_figure(capsys):
-    from tdm_fast.bench_report import add_bench_arguments, run_bench
+    from tdm_fast.perf.bench_report import add_bench_arguments, run_bench
 
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)

@@ -18,7 +18,7 @@ def test_plan_parameter_counts(preset, expected, capsys):
 
 
 def test_network_bytes_savers():
-    from tdm_fast.plan import network_bytes
+    from tdm_fast.perf.plan import network_bytes
 
     plan = {"parameters": 10**9, "lora_parameters": 10**7, "activations": {"none": 8 * 2**30, "checkpointing": 2**30}}
     full = network_bytes(plan, lora=False, checkpointing=False, mixed_precision=False, adam8bit=False)

@@ -151,7 +151,7 @@ def export_preset_student(args, student, config, output_dir) -> Path:
 # -- tdm-fast plan --------------------------------------------------------------------------------
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     from ..argtypes import positive_float, positive_int
-    from ..plan import PLAN_CONFIGS
+    from ..perf.plan import PLAN_CONFIGS
 
     parser.add_argument("--preset", required=True, choices=sorted(PLAN_CONFIGS))
     parser.add_argument("--batch", type=positive_int, default=1, help="per-GPU batch size")
@@ -163,7 +163,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_plan(args) -> dict:
-    from ..plan import format_plan, memory_plan
+    from ..perf.plan import format_plan, memory_plan
 
     plan = memory_plan(args.preset, batch=args.batch, resolution=args.resolution, num_frames=args.num_frames,
                        lora_rank=args.lora_rank, activations=not args.no_activations)

@@ -3,7 +3,7 @@
 How the count is made
 ---------------------
 * One forward pass of the denoiser is counted by ``torch.utils.flop_counter.FlopCounterMode`` on a
-  **meta-device** model built from the real published config (``tdm_fast.plan.PLAN_CONFIGS``: SD1.5
+  **meta-device** model built from the real published config (``tdm_fast.perf.plan.PLAN_CONFIGS``: SD1.5
   UNet, SDXL UNet, PixArt-α 1024, SD3-medium, CogVideoX-2B) — no weights, no memory, a few seconds.
   The counter counts matmuls, convolutions and attention (``scaled_dot_product_attention``) as
   2·M·N·K per product; elementwise ops, norms and softmax are not counted (they are < 1–2 % of the

@@ -105,7 +105,7 @@ def _counting():
 
 
 def _meta_inputs(preset: str, model, batch: int, resolution, num_frames: int):
-    from .backbones.presets import VIDEO_SIZE, get_preset
+    from ..backbones.presets import VIDEO_SIZE, get_preset
 
     p = get_preset(preset)
     if resolution is None:
@@ -157,8 +157,8 @@ def activation_bytes(preset: str, model, batch: int, resolution=None, num_frames
 
 def memory_plan(preset: str, batch: int = 1, resolution=None, num_frames: int = 49, lora_rank: int | None = None,
                 activations: bool = True) -> dict:
-    from .backbones.presets import get_preset
-    from .lora import DEFAULT_RANK, DEFAULT_TARGETS
+    from ..backbones.presets import get_preset
+    from ..lora import DEFAULT_RANK, DEFAULT_TARGETS
 
     model = build_meta_model(preset)
     params = count_parameters(model)
