@@ -109,6 +109,10 @@ def load_denoiser(path: str):
         raise UsageError(f"{path} does not exist")
     if (path / "student").is_dir() and not (path / "denoiser.json").exists():
         path = path / "student"
+    if not (path / "denoiser.json").is_file() and (path / "pytorch_lora_weights.safetensors").is_file():
+        student = path.parent / "student"
+        raise UsageError(f"{path} is a diffusers LoRA (for pipe.load_lora_weights on its base pipeline), not a saved denoiser: "
+                         f"give the run's student folder{f' ({student})' if student.is_dir() else ''} or the run folder")
     if not (path / "denoiser.json").is_file():
         raise UsageError(f"{path} is not a saved denoiser (expected {path / 'denoiser.json'})")
     return Denoiser.from_pretrained(path)
@@ -329,6 +333,8 @@ def _refuse_flags(args, flags: tuple[tuple[str, str], ...], why: str) -> None:
 
 
 def cmd_demo(args) -> int:
+    if args.onnx and args.pipeline != "sd15":
+        raise UsageError(f"--onnx scores the exported student of --pipeline sd15, not {'--pipeline ' + args.pipeline if args.pipeline else '--dataset ' + args.dataset}")
     if args.pipeline is not None:
         if args.dataset != "digits":
             raise UsageError(f"--pipeline distils a digits text-to-image pipeline; it does not go with --dataset {args.dataset}")
@@ -489,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distil the shipped digits text-to-image pipeline (stock diffusers classes) through --preset "
                         "and judge it through the stock pipeline; writes runs/demo-<pipeline>/")
     p.add_argument("--model", default=None, help="with --pipeline: a pipeline folder of that kind instead of the shipped one")
+    p.add_argument("--onnx", action="store_true",
+                   help="with --pipeline sd15: also `tdm-fast export` the student and score its ONNX Runtime samples "
+                        "against torch's (FID, bootstrap std; a few minutes more)")
     p.set_defaults(func=cmd_demo, samples=None)  # --samples: 2000 (digits and --pipeline); refused for toy2d
 
     p = verbs.add_parser("eval", help="score a digits student against the NFE-matched baselines; --ablations: reproduction table")

@@ -55,6 +55,10 @@ def _last_linear_width(module: nn.Module) -> int:
     return linears[-1].out_features
 
 
+class WrongBaseError(ValueError):
+    """A saved network that refers to a base model of another backbone (a LoRA role, :mod:`tdm_fast.lora`)."""
+
+
 class StepsEmbedding(nn.Module):
     """A learned embedding of K, added to the output of the network's timestep embedding.
 
@@ -211,6 +215,8 @@ class Denoiser(nn.Module):
             raise ValueError(f"{model_dir} is missing: {path} holds no network (an incomplete copy of a saved denoiser?)")
         try:
             model = model_cls.from_pretrained(model_dir, **model_kwargs)
+        except WrongBaseError:
+            raise  # names its file and the fix already
         except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
             raise ValueError(f"{model_dir}: cannot load the network ({_first_line(exc)})") from None
         tensors = _load_tensors(path / DENOISER_TENSORS)

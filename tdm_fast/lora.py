@@ -301,6 +301,8 @@ class LoRARole(nn.Module):
         meta = json.loads(config_file.read_text())
         source = dict(meta["source"])
         source["path"], is_model_id = resolve_base_path(source["path"], config_file)
+        if not is_model_id:
+            check_base_backbone(source, config_file)
         try:
             adapter = load_adapter(source, **kwargs)
         except OSError as exc:
@@ -314,7 +316,20 @@ class LoRARole(nn.Module):
             ) from None
         lora = {k: v for k, v in meta["lora"].items() if k in LoraConfig.__dataclass_fields__}
         shared = SharedLoRABase(adapter, {meta["role"]: LoraConfig(**lora)}, source)
-        set_peft_model_state_dict(adapter.inner, load_file(path / "lora.safetensors"), adapter_name=meta["role"])
+        try:
+            loaded = set_peft_model_state_dict(adapter.inner, load_file(path / "lora.safetensors"), adapter_name=meta["role"])
+            unexpected = list(getattr(loaded, "unexpected_keys", ()))
+        except RuntimeError as exc:  # a size mismatch
+            found = re.search(r"size mismatch for ([\w.]+)", str(exc))
+            unexpected = [f"size mismatch at {found.group(1)}" if found else str(exc).strip().splitlines()[0]]
+        if unexpected:  # peft drops LoRA weights whose layer the base lacks: a silently different student
+            from .denoiser import WrongBaseError
+
+            raise WrongBaseError(
+                f"{config_file}: the LoRA weights do not fit the base \"source.path\" {source['path']} ({unexpected[0]}): "
+                f"it is a {_denoiser_name(source)} of another size or family (e.g. SDXL's UNet vs SD 1.5's) than the one "
+                "this LoRA was distilled on; set \"source.path\" in this file to that pipeline folder"
+            )
         return cls(shared, meta["role"])
 
 
@@ -356,6 +371,56 @@ def resolve_base_path(stored: str, config_file) -> tuple[str, bool]:
         f"(\"source.path\": {stored!r}{'' if local.is_absolute() else ', relative to the folder of this file'}); "
         "move the base folder and the run folder together so that this path holds again, or set \"source.path\" "
         "in this file to the base's folder (absolute, or relative to the folder of this file) or its Hub model id"
+    )
+
+
+def _denoiser_name(source: dict) -> str:
+    """``sd15 UNet2DConditionModel`` (the preset, where the source records it, and the model class)."""
+    name = source["inner_class"].rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+    return f"{source['preset']} {name}" if source.get("preset") else name
+
+
+def _class_name(file: Path) -> str | None:
+    """The ``_class_name`` of a diffusers config or model_index.json (None if unreadable or absent)."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("_class_name") if isinstance(data, dict) else None
+
+
+def _describe_base(base: Path) -> str:
+    """What a base folder holds, in the terms of :func:`_denoiser_name` (for errors)."""
+    from .backbones.presets import PRESETS
+
+    pipeline = _class_name(base / "model_index.json")
+    if pipeline is None:
+        model = _class_name(base / "config.json")
+        return f"a {model} folder" if model else "not a diffusers pipeline folder (no model_index.json)"
+    presets = [p for p in PRESETS.values() if p.pipeline == pipeline]
+    if not presets:
+        return f"a {pipeline} folder"
+    found = _class_name(base / presets[0].subfolder / "config.json") or presets[0].inner_class
+    return f"a {pipeline} folder ({'/'.join(p.name for p in presets)} {found} in {presets[0].subfolder}/)"
+
+
+def check_base_backbone(source: dict, config_file) -> None:
+    """Refuses a local base folder whose denoiser is not the model class the LoRA was trained on (a LoRA
+    role pointed at another backbone's pipeline), naming both, before ``from_pretrained`` fails on a
+    missing file or peft on shapes."""
+    base = Path(source["path"])
+    folder = base / source["subfolder"] if source.get("subfolder") else base
+    expected = source["inner_class"].rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+    found = _class_name(folder / "config.json")
+    if found == expected or (found is None and _class_name(base / "model_index.json") is None):
+        return  # the right class, or a folder no diffusers config describes: from_pretrained judges it
+    from .denoiser import WrongBaseError
+
+    where = f" ({source['subfolder']}/)" if source.get("subfolder") else ""
+    raise WrongBaseError(
+        f"{config_file}: this LoRA was distilled on a {_denoiser_name(source)}{where}, but its base \"source.path\" "
+        f"{base} is {_describe_base(base)}; a LoRA loads only on its own backbone: set \"source.path\" in this file "
+        "to the pipeline folder it was distilled from (absolute, or relative to the folder of this file)"
     )
 
 

@@ -102,7 +102,36 @@ def world(tmp_path_factory):
         shutil.rmtree(sd / name / missing)
     shutil.copytree(sd / "full", sd / "trunc-unet")
     _truncate(next((sd / "trunc-unet" / "unet").glob("*.safetensors")))
+    _sd3_and_lora_runs(root)
     return root
+
+
+def _sd3_and_lora_runs(root):
+    """W/sd3/* (a tiny SD3 pipeline and copies missing a component) and W/lora: a preset run of each backbone,
+    their students pointed at the other backbone's pipeline (and at an SD 1.5 pipeline of another size)."""
+    from _backbone_tiny import build_sd3
+
+    from tdm_fast.demos import t2i
+
+    sd3 = root / "sd3"
+    build_sd3(sd3 / "full")
+    shutil.rmtree(sd3 / "full" / "_tok", ignore_errors=True)
+    for name, missing in (("no-transformer", "transformer"), ("no-scheduler", "scheduler"), ("no-text-encoder-2", "text_encoder_2")):
+        shutil.copytree(sd3 / "full", sd3 / name)
+        shutil.rmtree(sd3 / name / missing)
+    shutil.copytree(sd3 / "full", sd3 / "trunc-transformer")
+    _truncate(next((sd3 / "trunc-transformer" / "transformer").glob("*.safetensors")))
+    lora = root / "lora"
+    for preset, model in (("sd15", root / "sd" / "full"), ("sd3", sd3 / "full")):
+        assert main(["distill", "--preset", preset, "--model", str(model), "--prompts", str(root / "bad" / "prompts.txt"),
+                     "--out", str(lora / preset), "--iterations", "1", "--steps", "1", "2", "4", "--lora-rank", "2",
+                     "--embedding-cache", "none", *TINY]) == 0
+        shutil.rmtree(lora / preset / "checkpoints")
+    for name, run, base in (("sd15-on-sd3", "sd15", sd3 / "full"), ("sd3-on-sd15", "sd3", root / "sd" / "full"),
+                            ("sd15-other-size", "sd15", t2i.shipped_pipeline("sd15"))):
+        shutil.copytree(lora / run / "student", lora / name)
+        _edit_json(lora / name / "model" / "lora_role.json", source={
+            **json.loads((lora / name / "model" / "lora_role.json").read_text())["source"], "path": str(base)})
 
 
 def _tree(root):
@@ -112,7 +141,8 @@ def _tree(root):
 
 def _paths(world, tmp_path) -> dict:
     return {"T": world / "teacher", "R": world / "run", "S": world / "run" / "student", "B": world / "bad",
-            "F": world / "bad" / "afile", "SD": world / "sd", "O": tmp_path / "out", "tmp": tmp_path}
+            "F": world / "bad" / "afile", "SD": world / "sd", "SD3": world / "sd3", "L": world / "lora", "O": tmp_path / "out",
+            "tmp": tmp_path}
 
 
 CASE_SECONDS = int(os.environ.get("TDM_FAST_CASE_SECONDS", "30"))  # a rejected input is rejected up front: a case still running by then started real work
@@ -245,6 +275,7 @@ def test_distill(argv, needle, world, tmp_path, capsys, monkeypatch):
 
 # -- distill --preset (a tiny random SD 1.5 pipeline) --------------------------------------------
 PRESET = "distill --preset sd15 --out {O} --iterations 1 --embedding-cache {tmp}/cache --quiet "
+PRESET3 = PRESET.replace("--preset sd15", "--preset sd3")
 DISTILL_PRESET = [
     ("model-missing", PRESET + "--model {SD}/nowhere --prompts {B}/prompts.txt", "{SD}/nowhere"),
     ("model-is-file", PRESET + "--model {F} --prompts {B}/prompts.txt", "--model {F}"),
@@ -258,6 +289,16 @@ DISTILL_PRESET = [
     ("without-model", PRESET + "--prompts {B}/prompts.txt", "--model"),
     ("lora-rank-0", PRESET + "--model {SD}/full --prompts {B}/prompts.txt --lora-rank 0", "--lora-rank"),
     ("resolution-0", PRESET + "--model {SD}/full --prompts {B}/prompts.txt --resolution 0", "--resolution"),
+    ("model-of-sd3", PRESET + "--model {SD3}/full --prompts {B}/prompts.txt", "--preset sd3"),
+    # the flow-matching backbone (a tiny random SD3 pipeline)
+    ("sd3-model-without-transformer", PRESET3 + "--model {SD3}/no-transformer --prompts {B}/prompts.txt", "{SD3}/no-transformer/transformer"),
+    ("sd3-model-without-scheduler", PRESET3 + "--model {SD3}/no-scheduler --prompts {B}/prompts.txt", "{SD3}/no-scheduler/scheduler"),
+    ("sd3-model-without-text-encoder", PRESET3 + "--model {SD3}/no-text-encoder-2 --prompts {B}/prompts.txt",
+     "{SD3}/no-text-encoder-2/text_encoder_2"),
+    ("sd3-model-truncated-transformer", PRESET3 + "--model {SD3}/trunc-transformer --prompts {B}/prompts.txt",
+     "{SD3}/trunc-transformer/transformer"),
+    ("sd3-prompts-no-usable-line", PRESET3 + "--model {SD3}/full --prompts {B}/empty-prompts.txt", "{B}/empty-prompts.txt"),
+    ("sd3-model-of-sd15", PRESET3 + "--model {SD}/full --prompts {B}/prompts.txt", "--preset sd15"),
 ]
 
 
@@ -287,6 +328,11 @@ SAMPLE = [
     ("out-under-file", "sample --checkpoint {R} --out {F}/samples", "--out"),
     ("out-is-folder", "sample --checkpoint {R} --out {B}", "--out"),
     ("seed-text", "sample --checkpoint {R} --seed abc --out {O}", "--seed"),
+    # LoRA students of the real backbones: a base of another backbone, the diffusers LoRA instead of the student
+    ("lora-sd15-on-sd3-base", "sample --checkpoint {L}/sd15-on-sd3 --out {O}", "distilled on a sd15 UNet2DConditionModel"),
+    ("lora-sd3-on-sd15-base", "sample --checkpoint {L}/sd3-on-sd15 --out {O}", "is a StableDiffusionPipeline folder (sd15"),
+    ("lora-base-other-size", "sample --checkpoint {L}/sd15-other-size --out {O}", "{L}/sd15-other-size/model/lora_role.json"),
+    ("diffusers-lora-folder", "sample --checkpoint {L}/sd15/lora --out {O}", "{L}/sd15/student"),
 ]
 
 
@@ -316,6 +362,10 @@ EXPORT = [
     ("format-unknown", "export --checkpoint {S} --out {O} --format tflite", "--format"),
     ("dtype-unknown", "export --checkpoint {S} --out {O} --dtype fp8", "--dtype"),
     ("opset-21-torchscript", "export --checkpoint {S} --out {O} --exporter torchscript --opset 21", "--opset"),
+    ("lora-sd15-on-sd3-base", "export --checkpoint {L}/sd15-on-sd3 --out {O}", "is a StableDiffusion3Pipeline folder (sd3"),
+    ("lora-sd3-on-sd15-base", "export --checkpoint {L}/sd3-on-sd15 --out {O}", "distilled on a sd3 SD3Transformer2DModel"),
+    ("lora-base-other-size", "export --checkpoint {L}/sd15-other-size --out {O}", "size mismatch"),
+    ("diffusers-lora-folder", "export --checkpoint {L}/sd3/lora --out {O}", "diffusers LoRA"),
 ]
 
 
@@ -366,6 +416,8 @@ DEMO = [
     ("digits-teacher-is-toy", "demo --digits-teacher {T}", "{T}"),
     ("toy-with-samples", "demo --dataset toy2d --samples 100", "--samples"),
     ("dataset-unknown", "demo --dataset cifar", "--dataset"),
+    ("onnx-with-sd3", "demo --pipeline sd3 --onnx", "--onnx"),
+    ("onnx-without-pipeline", "demo --onnx", "--onnx"),
 ]
 
 

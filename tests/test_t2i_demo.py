@@ -51,6 +51,38 @@ def test_short_demo_runs_the_whole_path_and_moves_fid_toward_teacher(short_runs,
         assert rows[f"tdm-{k}"]["fid_teacher"] < rows[f"{step}{k}-student-times"]["fid_teacher"], k
 
 
+def test_onnx_export_of_the_demo_student_samples_what_torch_samples(tmp_path):
+    """``--onnx``: the student folder the demo leaves is exported by ``tdm-fast export`` (sampler graphs and
+    VAE decoder), ONNX Runtime images match torch's, and the FIDs, bootstrap std and acceptance are recorded."""
+    pytest.importorskip("onnxruntime")  # the `export` extra
+    results = t2i_demo.run_t2i_demo("sd15", tmp_path, iterations=2, samples=40, bootstrap=5, columns=2, progress=False,
+                                    reference_steps=4, warmup_steps=1, batch_size=4, onnx=True, onnx_exporter="torchscript")
+    assert (tmp_path / "student" / "denoiser.json").is_file() and (tmp_path / "onnx" / "vae_decoder_fp32.onnx").is_file()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == results
+    for k in (1, 2, 4):
+        entry = saved["comparisons"][f"K={k}"]
+        assert (tmp_path / "onnx" / f"sampler_k{k}_fp32.onnx").is_file()
+        assert entry["onnx_max_abs_diff"] < 1e-3, entry  # images in [0, 1]
+        assert entry["fid_bootstrap_std"] > 0 and abs(entry["onnx_fid"] - entry["torch_fid"]) < 1e-2 * (1 + entry["torch_fid"])
+        assert isinstance(saved["acceptance"][f"K={k} ONNX FID within the bootstrap std of torch's"], bool)
+    assert saved["onnx"]["export_argv"][:3] == ["export", "--checkpoint", str(tmp_path / "student")]
+    assert "ONNX FID to teacher-50" in (tmp_path / "metrics.md").read_text()
+
+
+def test_role_layouts_start_as_one_student_and_write_their_table(tmp_path):
+    """LoRA roles, --fake-copy and --full-finetune are one algorithm: after one iteration from the same
+    start (LoRA B = 0, copies of the teacher) their students score alike; the table and JSON are written."""
+    from tdm_fast.demos import t2i_layouts
+
+    result = t2i_layouts.run_layouts("sd15", tmp_path, seeds=(0, 1), iterations=1, samples=40, say=lambda _m: None)
+    assert set(result["runs"]) == set(t2i_layouts.LAYOUTS)
+    fids = [row["K=4"][0] for row in result["table"].values()]
+    assert max(fids) - min(fids) < 1e-2 * max(fids), result["table"]
+    assert json.loads((tmp_path / "layouts.json").read_text())["table"].keys() == result["table"].keys()
+    assert "full-finetune" in (tmp_path / "layouts.md").read_text()
+
+
 def test_preset_shape_uses_the_folders_vae_factor_and_native_resolution(tmp_path):
     """Defect found on this path: the latent shape assumed a VAE factor of 8 (and a default resolution of
     512), so a pipeline whose VAE downsamples 2× got 2×2 latents from --resolution 16, and 256×256 by default."""

@@ -68,6 +68,15 @@ def _pipeline_json(file: Path) -> dict:
     return data
 
 
+def _folder_pipeline(path: str | Path) -> str | None:
+    """The pipeline class a folder's model_index.json names (None if it names none or cannot be read)."""
+    try:
+        data = json.loads((Path(path) / "model_index.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data.get("_class_name") if isinstance(data, dict) else None
+
+
 def read_scheduler_config(path: str | Path) -> dict:
     return _pipeline_json(Path(path) / "scheduler" / "scheduler_config.json")
 
@@ -101,6 +110,11 @@ def load_teacher(preset: Preset | str, path: str | Path, torch_dtype=None) -> tu
     inner_cls = getattr(diffusers, preset.inner_class)
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     folder = Path(path) / preset.subfolder
+    pipeline = _folder_pipeline(path)
+    other = [p.name for p in PRESETS.values() if p.pipeline == pipeline and pipeline != preset.pipeline]
+    if other:  # another backbone's folder: say so, rather than which file of this backbone it lacks
+        raise ValueError(f"--model {path} is a {pipeline} folder ({'/'.join(other)}), not the {preset.pipeline} "
+                         f"that --preset {preset.name} distils: pass --preset {other[0]}, or a {preset.pipeline} folder")
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} not found: a {preset.name} pipeline folder holds its {preset.inner_class} in {preset.subfolder}/")
     try:
@@ -118,6 +132,7 @@ def load_teacher(preset: Preset | str, path: str | Path, torch_dtype=None) -> tu
     adapter = preset.adapter(inner, **adapter_kwargs)
     teacher = Denoiser(adapter, ScheduleConfig.from_diffusers(sched), prediction_type_of(sched))
     source = {
+        "preset": preset.name,  # for errors that name the backbone of a LoRA role's base
         "path": str(Path(path).resolve()),
         "subfolder": preset.subfolder,
         "adapter_class": f"{preset.adapter.__module__}:{preset.adapter.__qualname__}",

@@ -68,7 +68,7 @@ def demo_config(pipeline: str, iterations: int | None = None, seed: int = 0, **o
 
 
 def preset_argv(pipeline: str, model: Path, prompts: Path, cache: Path | str, rank: int | None = None,
-                targets: str | None = None, fake_copy: bool = False) -> list[str]:
+                targets: str | None = None, fake_copy: bool = False, full_finetune: bool = False) -> list[str]:
     """The ``tdm-fast distill`` flags of this run (what a user would type)."""
     argv = ["--preset", pipeline, "--model", str(model), "--prompts", str(prompts), "--resolution", str(t2i.IMAGE_SIZE),
             "--embedding-cache", str(cache)]
@@ -80,6 +80,8 @@ def preset_argv(pipeline: str, model: Path, prompts: Path, cache: Path | str, ra
         argv += ["--lora-targets", targets]
     if fake_copy:
         argv.append("--fake-copy")
+    if full_finetune:
+        argv.append("--full-finetune")
     return argv
 
 
@@ -330,11 +332,16 @@ def run_t2i_demo(
     bootstrap: int = 50,
     progress: bool = True,
     reference_steps: int = 50,
+    onnx: bool = False,
+    onnx_exporter: str = "dynamo",
     **config_overrides,
 ) -> dict:
     """Distils the shipped ``pipeline`` ('sd15' or 'sd3'; ``model``: another folder of the same kind),
     evaluates through the stock pipeline and writes ``grid.png``, ``metrics.md``, ``metrics.json``,
-    ``train_log.jsonl`` and the LoRA (``lora/``) to ``out_dir`` (default ``runs/demo-<pipeline>``)."""
+    ``train_log.jsonl``, the LoRA (``lora/``) and the student (``student/``, what ``tdm-fast export`` takes)
+    to ``out_dir`` (default ``runs/demo-<pipeline>``). ``onnx``: also export the student with ``tdm-fast
+    export`` (to ``onnx/``, with ``onnx_exporter``) and score its ONNX Runtime samples against torch's
+    (:mod:`tdm_fast.demos.t2i_onnx`)."""
     from ..backbones.cli import build_preset_run, export_preset_student
     from ..eval.digits import acceptance, format_table, save_grid
     from ..trainer import TDMTrainer
@@ -376,6 +383,7 @@ def run_t2i_demo(
     teacher_is_base = bool(torch.equal(probe_after, _teacher_probe(base, conditions, shape)))
     del base
     export_preset_student(args, student, config, out_dir)
+    student.save_pretrained(out_dir / "student")  # as `tdm-fast distill` leaves it: LoRA role + K embedding, base by path
     lora_dir = out_dir / "lora"
 
     # the stock pipeline reproduces the engine's student (scheduler, LoRA, K embedding, prompt embeddings)
@@ -386,7 +394,23 @@ def run_t2i_demo(
                                  reference_steps=reference_steps, total_steps=config.total_steps, bootstrap=bootstrap,
                                  keep_images=columns, say=say)
     eval_s = time.perf_counter() - t_eval
-    results.pop("reference_images8")
+    reference8 = results.pop("reference_images8")
+    onnx_md = []
+    if onnx:
+        from ..eval.digits import DigitsMetrics
+        from . import t2i_onnx
+
+        onnx_argv = t2i_onnx.export_argv(out_dir / "student", model_dir, out_dir / "onnx", config.steps, config.total_steps,
+                                         onnx_exporter)
+        _, export_s = _timed(lambda: t2i_onnx.run_export(onnx_argv))
+        onnx_rows = t2i_onnx.onnx_parity(pipeline, model_dir, student, out_dir / "onnx", config.steps, config.total_steps,
+                                         samples, eval_seed, reference8, DigitsMetrics(bootstrap=bootstrap))
+        for key, entry in onnx_rows.items():
+            results["comparisons"][key].update(entry)
+            say(f"{key}: ONNX FID {entry['onnx_fid']:.3f}, torch FID {entry['torch_fid']:.3f}, "
+                f"max |Δ| {entry['onnx_max_abs_diff']:.1e}")
+        results["onnx"] = {"export_argv": onnx_argv, "export_s": export_s, "exporter": onnx_exporter}
+        onnx_md = t2i_onnx.markdown(onnx_rows, onnx_argv, export_s) + [""]
     images = results.pop("images")
     base4 = results["comparisons"].get("K=4", {}).get("baseline")
     rows = [(results["reference"], f"teacher {results['reference'].split('-')[1]}-step CFG")]
@@ -410,6 +434,11 @@ def run_t2i_demo(
     results["total_wall_clock_s"] = time.perf_counter() - t_start
     results["acceptance"] = acceptance(results)
     results["acceptance"]["teacher outputs bit-identical after distillation"] = teacher_unchanged and teacher_is_base
+    if onnx:
+        from .t2i_onnx import within_std
+
+        for key, entry in results["comparisons"].items():
+            results["acceptance"][f"{key} ONNX FID within the bootstrap std of torch's"] = within_std(entry)
     results["lora"] = str(lora_dir)
     (out_dir / "metrics.json").write_text(json.dumps(_jsonable(results), indent=2))
     md = [
@@ -435,6 +464,7 @@ def run_t2i_demo(
         f"{'yes' if teacher_is_base else 'NO'}." + (" The teacher's 50-step samples come from the package's cache "
         "(its first 100 recomputed and matched)." if results.get("reference_cached") else ""),
         "",
+        *onnx_md,
         "![samples](grid.png)",
         "",
     ]
@@ -457,7 +487,7 @@ def run_demo(args) -> dict:
     results = run_t2i_demo(
         args.pipeline, args.out or f"runs/demo-{args.pipeline}", iterations=getattr(args, "iterations", None), samples=samples,
         seed=getattr(args, "seed", 0), eval_seed=seeds[0], model=getattr(args, "model", None),
-        progress=not getattr(args, "quiet", False),
+        progress=not getattr(args, "quiet", False), onnx=getattr(args, "onnx", False),
     )
     out = Path(args.out or f"runs/demo-{args.pipeline}")
     print((out / "metrics.md").read_text())

@@ -1,0 +1,140 @@
+"""The role layouts agree (issue 13 item 3): the demo's run with LoRA roles (student and fake score as two
+adapters on one base), ``--fake-copy`` (the fake score's adapter on its own base copy) and
+``--full-finetune`` (student and fake as full copies of the teacher), over several training seeds.
+
+They are three implementations of one algorithm, so their FIDs must agree within the seed spread.
+Every run is built by ``tdm-fast distill --preset`` 's own code with the demo's recipe; students are
+scored by the engine's sampler (:func:`~tdm_fast.sampling.sample_student`, which the stock pipeline
+reproduces to < 1e-3, see ``pipeline_parity``) and the folder's VAE, on the demo's prompts and latents,
+as FID to the teacher's 50-step CFG samples. A full fine-tune has no LoRA for the stock pipeline to
+load, hence the one sampler for all three.
+
+``python -m tdm_fast.demos.t2i_layouts --pipeline sd15 --iterations 300 --seeds 0 1 2 --out runs/layouts-sd15``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from . import t2i
+from .t2i_demo import CFG, LORA, cached_reference, demo_config, load_stock, preset_args, preset_argv
+
+LAYOUTS = {"lora-roles": {}, "fake-copy": {"fake_copy": True}, "full-finetune": {"full_finetune": True}}
+
+
+@torch.no_grad()
+def _scorer(pipeline: str, model_dir: Path, samples: int, seed: int, reference_steps: int = 50):
+    """``score(student, k) -> FID to teacher-50`` on the demo's prompts and latents."""
+    from ..eval.digits import DigitsMetrics
+    from ..export.vae import LatentDecoder, load_vae
+    from ..sampling import sample_student
+
+    prompts, labels, latents = t2i.eval_prompts(samples, seed)
+    teacher = load_stock(model_dir)
+    cached = cached_reference(pipeline, teacher, samples, seed, reference_steps, CFG[pipeline])
+    reference8 = cached[0] if cached is not None else t2i.to_digits8(t2i.generate(teacher, prompts, latents, reference_steps,
+                                                                                 CFG[pipeline]))
+    cond = t2i.encode_prompts(teacher, prompts)
+    cond = cond["encoder_hidden_states"] if pipeline == "sd15" else cond
+    decoder = LatentDecoder(load_vae(model_dir)).eval()
+    metrics = DigitsMetrics()
+    ref_feats = metrics.features(reference8)
+
+    def score(student, k: int, total_steps: int) -> dict:
+        x0 = sample_student(student, latents.clone(), cond, k, total_steps)
+        row = metrics(t2i.to_digits8(decoder(x0) * 2 - 1), labels, ref_feats)
+        return {"fid_teacher": row["fid_teacher"], "accuracy": row["accuracy"]}
+
+    return score
+
+
+def train_layout(pipeline: str, model_dir: Path, work: Path, layout: str, seed: int, iterations: int):
+    """The trained student of one layout and seed (the demo's recipe and LoRA) and its wall clock."""
+    from ..backbones.cli import build_preset_run
+    from ..trainer import TDMTrainer
+
+    torch.manual_seed(seed)
+    argv = preset_argv(pipeline, model_dir, t2i.write_prompt_file(work / "prompts.txt"), work / "embeddings",
+                       LORA[pipeline]["rank"], LORA[pipeline]["targets"], **LAYOUTS[layout])
+    config = demo_config(pipeline, iterations, seed=seed)
+    teacher, student, fake, conditions, shape = build_preset_run(preset_args(argv), config)
+    trainer = TDMTrainer(teacher, config, conditions, shape, output_dir=None, student=student, fake=fake, progress=False)
+    start = time.perf_counter()
+    trainer.train()
+    return trainer.final_student().eval(), config, time.perf_counter() - start
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(runs: dict, steps) -> dict:
+    """Mean and std over seeds of each layout's FID per K, and the acceptance check at K = 4 (every pair of
+    layouts within the larger of their seed stds)."""
+    table = {layout: {f"K={k}": _mean_std([r[f"K={k}"]["fid_teacher"] for r in by_seed.values()]) for k in steps}
+             for layout, by_seed in runs.items()}
+    k = f"K={max(steps)}"
+    names = list(table)
+    agree = all(abs(table[a][k][0] - table[b][k][0]) <= max(table[a][k][1], table[b][k][1])
+                for i, a in enumerate(names) for b in names[i + 1:])
+    return {"table": table, f"{k} layouts within the larger seed std": agree}
+
+
+def markdown(summary: dict, runs: dict, steps, iterations: int, samples: int) -> str:
+    seeds = sorted({s for by_seed in runs.values() for s in by_seed})
+    lines = [f"FID to teacher-50 ({samples} samples), mean ± std over training seeds {seeds}, {iterations} iterations each:", "",
+             "| layout | " + " | ".join(f"K={k}" for k in sorted(steps, reverse=True)) + " | per seed (K=4) |",
+             "|---|" + "---|" * (len(steps) + 1)]
+    for layout, row in summary["table"].items():
+        per_seed = ", ".join(f"{runs[layout][s][f'K={max(steps)}']['fid_teacher']:.3f}" for s in sorted(runs[layout]))
+        lines.append(f"| {layout} | " + " | ".join(f"{row[f'K={k}'][0]:.3f} ± {row[f'K={k}'][1]:.3f}" for k in sorted(steps, reverse=True))
+                     + f" | {per_seed} |")
+    key = next(k for k in summary if k != "table")
+    lines += ["", f"{key}: {'yes' if summary[key] else 'NO'}"]
+    return "\n".join(lines)
+
+
+def run_layouts(pipeline: str, out: Path, seeds=(0, 1, 2), iterations: int = 300, samples: int = 2000, layouts=tuple(LAYOUTS),
+                say=print) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = t2i.shipped_pipeline(pipeline)
+    score = _scorer(pipeline, model_dir, samples, 0)
+    runs: dict = {layout: {} for layout in layouts}
+    steps = None
+    for layout in layouts:
+        for seed in seeds:
+            student, config, train_s = train_layout(pipeline, model_dir, out, layout, seed, iterations)
+            steps = config.steps
+            row = {f"K={k}": score(student, k, config.total_steps) for k in steps}
+            runs[layout][seed] = {**row, "train_s": train_s}
+            say(f"{layout} seed {seed}: " + ", ".join(f"{k} FID {v['fid_teacher']:.3f}" for k, v in row.items())
+                + f" ({train_s:.0f} s)")
+            (out / "layouts.json").write_text(json.dumps({"iterations": iterations, "samples": samples, "runs": runs}, indent=2))
+    summary = summarise(runs, steps)
+    result = {"pipeline": pipeline, "iterations": iterations, "samples": samples, "runs": runs, **summary}
+    (out / "layouts.json").write_text(json.dumps(result, indent=2))
+    (out / "layouts.md").write_text(markdown(summary, runs, steps, iterations, samples) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tdm_fast.demos.t2i_layouts", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pipeline", choices=t2i.PIPELINES, default="sd15")
+    parser.add_argument("--out", default=None, help="default runs/layouts-<pipeline>")
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    args = parser.parse_args(argv)
+    out = Path(args.out or f"runs/layouts-{args.pipeline}")
+    run_layouts(args.pipeline, out, tuple(args.seeds), args.iterations, args.samples, tuple(args.layouts))
+    print((out / "layouts.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
