@@ -802,22 +802,19 @@ class TDMTrainer:
         Only the main process writes; under FSDP every process must call it (the student is gathered)."""
         if self.fsdp:
             with self.ema_weights() as sharded:
-                student = fsdp.gather_into(self._export_template, sharded, self.accelerator.is_main_process)
-        elif not self.accelerator.is_main_process:
+                gathered = fsdp.gather_into(self._export_template, sharded, self.accelerator.is_main_process)
+        if not self.accelerator.is_main_process:
             return
-        else:
-            student = None
 
         def write(folder: Path) -> None:
-            if student is not None:
-                student.save_pretrained(folder)
+            if self.fsdp:
+                gathered.save_pretrained(folder)
             else:
-                with self.ema_weights() as current:
-                    current.save_pretrained(folder)
+                with self.ema_weights() as student:
+                    student.save_pretrained(folder)
             (folder / STUDENT_STATE).write_text(json.dumps({"step": self.step}))
 
-        if self.accelerator.is_main_process:
-            replace_folder(Path(path), write)
+        replace_folder(Path(path), write)
 
     def student_is_current(self) -> bool:
         """Whether ``<output_dir>/student`` is a complete student of the current step."""
