@@ -56,13 +56,17 @@ def unit(network: nn.Module) -> nn.Module:
 
 
 def shard_networks(networks, settings, device: torch.device, num_processes: int) -> None:
-    """Shards the unit of every network once (a teacher role shares its unit with the student role)."""
+    """Shards the unit of every network once (a teacher role shares its unit with the student role),
+    all over one device mesh of the processes."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (num_processes,))
     done = set()
     for network in networks:
         module = unit(network)
         if id(module) not in done:
             done.add(id(module))
-            shard(module, settings, device, num_processes)
+            shard(module, settings, mesh)
 
 
 def meta_template(network: nn.Module) -> nn.Module:
@@ -86,15 +90,14 @@ def _block_classes(module: nn.Module) -> set[str]:
     return {name for m in module.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
 
 
-def shard(module: nn.Module, settings, device: torch.device, num_processes: int) -> nn.Module:
-    """Shards ``module`` in place over all processes: its diffusers blocks, then the module itself."""
-    from torch.distributed.device_mesh import init_device_mesh
+def shard(module: nn.Module, settings, mesh) -> None:
+    """Shards ``module`` in place over ``mesh``: its diffusers blocks, then the module itself."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     policy = settings.mixed_precision_policy
     offload = settings.cpu_offload
     kwargs = {
-        "mesh": init_device_mesh(device.type, (num_processes,)),
+        "mesh": mesh,
         "reshard_after_forward": settings.reshard_after_forward,
         "mp_policy": policy if isinstance(policy, MixedPrecisionPolicy) else MixedPrecisionPolicy(),
         "offload_policy": offload if isinstance(offload, OffloadPolicy) else (CPUOffloadPolicy() if offload else OffloadPolicy()),
@@ -104,7 +107,6 @@ def shard(module: nn.Module, settings, device: torch.device, num_processes: int)
         if type(child).__name__ in blocks and child is not module:
             fully_shard(child, **kwargs)
     fully_shard(module, **kwargs)
-    return module
 
 
 def is_sharded(tensor) -> bool:
