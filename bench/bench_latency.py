@@ -190,7 +190,7 @@ def make_sampler(model: str, backend: str, kind: str, steps: int):
             batch = (2 * b, 2 * b, 2 * b) if kind == "teacher" else (b, b, b)
             engine = build_engine(path, path.with_suffix(".engine"), batch=batch, fp16=True,
                                   timing_cache=folder / "timing.cache")
-            runner = TensorRTRunner(engine, cuda_graph=True)
+            runner = TensorRTRunner(engine)
         if kind == "teacher":
             fn = lambda: ddim_loop(runner, noise, cond, times, alphas_sigmas, CFG, null)  # noqa: E731
         else:

@@ -4,12 +4,16 @@
 - :func:`export_sampler_onnx` — the whole K-step sampler as one ONNX graph (K network copies, no
   loop; times and α/σ baked in); :func:`export_denoiser_onnx` — one network evaluation;
   :func:`export_vae_decoder_onnx` — the VAE decoder (latents to images) as its own graph.
+- :func:`export_prompt_encoder_onnx` — the pipeline's text encoders and its prompt-embedding
+  assembly (``encode_prompt``) as one graph: token ids in, the denoiser's text conditions out.
 - :class:`OrtSampler` / :class:`OrtDenoiser` / :class:`OrtDecoder` — ONNX Runtime with the torch
-  call signatures.
+  call signatures; :class:`TextToImage` — prompt → image from a ``tdm-fast export --pipeline``
+  folder (:func:`load_manifest`) with ONNX Runtime, numpy and ``tokenizers`` only.
 - :mod:`tdm_fast.export.tensorrt` — engines, a CUDA-graph runner, and TensorRT-readiness checks.
 - :mod:`tdm_fast.export.cli` — ``add_export_arguments``/``run_export``/``load_runner`` for the CLI.
 
-Imports are lazy so that ``import tdm_fast.export`` needs neither onnx nor tensorrt.
+Imports are lazy so that ``import tdm_fast.export`` needs neither onnx nor tensorrt, and so that
+``tdm_fast.export.runtime`` imports without torch.
 """
 from __future__ import annotations
 
@@ -32,6 +36,11 @@ _EXPORTS = {
     "OrtSampler": "runtime",
     "OrtDenoiser": "runtime",
     "OrtDecoder": "runtime",
+    "TextToImage": "runtime",
+    "PromptTokenizer": "tokenizer",
+    "load_manifest": "manifest",
+    "ManifestError": "manifest",
+    "export_prompt_encoder_onnx": "text",
     "LatentDecoder": "vae",
     "export_vae_decoder_onnx": "vae",
     "load_vae": "vae",

@@ -11,6 +11,10 @@ Files written by ``--format onnx`` (and used by ``--format tensorrt`` and the ru
 ``<out>/sampler_k{K}_{dtype}.engine`` + ``.engine.json`` (TensorRT; ``vae_decoder_*.engine`` too),
 ``<out>/compile_k{K}.json`` (``--format compile``: a manifest; the compiled kernels live in
 torch inductor's on-disk cache, which the export warms).
+With ``--pipeline DIR`` (an SD1.5 or SD3 pipeline folder: the student's base) the folder serves prompts
+without torch (:class:`~tdm_fast.export.runtime.TextToImage`): ``<out>/prompt_encoder_{dtype}.onnx`` (the
+text encoders and the pipeline's prompt-embedding assembly), ``<out>/tokenizer*/tokenizer.json``, the
+decoder of the folder's VAE, and ``<out>/manifest.json`` (:mod:`tdm_fast.export.manifest`).
 """
 from __future__ import annotations
 
@@ -56,6 +60,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--vae", default=None,
                         help="also export this VAE's decoder (latents -> images in [0, 1]) as its own graph: "
                              "a diffusers VAE folder or a pipeline folder with vae/")
+    parser.add_argument("--pipeline", default=None,
+                        help="the student's base pipeline folder (SD1.5 or SD3): also export its tokenizers, text encoders "
+                             "(one prompt-encoder graph) and VAE decoder, and write manifest.json, so that "
+                             "`tdm-fast sample --backend onnx --engine OUT --prompt ...` serves prompts without torch")
     parser.add_argument("--dynamic-resolution", action="store_true", help="symbolic height/width (TensorRT profiles)")
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
@@ -138,10 +146,15 @@ def check_export_args(args) -> None:
         ok, why = tensorrt_available()
         if not ok:
             raise ValueError(f"--format tensorrt: {why}")
-    if args.vae and args.format == "compile":
-        raise ValueError("--vae exports the decoder as an ONNX graph: use it with --format onnx or tensorrt")
-    if args.vae and not Path(args.vae).exists():
-        raise ValueError(f"--vae {args.vae} does not exist")
+    for flag, value in (("--vae", args.vae), ("--pipeline", args.pipeline)):
+        if value and args.format == "compile":
+            raise ValueError(f"{flag} exports ONNX graphs: use it with --format onnx or tensorrt")
+        if value and not Path(value).exists():
+            raise ValueError(f"{flag} {value} does not exist")
+    if args.pipeline:
+        from .text import pipeline_kind
+
+        pipeline_kind(args.pipeline)
     if args.format != "compile":
         import onnx
 
@@ -198,6 +211,7 @@ def _export_all(args, student, device, checkpoint: Path, out: Path, result: dict
     from .sampler import compile_sampler
 
     noise, cond = example_inputs(student, args.batch_size, _shape(args.shape), _shape(args.cond_shape), device)
+    text = _export_prompt_encoder(args, student, out, result) if args.pipeline else None  # cheap, and refuses a foreign base early
     for steps in args.steps:
         start = time.perf_counter()
         if args.format == "compile":
@@ -236,14 +250,16 @@ def _export_all(args, student, device, checkpoint: Path, out: Path, result: dict
         export_denoiser_onnx(student, path, noise, cond, steps=args.steps[0] if student.steps_set else None,
                              dtype=args.dtype, dynamic_resolution=args.dynamic_resolution, opset=args.opset,
                              exporter=args.exporter)
-    if args.vae:
-        _export_decoder(args, noise, device, out, result)
+    vae = args.vae or args.pipeline
+    image_shape = _export_decoder(args, vae, noise, device, out, result) if vae else None
+    if text is not None:
+        result["files"].append(str(_write_manifest(args, student, checkpoint, out, noise, image_shape, text)))
     for f in result["files"]:
         print(f"wrote {f}")
     tol = parity_tolerance(args.format, args.dtype, device)
     bad = []
     for steps, err in result["parity"].items():
-        label = "VAE decoder" if steps == "vae_decoder" else f"K={steps}"
+        label = {"vae_decoder": "VAE decoder", "prompt_encoder": "prompt encoder"}.get(steps, f"K={steps}")
         print(f"{label}: {args.format} vs torch max relative error {err:.2e}")
         if not err <= tol:
             bad.append(f"{label} ({err:.2e})")
@@ -264,12 +280,13 @@ def parity_tolerance(fmt: str, dtype: str, device) -> float:
     return 1e-4
 
 
-def _export_decoder(args, noise: torch.Tensor, device, out: Path, result: dict) -> None:
-    """``--vae``: the decoder graph for the student's latents, its ORT parity and its engine."""
+def _export_decoder(args, folder, noise: torch.Tensor, device, out: Path, result: dict) -> tuple[int, int, int]:
+    """``--vae`` (or ``--pipeline``): the decoder graph for the student's latents, its ORT parity and its
+    engine; returns the shape of one image."""
     from .onnx import resolve_dtype
     from .vae import LatentDecoder, export_vae_decoder_onnx, load_vae
 
-    vae = load_vae(args.vae).to(device)
+    vae = load_vae(folder).to(device)
     channels = int(vae.config.latent_channels)
     if noise.dim() != 4 or noise.shape[1] != channels:
         raise ValueError(f"the VAE decodes latents of {channels} channels (B, {channels}, h, w), but this student "
@@ -287,6 +304,65 @@ def _export_decoder(args, noise: torch.Tensor, device, out: Path, result: dict) 
         result["parity"]["vae_decoder"] = relative_error(OrtDecoder(path)(noise.to(device="cpu", dtype=dt)), ref)
     if args.format == "tensorrt":
         result["files"] += _build_engine(args, path)
+    upscale = 2 ** (len(vae.config.block_out_channels) - 1)
+    return int(vae.config.out_channels), noise.shape[2] * upscale, noise.shape[3] * upscale
+
+
+def _export_prompt_encoder(args, student: Denoiser, out: Path, result: dict) -> dict:
+    """``--pipeline``: tokenizer files and the prompt-encoder graph, checked against the pipeline's own
+    tokenizers and ``encode_prompt``, and against the student: the graph must give, for the empty prompt,
+    the unconditional condition the student was distilled with (a pipeline other than the student's base
+    fails here). Returns the manifest's ``tokenizers`` and ``prompt_encoder`` entries."""
+    from .runtime import _OrtRunner
+    from .text import (PROBE_PROMPTS, export_prompt_encoder_onnx, input_name, load_text_pipeline, max_lengths,
+                       pipeline_embeddings, pipeline_kind, pipeline_token_ids, save_tokenizers)
+
+    kind = pipeline_kind(args.pipeline)
+    null = student.null_cond
+    if not isinstance(null, (torch.Tensor, dict)) or (isinstance(null, dict) and "encoder_hidden_states" not in null):
+        raise ValueError("--pipeline serves prompts, but this student is not conditioned on text embeddings")
+    null = null if isinstance(null, dict) else {"encoder_hidden_states": null}
+    pipe = load_text_pipeline(args.pipeline)
+    # the T5 length is the one the student was trained with: its condition is the CLIP tokens, then T5's
+    t5_length = null["encoder_hidden_states"].shape[0] - int(pipe.tokenizer.model_max_length) if kind == "sd3" else None
+    if t5_length is not None and t5_length < 1:
+        raise ValueError(f"this student's condition has {null['encoder_hidden_states'].shape[0]} tokens, not the CLIP "
+                         f"tokens of --pipeline {args.pipeline} followed by T5's")
+    lengths = max_lengths(pipe, kind, t5_length)
+    tokenizers = save_tokenizers(pipe, kind, out, lengths)
+    result["files"] += [str(out / t["file"]) for t in tokenizers.values()]
+    path = out / f"prompt_encoder_{args.dtype}.onnx"
+    result["files"].append(str(path))
+    meta = export_prompt_encoder_onnx(pipe, kind, path, lengths, t5_length, null["encoder_hidden_states"].shape[-1],
+                                      args.dtype, args.opset, args.exporter)
+    ids = {input_name(n): pipeline_token_ids(getattr(pipe, n), PROBE_PROMPTS, lengths[n]) for n in lengths}
+    runner = _OrtRunner(path, providers=["CPUExecutionProvider"])
+    got = dict(zip(runner.output_names, runner.run(ids)))
+    ref = pipeline_embeddings(pipe, kind, list(PROBE_PROMPTS), t5_length)
+    result["parity"]["prompt_encoder"] = max(relative_error(got[k], ref[k]) for k in ref)
+    foreign = {k: relative_error(got[k][0], null[k]) for k in got if k in null}  # PROBE_PROMPTS[0] is ""
+    if not foreign or max(foreign.values()) > parity_tolerance("onnx", args.dtype, "cpu"):
+        raise ValueError(f"the text encoders of --pipeline {args.pipeline} do not give the empty-prompt condition this "
+                         f"student was distilled with (max relative error {max(foreign.values(), default=float('inf')):.2e}): "
+                         "pass the pipeline folder the student was trained on")
+    return {"tokenizers": tokenizers, "prompt_encoder": {"file": path.name, "inputs": meta["inputs"], "outputs": meta["outputs"]},
+            "pipeline": kind, "pipeline_class": type(pipe).__name__}
+
+
+def _write_manifest(args, student: Denoiser, checkpoint: Path, out: Path, noise, image_shape, text: dict) -> Path:
+    from .manifest import sampler_key, write_manifest
+    from .onnx import read_metadata
+
+    graphs = {"prompt_encoder": text["prompt_encoder"], "vae_decoder": {"file": f"vae_decoder_{args.dtype}.onnx"}}
+    graphs.update({sampler_key(k): {"file": onnx_name(k, args.dtype), "steps": k} for k in args.steps})
+    return write_manifest(out, {
+        "pipeline": text["pipeline"],
+        "model": {"pipeline_class": text["pipeline_class"], "pipeline_folder": str(Path(args.pipeline).resolve()),
+                  "checkpoint": str(checkpoint.resolve()), "backbone": read_metadata(out / onnx_name(args.steps[0], args.dtype))["backbone"]},
+        "dtype": args.dtype, "solver": args.solver, "total_steps": args.total_steps,
+        "sample_shape": list(noise.shape[1:]), "image_shape": list(image_shape),
+        "graphs": graphs, "tokenizers": text["tokenizers"],
+    })
 
 
 def _build_engine(args, onnx_path: Path) -> list[str]:
@@ -331,7 +407,7 @@ def _find(path: Path, steps: int, suffix: str) -> Path:
 
 
 def load_runner(backend: str, path_or_checkpoint, steps: int, total_steps: int = 900, device=None,
-                engine=None, dtype: str = "fp32", compile_mode: str | None = None, cuda_graph: bool = False,
+                engine=None, dtype: str = "fp32", compile_mode: str | None = None,
                 student: Denoiser | None = None, solver: str = "ddim"):
     """A sampler ``runner(noise, cond) -> x̂0`` for ``backend`` in ``torch|compile|onnx|tensorrt``.
 
@@ -378,7 +454,7 @@ def load_runner(backend: str, path_or_checkpoint, steps: int, total_steps: int =
 
     if _is_checkpoint(path):
         raise FileNotFoundError(f"{path} is a checkpoint; build an engine first: tdm-fast export --format tensorrt --steps {steps}")
-    runner = TensorRTRunner(_find(path, steps, ".engine"), cuda_graph=cuda_graph)
+    runner = TensorRTRunner(_find(path, steps, ".engine"))
     built = runner.meta.get("onnx_metadata", {}).get("steps")
     if built is not None and built != steps:
         raise ValueError(f"{runner.engine_path} samples with K={built}, not {steps}")

@@ -25,10 +25,10 @@ import torch
 
 from tdm_fast.denoiser import Denoiser
 
+from .manifest import META_PREFIX, decode_metadata
 from .sampler import CondSpec, DenoiserStep, FlatInputs, StudentSampler, _param_device, cast_cond, prepare_for_export
 
 DEFAULT_OPSET = 18
-META_PREFIX = "tdm_fast."
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -203,7 +203,8 @@ def _check_runs(fn, dtype, noise, cond):
 
 
 _DOC_STRINGS = {"sampler": "tdm-fast deterministic few-step sampler", "denoiser": "tdm-fast denoiser",
-                "vae_decoder": "tdm-fast VAE decoder (latents to images in [0, 1])"}
+                "vae_decoder": "tdm-fast VAE decoder (latents to images in [0, 1])",
+                "prompt_encoder": "tdm-fast prompt encoder (token ids to the denoiser's text conditions)"}
 
 
 def _set_metadata(path: Path, meta: dict) -> dict:
@@ -227,14 +228,7 @@ def read_metadata(path_or_model) -> dict:
     import onnx
 
     model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model), load_external_data=False)
-    meta = {}
-    for entry in model.metadata_props:
-        if entry.key.startswith(META_PREFIX):
-            try:
-                meta[entry.key[len(META_PREFIX):]] = json.loads(entry.value)
-            except json.JSONDecodeError:
-                meta[entry.key[len(META_PREFIX):]] = entry.value
-    return meta
+    return decode_metadata({entry.key: entry.value for entry in model.metadata_props})
 
 
 def _io_meta(names, tensors, dynamic_dims):

@@ -1,7 +1,12 @@
-"""TensorRT engines from the exported ONNX sampler graph, and a runner with preallocated buffers.
+"""TensorRT engines from the exported ONNX graphs, built and run through polygraphy.
 
-Needs a CUDA GPU and the ``tensorrt`` Python package (TensorRT 10). Without them, building or
-running raises ``ImportError``/``RuntimeError`` with an install hint. What TensorRT needs from the
+Building (:func:`build_engine`) and running (:class:`TensorRTRunner`) go through
+``polygraphy.backend.trt`` (``network_from_onnx_path``, ``CreateConfig`` with one ``Profile``,
+``engine_from_network``, ``TrtRunner``) rather than TensorRT's raw builder and execution-context
+API, which leaves this module the project's own parts: the checks, the profiles, the engine's
+identity and the torch call signatures. Needs a CUDA GPU, the ``tensorrt`` Python package (TensorRT
+10) and ``polygraphy``; without them, building or running raises ``ImportError``/``RuntimeError``
+with an install hint. What TensorRT needs from the
 graph is checked without TensorRT by :func:`check_tensorrt_compatible`: the ONNX checker, an
 opset TensorRT 10 parses, operators from :data:`TENSORRT_SUPPORTED_OPS`, no float64 tensors, and
 shape inference with concrete shapes at each optimization profile's min/opt/max. Running the
@@ -18,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 INSTALL_HINT = (
-    "TensorRT is not installed: pip install 'tdm-fast[tensorrt]' (tensorrt>=10, a CUDA GPU and a "
+    "TensorRT is not installed: pip install 'tdm-fast[tensorrt]' (tensorrt>=10 and polygraphy; a CUDA GPU and a "
     "matching NVIDIA driver are required). ONNX Runtime (--backend onnx) runs the same graph without it."
 )
 
@@ -68,11 +73,12 @@ class TensorRTCompatibilityError(ValueError):
 
 
 def require_tensorrt():
-    """Import ``tensorrt`` or raise ImportError with the install hint."""
+    """Import ``tensorrt`` (and check for ``polygraphy``) or raise ImportError with the install hint."""
     try:
+        import polygraphy  # noqa: F401 - the builder and runner below
         import tensorrt as trt
     except ImportError as error:
-        raise ImportError(INSTALL_HINT) from error
+        raise ImportError(f"{INSTALL_HINT} (missing: {error.name})") from error
     major = int(str(trt.__version__).split(".")[0])
     if major < 10:
         raise ImportError(f"TensorRT {trt.__version__} found; tdm-fast needs TensorRT >= 10. {INSTALL_HINT}")
@@ -281,55 +287,41 @@ def build_engine(
     strongly_typed: bool = False,
     check: bool = True,
 ) -> Path:
-    """Build and serialize a TensorRT engine from an exported sampler (or per-network) graph.
+    """Build and serialize a TensorRT engine from an exported graph (sampler, per-network or VAE decoder).
 
     Writes ``engine_path`` (default: the ONNX path with ``.engine``) and ``<engine>.json`` with
     the GPU name, compute capability, TensorRT version, profiles, precision and the ONNX
-    metadata. ``timing_cache`` is a file path reused across builds (created when missing).
+    metadata. ``fp16``/``bf16`` allow those precisions where TensorRT finds them faster
+    (``strongly_typed``: the ONNX types decide instead, e.g. for an fp16 export). ``timing_cache``
+    is a file reused across builds (created when missing).
     """
     trt = require_tensorrt()
     require_cuda()
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_from_network, network_from_onnx_path, save_engine
+
     from .onnx import read_metadata
 
     onnx_path = Path(onnx_path)
     engine_path = Path(engine_path) if engine_path else onnx_path.with_suffix(ENGINE_SUFFIX)
     profiles = profiles or default_profiles(onnx_path, batch, resolution)
-    if check:
+    if check:  # our own checks first: their messages name the operator or the profile at fault
         check_tensorrt_compatible(onnx_path, profiles)
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if strongly_typed:  # precision follows the ONNX types (an fp16 export), not builder flags
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)  # explicit batch is the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # parse_from_file resolves external weights
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}:\n" + "\n".join(errors))
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if not strongly_typed:
-        if fp16:
-            config.set_flag(trt.BuilderFlag.FP16)
-        if bf16:
-            config.set_flag(trt.BuilderFlag.BF16)
-    profile = builder.create_optimization_profile()
+    profile = Profile()
     for name, (lo, opt, hi) in profiles.items():
-        profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
-    config.add_optimization_profile(profile)
-    cache_path = Path(timing_cache) if timing_cache else None
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
+        profile.add(name, min=tuple(lo), opt=tuple(opt), max=tuple(hi))
+    cache = Path(timing_cache) if timing_cache else None
+    config = CreateConfig(
+        fp16=fp16 and not strongly_typed, bf16=bf16 and not strongly_typed, profiles=[profile],
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gb * (1 << 30))},
+        load_timing_cache=str(cache) if cache and cache.is_file() else None,
+    )
+    network = network_from_onnx_path(str(onnx_path), strongly_typed=strongly_typed)  # resolves external weights
+    try:
+        engine = engine_from_network(network, config=config, save_timing_cache=str(cache) if cache else None)
+    except Exception as error:  # polygraphy raises its own error types with TensorRT's log
+        raise RuntimeError(f"TensorRT could not build an engine from {onnx_path}: {error}") from error
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    engine_path.write_bytes(bytes(serialized))
-    if cache_path:
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    save_engine(engine, str(engine_path))
     meta = {
         **gpu_identity(),
         "onnx": str(onnx_path),
@@ -360,118 +352,57 @@ def check_engine_compatible(meta: dict) -> None:
         )
 
 
-def _torch_dtype(trt, dtype):
-    import torch
-
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
-             trt.int64: torch.int64, trt.bool: torch.bool, trt.int8: torch.int8, trt.uint8: torch.uint8}
-    if hasattr(trt, "bfloat16"):
-        table[trt.bfloat16] = torch.bfloat16
-    return table[dtype]
-
-
 class TensorRTRunner:
-    """``TensorRTRunner(engine)(noise, cond) -> x̂0`` (``(x_t, t, cond) -> (x0, eps)`` for a
-    per-network engine, ``(latents) -> images`` for a VAE decoder engine), with torch CUDA buffers preallocated per input-shape set and optional
-    CUDA-graph replay (``cuda_graph=True``; outputs are cloned before return)."""
+    """``TensorRTRunner(engine)(noise, cond) -> x̂0`` (``(x_t, t, cond) -> (x0, eps)`` for a per-network
+    engine, ``(latents) -> images`` for a VAE decoder engine) through polygraphy's ``TrtRunner``: torch
+    CUDA tensors in, torch CUDA tensors out (bound by address, never copied to the host)."""
 
-    def __init__(self, engine_path, cuda_graph: bool = False):
-        trt = require_tensorrt()
+    def __init__(self, engine_path):
+        require_tensorrt()
         torch = require_cuda()
-        from .sampler import CondSpec
+        from polygraphy.backend.common import bytes_from_path
+        from polygraphy.backend.trt import TrtRunner, engine_from_bytes
 
-        self.trt, self.torch = trt, torch
+        from .condspec import CondSpec
+
+        self.torch = torch
         self.engine_path = Path(engine_path)
         meta_path = Path(str(self.engine_path) + ".json")
         if not meta_path.is_file():
             raise FileNotFoundError(f"no engine metadata {meta_path}; rebuild with tdm_fast.export.tensorrt.build_engine")
         self.meta = json.loads(meta_path.read_text())
         check_engine_compatible(self.meta)
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
-        if self.engine is None:
-            raise RuntimeError(f"TensorRT could not deserialize {self.engine_path}")
-        self.context = self.engine.create_execution_context()
-        self.inputs, self.outputs = [], []
-        for i in range(self.engine.num_io_tensors):
-            name = self.engine.get_tensor_name(i)
-            mode = self.engine.get_tensor_mode(name)
-            (self.inputs if mode == trt.TensorIOMode.INPUT else self.outputs).append(name)
-        self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in self.inputs + self.outputs}
         onnx_meta = self.meta.get("onnx_metadata", {})
         self.graph = onnx_meta.get("graph", "sampler")
         self.per_network = self.graph == "denoiser"
+        self.inputs = [i["name"] for i in onnx_meta.get("inputs", [])]
+        self.outputs = [o["name"] for o in onnx_meta.get("outputs", [])]
         lead = {"denoiser": ("x_t", "t"), "vae_decoder": ("latents",)}.get(self.graph, ("noise",))
         names = tuple(n for n in self.inputs if n not in lead)
         self.cond_spec = CondSpec(onnx_meta.get("cond_kind", "dict" if len(names) > 1 else "tensor"), names)
         self.profiles = self.meta.get("profiles", {})
-        self.cuda_graph = cuda_graph
-        self._slots: dict = {}
         self.device = torch.device("cuda", torch.cuda.current_device())
+        self.runner = TrtRunner(engine_from_bytes(bytes_from_path(str(self.engine_path))))
+        self.runner.activate()
 
     def _check(self, name, tensor):
-        if tensor.dtype != self.dtypes[name]:
-            raise ValueError(f"input {name!r} has dtype {tensor.dtype}, expected {self.dtypes[name]}")
         if name in self.profiles:
             lo, _, hi = self.profiles[name]
             if len(tensor.shape) != len(lo) or any(not a <= s <= b for s, a, b in zip(tensor.shape, lo, hi)):
                 raise ValueError(f"input {name!r} has shape {tuple(tensor.shape)}, expected between {tuple(lo)} and {tuple(hi)} (the engine's profile)")
 
-    def _slot(self, feed: dict):
-        torch = self.torch
-        key = tuple((n, tuple(feed[n].shape)) for n in self.inputs)
-        slot = self._slots.get(key)
-        if slot is not None:
-            return slot
-        # One execution context per shape set: a captured CUDA graph stays tied to its context's state.
-        context = self.context if not self._slots else self.engine.create_execution_context()
-        ins = {n: torch.empty(feed[n].shape, dtype=self.dtypes[n], device=self.device) for n in self.inputs}
-        for n, t in ins.items():
-            context.set_input_shape(n, tuple(t.shape))
-        outs = {n: torch.empty(tuple(context.get_tensor_shape(n)), dtype=self.dtypes[n], device=self.device)
-                for n in self.outputs}
-        slot = {"in": ins, "out": outs, "graph": None, "context": context}
-        self._slots[key] = slot
-        return slot
-
-    def _bind(self, slot):
-        context = slot["context"]
-        for n, t in slot["in"].items():
-            context.set_input_shape(n, tuple(t.shape))
-            context.set_tensor_address(n, t.data_ptr())
-        for n, t in slot["out"].items():
-            context.set_tensor_address(n, t.data_ptr())
-        return context
-
     def _execute(self, feed: dict):
-        torch = self.torch
+        feed = {n: v.to(self.device).contiguous() for n, v in feed.items()}
         for n, t in feed.items():
             self._check(n, t)
-        slot = self._slot(feed)
-        for n, t in feed.items():
-            slot["in"][n].copy_(t, non_blocking=True)
-        context = self._bind(slot)
-        stream = torch.cuda.current_stream()
-        if self.cuda_graph:
-            if slot["graph"] is None:
-                if not context.execute_async_v3(stream.cuda_stream):  # warm-up: lazy allocations
-                    raise RuntimeError("TensorRT execution failed")
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):  # captures on a side stream
-                    context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
-                slot["graph"] = graph
-            slot["graph"].replay()
-        elif not context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
-        return [slot["out"][n].clone() for n in self.outputs]
+        outputs = self.runner.infer(feed, copy_outputs_to_host=False)  # polygraphy checks the dtypes too
+        return [outputs[n].clone() for n in self.outputs]  # the runner reuses its output buffers
 
     def __call__(self, *args):
         torch = self.torch
         if self.graph == "vae_decoder":
             (latents,) = args
-            return self._execute({"latents": latents.to(self.device)})[0]
+            return self._execute({"latents": latents})[0]
         if self.per_network:
             x_t, t, cond = args
             t = torch.as_tensor(t, device=self.device).long().reshape(-1).expand(x_t.shape[0])
@@ -479,7 +410,5 @@ class TensorRTRunner:
         else:
             noise, cond = args
             lead = {"noise": noise}
-        feed = {**lead, **dict(zip(self.cond_spec.names, self.cond_spec.flatten(cond)))}
-        feed = {n: v.to(self.device) for n, v in feed.items()}
-        out = self._execute(feed)
+        out = self._execute({**lead, **dict(zip(self.cond_spec.names, self.cond_spec.flatten(cond)))})
         return tuple(out) if self.per_network else out[0]

@@ -105,7 +105,7 @@ def export_vae_decoder_onnx(
         axes.update({2: "height", 3: "width"})
     _run_exporter(decoder, (latents,), path, ("latents",), ("images",), [axes], opset, exporter)
     b, _, h, w = latents.shape
-    image_shape = [axes.get(0, b), 3, f"{decoder.upscale}*height" if dynamic_resolution else h * decoder.upscale,
+    image_shape = [axes.get(0, b), int(getattr(vae.config, "out_channels", 3)), f"{decoder.upscale}*height" if dynamic_resolution else h * decoder.upscale,
                    f"{decoder.upscale}*width" if dynamic_resolution else w * decoder.upscale]
     meta = {
         "graph": "vae_decoder",

@@ -271,6 +271,10 @@ def _check_backend(backend: str, engine: str | None) -> None:
 
 
 def cmd_sample(args) -> int:
+    if args.prompt is not None:
+        return _sample_prompts(args)
+    if args.checkpoint is None:
+        raise UsageError("--checkpoint is required (or --prompt with --backend onnx --engine EXPORT_DIR)")
     import torch
 
     from .sampling import sample_student
@@ -310,6 +314,38 @@ def cmd_sample(args) -> int:
     from .plotting import save_samples_png
 
     save_samples_png(samples, labels, out.with_suffix(".png"), title=f"TDM student, K={steps}")
+    print(f"wrote {out.with_suffix('.safetensors')} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _sample_prompts(args) -> int:
+    """``sample --prompt``: prompt → image through a ``tdm-fast export --pipeline`` folder, ONNX Runtime only
+    (:class:`~tdm_fast.export.runtime.TextToImage`); one image per prompt."""
+    import warnings
+
+    if args.backend != "onnx" or args.engine is None:
+        raise UsageError("--prompt samples a `tdm-fast export --pipeline` folder: add --backend onnx --engine EXPORT_DIR")
+    _refuse_flags(args, (("--checkpoint", "checkpoint"), ("--labels", "labels"), ("--solver", "solver")),
+                  "to --prompt (the exported graphs fix the model and its solver)")
+    out = check_output_path(args.out, "--out", folder=False)
+    for suffix in (".safetensors", ".png"):
+        check_output_path(out.with_suffix(suffix), "--out", folder=False)
+    if not Path(args.engine).is_dir():
+        raise UsageError(f"--engine {args.engine} is not a folder written by tdm-fast export --pipeline")
+    from .export.runtime import TextToImage, save_png
+
+    runner = TextToImage(args.engine, steps=args.steps)  # refuses a bad folder before anything is written
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = runner(args.prompt, steps=args.steps, seed=args.seed)
+    for warning in caught:  # a truncated prompt: said once, in the CLI's format
+        print(f"tdm-fast: warning: {warning.message}", file=sys.stderr)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.numpy import save_file
+
+    save_file({"images": images}, out.with_suffix(".safetensors"),
+              metadata={"prompts": json.dumps(args.prompt), "steps": str(args.steps), "seed": str(args.seed)})
+    save_png(images, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.safetensors')} and {out.with_suffix('.png')}")
     return 0
 
@@ -466,8 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_arguments(p)
     p.set_defaults(func=_verb(run_plan))
 
-    p = verbs.add_parser("sample", help="sample a class-conditional student")
-    p.add_argument("--checkpoint", required=True, help="a student folder or a run folder")
+    p = verbs.add_parser("sample", help="sample a class-conditional student, or prompts through an exported pipeline")
+    p.add_argument("--checkpoint", default=None, help="a student folder or a run folder")
+    p.add_argument("--prompt", nargs="+", default=None,
+                   help="prompts, one image each, through a `tdm-fast export --pipeline` folder (--backend onnx --engine DIR): "
+                        "ONNX Runtime only, no torch in the path")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--num", type=int, default=16)
     p.add_argument("--labels", type=int, nargs="+")
