@@ -139,17 +139,6 @@ def num_warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
-def rescale_(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """The backward of a fused loss: its stored gradient times grad_output, in place.
-
-    In place because the stored gradient is the only full-size buffer these ops allocate; a second
-    backward through a retained graph then fails autograd's saved-tensor version check instead of
-    returning a twice-scaled gradient. Never skipped for a grad_output of 1: telling would make the
-    host read the device in every training step.
-    """
-    return grad.mul_(factor)
-
-
 # Inductor by default materialises an intermediate that feeds both a reduction and a stored output
 # (e.g. sqrt(u² + c²) feeding the loss sum and the gradient): a full-size temporary and an extra
 # pass over memory. Recomputing it is free next to the memory traffic, so never realise early.

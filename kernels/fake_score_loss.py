@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from . import _backend, _native
 from .reference import importance_weights
@@ -128,21 +127,7 @@ def _launch_native(d_fake, x0_target, snr_tau, log_w, snr_cap):
 _LAUNCHERS = {"triton": _launch_triton, "compile": _launch_compile, "native": _launch_native}
 
 
-class FakeScoreLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, d_fake, x0_target, snr_tau, log_w, snr_cap, backend):
-        grad, loss = _LAUNCHERS[backend](d_fake, x0_target, snr_tau, log_w, snr_cap)
-        ctx.save_for_backward(grad)
-        ctx.d_fake_shape = d_fake.shape
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return _backend.rescale_(grad, grad_output).view(ctx.d_fake_shape), None, None, None, None, None
-
-
 def fake_score_loss(d_fake, x0_target, snr_tau, log_w, snr_cap, backend):
-    """Validated arguments in, scalar loss out; see ``tdm_fast.kernels.fake_score_loss``."""
-    return FakeScoreLossFunction.apply(d_fake, x0_target, snr_tau, log_w, snr_cap, backend)
+    """Validated arguments in, scalar loss out; see ``tdm_fast.kernels.fake_score_loss``. Runs the
+    custom operator ``torch.ops.tdm_fast.fake_score_loss`` (``_ops``)."""
+    return torch.ops.tdm_fast.fake_score_loss(d_fake, x0_target, snr_tau, log_w, snr_cap, backend)[0]

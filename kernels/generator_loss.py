@@ -4,16 +4,15 @@ the loss and the gradient w.r.t. x0.
 The gradient is ``g(d_fake - D_cfg) / (n_b B D)``. ``n_b`` is a reduction over the whole sample, so
 it is only known after the sample has been read; rather than read the inputs a second time, the
 Triton and Inductor forms store the unscaled ``g`` and the per-sample factor ``1 / (n_b B D)``, and
-backward applies that factor together with grad_output in the one in-place rescale it has to do
-anyway. The native CPU loop applies the factor in forward instead, tile by tile while the tile's
-gradient is still in cache, so its backward has nothing to do when grad_output is 1.
+backward applies that factor together with grad_output in the one rescale it has to do anyway
+(``_ops.rescale``). The native CPU loop applies the factor in forward instead, tile by tile while the
+tile's gradient is still in cache, so its backward only multiplies by grad_output.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from . import _backend, _native
 
@@ -80,13 +79,13 @@ def _finish_kernel(
 
 
 @triton.jit
-def _rescale_kernel(grad_ptr, factor_ptr, scale_ptr, D, n_chunks, BLOCK: tl.constexpr):
-    """Backward: grad *= grad_output * scale[b], in place, grad_output read on the device (no sync)."""
+def _rescale_kernel(grad_ptr, out_ptr, factor_ptr, scale_ptr, D, n_chunks, BLOCK: tl.constexpr):
+    """Backward: out = grad * grad_output * scale[b] (out may be grad), grad_output read on the device (no sync)."""
     pid = tl.program_id(0)
     b, offs, mask, base = _backend.row_chunk(pid, n_chunks, D, BLOCK)
     f = tl.load(factor_ptr) * tl.load(scale_ptr + b)
     g = tl.load(grad_ptr + base + offs, mask=mask, other=0.0)
-    tl.store(grad_ptr + base + offs, (g.to(f.dtype) * f).to(grad_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + base + offs, (g.to(f.dtype) * f).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _finish(dist, ell, batch, d, normalize):
@@ -120,15 +119,17 @@ def _launch_triton(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize, 
     return grad, loss, scale
 
 
-def _rescale_triton(grad, grad_output, scale):
+def _rescale_triton(grad, grad_output, scale, out=None):
+    """``grad * grad_output * scale[b]`` into ``out`` (default: ``grad``, in place); (B, D) tensors."""
+    out = grad if out is None else out
     batch, d = grad.shape
     block = _backend.block_size(d, grad.device)
     n_chunks = triton.cdiv(d, block)
     _rescale_kernel[(batch * n_chunks,)](
-        grad, grad_output.to(scale.dtype).contiguous(), scale, d, n_chunks, BLOCK=block,
+        grad, out, grad_output.to(scale.dtype).contiguous(), scale, d, n_chunks, BLOCK=block,
         num_warps=_backend.num_warps(block),
     )
-    return grad
+    return out
 
 
 def _huber_rows(x, dc, du, df, scalars, normalize, row_ones):
@@ -255,28 +256,8 @@ def _launch_native(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize):
 _LAUNCHERS = {"triton": _launch_triton, "compile": _launch_compile, "native": _launch_native}
 
 
-class TDMGeneratorLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize, backend):
-        grad, loss, scale = _LAUNCHERS[backend](x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize)
-        ctx.save_for_backward(grad, scale)
-        ctx.x0_shape = x0.shape
-        ctx.backend = backend
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        grad, scale = ctx.saved_tensors
-        if scale is None:
-            grad = _backend.rescale_(grad, grad_output)
-        elif ctx.backend == "triton":
-            grad = _rescale_triton(grad, grad_output, scale)
-        else:
-            grad = _backend.rescale_(grad, (grad_output * scale).unsqueeze(1))
-        return grad.view(ctx.x0_shape), None, None, None, None, None, None, None
-
-
 def tdm_generator_loss(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize, backend):
-    """Validated arguments in, scalar loss out; see ``tdm_fast.kernels.tdm_generator_loss``."""
-    return TDMGeneratorLossFunction.apply(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize, backend)
+    """Validated arguments in, scalar loss out; see ``tdm_fast.kernels.tdm_generator_loss``. Runs the
+    custom operator ``torch.ops.tdm_fast.tdm_generator_loss`` (``_ops``): the forward stores the
+    gradient, the backward only rescales it."""
+    return torch.ops.tdm_fast.tdm_generator_loss(x0, d_cond, d_uncond, d_fake, cfg_scale, huber_c, normalize, backend)[0]

@@ -15,6 +15,7 @@ OBJECTIVES = ("kl", "fisher")
 TAU_INTERVALS = ("disjoint", "full")
 KERNEL_CHOICES = ("fused", "reference")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_DECAYS = ("constant", "cosine")
 
 
 # One line per field for `tdm-fast distill --help` (the comments in TDMConfig say why a default is what it is).
@@ -42,6 +43,8 @@ HELP = {
     "max_grad_norm": "clip the student's gradient norm to this",
     "fake_updates": "fake-score updates per generator update",
     "warmup_steps": "linear learning-rate warm-up over this many updates (0: none)",
+    "lr_decay": "after the warm-up: constant learning rates, or a cosine decay to lr_decay_floor x at `iterations`",
+    "lr_decay_floor": "the cosine decay's final learning rate, as a fraction of the base rate",
     "ema_decay": "keep an EMA of the student's weights with this decay and save it (none: no EMA)",
     "batch_size": "samples per process and micro-batch",
     "gradient_accumulation_steps": "micro-batches per update (an update sees batch_size x this x processes samples)",
@@ -49,6 +52,8 @@ HELP = {
     "seed": "seed of noise, conditions, K draws and LoRA initialisation",
     "mixed_precision": "no, fp16 or bf16 (default: accelerate's setting)",
     "kernels": "fused: the fused TDM ops; reference: their pure-torch definitions",
+    "compile": "torch.compile the networks (diffusers' compile_repeated_blocks where the model has it, else the whole "
+               "network): minutes of compilation at the first iterations, then faster ones (tdm_fast.trainer.compile_networks)",
     "checkpoint_every": "write a checkpoint every N iterations (0: only at the end)",
     "keep_last": "keep this many newest checkpoints (0: all)",
     "log_every": "write metrics.jsonl and the trackers every N iterations",
@@ -57,7 +62,14 @@ HELP = {
     "max_nonfinite_skips": "stop the run after this many iterations in a row with a skipped (non-finite) update",
 }
 CHOICES = {"student_solver": SOLVERS, "objective": OBJECTIVES, "matching": MATCHING, "tau_interval": TAU_INTERVALS,
-           "kernels": KERNEL_CHOICES, "mixed_precision": MIXED_PRECISION}
+           "kernels": KERNEL_CHOICES, "mixed_precision": MIXED_PRECISION,
+           "lr_decay": LR_DECAYS}
+
+
+# The authors' optimisation settings (spec §3) without the recipe's extras, for paper-faithful runs:
+# TDMConfig(**PAPER_FAITHFUL, steps=..., ...). The stability suite (`tdm-fast bench stability`) runs both.
+PAPER_FAITHFUL = {"fake_lr": 1e-4, "generator_lr_ratio": 0.2, "fake_updates": 1, "warmup_steps": 0, "lr_decay": "constant",
+                  "ema_decay": None, "adam_beta1": 0.0, "adam_beta2": 0.95, "weight_decay": 1e-2}
 
 
 @dataclass
@@ -89,6 +101,8 @@ class TDMConfig:
     max_grad_norm: float = 1.0
     fake_updates: int = 1  # fake-score updates per generator update
     warmup_steps: int = 0
+    lr_decay: str = "constant"
+    lr_decay_floor: float = 0.0
     ema_decay: float | None = None
     batch_size: int = 64  # per process and micro-batch: an update sees batch_size x accumulation x processes samples
     gradient_accumulation_steps: int = 1
@@ -96,6 +110,7 @@ class TDMConfig:
     seed: int = 0
     mixed_precision: str | None = None  # None: accelerate's setting (`accelerate config`, ACCELERATE_MIXED_PRECISION)
     kernels: str = "fused"
+    compile: bool = False  # torch.compile the networks (tdm_fast.trainer.compile_networks); results unchanged
     # bookkeeping
     checkpoint_every: int = 0  # 0: only at the end
     keep_last: int = 2
@@ -120,6 +135,7 @@ class TDMConfig:
             ("tau_interval", self.tau_interval, TAU_INTERVALS),
             ("kernels", self.kernels, KERNEL_CHOICES),
             ("mixed_precision", self.mixed_precision or "no", MIXED_PRECISION),
+            ("lr_decay", self.lr_decay, LR_DECAYS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -135,6 +151,8 @@ class TDMConfig:
                 raise ValueError(f"{name} must be a positive finite number, got {getattr(self, name)}")
         if self.huber_c is not None and not (math.isfinite(self.huber_c) and self.huber_c > 0):
             raise ValueError(f"huber_c must be a positive finite number or none (MSE), got {self.huber_c}")
+        if not 0.0 <= self.lr_decay_floor <= 1.0:
+            raise ValueError(f"lr_decay_floor must lie in [0, 1], got {self.lr_decay_floor}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
         for name in ("cfg_scale", "weight_decay"):

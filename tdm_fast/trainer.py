@@ -42,7 +42,7 @@ ConditionSampler = Callable[[int, torch.Generator], object]
 # ``steps``, ``steps_conditioning`` and ``total_steps`` shape the networks and can never change;
 # every other setting changes the run and needs ``overrides`` (``--resume --override KEY``).
 BOOKKEEPING = ("iterations", "checkpoint_every", "keep_last", "log_every", "max_nonfinite_skips", "kernels", "report_to",
-               "validation_every")
+               "validation_every", "compile")
 STRUCTURAL = ("steps", "steps_conditioning", "total_steps")
 STUDENT_STATE = "tdm_training.json"  # in the student folder: the step its weights come from
 
@@ -105,14 +105,23 @@ class EmbeddingConditions:
         return self.embeddings[idx]
 
 
-class Warmup:
-    """Linear learning-rate warm-up, then constant (a class, so its state checkpoints as plain data)."""
+class LRSchedule:
+    """Linear warm-up, then constant or a cosine decay to ``floor`` × the base rate at ``total`` iterations
+    (a class, so its state checkpoints as plain data)."""
 
-    def __init__(self, steps: int):
-        self.steps = steps
+    def __init__(self, warmup: int, decay: str = "constant", total: int = 1, floor: float = 0.0):
+        self.warmup, self.decay, self.total, self.floor = warmup, decay, total, floor
+
+    @classmethod
+    def of(cls, config: TDMConfig) -> "LRSchedule":
+        return cls(config.warmup_steps, config.lr_decay, config.iterations, config.lr_decay_floor)
 
     def __call__(self, step: int) -> float:
-        return 1.0 if self.steps <= 0 else min(1.0, (step + 1) / self.steps)
+        scale = 1.0 if self.warmup <= 0 else min(1.0, (step + 1) / self.warmup)
+        if self.decay == "cosine":
+            progress = min(1.0, max(0, step - self.warmup) / max(1, self.total - self.warmup))
+            scale *= self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return scale
 
 
 class EMA:
@@ -181,6 +190,35 @@ def _param_groups(denoiser: Denoiser, lr: float, steps_lr_ratio: float) -> list[
     steps = [p for n, p in denoiser.named_parameters() if p.requires_grad and n.startswith("steps_embedding.")]
     rest = [p for n, p in denoiser.named_parameters() if p.requires_grad and not n.startswith("steps_embedding.")]
     return [{"params": rest}] + ([{"params": steps, "lr": lr * steps_lr_ratio}] if steps else [])
+
+
+# -- torch.compile of the networks (config.compile) ----------------------------------------------------
+# LoRA roles share one base whose peft layers switch adapters through attributes Dynamo guards on:
+# each role x grad mode x block shape is its own compiled variant, more than Dynamo's default of 8.
+COMPILE_RECOMPILE_LIMIT = 64
+
+
+def compile_networks(trainer: "TDMTrainer") -> list[torch.nn.Module]:
+    """Compiles every distinct network under the trainer's teacher, student and fake score in place:
+    diffusers' regional ``compile_repeated_blocks`` where the model declares repeated blocks (the
+    compiled transformer block serves every instance, so compilation stays minutes, not tens of
+    minutes), else ``module.compile()``. The fused ops stay outside the compiled blocks; they are custom
+    operators, so a whole update compiled around them has no graph breaks (tests/test_custom_ops.py).
+    Returns the networks compiled."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+    networks = {}
+    for denoiser in (trainer.teacher, trainer.student_core, trainer.fake_core):
+        model = denoiser.model
+        model = model.shared.adapter.inner if hasattr(model, "shared") else getattr(model, "inner", model)
+        networks.setdefault(id(model), model)
+    for model in networks.values():
+        if getattr(model, "_repeated_blocks", None) and hasattr(model, "compile_repeated_blocks"):
+            model.compile_repeated_blocks()
+        else:
+            model.compile()
+    return list(networks.values())
 
 
 class TDMTrainer:
@@ -254,8 +292,8 @@ class TDMTrainer:
                                self.device, lr=config.generator_lr, betas=betas, weight_decay=config.weight_decay)
         opt_f = make_optimizer(optimizer_cls, _param_groups(fake, config.fake_lr, config.steps_embedding_lr_ratio),
                                self.device, lr=config.fake_lr, betas=betas, weight_decay=config.weight_decay)
-        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, Warmup(config.warmup_steps))
-        sched_f = torch.optim.lr_scheduler.LambdaLR(opt_f, Warmup(config.warmup_steps))
+        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, LRSchedule.of(config))
+        sched_f = torch.optim.lr_scheduler.LambdaLR(opt_f, LRSchedule.of(config))
         # The LR schedules stay outside prepare(): accelerate steps a prepared scheduler once per process
         # per call, so N processes would warm up N times faster than one.
         self.sched_g, self.sched_f = sched_g, sched_f
@@ -278,6 +316,8 @@ class TDMTrainer:
         self.consecutive_skips = 0
         self.skipped_updates = 0
         self._warned_unsaveable = False
+        if config.compile:
+            compile_networks(self)
 
     @torch.no_grad()
     def _check_sample_shape(self, conditions: ConditionSampler) -> None:
@@ -760,7 +800,7 @@ class TDMTrainer:
         config = self.config
         betas = (config.adam_beta1, config.adam_beta2)
         for optimizer, scheduler, lr in ((self.opt_g, self.sched_g, config.generator_lr), (self.opt_f, self.sched_f, config.fake_lr)):
-            warmup = Warmup(config.warmup_steps)
+            warmup = LRSchedule.of(config)
             bases = [lr] + [lr * config.steps_embedding_lr_ratio] * (len(optimizer.param_groups) - 1)
             scheduler.base_lrs = bases
             scheduler.lr_lambdas = [warmup] * len(bases)

@@ -1,0 +1,354 @@
+"""The training comparison of issue 15: one TDM iteration (K = 4) of an SD1.5-architecture UNet run by
+
+* ``official``: the official-style loop (``bench/official_loop.py``: three full copies, separate
+  teacher conditional/unconditional passes, the fake update's unused teacher pass, per-iteration
+  ``.item()``, plain torch math);
+* ``plain-full``: tdm-fast's ``TDMTrainer`` with full copies of the teacher and the reference kernels,
+  stepped by ``train_step`` (which reads the losses every iteration);
+* ``plain-lora``: the same with LoRA roles (student and fake score as two adapters on one base);
+* ``all``: LoRA roles, the fused kernels (custom operators), ``compile=True`` (diffusers' regional
+  ``compile_repeated_blocks``: the transformer blocks, compiled during the untimed warm-up), iterations
+  that never read the device (``_iterate``; the losses are read once at the end of the measurement).
+
+Sizes: ``scaled`` (CPU): SD1.5's published UNet config (block types, 2 layers per block, 8 attention
+heads, cross-attention dim 768, 77×768 prompt embeddings) with the channel widths divided by 10
+(32, 64, 128, 128: norm groups of 32 still divide them), 16×16 latents, random weights, fp32.
+``sd15`` / ``sdxl`` (GPU only): the published configs at 64×64 / 128×128 latents, bf16 autocast.
+
+Measured per configuration: milliseconds per iteration (timed by the caller), a per-category
+breakdown (StepProfiler for the trainer, the same categories around the official loop's regions),
+network passes per iteration (forward pre-hooks on every UNet: calls, and calls weighted by
+batch / B), and peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the build and the first
+iterations, minus what was allocated before; on CPU the peak resident set size (``VmHWM``, reset after
+a first iteration through ``/proc/self/clear_refs``) of a fresh process over two more iterations,
+minus its resident size after the imports: weights, optimizer state, activations, what compilation
+keeps and allocator slack, but not the Python/torch runtime, nor the transient peak of compiling
+(reported beside it as ``peak_memory_first_iteration_mb``).
+
+    python bench/sd15_comparison.py --peak-memory official --size scaled     # one memory measurement
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+CONFIGS = ("official", "plain-full", "plain-lora", "all")
+LABELS = {
+    "official": "official-style loop (3 full copies, plain torch)",
+    "plain-full": "tdm-fast plain (full copies, reference kernels)",
+    "plain-lora": "tdm-fast plain (LoRA roles, reference kernels)",
+    "all": "tdm-fast all options (LoRA roles, fused custom ops, compiled blocks, no per-iteration sync)",
+}
+K = 4
+SD15_UNET = dict(
+    in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+    downsample_padding=1, mid_block_scale_factor=1, norm_eps=1e-5, center_input_sample=False,
+)
+SDXL_UNET = dict(
+    in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    use_linear_projection=True, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+)
+SIZES = {
+    # name: (unet config, latent size, batch, LoRA rank, autocast dtype, text length, text width, pooled width)
+    "scaled": (dict(SD15_UNET, block_out_channels=(32, 64, 128, 128)), 16, 4, 8, None, 77, 768, None),
+    "sd15": (SD15_UNET, 64, int(os.environ.get("TDM_BENCH_SD15_BATCH", "16")), 64, torch.bfloat16, 77, 768, None),
+    "sdxl": (SDXL_UNET, 128, int(os.environ.get("TDM_BENCH_SDXL_BATCH", "4")), 64, torch.bfloat16, 77, 2048, 1280),
+}
+PROMPTS = 16  # distinct random "prompt embeddings" the conditions are drawn from
+
+
+def size_info(size: str) -> dict:
+    unet, latent, batch, rank, dtype, length, width, pooled = SIZES[size]
+    return {"size": size, "latent": [4, latent, latent], "batch": batch, "K": K, "lora_rank": rank,
+            "dtype": "fp32" if dtype is None else str(dtype).replace("torch.", ""), "text_embeddings": [length, width],
+            "block_out_channels": list(unet["block_out_channels"])}
+
+
+# -- the model and its conditions ----------------------------------------------------------------
+def build_unet(size: str, device):
+    from diffusers import UNet2DConditionModel
+
+    config, latent = SIZES[size][0], SIZES[size][1]
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=latent, **config).to(device).eval().requires_grad_(False)
+
+
+def prompt_pool(size: str, device):
+    """(conditions for the trainer, null condition, dict-of-kwargs builder for the official loop)."""
+    length, width, pooled = SIZES[size][5:8]
+    g = torch.Generator().manual_seed(1)
+    text = torch.randn(PROMPTS, length, width, generator=g).to(device)
+    null_text = torch.zeros(length, width, device=device)
+    if pooled is None:
+        return text, null_text
+    latent = SIZES[size][1]
+    time_ids = torch.tensor([latent * 8, latent * 8, 0, 0, latent * 8, latent * 8], dtype=torch.float32, device=device)
+    cond = {"encoder_hidden_states": text, "text_embeds": torch.randn(PROMPTS, pooled, generator=g).to(device),
+            "time_ids": time_ids.expand(PROMPTS, 6).contiguous()}
+    null = {"encoder_hidden_states": null_text, "text_embeds": torch.zeros(pooled, device=device), "time_ids": time_ids}
+    return cond, null
+
+
+def unet_kwargs(cond):
+    """The UNet's keyword inputs for one batch of a (possibly dict) condition."""
+    if isinstance(cond, dict):
+        return {"encoder_hidden_states": cond["encoder_hidden_states"],
+                "added_cond_kwargs": {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}}
+    return {"encoder_hidden_states": cond}
+
+
+def _batched(tensors, idx):
+    return {k: v[idx] for k, v in tensors.items()} if isinstance(tensors, dict) else tensors[idx]
+
+
+def _expand(null, batch):
+    return {k: v.expand(batch, *v.shape) for k, v in null.items()} if isinstance(null, dict) else null.expand(batch, *null.shape)
+
+
+# -- timing regions (StepProfiler's semantics: exclusive time per category) ------------------------
+class RegionTimer:
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.totals: dict[str, float] = {}
+        self._stack: list[str] = []
+        self._last = 0.0
+
+    def _now(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name):
+        now = self._now()
+        if self._stack:
+            self.totals[self._stack[-1]] = self.totals.get(self._stack[-1], 0.0) + now - self._last
+        self._stack.append(name)
+        self._last = now
+        try:
+            yield
+        finally:
+            now = self._now()
+            top = self._stack.pop()
+            self.totals[top] = self.totals.get(top, 0.0) + now - self._last
+            self._last = now
+
+
+# -- the four configurations ---------------------------------------------------------------------
+class PassCounter:
+    """Forward pre-hooks on UNets: calls and batch-weighted calls (samples / B)."""
+
+    def __init__(self, modules, batch):
+        self.batch, self.calls, self.samples, self.iterations = batch, 0, 0, 0
+        self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in {id(m): m for m in modules}.values()]
+
+    def _hook(self, module, args, kwargs):
+        x = args[0] if args else kwargs["sample"]
+        self.calls += 1
+        self.samples += x.shape[0]
+
+    def per_iteration(self) -> dict:
+        n = max(self.iterations, 1)
+        return {"network_calls": self.calls / n, "network_passes_x_batch": self.samples / (n * self.batch)}
+
+
+class Runner:
+    """One configuration, built and ready: ``step()`` runs one iteration."""
+
+    def __init__(self, name: str, size: str, device, profile: bool = True):
+        self.name, self.size, self.device = name, size, torch.device(device)
+        self.batch = SIZES[size][2]
+        self.cuda = self.device.type == "cuda"
+        teacher_unet = build_unet(size, self.device)
+        cond, null = prompt_pool(size, self.device)
+        if name == "official":
+            self._build_official(teacher_unet, cond, null, profile)
+        else:
+            self._build_trainer(teacher_unet, cond, null, profile)
+        self.passes = PassCounter(self.unets, self.batch)
+
+    def _build_official(self, teacher_unet, cond, null, profile):
+        from diffusers import DDPMScheduler
+
+        from official_loop import OfficialStyleTDM
+
+        self.timer = RegionTimer(self.cuda) if profile else None
+        scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                  steps_offset=1, prediction_type="epsilon")
+
+        def conditions(batch, generator):
+            return unet_kwargs(_batched(cond, torch.randint(0, PROMPTS, (batch,), generator=generator)))
+
+        autocast = SIZES[self.size][4]
+        self.loop = OfficialStyleTDM(teacher_unet, scheduler, conditions, unet_kwargs(_expand(null, self.batch)),
+                                     (4, SIZES[self.size][1], SIZES[self.size][1]), self.batch, cfg=4.5, total_steps=900,
+                                     steps=K, autocast_dtype=autocast,
+                                     latent_dtype=torch.float32 if autocast is None else autocast, timer=self.timer)
+        self.unets = [m for _, m in self.loop.networks()]
+
+    def _build_trainer(self, teacher_unet, cond, null, profile):
+        from tdm_fast.backbones.unet import UNetAdapter
+        from tdm_fast.config import TDMConfig
+        from tdm_fast.denoiser import Denoiser
+        from tdm_fast.lora import LoRASettings, lora_denoisers
+        from tdm_fast.perf.step_profiler import StepProfiler
+        from tdm_fast.schedule import ScheduleConfig
+        from tdm_fast.trainer import EmbeddingConditions, TDMTrainer
+
+        autocast = SIZES[self.size][4]
+        config = TDMConfig(steps=(K,), batch_size=self.batch, cfg_scale=4.5, huber_c=1e-3, total_steps=900,
+                           kernels="fused" if self.name == "all" else "reference", compile=self.name == "all",
+                           log_every=10 ** 6,
+                           mixed_precision="no" if autocast is None else "bf16")
+        schedule = ScheduleConfig(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+        teacher = Denoiser(UNetAdapter(teacher_unet), schedule, "epsilon", null_cond=null)
+        student = fake = None
+        if self.name != "plain-full":
+            lora = LoRASettings.for_backbone("unet", rank=SIZES[self.size][3])
+            teacher, student, fake = lora_denoisers(teacher, config, lora)
+            if autocast is not None:
+                student.model.shared.cast_base(autocast)
+        self.trainer = TDMTrainer(teacher, config, EmbeddingConditions(cond), (4, SIZES[self.size][1], SIZES[self.size][1]),
+                                  student=student, fake=fake, progress=False)
+        tr = self.trainer
+        inner = [tr.teacher, tr.student_core, tr.fake_core]
+        self.unets = [d.model.shared.adapter.inner if hasattr(d.model, "shared") else d.model.inner for d in inner]
+        self.profiler = StepProfiler(tr).attach() if profile else None
+        if self.profiler is not None and self.name == "all":
+            self.profiler._patch(tr, "_iterate", "other (python glue, .item(), casts)")
+        self.pending = []
+
+    def step(self) -> None:
+        if self.name == "official":
+            if self.timer is not None:
+                with self.timer("other (python glue, .item(), casts)"):
+                    self.loop.iteration()
+            else:
+                self.loop.iteration()
+        elif self.name == "all":
+            self.pending.append(self.trainer._iterate())
+        else:
+            self.trainer.train_step()
+        self.passes.iterations += 1
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def finish(self) -> None:
+        """Reads the losses the ``all`` configuration left on the device (and checks them)."""
+        if self.name == "all" and self.pending:
+            records = self.trainer._records(self.pending)
+            self.pending = []
+            bad = [r for r in records if r["generator_loss"] is None or r["skipped_updates"]]
+            if bad:
+                raise FloatingPointError(f"non-finite TDM iterations in the 'all' configuration: {bad[:2]}")
+
+    def reset_stats(self) -> None:
+        self.passes.calls = self.passes.samples = self.passes.iterations = 0
+        if self.name == "official":
+            if self.timer is not None:
+                self.timer.totals.clear()
+        elif self.profiler is not None:
+            self.profiler.reset()
+
+    def breakdown_ms(self) -> dict:
+        n = max(self.passes.iterations, 1)
+        totals = self.timer.totals if self.name == "official" else dict(self.profiler.totals)
+        return {k: round(1e3 * v / n, 3) for k, v in totals.items() if v > 0}
+
+
+# -- peak memory -----------------------------------------------------------------------------------
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def measure_peak_memory(name: str, size: str, device: str = "cpu", iterations: int = 2) -> dict:
+    """Peak memory of one configuration (see the module docstring for what is counted)."""
+    if torch.device(device).type == "cuda":
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        runner = Runner(name, size, device, profile=False)
+        for _ in range(iterations):
+            runner.step()
+        runner.finish()
+        peak = torch.cuda.max_memory_allocated() - base
+        del runner
+        gc.collect()
+        torch.cuda.empty_cache()
+        return {"peak_memory_mb": peak / 2**20, "peak_memory_method":
+                f"torch.cuda.max_memory_allocated over build + {iterations} iterations, minus the allocation before the build"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--peak-memory", name, "--size", size, "--iterations", str(iterations)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _reset_peak_rss() -> bool:
+    """Resets VmHWM to the current RSS (Linux >= 4.0, ``/proc/self/clear_refs``); False where refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _memory_child(name: str, size: str, iterations: int) -> dict:
+    # everything the configurations import, imported before the baseline is read
+    import diffusers  # noqa: F401
+    import peft  # noqa: F401
+
+    import tdm_fast.kernels  # noqa: F401
+    import tdm_fast.trainer  # noqa: F401
+
+    base = _rss_kb("VmRSS")
+    runner = Runner(name, size, "cpu", profile=False)
+    runner.step()  # lazily created optimizer state; torch.compile's compilation for the compiled configuration
+    first = _rss_kb("VmHWM")
+    steady = _reset_peak_rss()
+    for _ in range(iterations):
+        runner.step()
+    runner.finish()
+    peak = _rss_kb("VmHWM")
+    what = (f"CPU: peak RSS (VmHWM) of a fresh process over {iterations} iterations after a first one (which compiles "
+            "where torch.compile is on: that transient peak is peak_memory_first_iteration_mb), minus its RSS after imports"
+            if steady else f"CPU: peak RSS (VmHWM) of a fresh process over build + {iterations + 1} iterations, minus "
+                           "its RSS after imports")
+    return {"peak_memory_mb": ((peak if steady else max(peak, first)) - base) / 1024,
+            "peak_memory_first_iteration_mb": (first - base) / 1024, "peak_memory_method": what}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peak-memory", choices=CONFIGS, required=True)
+    parser.add_argument("--size", choices=list(SIZES), default="scaled")
+    parser.add_argument("--iterations", type=int, default=2)
+    args = parser.parse_args(argv)
+    print(json.dumps(_memory_child(args.peak_memory, args.size, args.iterations)))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()
