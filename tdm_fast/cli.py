@@ -404,6 +404,8 @@ def cmd_demo(args) -> int:
 
 def cmd_teacher_train(args) -> int:
     check_output_path(args.out, "--out")
+    if args.dataset != "digits" and args.architecture != "digits":
+        raise UsageError(f"--architecture {args.architecture} goes with --dataset digits (the built-in digits teachers)")
     if args.dataset == "digits-t2i":
         if args.pipeline is None:
             raise UsageError("--dataset digits-t2i needs --pipeline sd15 or sd3")
@@ -420,7 +422,8 @@ def cmd_teacher_train(args) -> int:
 
         _refuse_flags(args, (("--hidden", "hidden"),), "to --dataset digits (its UNet has a fixed size)")
         args.batch_size = 128 if args.batch_size is None else args.batch_size
-        args.lr = 2e-3 if args.lr is None else args.lr
+        if args.architecture == "digits":
+            args.lr = 2e-3 if args.lr is None else args.lr
         args.cond_dropout = 0.15 if args.cond_dropout is None else args.cond_dropout
         run_teacher_train(args)
         return 0
@@ -428,7 +431,7 @@ def cmd_teacher_train(args) -> int:
 
     _refuse_flags(args, (("--batch-size", "batch_size"), ("--lr", "lr"), ("--cond-dropout", "cond_dropout")),
                   "to --dataset toy2d (they set the digits teachers' training)")
-    teacher = train_toy_teacher(iterations=args.iterations or 2000, seed=args.seed, hidden=args.hidden or 128,
+    teacher = train_toy_teacher(iterations=args.iterations or 2000, seed=args.seed or 0, hidden=args.hidden or 128,
                                 progress=not args.quiet)
     teacher.save_pretrained(args.out)
     print(f"teacher saved to {args.out}")
@@ -562,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=positive_int, default=None,
                    help="default 2000 (toy2d), 2500 (digits, the shipped teacher), 2000 (digits-t2i denoiser)")
     p.add_argument("--hidden", type=positive_int, default=None, help="toy2d MLP width (default 128)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="default 0, or the built-in teacher's own (--architecture)")
     digits_cli.add_teacher_arguments(p)
     g = p.add_argument_group("digits-t2i (tdm-fast teacher train --dataset digits-t2i --pipeline sd15|sd3 --out DIR)")
     g.add_argument("--pipeline", choices=["sd15", "sd3"], default=None, help="StableDiffusionPipeline or StableDiffusion3Pipeline folder")

@@ -231,11 +231,13 @@ def train_digits_teacher(
     images: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     init: Denoiser | None = None,
+    fresh: bool = False,
     progress: bool = True,
 ) -> Denoiser:
     """Trains the digits teacher on the training split (seeded, reproducible); returns the EMA model.
 
-    With ``init`` it fine-tunes that denoiser instead of a fresh network (see :func:`finetune_variant`);
+    With ``init`` it fine-tunes that denoiser instead of a fresh digits UNet (see :func:`finetune_variant`),
+    or with ``fresh=True`` trains that untrained network (the other built-in teachers);
     ``images``/``labels`` replace the training split. Saves to ``output_dir`` when given
     (``Denoiser.save_pretrained`` plus ``training.json``, and the flat ``digits_teacher.safetensors/.json``
     that ships in ``tdm_fast/assets``: copy those two files there to replace the shipped teacher).
@@ -275,7 +277,7 @@ def train_digits_teacher(
     info = {
         "iterations": iterations, "batch_size": batch_size, "lr": lr, "cond_dropout": cond_dropout,
         "ema_decay": ema_decay, "seed": seed, "final_loss_ema": running, "wall_s": time.perf_counter() - start,
-        "train_images": int(images.shape[0]), "finetuned": init is not None,
+        "train_images": int(images.shape[0]), "finetuned": init is not None and not fresh,
         "parameters": sum(p.numel() for p in ema.parameters()),
     }
     teacher.training_info = info
@@ -320,12 +322,29 @@ def add_teacher_arguments(parser) -> None:
     _add(parser, "--batch-size", type=positive_int, default=128)
     _add(parser, "--lr", type=positive_float, default=2e-3)
     _add(parser, "--cond-dropout", type=probability, default=0.15, help="rate of null-class labels (for CFG), in [0, 1)")
+    _add(parser, "--architecture", default="digits", choices=["digits", "digits-small-v", "digits-dit"],
+         help="which built-in digits teacher (tdm_fast.demos.teachers): the shipped UNet, a smaller v-predicting "
+              "UNet, or a flow-matching transformer")
 
 
 def run_teacher_train(args) -> dict:
+    architecture = getattr(args, "architecture", "digits")
+    if architecture != "digits":
+        from .demos.teachers import TEACHERS, train_builtin_teacher
+
+        settings = {"iterations": getattr(args, "iterations", None) or TEACHERS[architecture].training["iterations"],
+                    "batch_size": getattr(args, "batch_size", 128), "lr": getattr(args, "lr", None) or TEACHERS[architecture].training["lr"],
+                    "cond_dropout": getattr(args, "cond_dropout", 0.15)}
+        if getattr(args, "seed", None) is not None:
+            settings["seed"] = args.seed
+        teacher = train_builtin_teacher(architecture, args.out, progress=not getattr(args, "quiet", False), **settings)
+        stem = TEACHERS[architecture].asset.name
+        print(f"saved the {architecture} teacher to {args.out} ({teacher.training_info['wall_s']:.0f} s); "
+              f"to ship it, copy {args.out}/{stem}.safetensors and .json into tdm_fast/assets/")
+        return teacher.training_info
     teacher = train_digits_teacher(
         args.out, iterations=getattr(args, "iterations", None) or 2500, batch_size=getattr(args, "batch_size", 128),
-        lr=getattr(args, "lr", 2e-3), cond_dropout=getattr(args, "cond_dropout", 0.15), seed=getattr(args, "seed", 0),
+        lr=getattr(args, "lr", 2e-3), cond_dropout=getattr(args, "cond_dropout", 0.15), seed=getattr(args, "seed", None) or 0,
         progress=not getattr(args, "quiet", False),
     )
     print(f"saved the digits teacher to {args.out} ({teacher.training_info['wall_s']:.0f} s); "

@@ -541,7 +541,7 @@ def run_build(args) -> dict:
         if value is not None:
             kwargs[key] = value
     info = build_pipeline(args.pipeline, args.out, iterations=getattr(args, "iterations", None),
-                          vae_iterations=getattr(args, "vae_iterations", None), seed=getattr(args, "seed", 0),
+                          vae_iterations=getattr(args, "vae_iterations", None), seed=getattr(args, "seed", None) or 0,
                           progress=not getattr(args, "quiet", False), evaluate=getattr(args, "eval_samples", 0) or 0,
                           threads=getattr(args, "threads", None) or 2, **kwargs)
     acc = f"; {info['eval']['accuracy']:.1%} class accuracy at 50 steps CFG {info['eval']['guidance_scale']}" if "eval" in info else ""

@@ -1,0 +1,300 @@
+"""Does a recipe hold? FID-vs-iteration curves of a distillation against the teacher's best NFE-matched
+samplers, on the built-in digits-scale teachers.
+
+One :class:`CurveEvaluator` per teacher fixes the evaluation noise and labels, computes the teacher's
+50-step CFG reference once and the FID of every NFE-matched baseline candidate (spec §9) once; during
+training it scores the student's EMA weights at each K every ``every`` iterations. A point's ``ratio``
+is the student's FID to teacher-50 divided by the best baseline's at the same K.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..sampling import nfe_matched_baselines, reference_sampler, sample_student
+from .digits import DigitsMetrics, eval_inputs
+
+
+class CurveEvaluator:
+    """FID to teacher-50 of students of one teacher, and the best NFE-matched baseline per K."""
+
+    def __init__(self, teacher, cfg_scale: float, steps, samples: int = 1000, seed: int = 0, total_steps: int = 900,
+                 metrics: DigitsMetrics | None = None):
+        self.teacher, self.steps = teacher, tuple(steps)
+        self.metrics = metrics or DigitsMetrics()
+        self.noise, self.labels = eval_inputs(samples, seed)
+        with torch.no_grad():
+            self.reference = self.metrics.features(reference_sampler(50, cfg_scale)(teacher, self.noise, self.labels))
+            # the floor of the measure: teacher-50 from other noise against the evaluation's teacher-50
+            other_noise, other_labels = eval_inputs(samples, seed + 1000)
+            other = reference_sampler(50, cfg_scale)(teacher, other_noise, other_labels)
+        self.floor = self._fid(other, other_labels)["fid_teacher"]
+        self.baselines = {}
+        for k in self.steps:
+            scores = {s.name: self._fid(s(teacher, self.noise, self.labels), self.labels)["fid_teacher"]
+                      for s in nfe_matched_baselines(k, cfg_scale, total_steps)}
+            best = min(scores, key=scores.get)
+            self.baselines[k] = {"name": best, "fid_teacher": scores[best], "candidates": scores}
+
+    def _fid(self, images, labels) -> dict:
+        out = self.metrics(images, labels, self.reference)
+        return {key: out[key] for key in ("fid_teacher", "accuracy", "diversity")}
+
+    @torch.no_grad()
+    def score(self, student) -> dict:
+        """{K: fid_teacher, ratio to the best baseline, accuracy, diversity} of a steps-aware student."""
+        out = {}
+        for k in self.steps:
+            point = self._fid(sample_student(student, self.noise, self.labels, k), self.labels)
+            point["ratio"] = point["fid_teacher"] / self.baselines[k]["fid_teacher"]
+            out[k] = point
+        return out
+
+
+class CurveRecorder:
+    """Trainer callback: scores the EMA student every ``every`` iterations (and at iteration 0 when asked)."""
+
+    def __init__(self, evaluator: CurveEvaluator, every: int, extra=None):
+        self.evaluator, self.every, self.extra = evaluator, every, extra
+        self.points: list[dict] = []
+        self.start = time.perf_counter()
+
+    def __call__(self, trainer, record) -> None:
+        if trainer.step % self.every:
+            return
+        with trainer.ema_weights() as student:
+            scores = self.evaluator.score(student)
+        point = {"iteration": trainer.step, "wall_s": time.perf_counter() - self.start,
+                 **{f"K={k}": v for k, v in scores.items()}}
+        if self.extra is not None:
+            point.update(self.extra(trainer, record))
+        self.points.append(point)
+
+
+def _rollouts(trainer, k: int, batches: int) -> list:
+    from ..conditions import to_device
+
+    out = []
+    for _ in range(batches):
+        cond = to_device(trainer.conditions(trainer.config.batch_size, trainer.rng), trainer.device)
+        z = torch.randn((trainer.config.batch_size, *trainer.sample_shape), generator=trainer.rng).to(trainer.device)
+        out.append([(trainer.rollout(z, cond, k), cond)])
+    return out
+
+
+def fake_lag(trainer, updates: int = 100, probe_batches: int = 8, seed: int = 12345) -> dict:
+    """How far the fake score is behind the student it should model: its loss on fixed probe draws now,
+    and after ``updates`` extra fake-score updates with the student frozen (then everything is restored).
+
+    ``lag`` = loss now / loss after − 1: 0 when the fake score has converged for the current student.
+    """
+    import copy
+
+    saved = {"fake": copy.deepcopy(trainer.fake_core.state_dict()), "opt": copy.deepcopy(trainer.opt_f.state_dict()),
+             "sched": copy.deepcopy(trainer.sched_f.state_dict()), "rng": trainer.rng.get_state()}
+
+    def probe() -> dict:
+        # the trainer's own update with a zero-step optimizer: the loss exactly as training computes it
+        optimizer, scheduler = trainer.opt_f, trainer.sched_f
+        trainer.opt_f = torch.optim.SGD(trainer.fake_core.parameters(), lr=0.0)
+        trainer.sched_f = torch.optim.lr_scheduler.LambdaLR(trainer.opt_f, lambda i: 0.0)
+        trainer.rng.manual_seed(seed)
+        try:
+            return {k: float(sum(trainer.fake_score_update(batch, k)[0] for batch in _rollouts(trainer, k, probe_batches))
+                             / probe_batches) for k in trainer.config.steps}
+        finally:
+            trainer.opt_f, trainer.sched_f = optimizer, scheduler
+
+    before = probe()
+    trainer.rng.manual_seed(seed + 1)
+    for i in range(updates):
+        k = trainer.config.steps[i % len(trainer.config.steps)]
+        trainer.fake_score_update(_rollouts(trainer, k, 1)[0], k)
+    after = probe()
+    trainer.fake_core.load_state_dict(saved["fake"])
+    trainer.opt_f.load_state_dict(saved["opt"])
+    trainer.sched_f.load_state_dict(saved["sched"])
+    trainer.rng.set_state(saved["rng"])
+    return {f"K={k}": {"loss": before[k], "converged": after[k], "lag": before[k] / after[k] - 1} for k in before}
+
+
+# -- the suite -------------------------------------------------------------------------------------
+MULTIPLIERS = (0.3, 1.0, 3.0)
+STEPS = (1, 2, 4)
+
+
+def suite_config(teacher_name: str, iterations: int, seed: int, lr_multiplier: float = 1.0, **recipe):
+    """A user's config for a new teacher: only steps, cfg_scale, batch_size and iterations set (plus the
+    recipe's own overrides, empty for the default), with the learning rates scaled by ``lr_multiplier``."""
+    from ..config import TDMConfig
+    from ..demos.teachers import TEACHERS
+
+    config = TDMConfig(steps=STEPS, cfg_scale=TEACHERS[teacher_name].cfg_scale, batch_size=64, iterations=iterations,
+                       seed=seed, **recipe)
+    config.fake_lr *= lr_multiplier
+    return config
+
+
+_EVALUATORS: dict = {}
+
+
+def run_curve(teacher_name: str, recipe_name: str, recipe: dict, lr_multiplier: float, seed: int, iterations: int,
+              every: int, samples: int, threads: int | None = None) -> dict:
+    """One distillation of a built-in teacher with its FID curve (a suite job; picklable arguments)."""
+    from ..demos.teachers import load_builtin_teacher
+    from ..trainer import ClassConditions, TDMTrainer
+    from ..digits import IMAGE_SIZE, NUM_CLASSES
+
+    if threads:
+        torch.set_num_threads(threads)
+    teacher = load_builtin_teacher(teacher_name)
+    config = suite_config(teacher_name, iterations, seed, lr_multiplier, **recipe)
+    key = (teacher_name, samples, config.cfg_scale)
+    if key not in _EVALUATORS:
+        _EVALUATORS[key] = CurveEvaluator(teacher, config.cfg_scale, STEPS, samples=samples)
+    evaluator = _EVALUATORS[key]
+    recorder = CurveRecorder(evaluator, every)
+    trainer = TDMTrainer(teacher, config, ClassConditions(NUM_CLASSES), (1, IMAGE_SIZE, IMAGE_SIZE), output_dir=None,
+                         progress=False)
+    with trainer.ema_weights() as student:
+        start = {f"K={k}": v for k, v in evaluator.score(student).items()}
+    recorder.points.append({"iteration": 0, "wall_s": 0.0, **start})
+    trainer.train(callback=recorder)
+    return {"teacher": teacher_name, "recipe": recipe_name, "lr_multiplier": lr_multiplier, "seed": seed,
+            "config": config.to_dict(), "points": recorder.points, "floor": evaluator.floor,
+            "baselines": {str(k): v for k, v in evaluator.baselines.items()}}
+
+
+def verdicts(run: dict) -> dict:
+    """The issue's pass/fail checks of one run, per K (see ``format_stability``)."""
+    out = {}
+    for k in STEPS:
+        points = [(p["iteration"], p[f"K={k}"]) for p in run["points"] if p["iteration"] > 0]
+        ratios = {it: p["ratio"] for it, p in points}
+        fids = {it: p["fid_teacher"] for it, p in points}
+        last = max(fids)
+        checks = {}
+        if run["lr_multiplier"] == 1.0:
+            checks["ratio < 1 from 400"] = all(r < 1 for it, r in ratios.items() if it >= 400)
+            if k in (2, 4):
+                checks["ratio <= 0.5 from 600"] = all(r <= 0.5 for it, r in ratios.items() if it >= 600)
+            checks["no drift (last <= 1.25 x best)"] = fids[last] <= 1.25 * min(fids.values())
+        elif k in (2, 4):
+            at = min(ratios, key=lambda it: abs(it - 1000))
+            checks[f"ratio < 1 at {at}"] = ratios[at] < 1
+        out[k] = checks
+    return out
+
+
+def run_stability(out_dir, teachers=None, recipes=None, multipliers=MULTIPLIERS, seeds=(0,), iterations: int = 2000,
+                  every: int = 200, samples: int = 2000, workers: int | None = None, progress: bool = True) -> dict:
+    """Every built-in teacher × recipe × learning-rate multiplier × seed, in parallel processes (one
+    thread each); writes ``stability.json``, ``stability.md`` and ``stability.png`` into ``out_dir``.
+
+    Multipliers other than 1 run for the default recipe only, and only up to 1,000 iterations (their check is
+    at 1,000); extra seeds run for multiplier 1 only.
+    """
+    import json
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from pathlib import Path
+
+    from ..demos.teachers import TEACHERS
+
+    teachers = tuple(teachers or TEACHERS)
+    recipes = recipes if recipes is not None else {"default": {}}
+    jobs = []
+    for teacher in teachers:
+        for recipe_name, recipe in recipes.items():
+            for mult in multipliers if recipe_name == "default" else (1.0,):
+                for seed in seeds if mult == 1.0 else seeds[:1]:
+                    its = iterations if mult == 1.0 else min(iterations, 1000)
+                    jobs.append((teacher, recipe_name, recipe, mult, seed, its, every, samples, 1))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workers = workers or max(1, min(len(jobs), len(os.sched_getaffinity(0))))
+    runs = []
+    with ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(run_curve, *job) for job in jobs]
+        for i, future in enumerate(as_completed(futures)):
+            run = future.result()
+            run["verdicts"] = verdicts(run)
+            runs.append(run)
+            if progress:
+                print(f"[{i + 1}/{len(jobs)}] {run['teacher']} {run['recipe']} lr x{run['lr_multiplier']} seed {run['seed']}", flush=True)
+    runs.sort(key=lambda r: (teachers.index(r["teacher"]), list(recipes).index(r["recipe"]), r["lr_multiplier"], r["seed"]))
+    results = {"iterations": iterations, "every": every, "samples": samples, "runs": runs}
+    (out_dir / "stability.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "stability.md").write_text(format_stability(results))
+    plot_stability(results, out_dir / "stability.png")
+    return results
+
+
+def format_stability(results: dict) -> str:
+    """Markdown: FID ratio to the best NFE-matched baseline at every evaluation, and the checks."""
+    import statistics
+
+    lines = [f"FID to teacher-50 over the best NFE-matched baseline's (< 1: the student wins; {results['samples']} "
+             f"samples, the measure's floor in brackets), every {results['every']} iterations, EMA weights.", ""]
+    groups: dict = {}
+    for run in results["runs"]:
+        groups.setdefault((run["teacher"], run["recipe"], run["lr_multiplier"]), []).append(run)
+    iterations = sorted({p["iteration"] for r in results["runs"] for p in r["points"] if p["iteration"] > 0})
+    lines += ["| teacher | recipe | lr × | K | seeds | " + " | ".join(str(i) for i in iterations) + " | checks |",
+              "|---|---|---|---|---|" + "---|" * len(iterations) + "---|"]
+    for (teacher, recipe, mult), runs in groups.items():
+        for k in STEPS:
+            cells = []
+            for it in iterations:
+                values = [p[f"K={k}"]["ratio"] for r in runs for p in r["points"] if p["iteration"] == it]
+                if not values:
+                    cells.append("")
+                elif len(values) == 1:
+                    cells.append(f"{values[0]:.2f}")
+                else:
+                    cells.append(f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}")
+            checks = {}
+            for r in runs:
+                for name, ok in r["verdicts"][k].items():
+                    checks[name] = checks.get(name, True) and ok
+            check_text = "; ".join(f"{name}: {'pass' if ok else '**FAIL**'}" for name, ok in checks.items())
+            lines.append(f"| {teacher} (floor {runs[0]['floor'] / runs[0]['baselines'][str(k)]['fid_teacher']:.2f}) | "
+                         f"{recipe} | {mult:g} | {k} | {len(runs)} | " + " | ".join(cells) + f" | {check_text} |")
+    failed = sum(not ok for r in results["runs"] for k in STEPS for ok in r["verdicts"][k].values())
+    total = sum(len(r["verdicts"][k]) for r in results["runs"] for k in STEPS)
+    lines += ["", f"Checks passed: {total - failed} of {total}."]
+    return "\n".join(lines)
+
+
+def plot_stability(results: dict, path) -> None:
+    """One panel per teacher: ratio-vs-iteration lines per K and recipe/lr multiplier (mean of seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    teachers = list(dict.fromkeys(r["teacher"] for r in results["runs"]))
+    fig, axes = plt.subplots(1, len(teachers), figsize=(5 * len(teachers), 4), squeeze=False)
+    colours = {1: "tab:red", 2: "tab:orange", 4: "tab:blue"}
+    for ax, teacher in zip(axes[0], teachers):
+        groups: dict = {}
+        for run in (r for r in results["runs"] if r["teacher"] == teacher):
+            groups.setdefault((run["recipe"], run["lr_multiplier"]), []).append(run)
+        for (recipe, mult), runs in groups.items():
+            style = "-" if recipe == "default" and mult == 1.0 else (":" if recipe == "default" else "--")
+            for k in STEPS:
+                its = [p["iteration"] for p in runs[0]["points"]]
+                mean = [sum(r["points"][i][f"K={k}"]["ratio"] for r in runs) / len(runs) for i in range(len(its))]
+                ax.plot(its, mean, style, color=colours[k], alpha=1.0 if mult == 1.0 else 0.5,
+                        label=f"K={k} {recipe}" + ("" if mult == 1.0 else f" lr×{mult:g}"))
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_title(teacher)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("FID ratio to best NFE-matched baseline")
+    axes[0][-1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
