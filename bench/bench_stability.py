@@ -25,7 +25,8 @@ def test_stability(benchmark, tmp_path):
 
     def sweep():
         out["results"] = run_stability(tmp_path, recipes={"default": {}, "paper": PAPER_FAITHFUL}, seeds=SEEDS,
-                                       iterations=ITERATIONS, every=max(1, ITERATIONS // 10), progress=False)
+                                       iterations=ITERATIONS, every=200 if ITERATIONS >= 1000 else max(1, ITERATIONS // 5),
+                                       progress=False)
 
     benchmark.pedantic(sweep, rounds=1, iterations=1)
     results = out["results"]

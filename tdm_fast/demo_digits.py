@@ -37,6 +37,9 @@ def demo_config(iterations: int = DEMO_ITERATIONS, seed: int = 0, **overrides) -
         generator_lr_ratio=0.1,
         warmup_steps=50,
         ema_decay=0.99,
+        # measured with the authors' loss normaliser and a constant lr after the warm-up
+        normalize=True,
+        lr_decay="constant",
         batch_size=64,
         iterations=iterations,
         seed=seed,

@@ -169,7 +169,7 @@ def test_resume_refuses_changed_settings_unless_overridden(teacher_dir, tmp_path
     trainer.load_checkpoint(run, overrides=("fake_lr", "weight_decay"))
     warm = 5 / 10  # the 5th step of a 10-step linear warm-up follows the 4 applied updates
     assert trainer.opt_f.param_groups[0]["lr"] == pytest.approx(3e-3 * warm)
-    assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(3e-3 * 0.2 * warm)
+    assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(3e-3 * config.generator_lr_ratio * warm)
     assert trainer.opt_f.param_groups[0]["weight_decay"] == 0.05
     trainer.train()
     assert trainer.opt_f.param_groups[0]["lr"] == pytest.approx(3e-3 * 7 / 10)

@@ -52,7 +52,8 @@ def test_cosine_schedule_warms_up_then_decays_to_its_floor():
 
 def test_trainer_follows_the_cosine_decay():
     teacher = TEACHERS["digits-small-v"].fresh().eval().requires_grad_(False)
-    config = TDMConfig(steps=(4,), cfg_scale=2.0, batch_size=4, iterations=4, lr_decay="cosine", kernels="reference")
+    config = TDMConfig(steps=(4,), cfg_scale=2.0, batch_size=4, iterations=4, warmup_steps=0, lr_decay="cosine",
+                       kernels="reference")
     trainer = TDMTrainer(teacher, config, ClassConditions(NUM_CLASSES), (1, 8, 8), progress=False)
     lrs = []
     for _ in range(4):

@@ -118,10 +118,9 @@ def test_final_student_samples(teacher, tmp_path):
 
     student = Denoiser.from_pretrained(tmp_path / "student")
     noise, labels = torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
+    final = trainer.final_student()  # the EMA weights, as saved
     for k in (1, 2, 4):
-        torch.testing.assert_close(
-            sample_student(student, noise, labels, k), sample_student(trainer.student_core, noise, labels, k)
-        )
+        torch.testing.assert_close(sample_student(student, noise, labels, k), sample_student(final, noise, labels, k))
 
 
 def test_bad_config_is_refused():

@@ -9,6 +9,7 @@ is the student's FID to teacher-50 divided by the best baseline's at the same K.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -55,8 +56,8 @@ class CurveEvaluator:
 class CurveRecorder:
     """Trainer callback: scores the EMA student every ``every`` iterations (and at iteration 0 when asked)."""
 
-    def __init__(self, evaluator: CurveEvaluator, every: int, extra=None):
-        self.evaluator, self.every, self.extra = evaluator, every, extra
+    def __init__(self, evaluator: CurveEvaluator, every: int, extra=None, say=None):
+        self.evaluator, self.every, self.extra, self.say = evaluator, every, extra, say
         self.points: list[dict] = []
         self.start = time.perf_counter()
 
@@ -70,6 +71,8 @@ class CurveRecorder:
         if self.extra is not None:
             point.update(self.extra(trainer, record))
         self.points.append(point)
+        if self.say is not None:
+            self.say(point)
 
 
 def _rollouts(trainer, k: int, batches: int) -> list:
@@ -140,8 +143,11 @@ _EVALUATORS: dict = {}
 
 
 def run_curve(teacher_name: str, recipe_name: str, recipe: dict, lr_multiplier: float, seed: int, iterations: int,
-              every: int, samples: int, threads: int | None = None) -> dict:
-    """One distillation of a built-in teacher with its FID curve (a suite job; picklable arguments)."""
+              every: int, samples: int, threads: int | None = None, lag_every: int = 0, say=None) -> dict:
+    """One distillation of a built-in teacher with its FID curve (a suite job; picklable arguments).
+
+    ``lag_every``: also probe the fake score's lag (:func:`fake_lag`) at every such evaluation;
+    ``say``: called with each point as it is recorded."""
     from ..demos.teachers import load_builtin_teacher
     from ..trainer import ClassConditions, TDMTrainer
     from ..digits import IMAGE_SIZE, NUM_CLASSES
@@ -154,7 +160,13 @@ def run_curve(teacher_name: str, recipe_name: str, recipe: dict, lr_multiplier: 
     if key not in _EVALUATORS:
         _EVALUATORS[key] = CurveEvaluator(teacher, config.cfg_scale, STEPS, samples=samples)
     evaluator = _EVALUATORS[key]
-    recorder = CurveRecorder(evaluator, every)
+    def extra(trainer, record) -> dict:
+        out = {"fake_loss": record["fake_loss"]}
+        if lag_every and trainer.step % lag_every == 0:
+            out["lag"] = fake_lag(trainer)
+        return out
+
+    recorder = CurveRecorder(evaluator, every, extra, say)
     trainer = TDMTrainer(teacher, config, ClassConditions(NUM_CLASSES), (1, IMAGE_SIZE, IMAGE_SIZE), output_dir=None,
                          progress=False)
     with trainer.ema_weights() as student:
@@ -204,13 +216,18 @@ def run_stability(out_dir, teachers=None, recipes=None, multipliers=MULTIPLIERS,
 
     teachers = tuple(teachers or TEACHERS)
     recipes = recipes if recipes is not None else {"default": {}}
+    # the most telling runs first, so that a sweep cut short still answers for every teacher
     jobs = []
-    for teacher in teachers:
-        for recipe_name, recipe in recipes.items():
-            for mult in multipliers if recipe_name == "default" else (1.0,):
-                for seed in seeds if mult == 1.0 else seeds[:1]:
-                    its = iterations if mult == 1.0 else min(iterations, 1000)
-                    jobs.append((teacher, recipe_name, recipe, mult, seed, its, every, samples, 1))
+    for tier in ("first seed", "other recipes", "lr multipliers", "more seeds"):
+        for teacher in teachers:
+            for recipe_name, recipe in recipes.items():
+                for mult in multipliers if recipe_name == "default" else (1.0,):
+                    for seed in seeds if mult == 1.0 else seeds[:1]:
+                        kind = ("more seeds" if seed != seeds[0] else "lr multipliers" if mult != 1.0
+                                else "first seed" if recipe_name == "default" else "other recipes")
+                        if kind == tier:
+                            its = iterations if mult == 1.0 else min(iterations, 1000)
+                            jobs.append((teacher, recipe_name, recipe, mult, seed, its, every, samples, 1))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = workers or max(1, min(len(jobs), len(os.sched_getaffinity(0))))
@@ -221,12 +238,14 @@ def run_stability(out_dir, teachers=None, recipes=None, multipliers=MULTIPLIERS,
             run = future.result()
             run["verdicts"] = verdicts(run)
             runs.append(run)
+            runs.sort(key=lambda r: (teachers.index(r["teacher"]), list(recipes).index(r["recipe"]), r["lr_multiplier"], r["seed"]))
+            results = {"iterations": iterations, "every": every, "samples": samples, "runs": runs,
+                       "complete": len(runs) == len(jobs)}
+            # written after every run: a sweep stopped early keeps what it measured
+            (out_dir / "stability.json").write_text(json.dumps(results, indent=2))
+            (out_dir / "stability.md").write_text(format_stability(results))
             if progress:
                 print(f"[{i + 1}/{len(jobs)}] {run['teacher']} {run['recipe']} lr x{run['lr_multiplier']} seed {run['seed']}", flush=True)
-    runs.sort(key=lambda r: (teachers.index(r["teacher"]), list(recipes).index(r["recipe"]), r["lr_multiplier"], r["seed"]))
-    results = {"iterations": iterations, "every": every, "samples": samples, "runs": runs}
-    (out_dir / "stability.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "stability.md").write_text(format_stability(results))
     plot_stability(results, out_dir / "stability.png")
     return results
 
@@ -298,3 +317,53 @@ def plot_stability(results: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def format_point(point: dict) -> str:
+    """One line per evaluation: FID to teacher-50 / ratio / diversity at each K (and the fake score's lag)."""
+    text = f"{point['iteration']:>5}  " + "  ".join(
+        f"K={k}: FID {point[f'K={k}']['fid_teacher']:.3f} ratio {point[f'K={k}']['ratio']:.2f} "
+        f"div {point[f'K={k}']['diversity']:.2f}" for k in STEPS)
+    if "lag" in point:
+        text += "  lag " + " ".join(f"{k} {v['lag']:.3f}" for k, v in point["lag"].items())
+    return text
+
+
+def main(argv=None) -> None:
+    """``python -m tdm_fast.eval.stability``: one FID curve of a built-in teacher under a recipe with any
+    setting changed (the factor runs of docs/stability.md)."""
+    import argparse
+    import json
+
+    from ..config import PAPER_FAITHFUL
+    from ..demo_digits import demo_config
+    from ..demos.teachers import TEACHERS
+
+    parser = argparse.ArgumentParser(prog="python -m tdm_fast.eval.stability", description=main.__doc__)
+    parser.add_argument("--teacher", choices=list(TEACHERS), default="digits")
+    parser.add_argument("--recipe", choices=["default", "paper", "demo"], default="default",
+                        help="TDMConfig defaults, PAPER_FAITHFUL, or the digits demo's recipe")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="config overrides, e.g. normalize=false")
+    parser.add_argument("--lr-multiplier", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--iterations", type=int, default=1000)
+    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--lag-every", type=int, default=0, help="probe the fake score's lag at these evaluations")
+    parser.add_argument("--json", default=None, help="write the run here")
+    args = parser.parse_args(argv)
+    recipe = {"default": {}, "paper": dict(PAPER_FAITHFUL)}.get(args.recipe)
+    if recipe is None:  # the demo's settings, as overrides of the suite's config
+        demo = demo_config().to_dict()
+        recipe = {k: demo[k] for k in ("fake_lr", "generator_lr_ratio", "warmup_steps", "ema_decay", "normalize", "lr_decay")}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        recipe[key] = json.loads(value)
+    run = run_curve(args.teacher, args.recipe, recipe, args.lr_multiplier, args.seed, args.iterations, args.every,
+                    args.samples, lag_every=args.lag_every, say=lambda p: print(format_point(p), flush=True))
+    if args.json:
+        Path(args.json).write_text(json.dumps(run, indent=2))
+
+
+if __name__ == "__main__":
+    main()
