@@ -4,7 +4,9 @@
   teacher conditional/unconditional passes, the fake update's unused teacher pass, per-iteration
   ``.item()``, plain torch math);
 * ``plain-full``: tdm-fast's ``TDMTrainer`` with full copies of the teacher and the reference kernels,
-  stepped by ``train_step`` (which reads the losses every iteration);
+  stepped by ``train_step`` (which reads the losses every iteration), at the authors' settings
+  (``PAPER_FAITHFUL``: no EMA, the per-sample normaliser, as the official-style loop); like every
+  ``TDMTrainer`` its fake-score update reads the student's predictions from the rollout;
 * ``plain-lora``: the same with LoRA roles (student and fake score as two adapters on one base);
 * ``all``: LoRA roles, the fused kernels (custom operators), ``compile=True`` (diffusers' regional
   ``compile_repeated_blocks``: the transformer blocks, compiled during the untimed warm-up), iterations
@@ -204,7 +206,7 @@ class Runner:
 
     def _build_trainer(self, teacher_unet, cond, null, profile):
         from tdm_fast.backbones.unet import UNetAdapter
-        from tdm_fast.config import TDMConfig
+        from tdm_fast.config import PAPER_FAITHFUL, TDMConfig
         from tdm_fast.denoiser import Denoiser
         from tdm_fast.lora import LoRASettings, lora_denoisers
         from tdm_fast.perf.step_profiler import StepProfiler
@@ -212,10 +214,12 @@ class Runner:
         from tdm_fast.trainer import EmbeddingConditions, TDMTrainer
 
         autocast = SIZES[self.size][4]
-        config = TDMConfig(steps=(K,), batch_size=self.batch, cfg_scale=4.5, huber_c=1e-3, total_steps=900,
-                           kernels="fused" if self.name == "all" else "reference", compile=self.name == "all",
-                           log_every=10 ** 6,
-                           mixed_precision="no" if autocast is None else "bf16")
+        # the authors' settings, as the official-style loop runs them (no EMA, the per-sample normaliser),
+        # whatever the defaults of the day
+        config = TDMConfig(**{**PAPER_FAITHFUL, **dict(
+            steps=(K,), batch_size=self.batch, cfg_scale=4.5, huber_c=1e-3, total_steps=900,
+            kernels="fused" if self.name == "all" else "reference", compile=self.name == "all", log_every=10 ** 6,
+            mixed_precision="no" if autocast is None else "bf16")})
         schedule = ScheduleConfig(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
         teacher = Denoiser(UNetAdapter(teacher_unet), schedule, "epsilon", null_cond=null)
         student = fake = None

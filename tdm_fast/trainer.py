@@ -27,7 +27,7 @@ from . import kernels as fused_ops
 from . import objectives
 from . import fsdp, runlock
 from .checkpoint import commit_checkpoint, load_checkpoint, remove_leftovers, replace_folder, write_rank_file, write_state
-from .conditions import to_device
+from .conditions import select, to_device
 from .config import TDMConfig
 from .denoiser import Denoiser
 from .parameterization import broadcast
@@ -148,7 +148,8 @@ class EMA:
 @dataclass
 class StageDraw:
     """Per-sample stage k, its time t, stage end s and the matching time τ; with the DPM-Solver
-    trajectory also the previous stage's x̂0 and the stage's multistep coefficient (else None)."""
+    trajectory also the previous stage's x̂0 and the stage's multistep coefficient (else None).
+    ``stage`` stays on the host, so choosing rows by it never waits for the device."""
 
     x_t: torch.Tensor
     t: torch.Tensor
@@ -156,6 +157,7 @@ class StageDraw:
     tau: torch.Tensor
     x0_prev: torch.Tensor | None = None
     coefficient: torch.Tensor | None = None
+    stage: torch.Tensor | None = None
 
 
 def make_student_and_fake(teacher: Denoiser, config: TDMConfig) -> tuple[Denoiser, Denoiser]:
@@ -336,13 +338,14 @@ class TDMTrainer:
 
     @torch.no_grad()
     def rollout(self, z: torch.Tensor, cond, k: int) -> torch.Tensor:
-        """Runs the student's K stages from noise without grad; returns x_{t_0..t_{K-1}} stacked (K, B, ...).
+        """Runs the student's K stages from noise without grad; returns (3K-2, B, ...): the states
+        x_{t_0..t_{K-1}}, then the student's x̂0_{t_0..t_{K-2}} and ε̂_{t_0..t_{K-2}} from which it jumped.
 
-        With a multistep solver (``student_solver="dpmsolver"``, K >= 3) a stage's state is the pair
-        (x_{t_i}, x̂0_{t_{i-1}}): the K states are followed by the K-1 predictions x̂0_{t_0..t_{K-2}}."""
+        The predictions are kept for the fake-score update, which reads them instead of running the
+        student again (:meth:`student_prediction`). With a multistep solver (``student_solver="dpmsolver"``,
+        K >= 3) a stage's state is the pair (x_{t_i}, x̂0_{t_{i-1}}): the x̂0s are also its second half."""
         times, coefficients = self.times[k].tolist(), self.coefficients[k]
-        multistep = any(coefficients)
-        x, states, predictions = z, [], []
+        x, states, predictions, noises = z, [], [], []
         with self.accelerator.autocast():
             for i, t in enumerate(times):
                 states.append(x)
@@ -357,9 +360,9 @@ class TDMTrainer:
                                                     broadcast(sigma_t, x0)), alpha, sigma)
                 else:
                     x = self.ops.ddim_jump(x0, eps, alpha, sigma)
-                if multistep:
-                    predictions.append(x0)
-        return torch.stack(states + predictions)
+                predictions.append(x0)
+                noises.append(eps)
+        return torch.stack(states + predictions + noises)
 
     def draw_stage(self, trajectory: torch.Tensor, k: int) -> StageDraw:
         """Per sample: a stage, its start t, its end s, and τ in the stage's own interval (spec §3.2)."""
@@ -375,11 +378,39 @@ class TDMTrainer:
         rows = torch.arange(b, device=trajectory.device)
         x_t = trajectory[stage.to(trajectory.device), rows]
         if not any(self.coefficients[k]):
-            return StageDraw(x_t, self._upload(t), self._upload(s), self._upload(tau))
+            return StageDraw(x_t, self._upload(t), self._upload(s), self._upload(tau), stage=stage)
         # stage 0 has no previous prediction; its coefficient is 0, so x̂0_{t_0} stands in
         x0_prev = trajectory[(k + (stage - 1).clamp(min=0)).to(trajectory.device), rows]
         return StageDraw(x_t, self._upload(t), self._upload(s), self._upload(tau), x0_prev,
-                         self._upload(torch.tensor(self.coefficients[k])[stage]))
+                         self._upload(torch.tensor(self.coefficients[k])[stage]), stage)
+
+    @torch.no_grad()
+    def student_prediction(self, trajectory: torch.Tensor, cond, draw: StageDraw, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's (x̂0, ε̂) at the drawn x_t, without grad, in float32: what :meth:`rollout` computed
+        at the stages it jumped from is read back; only the samples drawn at the last stage, where the
+        rollout stops, run through the student (a gathered subset: equal to a full-batch call up to the
+        last bits of float32). The student's weights do not change between the rollout and the fake-score
+        update, so this is the same function of the same inputs.
+
+        Under FSDP every process runs the student on its whole batch: a sharded network gathers its
+        weights in each call, so all processes must make the same calls whatever their draws."""
+        if self.fsdp or k == 1:
+            with self.accelerator.autocast():
+                x0, eps = self.student_core(draw.x_t, draw.t, cond, self._steps_arg(k))
+            return x0.float(), eps.float()
+        device = trajectory.device
+        rows = torch.arange(trajectory.shape[1])
+        stage = draw.stage.clamp(max=k - 2)  # the last stage's rows are overwritten below
+        x0 = trajectory[(k + stage).to(device), rows.to(device)]
+        eps = trajectory[(2 * k - 1 + stage).to(device), rows.to(device)]
+        last = rows[draw.stage == k - 1]
+        if len(last):
+            index = self._upload(last)
+            with self.accelerator.autocast():
+                x0_last, eps_last = self.student_core(draw.x_t[index], draw.t[index], select(cond, index), self._steps_arg(k))
+            x0.index_copy_(0, index, x0_last.float())
+            eps.index_copy_(0, index, eps_last.float())
+        return x0, eps
 
     def stage_output(self, x0: torch.Tensor, eps: torch.Tensor, draw: StageDraw) -> tuple[torch.Tensor, torch.Tensor]:
         """The (x̂0, ε̂) from which the student's solver jumps at the drawn stage: the student's own for
@@ -431,10 +462,9 @@ class TDMTrainer:
         total = 0.0
         for trajectory, cond, last in self._micro_batches(batches):
             draw = self.draw_stage(trajectory, k)
-            with torch.no_grad(), self.accelerator.autocast():
-                x0, eps = self.student_core(draw.x_t, draw.t, cond, self._steps_arg(k))
-            x_tau, log_w = self.match(x0.float(), eps.float(), draw)
-            target, _ = self.stage_output(x0.float(), eps.float(), draw)  # the x̂0 that x_τ was matched as
+            x0, eps = self.student_prediction(trajectory, cond, draw, k)
+            x_tau, log_w = self.match(x0, eps, draw)
+            target, _ = self.stage_output(x0, eps, draw)  # the x̂0 that x_τ was matched as
             with self._sync_context(self.fake, last):
                 with self.accelerator.autocast():
                     d_fake, _ = self.fake(x_tau, draw.tau, cond, self._steps_arg(k))

@@ -253,13 +253,14 @@ def test_dpmsolver_rollout_is_the_student_sampler_trajectory(teacher):
     trainer = _trainer(teacher, steps=(4,), student_solver="dpmsolver")
     z, labels = torch.randn(8, 2), torch.randint(0, NUM_CLASSES, (8,))
     trajectory = trainer.rollout(z, labels, 4)
-    assert trajectory.shape == (4 + 3, 8, 2)
+    assert trajectory.shape == (4 + 3 + 3, 8, 2)  # states, x̂0s, ε̂s
     _, states = sample_student(trainer.student_core, z, labels, 4, return_trajectory=True, solver="dpmsolver")
     torch.testing.assert_close(trajectory[:4], torch.stack(states), rtol=0, atol=1e-6)
     ddim = _trainer(teacher, steps=(4,)).rollout(z, labels, 4)  # the same untrained student, DDIM's trajectory
-    assert ddim.shape[0] == 4 and torch.equal(ddim[1], trajectory[1]) and not torch.allclose(ddim[2], trajectory[2])
-    x0, _ = trainer.student_core(trajectory[1], 674, labels)
+    assert ddim.shape[0] == 10 and torch.equal(ddim[1], trajectory[1]) and not torch.allclose(ddim[2], trajectory[2])
+    x0, eps = trainer.student_core(trajectory[1], 674, labels)
     torch.testing.assert_close(trajectory[5], x0.float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(trajectory[8], eps.float(), rtol=0, atol=1e-6)
 
 
 def test_dpmsolver_matching_starts_from_the_trajectory(teacher):
@@ -304,3 +305,34 @@ def test_a_cuda_iteration_never_synchronises(teacher, tmp_path):
 
     trainer._iterate = checked
     assert [r["skipped_updates"] for r in trainer.train()] == [0] * 5
+
+
+class _StraightforwardTrainer(TDMTrainer):
+    """The fake-score update as first written: the student runs again on the whole drawn batch."""
+
+    def student_prediction(self, trajectory, cond, draw, k):
+        with torch.no_grad(), self.accelerator.autocast():
+            x0, eps = self.student_core(draw.x_t, draw.t, cond, self._steps_arg(k))
+        return x0.float(), eps.float()
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(steps=(4,), student_solver="dpmsolver", fake_updates=2, gradient_accumulation_steps=2),
+                                       dict(objective="fisher", matching="clean")],
+                         ids=["unify", "dpmsolver-accumulation", "fisher"])
+def test_fake_update_reads_the_rollout_and_loses_nothing(teacher, overrides):
+    """Issue 15 item 1: the fake-score update reads the student's x̂0, ε̂ from the rollout (only samples
+    drawn at the last stage run the student): the same losses as running the student again, for a fixed
+    seed over 20 iterations (fp32, CPU), with fewer student passes."""
+    settings = dict(dict(steps=(1, 2, 4), batch_size=16, iterations=20, fake_lr=1e-3, cfg_scale=3.0, kernels="reference"), **overrides)
+    runs = {}
+    for cls in (TDMTrainer, _StraightforwardTrainer):
+        trainer = cls(teacher, TDMConfig(**settings), ClassConditions(NUM_CLASSES), (2,), progress=False)
+        passes = []
+        trainer.student_core.register_forward_pre_hook(lambda module, args: passes.append(args[0].shape[0]))
+        runs[cls] = trainer.train(), sum(passes)
+    (reused, reused_passes), (straight, straight_passes) = runs[TDMTrainer], runs[_StraightforwardTrainer]
+    for got, want in zip(reused, straight):
+        assert got["steps"] == want["steps"]
+        for key in ("fake_loss", "generator_loss", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (got["step"], key)
+    assert reused_passes < straight_passes
