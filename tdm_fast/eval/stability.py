@@ -254,14 +254,16 @@ def format_stability(results: dict) -> str:
     """Markdown: FID ratio to the best NFE-matched baseline at every evaluation, and the checks."""
     import statistics
 
-    lines = [f"FID to teacher-50 over the best NFE-matched baseline's (< 1: the student wins; {results['samples']} "
-             f"samples, the measure's floor in brackets), every {results['every']} iterations, EMA weights.", ""]
+    lines = [f"FID to teacher-50 over the best NFE-matched baseline's (< 1: the student wins), {results['samples']} "
+             f"samples, every {results['every']} iterations, EMA weights; `floor`: the teacher-50 against itself from "
+             "other noise, in the same units (no student can be told apart below it)."
+             + ("" if results.get("complete", True) else " **The sweep was stopped early: only the runs listed finished.**"), ""]
     groups: dict = {}
     for run in results["runs"]:
         groups.setdefault((run["teacher"], run["recipe"], run["lr_multiplier"]), []).append(run)
     iterations = sorted({p["iteration"] for r in results["runs"] for p in r["points"] if p["iteration"] > 0})
-    lines += ["| teacher | recipe | lr × | K | seeds | " + " | ".join(str(i) for i in iterations) + " | checks |",
-              "|---|---|---|---|---|" + "---|" * len(iterations) + "---|"]
+    lines += ["| teacher | recipe | lr × | K | floor | seeds | " + " | ".join(str(i) for i in iterations) + " | checks |",
+              "|---|---|---|---|---|---|" + "---|" * len(iterations) + "---|"]
     for (teacher, recipe, mult), runs in groups.items():
         for k in STEPS:
             cells = []
@@ -278,8 +280,9 @@ def format_stability(results: dict) -> str:
                 for name, ok in r["verdicts"][k].items():
                     checks[name] = checks.get(name, True) and ok
             check_text = "; ".join(f"{name}: {'pass' if ok else '**FAIL**'}" for name, ok in checks.items())
-            lines.append(f"| {teacher} (floor {runs[0]['floor'] / runs[0]['baselines'][str(k)]['fid_teacher']:.2f}) | "
-                         f"{recipe} | {mult:g} | {k} | {len(runs)} | " + " | ".join(cells) + f" | {check_text} |")
+            floor = runs[0]["floor"] / runs[0]["baselines"][str(k)]["fid_teacher"]
+            lines.append(f"| {teacher} | {recipe} | {mult:g} | {k} | {floor:.2f} | {len(runs)} | " + " | ".join(cells)
+                         + f" | {check_text} |")
     failed = sum(not ok for r in results["runs"] for k in STEPS for ok in r["verdicts"][k].values())
     total = sum(len(r["verdicts"][k]) for r in results["runs"] for k in STEPS)
     lines += ["", f"Checks passed: {total - failed} of {total}."]
@@ -351,7 +354,15 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--lag-every", type=int, default=0, help="probe the fake score's lag at these evaluations")
     parser.add_argument("--json", default=None, help="write the run here")
+    parser.add_argument("--suite", default=None, metavar="OUT",
+                        help="instead: the whole sweep (every teacher, default and paper recipes, lr x 0.3/1/3) into OUT")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds of the sweep")
     args = parser.parse_args(argv)
+    if args.suite:
+        run_stability(args.suite, recipes={"default": {}, "paper": dict(PAPER_FAITHFUL)}, seeds=tuple(args.seeds),
+                      iterations=args.iterations, every=args.every, samples=args.samples)
+        print(Path(args.suite, "stability.md").read_text())
+        return
     recipe = {"default": {}, "paper": dict(PAPER_FAITHFUL)}.get(args.recipe)
     if recipe is None:  # the demo's settings, as overrides of the suite's config
         demo = demo_config().to_dict()
