@@ -276,15 +276,15 @@ def format_stability(results: dict) -> str:
                 else:
                     cells.append(f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}")
             checks = {}
-            for r in runs:
-                for name, ok in r["verdicts"][k].items():
+            for r in runs:  # recomputed: a JSON round trip turns the stored verdicts' K keys into strings
+                for name, ok in verdicts(r)[k].items():
                     checks[name] = checks.get(name, True) and ok
             check_text = "; ".join(f"{name}: {'pass' if ok else '**FAIL**'}" for name, ok in checks.items())
             floor = runs[0]["floor"] / runs[0]["baselines"][str(k)]["fid_teacher"]
             lines.append(f"| {teacher} | {recipe} | {mult:g} | {k} | {floor:.2f} | {len(runs)} | " + " | ".join(cells)
                          + f" | {check_text} |")
-    failed = sum(not ok for r in results["runs"] for k in STEPS for ok in r["verdicts"][k].values())
-    total = sum(len(r["verdicts"][k]) for r in results["runs"] for k in STEPS)
+    failed = sum(not ok for r in results["runs"] for k in STEPS for ok in verdicts(r)[k].values())
+    total = sum(len(verdicts(r)[k]) for r in results["runs"] for k in STEPS)
     lines += ["", f"Checks passed: {total - failed} of {total}."]
     return "\n".join(lines)
 
