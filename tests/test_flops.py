@@ -31,13 +31,14 @@ def test_counter_works_on_meta_and_backward_is_twice_forward():
 
 def test_tdm_iteration_composition():
     full = tdm_iteration_flops(1.0, IterationSettings(steps=(4,)))
-    # rollout 3 + fake update (1 + 1 + 2) + generator (1 + 2 + 2 + 1)
-    assert full["total"] == pytest.approx(13.0)
+    # rollout 3 + fake update (1/4 + 1 + 2: the student runs on the last stage's draws only) + generator (1 + 2 + 2 + 1)
+    assert full["total"] == pytest.approx(12.25)
     lora = tdm_iteration_flops(1.0, IterationSettings(steps=(4,), lora=True))
-    assert lora["total"] == pytest.approx(11.0)
+    assert lora["total"] == pytest.approx(10.25)
     unify = tdm_iteration_flops(1.0, IterationSettings(steps=(1, 2, 4), fake_updates=2, checkpointing=True))
     assert unify["rollout: student fwd (no grad) x (K-1)"] == pytest.approx(4 / 3)
     assert unify["fake update: fake bwd"] == pytest.approx(2 * 3.0)
+    assert unify["fake update: student fwd (no grad), last-stage draws (1/K)"] == pytest.approx(2 * (1 + 1 / 2 + 1 / 4) / 3)
 
 
 def test_peaks_and_hours():

@@ -12,7 +12,9 @@ How the count is made
 
   ==========================  ============================================================
   rollout                     (K − 1) student forwards, no grad            (mean over K for unify)
-  fake-score update  × U      student forward (no grad) + fake forward + fake backward
+  fake-score update  × U      student forward (no grad) on the last-stage draws only (1/K of the
+                              batch: the rollout already holds the other stages' x̂0, ε̂) + fake
+                              forward + fake backward
   generator update            student forward + student backward + teacher forward at 2B
                               (cond + uncond in one batch) + fake forward (no grad)
   ==========================  ============================================================
@@ -163,9 +165,10 @@ def tdm_iteration_flops(forward_flops: float, settings: IterationSettings | None
     s = settings or IterationSettings()
     f = float(forward_flops)
     mean_rollout = sum(k - 1 for k in s.steps) / len(s.steps)
+    last_stage = sum(1 / k for k in s.steps) / len(s.steps)
     phases = {
         "rollout: student fwd (no grad) x (K-1)": mean_rollout * f,
-        "fake update: student fwd (no grad)": s.fake_updates * f,
+        "fake update: student fwd (no grad), last-stage draws (1/K)": s.fake_updates * last_stage * f,
         "fake update: fake fwd": s.fake_updates * f,
         "fake update: fake bwd": s.fake_updates * s.bwd * f,
         "generator: student fwd": f,
