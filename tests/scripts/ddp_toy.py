@@ -14,8 +14,8 @@ from tdm_fast.trainer import ClassConditions, TDMTrainer
 out = Path(sys.argv[1])
 torch.manual_seed(0)
 teacher = toy_denoiser(ToyMLP(hidden=32, depth=1))
-config = TDMConfig(steps=(1, 2), batch_size=8, iterations=3, fake_lr=1e-3, cfg_scale=3.0, kernels="reference", warmup_steps=4,
-                   gradient_accumulation_steps=2)
+config = TDMConfig(steps=(1, 2), batch_size=8, iterations=3, fake_lr=1e-3, generator_lr_ratio=0.2, cfg_scale=3.0,
+                   kernels="reference", warmup_steps=4, lr_decay="constant", gradient_accumulation_steps=2)
 trainer = TDMTrainer(teacher, config, ClassConditions(2), (2,), output_dir=out, progress=False)
 first_noise = torch.randn(4, generator=trainer.rng.clone_state())
 lrs = []
