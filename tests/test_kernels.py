@@ -340,6 +340,26 @@ def test_env_selects_backend(monkeypatch, name):
     assert calls[0] == expected  # (the float64 check calls the reference after it)
 
 
+def test_top_level_kernels_name_stays_inert():
+    """From a clone's root the folder also imports as ``kernels``, which transformers probes for (Hugging
+    Face's kernel hub): that must neither re-register the ops nor look like the hub package."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(K.__file__).resolve().parents[1]
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import torch, tdm_fast.kernels as K\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "import kernels\n"
+        "assert kernels is not K and not hasattr(kernels, 'tdm_generator_loss'), dir(kernels)\n"
+        "assert not is_kernels_available()\n"
+        "assert [m for m in sys.modules if m.startswith('kernels.')] == []\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(root)], check=True, timeout=300)
+
+
 def test_default_backend(monkeypatch):
     monkeypatch.delenv(_backend.ENV, raising=False)
     assert K.select_backend(torch.zeros(2, 3)) == "native"
