@@ -26,6 +26,9 @@ HELP = {
     "student_solver": "the solver of the student's trajectory in rollout and sampling: ddim or dpmsolver "
                       "(DPM-Solver++ 2M over the stage times; paper Table 6, see docs/student_solver.md)",
     "cfg_scale": "the teacher's classifier-free guidance scale w the student distils (negative values are accepted)",
+    "guidance_min_sigma": "the generator loss applies cfg_scale only where the matching noise level sigma/alpha exceeds this; "
+                          "below it the conditional teacher alone is the target (guidance in a limited interval; 0: "
+                          "everywhere, the paper; docs/stability.md)",
     "objective": "the divergence the student minimises: kl (reverse KL, the paper's default) or fisher (Fisher divergence, "
                  "paper Table 8; backpropagates through the teacher and fake score, see docs/fisher.md)",
     "huber_c": "pseudo-Huber constant c of the KL generator loss; none: plain MSE (the fisher objective has no Huber form)",
@@ -82,6 +85,7 @@ class TDMConfig:
     student_solver: str = "ddim"  # "dpmsolver": DPM-Solver++(2M) trajectory (tdm_fast.solvers)
     # the objective
     cfg_scale: float = 4.5
+    guidance_min_sigma: float = 0.0
     objective: str = "kl"  # "fisher": seed Table 8, derived in docs/fisher.md
     huber_c: float | None = 1e-3  # None: plain MSE
     # The authors divide each sample's loss by its mean |x̂0 - D_cfg|, which weights the low-noise τ of the
@@ -160,6 +164,8 @@ class TDMConfig:
             raise ValueError(f"lr_decay_floor must lie in [0, 1], got {self.lr_decay_floor}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
+        if not (math.isfinite(self.guidance_min_sigma) and self.guidance_min_sigma >= 0):
+            raise ValueError(f"guidance_min_sigma must be a finite number >= 0, got {self.guidance_min_sigma}")
         for name in ("cfg_scale", "weight_decay"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)}")

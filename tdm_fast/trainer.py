@@ -502,6 +502,19 @@ class TDMTrainer:
         optimizer.zero_grad(set_to_none=True)
         return bad
 
+    def guidance(self, d_cond: torch.Tensor, d_uncond: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The generator loss's teacher pair and CFG scale. With ``guidance_min_sigma`` the guided target
+        applies only to the samples matched at σ_τ/α_τ above it, the conditional teacher to the rest:
+        those rows get the guided D_cfg precomputed as their ``d_cond`` and the loss runs at scale 1.
+        Why: guidance at low noise made the guided 4-step students drift away from the teacher's CFG
+        samples (docs/stability.md)."""
+        scale = self.config.cfg_scale
+        if self.config.guidance_min_sigma == 0 or scale == 1:
+            return d_cond, d_uncond, scale
+        alpha, sigma = self.teacher.schedule(tau)
+        guided = broadcast(sigma / alpha > self.config.guidance_min_sigma, d_cond)
+        return torch.where(guided, torch.lerp(d_uncond, d_cond, scale), d_cond), d_uncond, 1.0
+
     def generator_update(self, batches, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step of the student over the micro-batches; (loss, grad norm, skipped flag) as
         device tensors."""
@@ -522,11 +535,12 @@ class TDMTrainer:
                 with torch.set_grad_enabled(fisher), self.accelerator.autocast():
                     (d_cond, _), (d_uncond, _) = self.teacher.cond_uncond(x_tau, draw.tau, cond)
                     d_fake, _ = self.fake_core(x_tau, draw.tau, cond, self._steps_arg(k))
+                d_cond, d_uncond, cfg_scale = self.guidance(d_cond.float(), d_uncond.float(), draw.tau)
                 if fisher:
-                    loss = objectives.fisher_generator_loss(x0, d_cond.float(), d_uncond.float(), d_fake.float(),
-                                                            self.config.cfg_scale, self.config.normalize)
+                    loss = objectives.fisher_generator_loss(x0, d_cond, d_uncond, d_fake.float(), cfg_scale,
+                                                            self.config.normalize)
                 else:
-                    loss = self.ops.tdm_generator_loss(x0, d_cond.float(), d_uncond.float(), d_fake.float(), self.config.cfg_scale,
+                    loss = self.ops.tdm_generator_loss(x0, d_cond, d_uncond, d_fake.float(), cfg_scale,
                                                        self.config.huber_c, self.config.normalize)
                 loss = loss / len(batches)
                 self.accelerator.backward(loss)

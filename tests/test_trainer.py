@@ -66,6 +66,8 @@ def test_training_changes_student_and_fake_not_teacher(teacher):
         dict(huber_c=None, normalize=False),
         dict(steps=(4,), fake_updates=2, ema_decay=0.9, warmup_steps=3),
         dict(mixed_precision="bf16"),
+        dict(guidance_min_sigma=1.0),
+        dict(guidance_min_sigma=1.0, objective="fisher"),
     ],
 )
 def test_ablation_switches_train(teacher, overrides):
@@ -132,6 +134,9 @@ def test_bad_config_is_refused():
         TDMConfig.from_dict({"stepz": 4})
     with pytest.raises(ValueError, match="cfg_scale must be finite"):
         TDMConfig(cfg_scale=float("nan"))
+    for bad in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="guidance_min_sigma"):
+            TDMConfig(guidance_min_sigma=bad)
 
 
 def test_mismatched_shapes_are_refused(teacher):
@@ -336,3 +341,18 @@ def test_fake_update_reads_the_rollout_and_loses_nothing(teacher, overrides):
         for key in ("fake_loss", "generator_loss", "grad_norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (got["step"], key)
     assert reused_passes < straight_passes
+
+
+def test_guidance_applies_above_its_noise_level_only(teacher):
+    """With guidance_min_sigma the loss sees D_cfg on rows matched above the level and D_cond below it."""
+    trainer = _trainer(teacher, guidance_min_sigma=1.0, cfg_scale=3.0)
+    tau = torch.tensor([10, 300, 600, 990])
+    alpha, sigma = teacher.schedule(tau)
+    above = (sigma / alpha > 1.0)
+    assert above.any() and not above.all()
+    d_cond, d_uncond = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    target, _, scale = trainer.guidance(d_cond, d_uncond, tau)
+    expected = torch.where(above[:, None], d_uncond + 3.0 * (d_cond - d_uncond), d_cond)
+    assert scale == 1.0 and torch.allclose(target, expected)
+    plain = _trainer(teacher, cfg_scale=3.0)
+    assert plain.guidance(d_cond, d_uncond, tau) == (d_cond, d_uncond, 3.0)

@@ -26,11 +26,13 @@ class CurveEvaluator:
         self.metrics = metrics or DigitsMetrics()
         self.noise, self.labels = eval_inputs(samples, seed)
         with torch.no_grad():
-            self.reference = self.metrics.features(reference_sampler(50, cfg_scale)(teacher, self.noise, self.labels))
+            self.reference_images = reference_sampler(50, cfg_scale)(teacher, self.noise, self.labels)
+            self.reference = self.metrics.features(self.reference_images)
             # the floor of the measure: teacher-50 from other noise against the evaluation's teacher-50
             other_noise, other_labels = eval_inputs(samples, seed + 1000)
             other = reference_sampler(50, cfg_scale)(teacher, other_noise, other_labels)
-        self.floor = self._fid(other, other_labels)["fid_teacher"]
+        teacher_50 = self._fid(other, other_labels)
+        self.floor, self.teacher_fid_data = teacher_50["fid_teacher"], teacher_50["fid_data"]
         self.baselines = {}
         for k in self.steps:
             scores = {s.name: self._fid(s(teacher, self.noise, self.labels), self.labels)["fid_teacher"]
@@ -40,14 +42,16 @@ class CurveEvaluator:
 
     def _fid(self, images, labels) -> dict:
         out = self.metrics(images, labels, self.reference)
-        return {key: out[key] for key in ("fid_teacher", "accuracy", "diversity")}
+        return {key: out[key] for key in ("fid_teacher", "fid_data", "accuracy", "diversity")}
 
     @torch.no_grad()
     def score(self, student) -> dict:
         """{K: fid_teacher, ratio to the best baseline, accuracy, diversity} of a steps-aware student."""
         out = {}
         for k in self.steps:
-            point = self._fid(sample_student(student, self.noise, self.labels, k), self.labels)
+            images = sample_student(student, self.noise, self.labels, k)
+            point = self._fid(images, self.labels)
+            point["paired_rmse"] = float((images - self.reference_images).pow(2).mean().sqrt())
             point["ratio"] = point["fid_teacher"] / self.baselines[k]["fid_teacher"]
             out[k] = point
         return out
@@ -175,6 +179,7 @@ def run_curve(teacher_name: str, recipe_name: str, recipe: dict, lr_multiplier: 
     trainer.train(callback=recorder)
     return {"teacher": teacher_name, "recipe": recipe_name, "lr_multiplier": lr_multiplier, "seed": seed,
             "config": config.to_dict(), "points": recorder.points, "floor": evaluator.floor,
+            "teacher_fid_data": evaluator.teacher_fid_data,
             "baselines": {str(k): v for k, v in evaluator.baselines.items()}}
 
 
@@ -326,7 +331,8 @@ def format_point(point: dict) -> str:
     """One line per evaluation: FID to teacher-50 / ratio / diversity at each K (and the fake score's lag)."""
     text = f"{point['iteration']:>5}  " + "  ".join(
         f"K={k}: FID {point[f'K={k}']['fid_teacher']:.3f} ratio {point[f'K={k}']['ratio']:.2f} "
-        f"div {point[f'K={k}']['diversity']:.2f}" for k in STEPS)
+        f"div {point[f'K={k}']['diversity']:.2f} data {point[f'K={k}']['fid_data']:.2f} "
+        f"pair {point[f'K={k}'].get('paired_rmse', float('nan')):.3f}" for k in STEPS)
     if "lag" in point:
         text += "  lag " + " ".join(f"{k} {v['lag']:.3f}" for k, v in point["lag"].items())
     return text
