@@ -7,7 +7,9 @@ importance sampling off; unify without K-conditioning; the Fisher-divergence obj
 DPM-Solver++(2M) student trajectory, whose students and TDM's are also sampled with the other solver
 for the train × test table of paper Table 6) for training seeds 0, 1, 2 and
 ``TDM_ABLATION_ITERATIONS`` iterations (default 600), scored at K = 1, 2, 4 against the
-teacher-50 CFG samples and the NFE-matched DDIM baselines. The benchmark's time is the whole
+teacher-50 CFG samples and the NFE-matched DDIM baselines, on the built-in teacher
+``TDM_ABLATION_TEACHER`` (default ``digits``; ``digits-small-v`` and ``digits-dit`` are distilled with
+a new teacher's recipe, see ``tdm_fast.eval.ablations``). The benchmark's time is the whole
 sweep's wall-clock; ``extra_info`` holds the results, which ``summarize`` renders as the table and
 the claim checks in bench/RESULTS.md, and the quality-vs-iterations curve, which bench_report plots.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 
 ITERATIONS = int(os.environ.get("TDM_ABLATION_ITERATIONS", "600"))
+TEACHER = os.environ.get("TDM_ABLATION_TEACHER", "digits")
 SEEDS = (0, 1, 2)
 
 
@@ -30,7 +33,7 @@ def test_ablations(benchmark, tmp_path):
 
     def sweep():
         out["table"], out["results"] = run_ablations(tmp_path, iterations=ITERATIONS, seeds=SEEDS, progress=False,
-                                                     curve_every=max(1, ITERATIONS // 8))
+                                                     curve_every=max(1, ITERATIONS // 8), builtin_teacher=TEACHER)
 
     benchmark.pedantic(sweep, rounds=1, iterations=1)
     results = out["results"]

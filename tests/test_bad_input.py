@@ -392,6 +392,9 @@ EVAL = [
     ("ablations-out-under-file", "eval --ablations --out {F}/abl", "--out"),
     ("ablations-with-student", "eval {S} --ablations --out {O}", "--ablations"),
     ("ablations-corrupt-teacher", "eval --ablations --teacher {B}/teacher-garbage --out {O}", "{B}/teacher-garbage/denoiser.safetensors"),
+    ("ablations-builtin-unknown", "eval --ablations --builtin-teacher cifar --out {O}", "--builtin-teacher"),
+    ("ablations-builtin-and-teacher", "eval --ablations --teacher {T} --builtin-teacher digits-dit --out {O}", "--builtin-teacher"),
+    ("builtin-teacher-without-ablations", "eval {S} --builtin-teacher digits-dit", "--builtin-teacher"),
     ("toy-teacher", "eval {S} --teacher {T}", "{T}"),
 ]
 
@@ -399,6 +402,15 @@ EVAL = [
 @_table(EVAL)
 def test_eval(argv, needle, world, tmp_path, capsys, monkeypatch):
     _check(argv, needle, world, tmp_path, capsys, monkeypatch)
+
+
+def test_eval_ablations_builtin_teacher_not_built(world, tmp_path, capsys, monkeypatch):
+    """A checkout without a built-in teacher's asset: one line on how to rebuild it, before any work."""
+    from tdm_fast.demos import teachers
+
+    monkeypatch.setattr(teachers, "ASSETS", tmp_path / "no-assets")
+    _check("eval --ablations --builtin-teacher digits-dit --out {O}", "digits_dit_teacher.safetensors", world, tmp_path,
+           capsys, monkeypatch)
 
 
 # -- demo ----------------------------------------------------------------------------------------

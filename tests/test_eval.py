@@ -130,3 +130,19 @@ def test_ablation_sweep_writes_the_table_and_checks_the_claims(tmp_path):
             assert run["test_solvers"]["K=4"][trained] == run["K=4"]
     assert (tmp_path / "ablations.json").exists() and (tmp_path / "quality_vs_iterations.png").exists()
     assert [p["iteration"] for p in results["curve"]["0"]] == [2, 4]
+
+
+def test_ablations_run_on_another_builtin_teacher_with_its_recipe(tmp_path):
+    from tdm_fast.eval.ablations import run_ablations
+
+    table, results = run_ablations(tmp_path, iterations=2, seeds=(0,), variants=("tdm", "fisher"), samples=64,
+                                   curve_every=2, curve_samples=64, builtin_teacher="digits-small-v",
+                                   progress=False, kernels="reference")
+    assert results["teacher_name"] == "digits-small-v" and results["recipe"] == "suite_config"
+    assert set(results["runs"]) == {"tdm", "fisher"} and results["fid_floor"] > 0
+    assert "Teacher `digits-small-v`" in table and "recipe `suite_config`" in table
+    assert "| TDM (noisy matching, IS, K-conditioned unify) |" in table and "| Fisher divergence" in table
+    assert "| teacher-50 CFG (reference, NFE 100) |" in table
+    with pytest.raises(ValueError, match="not both"):
+        run_ablations(tmp_path / "both", teacher_path=tmp_path, builtin_teacher="digits-dit")
+    assert not (tmp_path / "both").exists()

@@ -1,8 +1,11 @@
-"""The reproduction table on the digits teacher (paper §5 ablations, at our scale).
+"""The reproduction table on a digits-scale teacher (paper §5 ablations, at our scale).
 
 Every variant is a steps-aware ("unify") student for K ∈ {1, 2, 4} trained for the same number of
-iterations from the same seeds, and differs from the TDM recipe (:func:`tdm_fast.demo_digits.demo_config`)
-in one setting:
+iterations from the same seeds, and differs from the TDM recipe in one setting. The recipe is the
+teacher's: :func:`tdm_fast.demo_digits.demo_config` for the shipped digits teacher (or a digits teacher
+folder), :func:`tdm_fast.eval.stability.suite_config` (a new teacher's TDMConfig defaults) for the other
+built-in teachers of :mod:`tdm_fast.demos.teachers` (``builtin_teacher=``; ``tdm-fast eval --ablations
+--builtin-teacher NAME``). The variants:
 
 - ``tdm``: noisy-sample matching, importance sampling on, K-conditioning on (the recipe);
 - ``clean``: DMD-style clean-sample matching (``matching="clean"``);
@@ -20,13 +23,16 @@ from __future__ import annotations
 
 import json
 import statistics
+from functools import partial
 from pathlib import Path
 
 from ..demo_digits import demo_config, distill_digits
+from ..demos.teachers import TEACHERS, load_builtin_teacher
 from ..digits import load_digits_teacher
 from ..sampling import reference_sampler, sample_student
 from .digits import DigitsMetrics, eval_inputs, evaluate_digits, shipped_reference_cache
 from .solver_ablation import TRAINED, cross_solver_scores, solver_table
+from .stability import suite_config
 
 VARIANTS = {
     "tdm": {},
@@ -43,6 +49,11 @@ LABELS = {
     "unify_no_k": "unify without K-conditioning",
     "fisher": "Fisher divergence instead of reverse KL",
     "dpmsolver": "DPM-Solver++(2M) trajectory (trained and tested)",
+}
+RECIPES = {
+    "demo_config": "the digits demo recipe (tdm_fast.demo_digits.demo_config)",
+    "suite_config": "a new teacher's recipe: TDMConfig defaults with steps, CFG and batch size set "
+                    "(tdm_fast.eval.stability.suite_config)",
 }
 
 
@@ -79,23 +90,37 @@ def run_ablations(
     curve_every: int = 100,
     curve_samples: int = 2000,
     teacher_path: str | Path | None = None,
+    builtin_teacher: str | None = None,
     progress: bool = True,
     **config_overrides,
 ) -> tuple[str, dict]:
     """Trains every variant for every seed and evaluates it; returns (markdown table, results dict).
 
-    Writes ``ablations.json``, ``ablations.md`` and ``quality_vs_iterations.png`` into ``out_dir``;
-    partial results are written after each run, so an interrupted sweep keeps what it finished.
+    The teacher is the shipped digits one, a digits teacher folder (``teacher_path``) or a built-in
+    teacher by name (``builtin_teacher``, see :data:`tdm_fast.demos.teachers.TEACHERS`), distilled
+    with its recipe (module docstring). Writes ``ablations.json``, ``ablations.md`` and
+    ``quality_vs_iterations.png`` into ``out_dir``; partial results are written after each run, so an
+    interrupted sweep keeps what it finished.
     """
-    teacher = load_digits_teacher(teacher_path)  # a bad teacher is refused before the folder is made
+    if teacher_path is not None and builtin_teacher is not None:
+        raise ValueError(f"give a teacher folder ({teacher_path}) or a built-in teacher ({builtin_teacher}), not both")
+    teacher_name = builtin_teacher or "digits"
+    # a bad teacher is refused before the folder is made
+    if teacher_name == "digits":
+        teacher, recipe, make_config = load_digits_teacher(teacher_path), "demo_config", demo_config
+    else:
+        teacher, recipe = load_builtin_teacher(teacher_name), "suite_config"
+        make_config = partial(suite_config, teacher_name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = DigitsMetrics()
     say = print if progress else (lambda *_: None)
 
     # Teacher rows (reference, NFE-matched baselines) once, on the shared evaluation noise.
-    cfg = demo_config().cfg_scale
-    cache = shipped_reference_cache(teacher, samples, (eval_seed,), 50, cfg)
+    cfg = TEACHERS[teacher_name].cfg_scale
+    # the shipped teacher-50 samples are the digits teacher's (checked against the given one);
+    # for another teacher evaluate_digits samples the reference into the empty cache
+    cache = shipped_reference_cache(teacher, samples, (eval_seed,), 50, cfg) if teacher_name == "digits" else {}
     dummy = {k: teacher for k in (1, 2, 4)}  # baselines only; the student rows are discarded
     teacher_eval = evaluate_digits(teacher, dummy, cfg, samples=samples, seeds=(eval_seed,),
                                    metrics=metrics, latency=False, cache=cache)
@@ -103,8 +128,11 @@ def run_ablations(
     best_baseline = {c[2:]: teacher_eval["comparisons"][c]["baseline"] for c in teacher_eval["comparisons"]}
     noise, labels = eval_inputs(samples, eval_seed)
 
-    results = {"iterations": iterations, "seeds": list(seeds), "samples": samples, "eval_seed": eval_seed,
+    results = {"teacher_name": teacher_name, "recipe": recipe, "cfg_scale": cfg,
+               "iterations": iterations, "seeds": list(seeds), "samples": samples, "eval_seed": eval_seed,
                "teacher": teacher_rows, "best_baseline": best_baseline, "runs": {}, "curve": {}}
+    if teacher_path is not None:
+        results["teacher_path"] = str(teacher_path)
     ref_features = metrics.features(cache[(eval_seed, samples, 50, cfg)][0])
     # The resolution of the measure: the teacher-50 itself, sampled from other noise, scored
     # against the reference. Differences between students near this value are not resolved.
@@ -116,7 +144,7 @@ def run_ablations(
 
     for variant in variants:
         for seed in seeds:
-            config = demo_config(iterations, seed=seed, **{**config_overrides, **VARIANTS[variant]})
+            config = make_config(iterations, seed=seed, **{**config_overrides, **VARIANTS[variant]})
             recorder = None
             if variant == "tdm" and curve_every:
                 recorder = CurveRecorder(metrics, curve_ref, curve_noise, curve_labels, curve_every, config.steps)
@@ -205,8 +233,14 @@ def claims(results: dict) -> list[str]:
 def format_ablations(results: dict) -> str:
     summary = summarise(results)
     n_seeds = len(results["seeds"])
+    # results of earlier sweeps (bench/results) predate the teacher and recipe keys: the digits ones
+    teacher = f"`{results.get('teacher_name', 'digits')}`"
+    if "teacher_path" in results:
+        teacher += f" ({results['teacher_path']})"
+    recipe = results.get("recipe", "demo_config")
     lines = [
-        f"Digits teacher, CFG 2; unify students K ∈ {{1, 2, 4}}, {results['iterations']} iterations each, "
+        f"Teacher {teacher}, CFG {results.get('cfg_scale', 2):g}; recipe `{recipe}`: {RECIPES[recipe]}; "
+        f"unify students K ∈ {{1, 2, 4}}, {results['iterations']} iterations each, "
         f"mean ± std over {n_seeds} training seed(s); {results['samples']} evaluation samples; "
         "FID on the digits classifier's features.",
         "",

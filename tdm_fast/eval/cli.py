@@ -23,6 +23,7 @@ __all__ = [
 
 def add_eval_arguments(parser) -> None:
     from ..argtypes import finite_float, non_negative_int, positive_int
+    from ..demos.teachers import TEACHERS
 
     """``tdm-fast eval STUDENT`` scores a saved digits student; ``--ablations`` runs the reproduction table."""
     parser.add_argument("student", nargs="?", help="a saved student folder (Denoiser.save_pretrained)")
@@ -35,6 +36,9 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--json", default=None, help="write the results here")
     ablations = parser.add_argument_group("ablations (tdm-fast eval --ablations)")
     ablations.add_argument("--ablations", action="store_true", help="train and evaluate the ablation variants")
+    ablations.add_argument("--builtin-teacher", choices=list(TEACHERS), default=None,
+                           help="run them on this built-in teacher with its recipe (default: the shipped digits "
+                                "teacher, or --teacher); e.g. with --out runs/ablations-NAME")
     if "--out" not in parser._option_string_actions:
         ablations.add_argument("--out", default="runs/ablations")
     ablations.add_argument("--iterations", type=positive_int, default=600, help="per student (600, as bench/bench_ablations.py)")
@@ -55,13 +59,31 @@ def _check_eval_args(args) -> None:
         unknown = [v for v in args.variants or () if v not in VARIANTS]
         if unknown:
             raise UsageError(f"--variants {unknown[0]}: not a variant (choose among {', '.join(VARIANTS)})")
+        if args.builtin_teacher:
+            _check_builtin_teacher(args)
         check_output_path(args.out or "runs/ablations", "--out")
     elif not args.student:
         raise UsageError("tdm-fast eval: give a student folder, or --ablations")
+    elif args.builtin_teacher:
+        raise UsageError("--builtin-teacher is for --ablations; to score a student of another teacher give its folder as --teacher")
     if args.teacher is not None and not Path(args.teacher).exists():
         raise UsageError(f"--teacher {args.teacher} does not exist")
     if args.json:
         check_output_path(args.json, "--json", folder=False)
+
+
+def _check_builtin_teacher(args) -> None:
+    from ..cli import UsageError
+    from ..demos.teachers import TEACHERS
+
+    name = args.builtin_teacher
+    if args.teacher is not None:
+        raise UsageError(f"give either --teacher ({args.teacher}) or --builtin-teacher ({name}), not both")
+    asset = TEACHERS[name].asset
+    missing = [str(f) for f in (asset.with_suffix(".safetensors"), asset.with_suffix(".json")) if not f.is_file()]
+    if missing:
+        raise UsageError(f"--builtin-teacher {name}: no {' or '.join(missing)}; rebuild it with `tdm-fast teacher "
+                         f"train --dataset digits --architecture {name} --out DIR` and copy DIR/{asset.name}.* into {asset.parent}")
 
 
 def check_digits_student(student, teacher, path) -> None:
@@ -84,7 +106,7 @@ def run_eval(args) -> dict:
         table, results = run_ablations(
             args.out or "runs/ablations", iterations=args.iterations, seeds=tuple(args.seeds),
             variants=tuple(args.variants or VARIANTS), samples=args.samples, curve_every=args.curve_every,
-            teacher_path=args.teacher, progress=not getattr(args, "quiet", False),
+            teacher_path=args.teacher, builtin_teacher=args.builtin_teacher, progress=not getattr(args, "quiet", False),
         )
         print(table)
         return results
