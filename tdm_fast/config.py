@@ -36,6 +36,9 @@ HELP = {
     "matching": "noisy: TDM's noisy-sample matching; clean: the DMD-style ablation",
     "importance_sampling": "weight the fake-score loss by the importance ratio of the noisy-sample transition",
     "tau_interval": "disjoint: each stage's matching times lie in its own interval; full: up to T (ablation)",
+    "tau_min_sigma": "match every stage at noise levels sigma/alpha >= this (a stage lying wholly below it is matched just "
+                     "above it, over T/20 time steps); 0: each stage's own interval (the paper). Keeps guided 4-step "
+                     "students from drifting toward the unguided distribution, at a cost at K = 1, 2 (docs/stability.md)",
     "snr_cap": "cap of the SNR weight of the fake-score loss",
     "fake_lr": "learning rate of the fake score",
     "generator_lr_ratio": "student learning rate = fake_lr x this",
@@ -94,6 +97,7 @@ class TDMConfig:
     matching: str = "noisy"  # "clean" is the DMD-style ablation
     importance_sampling: bool = True
     tau_interval: str = "disjoint"  # "full": τ up to T (ablation)
+    tau_min_sigma: float = 0.0
     snr_cap: float = 5.0
     # optimisation: the recipe of docs/stability.md for a new teacher; PAPER_FAITHFUL holds the authors' settings.
     # fake lr 3e-4 with ratio 0.1 sits between the two settings measured good on digits-scale teachers (generator lr
@@ -164,8 +168,9 @@ class TDMConfig:
             raise ValueError(f"lr_decay_floor must lie in [0, 1], got {self.lr_decay_floor}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
-        if not (math.isfinite(self.guidance_min_sigma) and self.guidance_min_sigma >= 0):
-            raise ValueError(f"guidance_min_sigma must be a finite number >= 0, got {self.guidance_min_sigma}")
+        for name in ("guidance_min_sigma", "tau_min_sigma"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         for name in ("cfg_scale", "weight_decay"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)}")

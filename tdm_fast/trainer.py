@@ -160,6 +160,14 @@ class StageDraw:
     stage: torch.Tensor | None = None
 
 
+def noise_level_time(schedule, sigma_ratio: float) -> int:
+    """The first time step whose σ_t/α_t reaches ``sigma_ratio`` (0 for 0)."""
+    if sigma_ratio == 0:
+        return 0
+    alpha, sigma = schedule(torch.arange(schedule.num_train_timesteps))
+    return int((sigma / alpha < sigma_ratio).sum())
+
+
 def make_student_and_fake(teacher: Denoiser, config: TDMConfig) -> tuple[Denoiser, Denoiser]:
     """Full fine-tuning: student and fake score start as copies of the teacher (spec §1)."""
     steps_set = config.steps if config.steps_conditioning else None
@@ -284,6 +292,7 @@ class TDMTrainer:
             validation = Validation.from_conditions(conditions, sample_shape)
         self.validation = validation
         self.ops = fused_ops if config.kernels == "fused" else reference_ops
+        self.tau_floor = noise_level_time(teacher.schedule, config.tau_min_sigma)
         self.times = {k: torch.tensor(stage_times(k, config.total_steps, teacher.schedule.num_train_timesteps)) for k in config.steps}
         self.coefficients = {k: multistep_coefficients(teacher.schedule, self.times[k].tolist(), config.student_solver)
                              for k in config.steps}
@@ -373,7 +382,11 @@ class TDMTrainer:
         s = torch.where(stage + 1 < k, times[(stage + 1).clamp(max=k - 1)] + 1, torch.zeros_like(t))
         # τ = s would be the identity transition (β = 0), where the density ratio is undefined
         low = (s + 1).clamp(min=TAU_MIN)
-        high = t - TAU_GAP if self.config.tau_interval == "disjoint" else torch.full_like(t, self.teacher.schedule.num_train_timesteps)
+        num_t = self.teacher.schedule.num_train_timesteps
+        high = t - TAU_GAP if self.config.tau_interval == "disjoint" else torch.full_like(t, num_t)
+        if self.tau_floor:
+            low = low.clamp(min=self.tau_floor)
+            high = torch.maximum(high, low + num_t // 20).clamp(max=num_t)
         tau = low + (torch.rand(b, generator=self.rng) * (high - low)).long()
         rows = torch.arange(b, device=trajectory.device)
         x_t = trajectory[stage.to(trajectory.device), rows]

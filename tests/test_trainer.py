@@ -67,6 +67,7 @@ def test_training_changes_student_and_fake_not_teacher(teacher):
         dict(steps=(4,), fake_updates=2, ema_decay=0.9, warmup_steps=3),
         dict(mixed_precision="bf16"),
         dict(guidance_min_sigma=1.0),
+        dict(tau_min_sigma=1.0),
         dict(guidance_min_sigma=1.0, objective="fisher"),
     ],
 )
@@ -135,8 +136,9 @@ def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="cfg_scale must be finite"):
         TDMConfig(cfg_scale=float("nan"))
     for bad in (-0.1, float("inf"), float("nan")):
-        with pytest.raises(ValueError, match="guidance_min_sigma"):
-            TDMConfig(guidance_min_sigma=bad)
+        for name in ("guidance_min_sigma", "tau_min_sigma"):
+            with pytest.raises(ValueError, match=name):
+                TDMConfig(**{name: bad})
 
 
 def test_mismatched_shapes_are_refused(teacher):
@@ -356,3 +358,14 @@ def test_guidance_applies_above_its_noise_level_only(teacher):
     assert scale == 1.0 and torch.allclose(target, expected)
     plain = _trainer(teacher, cfg_scale=3.0)
     assert plain.guidance(d_cond, d_uncond, tau) == (d_cond, d_uncond, 3.0)
+
+
+def test_tau_floor_lifts_every_stage_above_the_noise_level(teacher):
+    trainer = _trainer(teacher, tau_min_sigma=1.0)
+    alpha, sigma = teacher.schedule(torch.tensor([trainer.tau_floor - 1, trainer.tau_floor]))
+    assert sigma[0] / alpha[0] < 1.0 <= sigma[1] / alpha[1]
+    trajectory = torch.zeros(3 * 4 - 2, 512, 2)
+    draw = trainer.draw_stage(trajectory, 4)
+    assert bool((draw.tau >= trainer.tau_floor).all()) and bool((draw.tau > draw.s).all())
+    assert int(draw.tau.max()) < teacher.schedule.num_train_timesteps
+    assert _trainer(teacher).tau_floor == 0
