@@ -37,9 +37,11 @@ def demo_config(iterations: int = DEMO_ITERATIONS, seed: int = 0, **overrides) -
         generator_lr_ratio=0.1,
         warmup_steps=50,
         ema_decay=0.99,
-        # measured with the authors' loss normaliser and a constant lr after the warm-up
+        # measured with the authors' loss normaliser, a constant lr after the warm-up and every stage matched
+        # in its own τ interval
         normalize=True,
         lr_decay="constant",
+        tau_min_sigma=0.0,
         batch_size=64,
         iterations=iterations,
         seed=seed,

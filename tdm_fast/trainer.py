@@ -161,11 +161,13 @@ class StageDraw:
 
 
 def noise_level_time(schedule, sigma_ratio: float) -> int:
-    """The first time step whose σ_t/α_t reaches ``sigma_ratio`` (0 for 0)."""
+    """The first time step whose σ_t/α_t reaches ``sigma_ratio`` (0 for 0); on a schedule that stays below
+    it, the start of its last twentieth, so that the floor leaves an interval to draw from."""
     if sigma_ratio == 0:
         return 0
-    alpha, sigma = schedule(torch.arange(schedule.num_train_timesteps))
-    return int((sigma / alpha < sigma_ratio).sum())
+    num_t = schedule.num_train_timesteps
+    alpha, sigma = schedule(torch.arange(num_t))
+    return min(int((sigma / alpha < sigma_ratio).sum()), num_t - num_t // 20)
 
 
 def make_student_and_fake(teacher: Denoiser, config: TDMConfig) -> tuple[Denoiser, Denoiser]:

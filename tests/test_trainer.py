@@ -368,4 +368,9 @@ def test_tau_floor_lifts_every_stage_above_the_noise_level(teacher):
     draw = trainer.draw_stage(trajectory, 4)
     assert bool((draw.tau >= trainer.tau_floor).all()) and bool((draw.tau > draw.s).all())
     assert int(draw.tau.max()) < teacher.schedule.num_train_timesteps
-    assert _trainer(teacher).tau_floor == 0
+    assert _trainer(teacher, tau_min_sigma=0.0).tau_floor == 0
+    # a schedule that never gets that noisy keeps an interval at its top
+    high = _trainer(teacher, tau_min_sigma=1e9)
+    assert high.tau_floor == teacher.schedule.num_train_timesteps * 19 // 20
+    tau = high.draw_stage(trajectory, 4).tau
+    assert int(tau.min()) >= high.tau_floor and int(tau.max()) < teacher.schedule.num_train_timesteps

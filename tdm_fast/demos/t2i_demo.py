@@ -60,7 +60,7 @@ DEMO_ITERATIONS = {k: v["iterations"] for k, v in RECIPES.items()}
 def demo_config(pipeline: str, iterations: int | None = None, seed: int = 0, **overrides) -> TDMConfig:
     """The recipe of ``pipeline``: unify K ∈ {1, 2, 4} with K conditioning, the pipeline's CFG, reference kernels."""
     settings = dict(steps=(1, 2, 4), steps_conditioning=True, cfg_scale=CFG[pipeline], seed=seed, kernels="reference", log_every=10)
-    settings.update(RECIPES[pipeline], normalize=True, lr_decay="constant")  # the settings they were measured with
+    settings.update(RECIPES[pipeline], normalize=True, lr_decay="constant", tau_min_sigma=0.0)  # the settings they were measured with
     if iterations:
         settings["iterations"] = iterations
     settings.update(overrides)
