@@ -122,6 +122,10 @@ class BuiltinTeacher:
     def asset(self) -> Path:
         return ASSETS / f"{self.name.replace('-', '_')}_teacher"
 
+    def missing_files(self) -> list[Path]:
+        """The asset's files (weights, metadata) that are not there: the teacher is not built."""
+        return [f for f in (self.asset.with_suffix(".safetensors"), self.asset.with_suffix(".json")) if not f.is_file()]
+
 
 TEACHERS = {
     "digits": BuiltinTeacher("digits", "the shipped digits UNet (ε, scaled-linear)", "DigitsUNet",
@@ -147,7 +151,7 @@ def load_builtin_teacher(name: str) -> Denoiser:
     spec = TEACHERS[name]
     from safetensors.torch import load_file
 
-    if not spec.asset.with_suffix(".safetensors").is_file():
+    if spec.missing_files():
         raise FileNotFoundError(f"the {name} teacher is not built; build it with "
                                 f"`tdm-fast teacher train --dataset digits --architecture {name}`")
     meta = json.loads(spec.asset.with_suffix(".json").read_text())

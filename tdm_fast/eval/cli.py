@@ -80,9 +80,9 @@ def _check_builtin_teacher(args) -> None:
     if args.teacher is not None:
         raise UsageError(f"give either --teacher ({args.teacher}) or --builtin-teacher ({name}), not both")
     asset = TEACHERS[name].asset
-    missing = [str(f) for f in (asset.with_suffix(".safetensors"), asset.with_suffix(".json")) if not f.is_file()]
+    missing = TEACHERS[name].missing_files()
     if missing:
-        raise UsageError(f"--builtin-teacher {name}: no {' or '.join(missing)}; rebuild it with `tdm-fast teacher "
+        raise UsageError(f"--builtin-teacher {name}: no {' or '.join(map(str, missing))}; rebuild it with `tdm-fast teacher "
                          f"train --dataset digits --architecture {name} --out DIR` and copy DIR/{asset.name}.* into {asset.parent}")
 
 
