@@ -38,7 +38,7 @@ import torch
 from tdm_fast.denoiser import Denoiser
 from tdm_fast.sampling import ddim_sample, reference_sampler, sample_student
 from tdm_fast.schedule import ScheduleConfig
-from tdm_fast.toy2d import TOY_SCHEDULE, ToyMLP
+from tdm_fast.demos.toy2d import TOY_SCHEDULE, ToyMLP
 
 from tdm_fast.export.sampler import compile_denoiser_step, compile_sampler, ddim_loop
 
@@ -99,7 +99,7 @@ def build_model(name: str):
         den = Denoiser(model, TOY_SCHEDULE, "epsilon", null_cond=model.config.num_classes)
         noise, cond = torch.randn(256, 2), torch.randint(0, 2, (256,))
     elif name == "digits":
-        from tdm_fast.digits import IMAGE_SIZE, NUM_CLASSES, load_digits_teacher
+        from tdm_fast.demos.digits import IMAGE_SIZE, NUM_CLASSES, load_digits_teacher
 
         den = load_digits_teacher()
         noise, cond = torch.randn(64, 1, IMAGE_SIZE, IMAGE_SIZE), torch.randint(0, NUM_CLASSES, (64,))

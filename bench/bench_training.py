@@ -106,7 +106,7 @@ def _breakdown(benchmark, teacher, kernels, objective):
 def test_time_to_quality_toy(benchmark):
     from tdm_fast.eval.toy2d import sliced_wasserstein
     from tdm_fast.sampling import nfe_matched_baselines, reference_sampler, sample_student
-    from tdm_fast.toy2d import NUM_CLASSES, train_toy_teacher
+    from tdm_fast.demos.toy2d import NUM_CLASSES, train_toy_teacher
 
     cfg, k, samples = 3.0, 4, 2000
     teacher = train_toy_teacher(iterations=400, batch_size=512, hidden=128, progress=False)
@@ -118,7 +118,7 @@ def test_time_to_quality_toy(benchmark):
     curve = {"iteration": [], "wall_s": [], "swd": []}
 
     def run():
-        # the toy demo's recipe (tdm_fast.demo_toy.toy_config): batch 256, fake lr 1e-3
+        # the toy demo's recipe (tdm_fast.demos.demo_toy.toy_config): batch 256, fake lr 1e-3
         trainer = make_trainer("toy", "reference", batch=256, steps=(k,), teacher_model=teacher, fake_lr=1e-3,
                                iterations=TTQ_ITERS)
         eval_seconds = [0.0]

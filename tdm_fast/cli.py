@@ -391,7 +391,7 @@ def cmd_demo(args) -> int:
         run_demo(args)
         print(f"sample grid: {Path(args.out) / 'grid.png'}")
         return 0
-    from .demo_toy import run_toy_demo
+    from .demos.demo_toy import run_toy_demo
 
     _refuse_flags(args, (("--samples", "samples"), ("--eval-seeds", "eval_seeds"), ("--digits-teacher", "digits_teacher")),
                   "to --dataset toy2d")
@@ -427,7 +427,7 @@ def cmd_teacher_train(args) -> int:
         args.cond_dropout = 0.15 if args.cond_dropout is None else args.cond_dropout
         run_teacher_train(args)
         return 0
-    from .toy2d import train_toy_teacher
+    from .demos.toy2d import train_toy_teacher
 
     _refuse_flags(args, (("--batch-size", "batch_size"), ("--lr", "lr"), ("--cond-dropout", "cond_dropout")),
                   "to --dataset toy2d (they set the digits teachers' training)")

@@ -27,6 +27,8 @@ DENOISER_TENSORS = "denoiser.safetensors"
 # packages (plus those in $TDM_FAST_TRUSTED_MODULES, comma-separated, or ``trusted=``) are imported.
 TRUSTED_PACKAGES = ("tdm_fast", "diffusers")
 TRUSTED_ENV = "TDM_FAST_TRUSTED_MODULES"
+# Folders saved before the built-in demo networks moved into tdm_fast.demos name their old modules.
+MOVED_MODULES = {"tdm_fast.digits": "tdm_fast.demos.digits", "tdm_fast.toy2d": "tdm_fast.demos.toy2d"}
 
 
 def import_model_class(qualified: str, trusted=(), source: str | Path = "") -> type:
@@ -38,7 +40,7 @@ def import_model_class(qualified: str, trusted=(), source: str | Path = "") -> t
         raise ValueError(f"{where}model class {qualified!r} is not from a trusted package ({', '.join(packages)}); "
                          f"if you wrote it, add its package to ${TRUSTED_ENV}")
     try:
-        cls = importlib.import_module(module_name)
+        cls = importlib.import_module(MOVED_MODULES.get(module_name, module_name))
         for part in class_name.split("."):
             cls = getattr(cls, part)
     except (ImportError, AttributeError) as exc:

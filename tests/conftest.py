@@ -11,7 +11,7 @@ import torch  # noqa: E402
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory):
     """A saved toy teacher (the 2-D mixture MLP, untrained): what the CLI tests distil."""
-    from tdm_fast.toy2d import ToyMLP, toy_denoiser
+    from tdm_fast.demos.toy2d import ToyMLP, toy_denoiser
 
     path = tmp_path_factory.mktemp("teacher")
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from tdm_fast.cli import main
-from tdm_fast.toy2d import ToyMLP, toy_denoiser
+from tdm_fast.demos.toy2d import ToyMLP, toy_denoiser
 
 TINY = ["--batch-size", "16", "--fake-lr", "1e-3", "--cfg-scale", "3", "--kernels", "reference", "--quiet"]
 
@@ -64,9 +64,9 @@ def world(tmp_path_factory):
     (teacher_copy("teacher-model-config") / "model" / "config.json").write_text("{ not json")
     _edit_json(teacher_copy("teacher-os-system") / "denoiser.json", model_class="os:system")
     _edit_json(teacher_copy("teacher-evil") / "denoiser.json", model_class="evil_mod:X")
-    _edit_json(teacher_copy("teacher-not-a-net") / "denoiser.json", model_class="tdm_fast.toy2d:NUM_CLASSES")
+    _edit_json(teacher_copy("teacher-not-a-net") / "denoiser.json", model_class="tdm_fast.demos.toy2d:NUM_CLASSES")
     (teacher_copy("teacher-json") / "denoiser.json").write_text("{ model_class: ")
-    (teacher_copy("teacher-json-keys") / "denoiser.json").write_text(json.dumps({"model_class": "tdm_fast.toy2d:ToyMLP"}))
+    (teacher_copy("teacher-json-keys") / "denoiser.json").write_text(json.dumps({"model_class": "tdm_fast.demos.toy2d:ToyMLP"}))
     (teacher_copy("teacher-json-list") / "denoiser.json").write_text("[1, 2, 3]")
     _edit_json(teacher_copy("teacher-schedule") / "denoiser.json", schedule={"kind": "banana"})
     (teacher_copy("teacher-empty-json") / "denoiser.json").write_bytes(b"")

@@ -4,7 +4,7 @@ import json
 import torch
 
 from tdm_fast.denoiser import Denoiser
-from tdm_fast.digits import (
+from tdm_fast.demos.digits import (
     ASSETS, HELDOUT_SIZE, NULL_CLASS, DigitsUNet, augment, digits_denoiser, load_digits_teacher,
     load_digits_tensors, thicken,
 )
@@ -63,7 +63,7 @@ def test_shipped_teacher_loads_and_samples():
 
 
 def test_tiny_demo_writes_everything(tmp_path):
-    from tdm_fast.demo_digits import run_digits_demo
+    from tdm_fast.demos.demo_digits import run_digits_demo
 
     torch.set_num_threads(1)
     out = tmp_path / "demo"

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from tdm_fast.digits import load_digits_tensors
+from tdm_fast.demos.digits import load_digits_tensors
 from tdm_fast.eval.classifier import accuracy, load_classifier
 from tdm_fast.eval.digits import DigitsMetrics, acceptance, eval_inputs, format_table
 from tdm_fast.eval.fid import fid_from_features, frechet_distance, gaussian_stats
@@ -88,7 +88,7 @@ def test_acceptance_and_table():
 
 
 def test_lora_state_transfers_to_another_base():
-    from tdm_fast.digits import DigitsUNet, digits_denoiser
+    from tdm_fast.demos.digits import DigitsUNet, digits_denoiser
     from tdm_fast.eval.lora_transfer import apply_lora, lora_state, with_lora
 
     torch.manual_seed(0)

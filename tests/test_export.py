@@ -19,7 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 from tdm_fast.denoiser import Denoiser  # noqa: E402
 from tdm_fast.sampling import ddim_sample, sample_student, stage_times  # noqa: E402
 from tdm_fast.schedule import ScheduleConfig  # noqa: E402
-from tdm_fast.toy2d import TOY_SCHEDULE, ToyMLP  # noqa: E402
+from tdm_fast.demos.toy2d import TOY_SCHEDULE, ToyMLP  # noqa: E402
 
 from tdm_fast.export import cli as export_cli  # noqa: E402
 from tdm_fast.export.cli import relative_error  # noqa: E402
@@ -138,7 +138,7 @@ class Float32FeaturesMLP(ToyMLP):
     """A ToyMLP that feeds float32 time features into its layers whatever their dtype: no fp16 export."""
 
     def forward(self, x_t, t, labels):
-        from tdm_fast.toy2d import timestep_features
+        from tdm_fast.demos.toy2d import timestep_features
 
         emb = self.time_embed(timestep_features(t, self.config.hidden)) + self.class_embed(labels)
         return self.out(self.inp(x_t) + emb)

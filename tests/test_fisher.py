@@ -8,7 +8,7 @@ import torch
 from tdm_fast import objectives
 from tdm_fast.config import TDMConfig
 from tdm_fast.kernels import reference
-from tdm_fast.toy2d import NUM_CLASSES, ToyMLP, toy_denoiser
+from tdm_fast.demos.toy2d import NUM_CLASSES, ToyMLP, toy_denoiser
 from tdm_fast.trainer import ClassConditions, TDMTrainer
 
 SHAPES = [(3, 5), (2, 1, 3, 7), (5, 2, 3, 3)]
@@ -240,8 +240,8 @@ def test_fisher_improves_a_one_step_digits_student():
     at t=899) much closer to the teacher's 50-step CFG samples (FID on 500 of the cached references)."""
     from safetensors.torch import load_file
 
-    from tdm_fast.demo_digits import demo_config, distill_digits
-    from tdm_fast.digits import ASSETS, load_digits_teacher
+    from tdm_fast.demos.demo_digits import demo_config, distill_digits
+    from tdm_fast.demos.digits import ASSETS, load_digits_teacher
     from tdm_fast.eval.digits import DigitsMetrics, eval_inputs
     from tdm_fast.sampling import sample_student
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tdm_fast.cli import main
 from tdm_fast.config import TDMConfig
 from tdm_fast.denoiser import Denoiser
-from tdm_fast.toy2d import NUM_CLASSES
+from tdm_fast.demos.toy2d import NUM_CLASSES
 from tdm_fast.trainer import ClassConditions, NonFiniteError, TDMTrainer
 
 TINY = ["--batch-size", "16", "--fake-lr", "1e-3", "--cfg-scale", "3", "--kernels", "reference", "--quiet"]

@@ -7,7 +7,7 @@ import torch
 from tdm_fast.config import PAPER_FAITHFUL, TDMConfig
 from tdm_fast.demos.teachers import TEACHERS, DigitsDiT
 from tdm_fast.denoiser import Denoiser
-from tdm_fast.digits import IMAGE_SIZE, NUM_CLASSES
+from tdm_fast.demos.digits import IMAGE_SIZE, NUM_CLASSES
 from tdm_fast.eval.stability import fake_lag, format_stability, verdicts
 from tdm_fast.trainer import ClassConditions, LRSchedule, TDMTrainer, make_student_and_fake
 

@@ -59,7 +59,7 @@ def test_prompts_and_tokenizers():
     assert t5.unk_token_id not in t5(" ".join(t2i.vocabulary())).input_ids
     images, _ = t2i.load_t2i_images("heldout")
     assert images.shape[1:] == (1, 16, 16)
-    from tdm_fast.digits import load_digits_tensors
+    from tdm_fast.demos.digits import load_digits_tensors
 
     torch.testing.assert_close(t2i.to_digits8(images), load_digits_tensors("heldout")[0])  # pooling undoes the upsampling
 

@@ -2,7 +2,7 @@ import torch
 
 from tdm_fast.eval.toy2d import mode_coverage, mode_precision, sliced_wasserstein
 from tdm_fast.sampling import reference_sampler
-from tdm_fast.toy2d import NUM_CLASSES, mode_centers, sample_data, train_toy_teacher
+from tdm_fast.demos.toy2d import NUM_CLASSES, mode_centers, sample_data, train_toy_teacher
 
 
 def test_the_mixture_puts_three_quarters_of_each_class_on_its_own_modes():
@@ -38,7 +38,7 @@ def test_the_toy_demo_seed_seeds_the_distillation(tmp_path):
     """`tdm-fast demo --dataset toy2d --seed N` was ignored: every seed gave the same students."""
     from safetensors.torch import load_file
 
-    from tdm_fast.demo_toy import run_toy_demo
+    from tdm_fast.demos.demo_toy import run_toy_demo
 
     def student(seed, name):
         run_toy_demo(tmp_path / name, iterations=3, teacher_iterations=20, steps=(2,), samples=200, progress=False, seed=seed)

@@ -4,14 +4,14 @@ import torch
 
 from tdm_fast.cli import main
 from tdm_fast.config import TDMConfig
-from tdm_fast.toy2d import NUM_CLASSES, ToyMLP, toy_denoiser
+from tdm_fast.demos.toy2d import NUM_CLASSES, ToyMLP, toy_denoiser
 from tdm_fast.trainer import ClassConditions, TDMTrainer
 
 
 def test_tensorboard_gets_losses_and_validation_grids(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tdm_fast.digits import digits_denoiser
+    from tdm_fast.demos.digits import digits_denoiser
 
     torch.manual_seed(0)
     digits_denoiser().save_pretrained(tmp_path / "teacher")  # image data: the grids are pictures

@@ -4,7 +4,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tdm_fast.config import TDMConfig
 from tdm_fast.sampling import sample_student
-from tdm_fast.toy2d import NUM_CLASSES, ToyMLP, toy_denoiser
+from tdm_fast.demos.toy2d import NUM_CLASSES, ToyMLP, toy_denoiser
 from tdm_fast.trainer import ClassConditions, TDMTrainer, make_student_and_fake
 
 
@@ -124,6 +124,21 @@ def test_final_student_samples(teacher, tmp_path):
     final = trainer.final_student()  # the EMA weights, as saved
     for k in (1, 2, 4):
         torch.testing.assert_close(sample_student(student, noise, labels, k), sample_student(final, noise, labels, k))
+
+
+def test_folders_saved_before_the_demos_moved_still_load(teacher, tmp_path):
+    import json
+
+    from tdm_fast.denoiser import Denoiser
+
+    teacher.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "denoiser.json").read_text())
+    assert config["model_class"] == "tdm_fast.demos.toy2d:ToyMLP"
+    config["model_class"] = "tdm_fast.toy2d:ToyMLP"  # as written before the move
+    (tmp_path / "denoiser.json").write_text(json.dumps(config))
+    loaded = Denoiser.from_pretrained(tmp_path)
+    x, t, c = torch.randn(3, 2), torch.tensor([10, 500, 900]), torch.tensor([0, 1, 0])
+    torch.testing.assert_close(loaded(x, t, c), teacher(x, t, c))
 
 
 def test_bad_config_is_refused():

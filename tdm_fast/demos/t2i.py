@@ -12,7 +12,7 @@ digits from prompts such as "a handwritten digit seven":
   ``shift_factor``/``scaling_factor`` + two tiny ``CLIPTextModelWithProjection`` + a tiny
   ``T5EncoderModel``. ``StableDiffusion3Pipeline.from_pretrained(DIR)``.
 
-Data: the digits training split (:func:`tdm_fast.digits.load_digits_tensors`) upsampled 8×8 → 16×16
+Data: the digits training split (:func:`tdm_fast.demos.digits.load_digits_tensors`) upsampled 8×8 → 16×16
 (nearest, so the VAE's 2× downsampling puts one latent pixel on each original pixel), one channel,
 in [-1, 1]. Each class has :data:`TEMPLATES` phrasings ("the number 7", "a drawing of the digit
 seven", ...) over a small word vocabulary; the tokenizers know exactly those words (one token each).
@@ -38,7 +38,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..digits import ASSETS, NUM_CLASSES, load_digits_tensors
+from .digits import ASSETS, NUM_CLASSES, load_digits_tensors
 
 PIPELINES = ("sd15", "sd3")
 IMAGE_SIZE = 16

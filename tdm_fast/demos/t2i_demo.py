@@ -37,6 +37,7 @@ import torch
 
 from ..config import TDMConfig
 from . import t2i
+from .demo_digits import jsonable
 
 CFG = {"sd15": t2i.SD15_CFG, "sd3": t2i.SD3_CFG}
 # LoRA on every linear/conv layer of the tiny backbones' blocks except the timestep embedding (which
@@ -296,14 +297,6 @@ def evaluate_pipelines(pipeline: str, model_dir: Path, lora_dir: Path | None, st
 
 
 # -- the demo ------------------------------------------------------------------------------------
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items() if not isinstance(v, torch.Tensor)}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
-
-
 @torch.no_grad()
 def _teacher_probe(teacher, conditions, shape) -> torch.Tensor:
     """Teacher outputs (conditional and unconditional x̂0) on fixed inputs at three times."""
@@ -440,7 +433,7 @@ def run_t2i_demo(
         for key, entry in results["comparisons"].items():
             results["acceptance"][f"{key} ONNX FID within the bootstrap std of torch's"] = within_std(entry)
     results["lora"] = str(lora_dir)
-    (out_dir / "metrics.json").write_text(json.dumps(_jsonable(results), indent=2))
+    (out_dir / "metrics.json").write_text(json.dumps(jsonable(results), indent=2))
     md = [
         f"# TDM demo on the shipped digits text-to-image pipeline `{pipeline}`",
         "",
@@ -469,12 +462,12 @@ def run_t2i_demo(
         "",
     ]
     (out_dir / "metrics.md").write_text("\n".join(md))
-    return _jsonable(results)
+    return jsonable(results)
 
 
 def add_t2i_demo_arguments(parser) -> None:
     """Options of ``tdm-fast demo --pipeline`` besides the shared --out/--iterations/--samples/--seed."""
-    from ..digits import _add
+    from .digits import _add
 
     _add(parser, "--pipeline", choices=list(t2i.PIPELINES), default=None,
          help="distil the shipped digits text-to-image pipeline of this kind through --preset and the stock pipeline")

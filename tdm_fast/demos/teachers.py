@@ -3,12 +3,12 @@ architecture, size, parameterisation and noise schedule, so that a recipe is nev
 
 | name | network | parameters | prediction | schedule |
 |---|---|---|---|---|
-| ``digits`` | :class:`~tdm_fast.digits.DigitsUNet` (32, 64) | 0.44 M | ε | scaled-linear VP |
-| ``digits-small-v`` | :class:`~tdm_fast.digits.DigitsUNet` (24, 48) | 0.25 M | v | linear VP (β 1e-4 → 0.02) |
+| ``digits`` | :class:`~tdm_fast.demos.digits.DigitsUNet` (32, 64) | 0.44 M | ε | scaled-linear VP |
+| ``digits-small-v`` | :class:`~tdm_fast.demos.digits.DigitsUNet` (24, 48) | 0.25 M | v | linear VP (β 1e-4 → 0.02) |
 | ``digits-dit`` | :class:`DigitsDiT` (patch 2, width 96, depth 4) | 0.56 M | flow velocity | rectified flow, shift 2 |
 
 All three are class-conditional on scikit-learn's 8×8 digits with a null class for CFG, trained by
-:func:`tdm_fast.digits.train_digits_teacher` and shipped flat in ``tdm_fast/assets`` (``tdm-fast teacher
+:func:`tdm_fast.demos.digits.train_digits_teacher` and shipped flat in ``tdm_fast/assets`` (``tdm-fast teacher
 train --dataset digits --architecture NAME`` rebuilds one).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..denoiser import Denoiser
-from ..digits import ASSETS, DIGITS_CFG_SCALE, DIGITS_SCHEDULE, IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, DigitsUNet, \
+from .digits import ASSETS, DIGITS_CFG_SCALE, DIGITS_SCHEDULE, IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, DigitsUNet, \
     load_digits_teacher, timestep_features
 from ..schedule import ScheduleConfig
 
@@ -163,7 +163,7 @@ def load_builtin_teacher(name: str) -> Denoiser:
 
 def train_builtin_teacher(name: str, output_dir: str | Path | None = None, progress: bool = True, **overrides) -> Denoiser:
     """Trains a built-in teacher from scratch with its recorded settings (``overrides`` change them)."""
-    from ..digits import save_teacher_asset, train_digits_teacher
+    from .digits import save_teacher_asset, train_digits_teacher
 
     spec = TEACHERS[name]
     settings = {**spec.training, **overrides}

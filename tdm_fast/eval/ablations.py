@@ -2,7 +2,7 @@
 
 Every variant is a steps-aware ("unify") student for K ∈ {1, 2, 4} trained for the same number of
 iterations from the same seeds, and differs from the TDM recipe in one setting. The recipe is the
-teacher's: :func:`tdm_fast.demo_digits.demo_config` for the shipped digits teacher (or a digits teacher
+teacher's: :func:`tdm_fast.demos.demo_digits.demo_config` for the shipped digits teacher (or a digits teacher
 folder), :func:`tdm_fast.eval.stability.suite_config` (a new teacher's TDMConfig defaults) for the other
 built-in teachers of :mod:`tdm_fast.demos.teachers` (``builtin_teacher=``; ``tdm-fast eval --ablations
 --builtin-teacher NAME``). The variants:
@@ -26,9 +26,9 @@ import statistics
 from functools import partial
 from pathlib import Path
 
-from ..demo_digits import demo_config, distill_digits
+from ..demos.demo_digits import demo_config, distill_digits
 from ..demos.teachers import TEACHERS, load_builtin_teacher
-from ..digits import load_digits_teacher
+from ..demos.digits import load_digits_teacher
 from ..sampling import reference_sampler, sample_student
 from .digits import DigitsMetrics, eval_inputs, evaluate_digits, shipped_reference_cache
 from .solver_ablation import TRAINED, cross_solver_scores, solver_table
@@ -51,7 +51,7 @@ LABELS = {
     "dpmsolver": "DPM-Solver++(2M) trajectory (trained and tested)",
 }
 RECIPES = {
-    "demo_config": "the digits demo recipe (tdm_fast.demo_digits.demo_config)",
+    "demo_config": "the digits demo recipe (tdm_fast.demos.demo_digits.demo_config)",
     "suite_config": "a new teacher's recipe: TDMConfig defaults with steps, CFG and batch size set "
                     "(tdm_fast.eval.stability.suite_config)",
 }

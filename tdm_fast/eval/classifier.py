@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..digits import ASSETS, NUM_CLASSES, augment, load_digits_tensors
+from ..demos.digits import ASSETS, NUM_CLASSES, augment, load_digits_tensors
 
 CLASSIFIER_ASSET = "digits_classifier"
 
@@ -125,7 +125,7 @@ def train_digits_classifier(
 def add_classifier_arguments(parser) -> None:
     """argparse options of ``tdm-fast classifier train`` (progress: the CLI's --quiet)."""
     from ..argtypes import positive_int
-    from ..digits import _add
+    from ..demos.digits import _add
 
     _add(parser, "--out", default="runs/digits_classifier", help="path stem: writes STEM.safetensors and STEM.json")
     _add(parser, "--iterations", type=positive_int, default=None, help="default 1500 (the shipped classifier)")

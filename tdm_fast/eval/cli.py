@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..demo_digits import add_demo_arguments, run_demo
-from ..digits import add_teacher_arguments, run_teacher_train
+from ..demos.demo_digits import add_demo_arguments, run_demo
+from ..demos.digits import add_teacher_arguments, run_teacher_train
 from .classifier import add_classifier_arguments, run_classifier_train
 
 __all__ = [
@@ -111,7 +111,7 @@ def run_eval(args) -> dict:
         print(table)
         return results
     from ..cli import _check_steps, load_denoiser
-    from ..digits import DIGITS_CFG_SCALE, load_digits_teacher
+    from ..demos.digits import DIGITS_CFG_SCALE, load_digits_teacher
     from .digits import evaluate_digits, format_table
 
     teacher = load_digits_teacher(args.teacher)

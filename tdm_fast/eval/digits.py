@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from ..denoiser import Denoiser
-from ..digits import IMAGE_SIZE, NUM_CLASSES, load_digits_tensors
+from ..demos.digits import IMAGE_SIZE, NUM_CLASSES, load_digits_tensors
 from ..sampling import nfe_matched_baselines, reference_sampler, sample_student
 from .classifier import DigitsClassifier, load_classifier
 from .fid import fid_from_features, gaussian_stats, frechet_distance
@@ -45,7 +45,7 @@ def shipped_reference_cache(teacher: Denoiser, samples: int, seeds, reference_st
     import json
     from safetensors.torch import load_file
 
-    from ..digits import ASSETS
+    from ..demos.digits import ASSETS
 
     stem = Path(path) if path is not None else ASSETS / REFERENCE_ASSET
     if not stem.with_suffix(".json").is_file():
@@ -75,7 +75,7 @@ def write_reference_cache(teacher: Denoiser, samples: int, seeds, reference_step
     import json
     from safetensors.torch import save_file
 
-    from ..digits import ASSETS
+    from ..demos.digits import ASSETS
 
     stem = Path(path) if path is not None else ASSETS / REFERENCE_ASSET
     sampler = reference_sampler(reference_steps, cfg_scale)

@@ -3,7 +3,7 @@
 1. Distil the shipped digits teacher into a 4-step student whose only trainable weights are a LoRA
    (peft ``LoraConfig`` on the UNet's convolutions and embedding projections); the fake score is a
    full copy of the teacher.
-2. Fine-tune the teacher on stroke-thickened digits (:func:`tdm_fast.digits.finetune_variant`) —
+2. Fine-tune the teacher on stroke-thickened digits (:func:`tdm_fast.demos.digits.finetune_variant`) —
    the "customised model" the LoRA never saw.
 3. Inject the same LoRA weights into the variant and sample 4 steps; compare its FID to the
    variant's own 50-step CFG samples with the variant's best NFE-matched DDIM baseline.
@@ -18,7 +18,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from ..denoiser import Denoiser
-from ..digits import IMAGE_SIZE, NUM_CLASSES, finetune_variant, load_digits_teacher
+from ..demos.digits import IMAGE_SIZE, NUM_CLASSES, finetune_variant, load_digits_teacher
 from ..trainer import ClassConditions, TDMTrainer
 from .digits import DigitsMetrics, evaluate_digits, shipped_reference_cache
 
@@ -73,7 +73,7 @@ def run_lora_transfer(
     progress: bool = True,
 ) -> dict:
     """Runs the three steps above; writes ``lora_transfer.json`` / ``.md`` and the LoRA weights."""
-    from ..demo_digits import demo_config
+    from ..demos.demo_digits import demo_config
     from .digits import format_table
 
     out_dir = Path(out_dir)

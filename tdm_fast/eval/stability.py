@@ -155,7 +155,7 @@ def run_curve(teacher_name: str, recipe_name: str, recipe: dict, lr_multiplier: 
     ``say``: called with each point as it is recorded."""
     from ..demos.teachers import load_builtin_teacher
     from ..trainer import ClassConditions, TDMTrainer
-    from ..digits import IMAGE_SIZE, NUM_CLASSES
+    from ..demos.digits import IMAGE_SIZE, NUM_CLASSES
 
     if threads:
         torch.set_num_threads(threads)
@@ -346,7 +346,7 @@ def main(argv=None) -> None:
     import json
 
     from ..config import PAPER_FAITHFUL
-    from ..demo_digits import demo_config
+    from ..demos.demo_digits import demo_config
     from ..demos.teachers import TEACHERS
 
     parser = argparse.ArgumentParser(prog="python -m tdm_fast.eval.stability", description=main.__doc__)

@@ -7,7 +7,7 @@ import torch
 
 from ..denoiser import Denoiser
 from ..sampling import nfe_matched_baselines, reference_sampler, sample_student
-from ..toy2d import NUM_CLASSES, NUM_MODES, classify_modes, mode_owner
+from ..demos.toy2d import NUM_CLASSES, NUM_MODES, classify_modes, mode_owner
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:

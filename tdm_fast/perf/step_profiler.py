@@ -271,12 +271,12 @@ def make_trainer(teacher: str = "toy", kernels: str = "fused", batch: int | None
     from ..trainer import ClassConditions, TDMTrainer
 
     if teacher == "toy":
-        from ..toy2d import NUM_CLASSES, toy_denoiser
+        from ..demos.toy2d import NUM_CLASSES, toy_denoiser
 
         den = teacher_model or toy_denoiser()
         shape, classes, cfg, default_batch = (2,), NUM_CLASSES, 3.0, 1024
     elif teacher == "digits":
-        from ..digits import DIGITS_CFG_SCALE, IMAGE_SIZE, NUM_CLASSES, digits_denoiser
+        from ..demos.digits import DIGITS_CFG_SCALE, IMAGE_SIZE, NUM_CLASSES, digits_denoiser
 
         den = teacher_model or digits_denoiser()
         shape, classes, cfg, default_batch = (1, IMAGE_SIZE, IMAGE_SIZE), NUM_CLASSES, DIGITS_CFG_SCALE, 128

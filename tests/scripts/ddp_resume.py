@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from tdm_fast import fsdp
 from tdm_fast.checkpoint import checkpoint_dirs
 from tdm_fast.config import TDMConfig
-from tdm_fast.toy2d import ToyMLP, toy_denoiser
+from tdm_fast.demos.toy2d import ToyMLP, toy_denoiser
 from tdm_fast.trainer import ClassConditions, TDMTrainer
 
 out, iterations, kill_at = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from tdm_fast.config import TDMConfig
-from tdm_fast.toy2d import ToyMLP, toy_denoiser
+from tdm_fast.demos.toy2d import ToyMLP, toy_denoiser
 from tdm_fast.trainer import ClassConditions, TDMTrainer
 
 out = Path(sys.argv[1])

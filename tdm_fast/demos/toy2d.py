@@ -15,8 +15,8 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 from tqdm.auto import tqdm
 
-from .denoiser import Denoiser, denoising_loss
-from .schedule import ScheduleConfig
+from ..denoiser import Denoiser, denoising_loss
+from ..schedule import ScheduleConfig
 
 NUM_MODES = 8
 NUM_CLASSES = 2

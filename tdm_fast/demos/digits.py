@@ -29,8 +29,8 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .denoiser import Denoiser, denoising_loss
-from .schedule import ScheduleConfig
+from ..denoiser import Denoiser, denoising_loss
+from ..schedule import ScheduleConfig
 
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES
@@ -39,7 +39,7 @@ HELDOUT_SIZE = 297  # 1,797 = 1,500 train + 297 held out
 SPLIT_SEED = 0
 DIGITS_SCHEDULE = ScheduleConfig(kind="vp", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 DIGITS_CFG_SCALE = 2.0
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parent.parent / "assets"
 TEACHER_ASSET = "digits_teacher"
 
 
@@ -315,7 +315,7 @@ def _add(parser, *flags, **kwargs) -> None:
 def add_teacher_arguments(parser) -> None:
     """argparse options of ``tdm-fast teacher train --dataset digits`` (progress: the CLI's --quiet)."""
     _add(parser, "--out", default="runs/digits_teacher", help="folder for the trained teacher")
-    from .argtypes import positive_float, positive_int, probability
+    from ..argtypes import positive_float, positive_int, probability
 
     _add(parser, "--iterations", type=positive_int, default=None, help="default 2500 (the shipped teacher)")
     _add(parser, "--seed", type=int, default=0)
@@ -330,7 +330,7 @@ def add_teacher_arguments(parser) -> None:
 def run_teacher_train(args) -> dict:
     architecture = getattr(args, "architecture", "digits")
     if architecture != "digits":
-        from .demos.teachers import TEACHERS, train_builtin_teacher
+        from .teachers import TEACHERS, train_builtin_teacher
 
         settings = {"iterations": getattr(args, "iterations", None) or TEACHERS[architecture].training["iterations"],
                     "batch_size": getattr(args, "batch_size", 128), "lr": getattr(args, "lr", None) or TEACHERS[architecture].training["lr"],

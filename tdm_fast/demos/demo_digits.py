@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .config import TDMConfig
+from ..config import TDMConfig
+from ..trainer import ClassConditions, TDMTrainer
 from .digits import DIGITS_CFG_SCALE, IMAGE_SIZE, NUM_CLASSES, load_digits_teacher
-from .trainer import ClassConditions, TDMTrainer
 
 # The demo's distillation recipe (steps-aware "unify" student, K ∈ {1, 2, 4}). Chosen on the
 # evaluation set (2,000 samples, seed 0): with these settings the FID to teacher-50 at K=1 and K=2
@@ -62,11 +62,12 @@ def distill_digits(teacher, config: TDMConfig, progress: bool = True, callback=N
     return trainer, history, time.perf_counter() - start
 
 
-def _jsonable(x):
+def jsonable(x):
+    """A demo's results for metrics.json: the tensors kept for the grid and the caller left out."""
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items() if not isinstance(v, torch.Tensor)}
+        return {k: jsonable(v) for k, v in x.items() if not isinstance(v, torch.Tensor)}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     return x
 
 
@@ -84,7 +85,7 @@ def run_digits_demo(
     **config_overrides,
 ) -> dict:
     """Distils, evaluates and writes the demo's files; returns the metrics dict (also ``metrics.json``)."""
-    from .eval.digits import DigitsMetrics, acceptance, evaluate_digits, format_table, save_grid, shipped_reference_cache
+    from ..eval.digits import DigitsMetrics, acceptance, evaluate_digits, format_table, save_grid, shipped_reference_cache
 
     torch.manual_seed(seed)
     t_start = time.perf_counter()
@@ -133,7 +134,7 @@ def run_digits_demo(
     results["total_wall_clock_s"] = time.perf_counter() - t_start
     results["acceptance"] = acceptance(results)
     results["student"] = str(student_dir)
-    (out_dir / "metrics.json").write_text(json.dumps(_jsonable(results), indent=2))
+    (out_dir / "metrics.json").write_text(json.dumps(jsonable(results), indent=2))
     md = [
         "# TDM digits demo",
         "",
@@ -154,12 +155,12 @@ def run_digits_demo(
         "",
     ]
     (out_dir / "metrics.md").write_text("\n".join(md))
-    return _jsonable(results)
+    return jsonable(results)
 
 
 def add_demo_arguments(parser) -> None:
     """argparse options of ``tdm-fast demo`` (digits; progress: the CLI's --quiet)."""
-    from .argtypes import positive_int
+    from ..argtypes import positive_int
     from .digits import _add
 
     _add(parser, "--out", default="runs/demo", help="output folder (default runs/demo)")

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from .config import PAPER_FAITHFUL, TDMConfig
-from .denoiser import Denoiser
-from .eval.toy2d import evaluate_toy, format_table
-from .sampling import nfe_matched_baselines, reference_sampler, sample_student
+from ..config import PAPER_FAITHFUL, TDMConfig
+from ..denoiser import Denoiser
+from ..eval.toy2d import evaluate_toy, format_table
+from ..sampling import nfe_matched_baselines, reference_sampler, sample_student
+from ..trainer import ClassConditions, TDMTrainer
 from .toy2d import NUM_CLASSES, train_toy_teacher
-from .trainer import ClassConditions, TDMTrainer
 
 TOY_CFG_SCALE = 3.0
 
@@ -72,7 +72,7 @@ def plot_toy(teacher: Denoiser, students: dict[int, Denoiser], path: Path, sampl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .eval.toy2d import sliced_wasserstein
+    from ..eval.toy2d import sliced_wasserstein
 
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, NUM_CLASSES, (samples,), generator=g)
