@@ -2,6 +2,12 @@
 
     tdm-fast bench stability          (~1.5 hours on 2 CPU cores; TDM_STABILITY_ITERATIONS shortens it)
 
+Knobs (environment): ``TDM_STABILITY_ITERATIONS`` (default 2000), ``TDM_STABILITY_SEEDS`` (default "0 1"),
+``TDM_STABILITY_OUT``: a folder for the sweep's own files (default: pytest's tmp_path); a sweep there is
+resumed, its finished runs kept (``run_stability(resume=True)``), so a stopped sweep continues and more
+seeds widen one; ``extra_info["stability"]["resumed_runs"]`` says how many were kept, and the
+benchmark's time covers only the runs made.
+
 Runs ``tdm_fast.eval.stability.run_stability``: every built-in digits-scale teacher
 (``tdm_fast.demos.teachers``) distilled into a steps-aware K ∈ {1, 2, 4} student by ``TDMConfig`` with
 only steps, cfg_scale, batch_size and iterations set, at the default learning rates × 0.3, 1 and 3, plus
@@ -15,6 +21,7 @@ import os
 
 ITERATIONS = int(os.environ.get("TDM_STABILITY_ITERATIONS", "2000"))
 SEEDS = tuple(int(s) for s in os.environ.get("TDM_STABILITY_SEEDS", "0 1").split())
+OUT = os.environ.get("TDM_STABILITY_OUT")
 
 
 def test_stability(benchmark, tmp_path):
@@ -24,9 +31,9 @@ def test_stability(benchmark, tmp_path):
     out = {}
 
     def sweep():
-        out["results"] = run_stability(tmp_path, recipes={"default": {}, "paper": PAPER_FAITHFUL}, seeds=SEEDS,
+        out["results"] = run_stability(OUT or tmp_path, recipes={"default": {}, "paper": PAPER_FAITHFUL}, seeds=SEEDS,
                                        iterations=ITERATIONS, every=200 if ITERATIONS >= 1000 else max(1, ITERATIONS // 5),
-                                       progress=False)
+                                       progress=False, resume=bool(OUT))
 
     benchmark.pedantic(sweep, rounds=1, iterations=1)
     results = out["results"]

@@ -125,3 +125,26 @@ def test_stability_table_reports_every_run_and_check():
     text = format_stability({"samples": 100, "every": 200, "runs": runs})
     assert "| digits | default | 1 | 4 | 0.12 | 2 |" in text
     assert "0.85 ± 0.07" in text and "**FAIL**" not in text
+
+
+def test_a_resumed_sweep_keeps_its_finished_runs_and_adds_the_rest(tmp_path):
+    import json
+
+    from tdm_fast.eval.stability import _same_job, run_stability
+
+    sweep = dict(teachers=("digits",), recipes={"default": {}}, multipliers=(1.0,), iterations=2, every=1, samples=16,
+                 workers=1, progress=False)
+    first = run_stability(tmp_path, seeds=(0,), **sweep)
+    again = run_stability(tmp_path, seeds=(0,), resume=True, **sweep)  # nothing left to run
+    assert again["resumed_runs"] == 1 and again["runs"][0]["points"] == json.loads(json.dumps(first["runs"][0]["points"]))
+    wider = run_stability(tmp_path, seeds=(0, 1), resume=True, **sweep)
+    assert [r["seed"] for r in wider["runs"]] == [0, 1] and wider["resumed_runs"] == 1 and wider["complete"]
+    assert wider["runs"][0]["points"] == again["runs"][0]["points"]
+    stored = json.loads((tmp_path / "stability.json").read_text())
+    assert len(stored["runs"]) == 2 and "| digits | default | 1 | 4 |" in (tmp_path / "stability.md").read_text()
+    job = ("digits", "default", {}, 1.0, 0, 2)
+    assert _same_job(stored["runs"][0], job)
+    assert not _same_job(stored["runs"][0], ("digits", "default", {}, 1.0, 0, 3))  # another iteration count
+    assert not _same_job(stored["runs"][0], ("digits", "default", {"fake_lr": 1e-3}, 1.0, 0, 2))  # other settings
+    fresh = run_stability(tmp_path / "other", seeds=(0,), resume=True, **sweep)  # nothing to resume from
+    assert fresh["resumed_runs"] == 0

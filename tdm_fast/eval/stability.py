@@ -205,13 +205,40 @@ def verdicts(run: dict) -> dict:
     return out
 
 
+def _finished_runs(out_dir, every: int, samples: int) -> list[dict]:
+    """The runs of a previous sweep in ``out_dir`` measured with the same evaluation settings."""
+    import json
+    from pathlib import Path
+
+    path = Path(out_dir) / "stability.json"
+    if not path.is_file():
+        return []
+    previous = json.loads(path.read_text())
+    if (previous.get("every"), previous.get("samples")) != (every, samples):
+        return []
+    return previous["runs"]
+
+
+def _same_job(run: dict, job: tuple) -> bool:
+    """Whether ``run`` measured ``job``: same teacher, recipe, multiplier and seed, and the config that
+    job builds today (so that a run under other defaults or another iteration count is measured again)."""
+    import json
+
+    teacher, recipe_name, recipe, mult, seed, its = job[:6]
+    config = json.loads(json.dumps(suite_config(teacher, its, seed, mult, **recipe).to_dict()))
+    return (run["teacher"], run["recipe"], run["lr_multiplier"], run["seed"], run["config"]) == (teacher, recipe_name, mult, seed, config)
+
+
 def run_stability(out_dir, teachers=None, recipes=None, multipliers=MULTIPLIERS, seeds=(0,), iterations: int = 2000,
-                  every: int = 200, samples: int = 2000, workers: int | None = None, progress: bool = True) -> dict:
+                  every: int = 200, samples: int = 2000, workers: int | None = None, progress: bool = True,
+                  resume: bool = False) -> dict:
     """Every built-in teacher × recipe × learning-rate multiplier × seed, in parallel processes (one
     thread each); writes ``stability.json``, ``stability.md`` and ``stability.png`` into ``out_dir``.
 
     Multipliers other than 1 run for the default recipe only, and only up to 1,000 iterations (their check is
-    at 1,000); extra seeds run for multiplier 1 only.
+    at 1,000); extra seeds run for multiplier 1 only. ``resume``: the runs that ``out_dir``'s
+    ``stability.json`` already holds for a job of this sweep (same evaluation settings, same config) are
+    kept instead of run again — a sweep of hours can be continued after a stop, or widened by seeds.
     """
     import json
     import os
@@ -236,22 +263,35 @@ def run_stability(out_dir, teachers=None, recipes=None, multipliers=MULTIPLIERS,
                             jobs.append((teacher, recipe_name, recipe, mult, seed, its, every, samples, 1))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    workers = workers or max(1, min(len(jobs), len(os.sched_getaffinity(0))))
-    runs = []
-    with ProcessPoolExecutor(workers) as pool:
-        futures = [pool.submit(run_curve, *job) for job in jobs]
-        for i, future in enumerate(as_completed(futures)):
-            run = future.result()
+    previous = _finished_runs(out_dir, every, samples) if resume else []
+    runs = [next(r for r in previous if _same_job(r, job)) for job in jobs if any(_same_job(r, job) for r in previous)]
+    todo = [job for job in jobs if not any(_same_job(r, job) for r in previous)]
+    if progress and runs:
+        print(f"resumed: {len(runs)} of {len(jobs)} runs kept from {out_dir / 'stability.json'}", flush=True)
+
+    def record(run=None) -> dict:
+        if run is not None:
             run["verdicts"] = verdicts(run)
             runs.append(run)
-            runs.sort(key=lambda r: (teachers.index(r["teacher"]), list(recipes).index(r["recipe"]), r["lr_multiplier"], r["seed"]))
-            results = {"iterations": iterations, "every": every, "samples": samples, "runs": runs,
-                       "complete": len(runs) == len(jobs)}
-            # written after every run: a sweep stopped early keeps what it measured
-            (out_dir / "stability.json").write_text(json.dumps(results, indent=2))
-            (out_dir / "stability.md").write_text(format_stability(results))
-            if progress:
-                print(f"[{i + 1}/{len(jobs)}] {run['teacher']} {run['recipe']} lr x{run['lr_multiplier']} seed {run['seed']}", flush=True)
+        runs.sort(key=lambda r: (teachers.index(r["teacher"]), list(recipes).index(r["recipe"]), r["lr_multiplier"], r["seed"]))
+        results = {"iterations": iterations, "every": every, "samples": samples, "runs": runs,
+                   "complete": len(runs) == len(jobs), "resumed_runs": len(jobs) - len(todo)}
+        # written after every run: a sweep stopped early keeps what it measured
+        (out_dir / "stability.json").write_text(json.dumps(results, indent=2))
+        (out_dir / "stability.md").write_text(format_stability(results))
+        return results
+
+    results = record()
+    if todo:
+        workers = workers or max(1, min(len(todo), len(os.sched_getaffinity(0))))
+        with ProcessPoolExecutor(workers) as pool:
+            futures = [pool.submit(run_curve, *job) for job in todo]
+            for future in as_completed(futures):
+                run = future.result()
+                results = record(run)
+                if progress:
+                    print(f"[{len(runs)}/{len(jobs)}] {run['teacher']} {run['recipe']} lr x{run['lr_multiplier']} "
+                          f"seed {run['seed']}", flush=True)
     plot_stability(results, out_dir / "stability.png")
     return results
 
@@ -364,10 +404,12 @@ def main(argv=None) -> None:
     parser.add_argument("--suite", default=None, metavar="OUT",
                         help="instead: the whole sweep (every teacher, default and paper recipes, lr x 0.3/1/3) into OUT")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds of the sweep")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --suite: keep the runs OUT/stability.json already holds for this sweep")
     args = parser.parse_args(argv)
     if args.suite:
         run_stability(args.suite, recipes={"default": {}, "paper": dict(PAPER_FAITHFUL)}, seeds=tuple(args.seeds),
-                      iterations=args.iterations, every=args.every, samples=args.samples)
+                      iterations=args.iterations, every=args.every, samples=args.samples, resume=args.resume)
         print(Path(args.suite, "stability.md").read_text())
         return
     recipe = {"default": {}, "paper": dict(PAPER_FAITHFUL)}.get(args.recipe)
