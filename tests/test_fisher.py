@@ -240,7 +240,7 @@ def test_fisher_improves_a_one_step_digits_student():
     at t=899) much closer to the teacher's 50-step CFG samples (FID on 500 of the cached references)."""
     from safetensors.torch import load_file
 
-    from tdm_fast.demos.demo_digits import demo_config, distill_digits
+    from tdm_fast.demos.demo_digits import distill_digits, early_stop_config
     from tdm_fast.demos.digits import ASSETS, load_digits_teacher
     from tdm_fast.eval.digits import DigitsMetrics, eval_inputs
     from tdm_fast.sampling import sample_student
@@ -256,7 +256,7 @@ def test_fisher_improves_a_one_step_digits_student():
     def fid(denoiser):
         return metrics(sample_student(denoiser, noise, labels, 1), labels, features)["fid_teacher"]
 
-    config = demo_config(30, steps=(1,), steps_conditioning=False, batch_size=32, warmup_steps=0, ema_decay=None,
+    config = early_stop_config(30, steps=(1,), steps_conditioning=False, batch_size=32, warmup_steps=0, ema_decay=None,
                          objective="fisher")
     trainer, history, _ = distill_digits(teacher, config, progress=False)
     assert all(torch.isfinite(torch.tensor([h["fake_loss"], h["generator_loss"]])).all() for h in history)

@@ -148,3 +148,14 @@ def test_a_resumed_sweep_keeps_its_finished_runs_and_adds_the_rest(tmp_path):
     assert not _same_job(stored["runs"][0], ("digits", "default", {"fake_lr": 1e-3}, 1.0, 0, 2))  # other settings
     fresh = run_stability(tmp_path / "other", seeds=(0,), resume=True, **sweep)  # nothing to resume from
     assert fresh["resumed_runs"] == 0
+
+
+def test_the_digits_demo_runs_the_suites_default_recipe():
+    from tdm_fast.demos.demo_digits import DEMO_ITERATIONS, demo_config, early_stop_config
+    from tdm_fast.eval.stability import suite_config
+
+    demo, suite = demo_config().to_dict(), suite_config("digits", DEMO_ITERATIONS, 0).to_dict()
+    assert {k for k in demo if demo[k] != suite[k]} <= {"kernels", "log_every"}  # neither changes the numbers
+    assert DEMO_ITERATIONS == TDMConfig().iterations
+    former = early_stop_config()
+    assert (former.iterations, former.fake_lr, former.tau_min_sigma, former.lr_decay) == (200, 1e-3, 0.0, "constant")

@@ -2,7 +2,7 @@
 
 Every variant is a steps-aware ("unify") student for K ∈ {1, 2, 4} trained for the same number of
 iterations from the same seeds, and differs from the TDM recipe in one setting. The recipe is the
-teacher's: :func:`tdm_fast.demos.demo_digits.demo_config` for the shipped digits teacher (or a digits teacher
+teacher's: :func:`tdm_fast.demos.demo_digits.early_stop_config` for the shipped digits teacher (or a digits teacher
 folder), :func:`tdm_fast.eval.stability.suite_config` (a new teacher's TDMConfig defaults) for the other
 built-in teachers of :mod:`tdm_fast.demos.teachers` (``builtin_teacher=``; ``tdm-fast eval --ablations
 --builtin-teacher NAME``). The variants:
@@ -26,7 +26,7 @@ import statistics
 from functools import partial
 from pathlib import Path
 
-from ..demos.demo_digits import demo_config, distill_digits
+from ..demos.demo_digits import distill_digits, early_stop_config
 from ..demos.teachers import TEACHERS, load_builtin_teacher
 from ..demos.digits import load_digits_teacher
 from ..sampling import reference_sampler, sample_student
@@ -51,7 +51,8 @@ LABELS = {
     "dpmsolver": "DPM-Solver++(2M) trajectory (trained and tested)",
 }
 RECIPES = {
-    "demo_config": "the digits demo recipe (tdm_fast.demos.demo_digits.demo_config)",
+    "early_stop_config": "the former digits demo recipe (tdm_fast.demos.demo_digits.early_stop_config)",
+    "demo_config": "the digits demo recipe of the time, today tdm_fast.demos.demo_digits.early_stop_config",
     "suite_config": "a new teacher's recipe: TDMConfig defaults with steps, CFG and batch size set "
                     "(tdm_fast.eval.stability.suite_config)",
 }
@@ -107,7 +108,7 @@ def run_ablations(
     teacher_name = builtin_teacher or "digits"
     # a bad teacher is refused before the folder is made
     if teacher_name == "digits":
-        teacher, recipe, make_config = load_digits_teacher(teacher_path), "demo_config", demo_config
+        teacher, recipe, make_config = load_digits_teacher(teacher_path), "early_stop_config", early_stop_config
     else:
         teacher, recipe = load_builtin_teacher(teacher_name), "suite_config"
         make_config = partial(suite_config, teacher_name)

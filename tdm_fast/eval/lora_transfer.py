@@ -73,14 +73,14 @@ def run_lora_transfer(
     progress: bool = True,
 ) -> dict:
     """Runs the three steps above; writes ``lora_transfer.json`` / ``.md`` and the LoRA weights."""
-    from ..demos.demo_digits import demo_config
+    from ..demos.demo_digits import early_stop_config
     from .digits import format_table
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher = load_digits_teacher()
     # LoRA parameters tolerate (and need) a larger learning rate than full fine-tuning.
-    config = demo_config(iterations, steps=(4,), steps_conditioning=False, fake_lr=fake_lr, generator_lr_ratio=lora_lr_ratio)
+    config = early_stop_config(iterations, steps=(4,), steps_conditioning=False, fake_lr=fake_lr, generator_lr_ratio=lora_lr_ratio)
     student = with_lora(teacher, rank)
     fake = copy.deepcopy(teacher)
     fake.model.requires_grad_(True).train()

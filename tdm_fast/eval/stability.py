@@ -386,13 +386,13 @@ def main(argv=None) -> None:
     import json
 
     from ..config import PAPER_FAITHFUL
-    from ..demos.demo_digits import demo_config
+    from ..demos.demo_digits import early_stop_config
     from ..demos.teachers import TEACHERS
 
     parser = argparse.ArgumentParser(prog="python -m tdm_fast.eval.stability", description=main.__doc__)
     parser.add_argument("--teacher", choices=list(TEACHERS), default="digits")
-    parser.add_argument("--recipe", choices=["default", "paper", "demo"], default="default",
-                        help="TDMConfig defaults, PAPER_FAITHFUL, or the digits demo's recipe")
+    parser.add_argument("--recipe", choices=["default", "paper", "early-stop"], default="default",
+                        help="TDMConfig defaults, PAPER_FAITHFUL, or the former digits demo recipe (early_stop_config)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="config overrides, e.g. normalize=false")
     parser.add_argument("--lr-multiplier", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -413,9 +413,10 @@ def main(argv=None) -> None:
         print(Path(args.suite, "stability.md").read_text())
         return
     recipe = {"default": {}, "paper": dict(PAPER_FAITHFUL)}.get(args.recipe)
-    if recipe is None:  # the demo's settings, as overrides of the suite's config
-        demo = demo_config().to_dict()
-        recipe = {k: demo[k] for k in ("fake_lr", "generator_lr_ratio", "warmup_steps", "ema_decay", "normalize", "lr_decay")}
+    if recipe is None:  # the former demo's settings, as overrides of the suite's config
+        former = early_stop_config().to_dict()
+        recipe = {k: former[k] for k in ("fake_lr", "generator_lr_ratio", "warmup_steps", "ema_decay", "normalize", "lr_decay",
+                                         "tau_min_sigma")}
     for item in args.set:
         key, _, value = item.partition("=")
         recipe[key] = json.loads(value)
