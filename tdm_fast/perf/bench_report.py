@@ -35,6 +35,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -352,9 +353,10 @@ def plot_suite(data: dict, stem: str, plots_dir: Path) -> list[Path]:
             for k2, v2 in ref.items():
                 ax.axhline(v2, ls="--", color="gray", label=k2)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel if len(ys) == 1 else key)
+        # a long curve name goes in the title (wrapped), not on the axis, where it would be clipped
+        ax.set_ylabel(ylabel if len(ys) == 1 else ("value" if len(key) > 40 else key))
         ax.legend(fontsize=7)
-        ax.set_title(f"{stem}: {key}")
+        ax.set_title(textwrap.fill(f"{stem}: {key}", 70), fontsize=9)
         save(fig, plots_dir / f"{stem}-{_slug(key)}.png")
     return written
 
