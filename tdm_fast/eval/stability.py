@@ -264,8 +264,9 @@ def run_stability(out_dir, teachers=None, recipes=None, multipliers=MULTIPLIERS,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = _finished_runs(out_dir, every, samples) if resume else []
-    runs = [next(r for r in previous if _same_job(r, job)) for job in jobs if any(_same_job(r, job) for r in previous)]
-    todo = [job for job in jobs if not any(_same_job(r, job) for r in previous)]
+    kept = [next((r for r in previous if _same_job(r, job)), None) for job in jobs]
+    runs = [run for run in kept if run is not None]
+    todo = [job for job, run in zip(jobs, kept) if run is None]
     if progress and runs:
         print(f"resumed: {len(runs)} of {len(jobs)} runs kept from {out_dir / 'stability.json'}", flush=True)
 
