@@ -781,7 +781,7 @@ pipe.scheduler = TDMScheduler.from_pretrained("{name}", subfolder="scheduler")  
         what = f"LoRA of the {'/'.join(map(str, steps))}-step student (diffusers LoRA format) and its `scheduler/` (TDMScheduler)."
     else:
         code = f"""import torch, diffusers
-import tdm_fast  # diffusers resolves the scheduler ["tdm_fast.scheduler", "TDMScheduler"] of model_index.json once it is imported
+import tdm_fast.scheduler  # diffusers loads model_index.json's ["tdm_fast.scheduler", "TDMScheduler"] only from an imported module
 
 pipe = diffusers.DiffusionPipeline.from_pretrained("{name}")  # TDMScheduler already set
 {output} = pipe("a photo of a cat", num_inference_steps={k}, guidance_scale=1.0).{output}"""

@@ -115,6 +115,7 @@ def test_fsdp_trains_the_student_data_parallel_trains(runs):
 
 
 def test_the_gathered_student_loads_into_the_stock_pipeline(runs):
+    import tdm_fast.scheduler  # noqa: F401 (diffusers loads model_index.json's TDMScheduler only from an imported module)
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(runs / "straight" / "fused")

@@ -4,7 +4,10 @@ huggingface_hub ModelCards without local paths. Tiny random SD1.5 pipeline, 3 Lo
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -131,6 +134,22 @@ def test_fused_folder_is_a_complete_pipeline_with_tdm_scheduler(run, monkeypatch
     torch.testing.assert_close(images, run["ours"], rtol=1e-4, atol=1e-5)
 
 
+def test_the_fused_cards_imports_let_a_fresh_interpreter_load_the_pipeline(run):
+    """diffusers loads a scheduler class that model_index.json names only from a module already imported; the
+    card's imports, and nothing else of tdm_fast, must be enough (``import tdm_fast`` alone imports no submodule)."""
+    fused = run["out"] / "fused"
+    imports = [line for line in (fused / "README.md").read_text().splitlines() if line.startswith("import ")]
+    code = "\n".join([*imports, "import json, sys", "from diffusers import DiffusionPipeline",
+                      "index = json.load(open(sys.argv[1] + '/model_index.json'))",
+                      "absent = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}",
+                      "pipe = DiffusionPipeline.from_pretrained(sys.argv[1], **absent)",
+                      "print(type(pipe.scheduler).__module__, type(pipe.scheduler).__name__)"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code, str(fused)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["tdm_fast.scheduler", "TDMScheduler"]
+
+
 @pytest.mark.parametrize("folder", ["lora", "fused"])
 def test_model_cards_hold_no_local_path_and_parse(run, folder):
     from huggingface_hub import ModelCard
@@ -146,7 +165,7 @@ def test_model_cards_hold_no_local_path_and_parse(run, folder):
     assert "local pipeline folder `model`" in text
     assert "TDMScheduler" in text and "guidance_scale=1" in text and "num_inference_steps=4" in text
     if folder == "fused":
-        assert 'DiffusionPipeline.from_pretrained("fused")' in text and "import tdm_fast" in text
+        assert 'DiffusionPipeline.from_pretrained("fused")' in text and "import tdm_fast.scheduler" in text
     else:
         assert 'TDMScheduler.from_pretrained("lora", subfolder="scheduler")' in text
 

@@ -27,41 +27,59 @@ from .t2i_demo import CFG, LORA, cached_reference, demo_config, load_stock, pres
 LAYOUTS = {"lora-roles": {}, "fake-copy": {"fake_copy": True}, "full-finetune": {"full_finetune": True}}
 
 
-@torch.no_grad()
-def _scorer(pipeline: str, model_dir: Path, samples: int, seed: int, reference_steps: int = 50):
-    """``score(student, k) -> FID to teacher-50`` on the demo's prompts and latents."""
-    from ..eval.digits import DigitsMetrics
-    from ..export.vae import LatentDecoder, load_vae
-    from ..sampling import sample_student
+class EngineScorer:
+    """``scorer(student, k, total_steps, solver) -> metrics`` on the demo's prompts and latents: FID to the
+    teacher's 50-step CFG samples, FID to the data and class accuracy of the student's samples, drawn by
+    the engine's sampler and decoded by the folder's VAE."""
 
-    prompts, labels, latents = t2i.eval_prompts(samples, seed)
-    teacher = load_stock(model_dir)
-    cached = cached_reference(pipeline, teacher, samples, seed, reference_steps, CFG[pipeline])
-    reference8 = cached[0] if cached is not None else t2i.to_digits8(t2i.generate(teacher, prompts, latents, reference_steps,
-                                                                                 CFG[pipeline]))
-    cond = t2i.encode_prompts(teacher, prompts)
-    cond = cond["encoder_hidden_states"] if pipeline == "sd15" else cond
-    decoder = LatentDecoder(load_vae(model_dir)).eval()
-    metrics = DigitsMetrics()
-    ref_feats = metrics.features(reference8)
+    @torch.no_grad()
+    def __init__(self, pipeline: str, model_dir: Path, samples: int, seed: int = 0, reference_steps: int = 50):
+        from ..eval.digits import DigitsMetrics
+        from ..export.vae import LatentDecoder, load_vae
 
-    def score(student, k: int, total_steps: int) -> dict:
-        x0 = sample_student(student, latents.clone(), cond, k, total_steps)
-        row = metrics(t2i.to_digits8(decoder(x0) * 2 - 1), labels, ref_feats)
-        return {"fid_teacher": row["fid_teacher"], "accuracy": row["accuracy"]}
+        self.pipeline, self.samples, self.seed, self.reference_steps = pipeline, samples, seed, reference_steps
+        prompts, self.labels, self.latents = t2i.eval_prompts(samples, seed)
+        self.teacher = load_stock(model_dir)
+        cached = cached_reference(pipeline, self.teacher, samples, seed, reference_steps, CFG[pipeline])
+        reference8 = cached[0] if cached is not None else t2i.to_digits8(
+            t2i.generate(self.teacher, prompts, self.latents, reference_steps, CFG[pipeline]))
+        cond = t2i.encode_prompts(self.teacher, prompts)
+        self.cond = cond["encoder_hidden_states"] if pipeline == "sd15" else cond
+        self.decoder = LatentDecoder(load_vae(model_dir)).eval()
+        self.metrics = DigitsMetrics()
+        self.reference_features = self.metrics.features(reference8)
 
-    return score
+    def score_images(self, images8: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        row = self.metrics(images8, self.labels if labels is None else labels, self.reference_features)
+        row.pop("features")
+        return row
+
+    @torch.no_grad()
+    def __call__(self, student, k: int, total_steps: int, solver: str = "ddim") -> dict:
+        from ..sampling import sample_student
+
+        x0 = sample_student(student, self.latents.clone(), self.cond, k, total_steps, solver=solver)
+        return self.score_images(t2i.to_digits8(self.decoder(x0) * 2 - 1))
+
+    @torch.no_grad()
+    def floor(self) -> float:
+        """The measure's resolution: the teacher's 50-step CFG samples from other prompts and latents
+        (seed + 1), scored against the reference. Differences of students near it are not resolved."""
+        prompts, labels, latents = t2i.eval_prompts(self.samples, self.seed + 1)
+        images = t2i.generate(self.teacher, prompts, latents, self.reference_steps, CFG[self.pipeline])
+        return self.score_images(t2i.to_digits8(images), labels)["fid_teacher"]
 
 
-def train_layout(pipeline: str, model_dir: Path, work: Path, layout: str, seed: int, iterations: int):
-    """The trained student of one layout and seed (the demo's recipe and LoRA) and its wall clock."""
+def train_layout(pipeline: str, model_dir: Path, work: Path, layout: str, seed: int, iterations: int, **overrides):
+    """The trained student of one layout and seed (the demo's recipe, with ``overrides`` of its
+    TDMConfig, and LoRA) and its wall clock."""
     from ..backbones.cli import build_preset_run
     from ..trainer import TDMTrainer
 
     torch.manual_seed(seed)
     argv = preset_argv(pipeline, model_dir, t2i.write_prompt_file(work / "prompts.txt"), work / "embeddings",
                        LORA[pipeline]["rank"], LORA[pipeline]["targets"], **LAYOUTS[layout])
-    config = demo_config(pipeline, iterations, seed=seed)
+    config = demo_config(pipeline, iterations, seed=seed, **overrides)
     teacher, student, fake, conditions, shape = build_preset_run(preset_args(argv), config)
     trainer = TDMTrainer(teacher, config, conditions, shape, output_dir=None, student=student, fake=fake, progress=False)
     start = time.perf_counter()
@@ -103,7 +121,7 @@ def run_layouts(pipeline: str, out: Path, seeds=(0, 1, 2), iterations: int = 300
                 say=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model_dir = t2i.shipped_pipeline(pipeline)
-    score = _scorer(pipeline, model_dir, samples, 0)
+    score = EngineScorer(pipeline, model_dir, samples)
     runs: dict = {layout: {} for layout in layouts}
     steps = None
     for layout in layouts:

@@ -55,6 +55,8 @@ RECIPES = {
     "demo_config": "the digits demo recipe of the time, today tdm_fast.demos.demo_digits.early_stop_config",
     "suite_config": "a new teacher's recipe: TDMConfig defaults with steps, CFG and batch size set "
                     "(tdm_fast.eval.stability.suite_config)",
+    "t2i_demo_config": "the pipeline demo's recipe (tdm_fast.demos.t2i_demo.demo_config), LoRA roles, student and fake score "
+                       "sampled by the engine and decoded by the pipeline's VAE; baselines through the stock pipeline",
 }
 
 
