@@ -421,11 +421,17 @@ class TDMTrainer:
         last = rows[draw.stage == k - 1]
         if len(last):
             index = self._upload(last)
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), self._eager_if_compiled():
                 x0_last, eps_last = self.student_core(draw.x_t[index], draw.t[index], select(cond, index), self._steps_arg(k))
             x0.index_copy_(0, index, x0_last.float())
             eps.index_copy_(0, index, eps_last.float())
         return x0, eps
+
+    def _eager_if_compiled(self):
+        """Compiled networks run eagerly in the block: the last stage's subset changes size every iteration,
+        and would recompile the networks per size, then run a dynamic-shape graph that costs about a
+        full-batch forward on a CPU (issue 15's breakdown); eager costs the subset's share."""
+        return torch.compiler.set_stance("force_eager") if self.config.compile else nullcontext()
 
     def stage_output(self, x0: torch.Tensor, eps: torch.Tensor, draw: StageDraw) -> tuple[torch.Tensor, torch.Tensor]:
         """The (x̂0, ε̂) from which the student's solver jumps at the drawn stage: the student's own for

@@ -73,18 +73,28 @@ def test_optimised_path_equals_plain_path_over_20_iterations(lora):
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-3), step
 
 
-def test_compiled_networks_train_like_eager():
+def test_compiled_networks_train_like_eager_and_compile_once():
     """``compile=True``: the UNet's transformer blocks compiled (regional), LoRA roles and fused custom ops
-    inside; the same losses as eager over a few iterations (Inductor may reorder float sums)."""
+    inside; the same losses as eager over a few iterations (Inductor may reorder float sums). The fake
+    update runs the student on the samples drawn at the last stage, a subset whose size changes every
+    iteration; compiled networks run that call eagerly, so iterations after the first compile nothing."""
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    eager = _trainer("fused", True, iterations=3).train()
-    compiled_trainer = _trainer("fused", True, iterations=3, compile=True)
-    blocks = [m for m in compiled_trainer.teacher.model.shared.adapter.inner.modules()
-              if type(m).__name__ == "BasicTransformerBlock"]
+    eager_trainer = _trainer("fused", True, iterations=3)
+    eager = [eager_trainer.train_step() for _ in range(3)]
+    trainer = _trainer("fused", True, iterations=9, compile=True)
+    blocks = [m for m in trainer.teacher.model.shared.adapter.inner.modules() if type(m).__name__ == "BasicTransformerBlock"]
     assert blocks and all(m._compiled_call_impl is not None for m in blocks)
-    compiled = compiled_trainer.train()
+    compiled = [trainer.train_step()]
+    graphs = counters["stats"]["unique_graphs"]
+    sizes = []
+    draw_stage = trainer.draw_stage
+    trainer.draw_stage = lambda trajectory, k: (lambda d: sizes.append(int((d.stage == k - 1).sum())) or d)(draw_stage(trajectory, k))
+    compiled += [trainer.train_step() for _ in range(8)]
     for got, want in zip(compiled, eager):
         for key in ("fake_loss", "generator_loss"):
             assert got[key] == pytest.approx(want[key], rel=1e-4), key
+    assert len(set(sizes)) > 1, "the draws must vary the subset's size for this test to mean anything"
+    assert counters["stats"]["unique_graphs"] == graphs
