@@ -395,6 +395,11 @@ EVAL = [
     ("ablations-builtin-unknown", "eval --ablations --builtin-teacher cifar --out {O}", "--builtin-teacher"),
     ("ablations-builtin-and-teacher", "eval --ablations --teacher {T} --builtin-teacher digits-dit --out {O}", "--builtin-teacher"),
     ("builtin-teacher-without-ablations", "eval {S} --builtin-teacher digits-dit", "--builtin-teacher"),
+    ("ablations-pipeline-unknown", "eval --ablations --pipeline sdxl --out {O}", "--pipeline"),
+    ("ablations-pipeline-and-teacher", "eval --ablations --pipeline sd15 --teacher {T} --out {O}", "--teacher"),
+    ("ablations-pipeline-and-builtin", "eval --ablations --pipeline sd15 --builtin-teacher digits-dit --out {O}", "--builtin-teacher"),
+    ("ablations-pipeline-curve", "eval --ablations --pipeline sd3 --curve-every 100 --out {O}", "--curve-every"),
+    ("pipeline-without-ablations", "eval {S} --pipeline sd15", "--pipeline"),
     ("toy-teacher", "eval {S} --teacher {T}", "{T}"),
 ]
 

@@ -83,6 +83,28 @@ def test_role_layouts_start_as_one_student_and_write_their_table(tmp_path):
     assert "full-finetune" in (tmp_path / "layouts.md").read_text()
 
 
+def test_pipeline_ablations_write_the_digits_tables_shape(tmp_path, capsys):
+    """`tdm-fast eval --ablations --pipeline sd15`: the variants trained through the demo's path, scored by
+    the engine beside the stock pipeline's baselines and the measure's floor, in the ablation table's shape
+    (the 2 × 2 solver table included)."""
+    from tdm_fast.cli import main
+
+    out = tmp_path / "abl"
+    assert main(["eval", "--ablations", "--pipeline", "sd15", "--iterations", "2", "--seeds", "0", "1", "--samples", "40",
+                 "--variants", "tdm", "dpmsolver", "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "ablations.json").read_text())
+    assert results["recipe"] == "t2i_demo_config" and results["fid_floor"] > 0
+    assert set(results["runs"]) == {"tdm", "dpmsolver"} and all(set(r) == {"0", "1"} for r in results["runs"].values())
+    assert {results["best_baseline"][k] for k in ("1", "2", "4")} <= set(results["teacher"])
+    for variant, trained in (("tdm", "ddim"), ("dpmsolver", "dpmsolver")):
+        run = results["runs"][variant]["0"]
+        assert {"fid_teacher", "fid_data", "accuracy"} <= set(run["K=4"])
+        assert run["test_solvers"]["K=4"][trained] == run["K=4"] and len(run["test_solvers"]["K=4"]) == 2
+    table = (out / "ablations.md").read_text()
+    assert "trained on | tested with DDIM" in table and "the measure's floor" in table
+    assert table.strip() in capsys.readouterr().out
+
+
 def test_preset_shape_uses_the_folders_vae_factor_and_native_resolution(tmp_path):
     """Defect found on this path: the latent shape assumed a VAE factor of 8 (and a default resolution of
     512), so a pipeline whose VAE downsamples 2× got 2×2 latents from --resolution 16, and 256×256 by default."""

@@ -39,12 +39,17 @@ def add_eval_arguments(parser) -> None:
     ablations.add_argument("--builtin-teacher", choices=list(TEACHERS), default=None,
                            help="run them on this built-in teacher with its recipe (default: the shipped digits "
                                 "teacher, or --teacher); e.g. with --out runs/ablations-NAME")
+    ablations.add_argument("--pipeline", choices=["sd15", "sd3"], default=None,
+                           help="run them on this shipped tiny text-to-image pipeline through the demo's path (--preset, "
+                                "LoRA roles, its recipe; default variants tdm fisher dpmsolver), e.g. with --out "
+                                "runs/ablations-sd15")
     if "--out" not in parser._option_string_actions:
         ablations.add_argument("--out", default="runs/ablations")
     ablations.add_argument("--iterations", type=positive_int, default=600, help="per student (600, as bench/bench_ablations.py)")
     ablations.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of each variant")
     ablations.add_argument("--variants", nargs="+", default=None)
-    ablations.add_argument("--curve-every", type=non_negative_int, default=50, help="0: no quality-vs-iterations curve")
+    ablations.add_argument("--curve-every", type=non_negative_int, default=None,
+                           help="digits-scale teachers: a quality-vs-iterations curve every N iterations (default 50; 0: none)")
 
 
 def _check_eval_args(args) -> None:
@@ -61,11 +66,18 @@ def _check_eval_args(args) -> None:
             raise UsageError(f"--variants {unknown[0]}: not a variant (choose among {', '.join(VARIANTS)})")
         if args.builtin_teacher:
             _check_builtin_teacher(args)
+        if args.pipeline:
+            given = [flag for flag, value in (("--teacher", args.teacher), ("--builtin-teacher", args.builtin_teacher),
+                                              ("--curve-every", args.curve_every)) if value is not None]
+            if given:
+                raise UsageError(f"--pipeline {args.pipeline} distils the shipped pipeline and records no curve: drop {given[0]}")
         check_output_path(args.out or "runs/ablations", "--out")
     elif not args.student:
         raise UsageError("tdm-fast eval: give a student folder, or --ablations")
     elif args.builtin_teacher:
         raise UsageError("--builtin-teacher is for --ablations; to score a student of another teacher give its folder as --teacher")
+    elif args.pipeline:
+        raise UsageError("--pipeline is for --ablations; a pipeline's student is scored by `tdm-fast demo --pipeline`")
     if args.teacher is not None and not Path(args.teacher).exists():
         raise UsageError(f"--teacher {args.teacher} does not exist")
     if args.json:
@@ -103,9 +115,18 @@ def run_eval(args) -> dict:
     if args.ablations:
         from .ablations import VARIANTS, run_ablations
 
+        if args.pipeline:
+            from ..demos.t2i_ablations import DEFAULT_VARIANTS, run_pipeline_ablations
+
+            say = (lambda _m: None) if getattr(args, "quiet", False) else print
+            table, results = run_pipeline_ablations(args.pipeline, args.out or "runs/ablations", tuple(args.variants or DEFAULT_VARIANTS),
+                                                    tuple(args.seeds), args.iterations, args.samples, say=say)
+            print(table)
+            return results
         table, results = run_ablations(
             args.out or "runs/ablations", iterations=args.iterations, seeds=tuple(args.seeds),
-            variants=tuple(args.variants or VARIANTS), samples=args.samples, curve_every=args.curve_every,
+            variants=tuple(args.variants or VARIANTS), samples=args.samples,
+            curve_every=50 if args.curve_every is None else args.curve_every,
             teacher_path=args.teacher, builtin_teacher=args.builtin_teacher, progress=not getattr(args, "quiet", False),
         )
         print(table)
