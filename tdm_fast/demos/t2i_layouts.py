@@ -118,7 +118,9 @@ def markdown(summary: dict, runs: dict, steps, iterations: int, samples: int) ->
 
 
 def run_layouts(pipeline: str, out: Path, seeds=(0, 1, 2), iterations: int = 300, samples: int = 2000, layouts=tuple(LAYOUTS),
-                say=print) -> dict:
+                say=print, **overrides) -> dict:
+    """Trains and scores every layout for every seed with the demo's recipe (``overrides``: TDMConfig fields
+    changed for every run); writes ``layouts.json`` after each run and ``layouts.md`` at the end."""
     out.mkdir(parents=True, exist_ok=True)
     model_dir = t2i.shipped_pipeline(pipeline)
     score = EngineScorer(pipeline, model_dir, samples)
@@ -126,17 +128,18 @@ def run_layouts(pipeline: str, out: Path, seeds=(0, 1, 2), iterations: int = 300
     steps = None
     for layout in layouts:
         for seed in seeds:
-            student, config, train_s = train_layout(pipeline, model_dir, out, layout, seed, iterations)
+            student, config, train_s = train_layout(pipeline, model_dir, out, layout, seed, iterations, **overrides)
             steps = config.steps
             row = {f"K={k}": score(student, k, config.total_steps) for k in steps}
             runs[layout][seed] = {**row, "train_s": train_s}
             say(f"{layout} seed {seed}: " + ", ".join(f"{k} FID {v['fid_teacher']:.3f}" for k, v in row.items())
                 + f" ({train_s:.0f} s)")
-            (out / "layouts.json").write_text(json.dumps({"iterations": iterations, "samples": samples, "runs": runs}, indent=2))
+            (out / "layouts.json").write_text(json.dumps({"iterations": iterations, "samples": samples, "overrides": overrides, "runs": runs}, indent=2))
     summary = summarise(runs, steps)
-    result = {"pipeline": pipeline, "iterations": iterations, "samples": samples, "runs": runs, **summary}
+    result = {"pipeline": pipeline, "iterations": iterations, "samples": samples, "overrides": overrides, "runs": runs, **summary}
     (out / "layouts.json").write_text(json.dumps(result, indent=2))
-    (out / "layouts.md").write_text(markdown(summary, runs, steps, iterations, samples) + "\n")
+    changed = f"\n\nThe demo's recipe with {overrides}." if overrides else ""
+    (out / "layouts.md").write_text(markdown(summary, runs, steps, iterations, samples) + changed + "\n")
     return result
 
 
@@ -148,9 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="recipe overrides, e.g. fake_lr=3e-4")
     args = parser.parse_args(argv)
     out = Path(args.out or f"runs/layouts-{args.pipeline}")
-    run_layouts(args.pipeline, out, tuple(args.seeds), args.iterations, args.samples, tuple(args.layouts))
+    overrides = {key: json.loads(value) for key, _, value in (item.partition("=") for item in args.set)}
+    run_layouts(args.pipeline, out, tuple(args.seeds), args.iterations, args.samples, tuple(args.layouts), **overrides)
     print((out / "layouts.md").read_text())
 
 
