@@ -265,7 +265,7 @@ def format_ablations(results: dict) -> str:
     t = results["teacher"]
     b = results["best_baseline"]
     lines.append(
-        "| teacher DDIM, best NFE-matched (" + ", ".join(f"K={k}: {b[k]}" for k in sorted(b)) + ") "
+        "| teacher, best NFE-matched sampler (" + ", ".join(f"K={k}: {b[k]}" for k in sorted(b)) + ") "
         f"| {t[b['1']]['fid_teacher']:.2f} | {t[b['2']]['fid_teacher']:.2f} | {t[b['4']]['fid_teacher']:.2f} "
         f"| {t[b['4']]['fid_data']:.2f} | {100 * t[b['4']]['accuracy']:.1f} |"
     )
