@@ -26,13 +26,6 @@ from .t2i_layouts import EngineScorer, train_layout
 DEFAULT_VARIANTS = ("tdm", "fisher", "dpmsolver")
 
 
-def teacher_rows(pipeline: str, model_dir: Path, samples: int, say) -> tuple[dict, dict]:
-    """The stock pipeline's reference and NFE-matched baselines: (rows by sampler name, best baseline per K)."""
-    scored = evaluate_pipelines(pipeline, model_dir, None, samples=samples, say=say)
-    best = {key[2:]: entry["baseline"] for key, entry in scored["comparisons"].items()}
-    return scored["samplers"], best
-
-
 def run_pipeline_ablations(pipeline: str, out: str | Path, variants=DEFAULT_VARIANTS, seeds=(0, 1, 2), iterations: int = 400,
                            samples: int = 2000, say=print) -> tuple[str, dict]:
     """Trains every variant for every seed on the shipped ``pipeline`` and scores it; returns (markdown
@@ -44,11 +37,12 @@ def run_pipeline_ablations(pipeline: str, out: str | Path, variants=DEFAULT_VARI
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = t2i.shipped_pipeline(pipeline)
-    rows, best = teacher_rows(pipeline, model_dir, samples, say)
-    score = EngineScorer(pipeline, model_dir, samples)
+    teacher = evaluate_pipelines(pipeline, model_dir, None, samples=samples, say=say)  # reference and NFE-matched baselines
+    best = {key[2:]: entry["baseline"] for key, entry in teacher["comparisons"].items()}
+    score = EngineScorer(pipeline, model_dir, samples, reference8=teacher["reference_images8"])
     results = {"teacher_name": f"{pipeline} (trained tiny pipeline, LoRA roles)", "recipe": "t2i_demo_config",
                "cfg_scale": CFG[pipeline], "iterations": iterations, "seeds": list(seeds), "samples": samples,
-               "eval_seed": 0, "teacher": rows, "best_baseline": best, "fid_floor": score.floor(), "runs": {}}
+               "eval_seed": 0, "teacher": teacher["samplers"], "best_baseline": best, "fid_floor": score.floor(), "runs": {}}
     say(f"measure's floor (teacher-50 from other prompts and latents): FID {results['fid_floor']:.3f}")
     for variant in variants:
         for seed in seeds:

@@ -30,19 +30,22 @@ LAYOUTS = {"lora-roles": {}, "fake-copy": {"fake_copy": True}, "full-finetune": 
 class EngineScorer:
     """``scorer(student, k, total_steps, solver) -> metrics`` on the demo's prompts and latents: FID to the
     teacher's 50-step CFG samples, FID to the data and class accuracy of the student's samples, drawn by
-    the engine's sampler and decoded by the folder's VAE."""
+    the engine's sampler and decoded by the folder's VAE. ``reference8``: the teacher's pooled reference
+    samples when the caller has them (e.g. from :func:`~tdm_fast.demos.t2i_demo.evaluate_pipelines`)."""
 
     @torch.no_grad()
-    def __init__(self, pipeline: str, model_dir: Path, samples: int, seed: int = 0, reference_steps: int = 50):
+    def __init__(self, pipeline: str, model_dir: Path, samples: int, seed: int = 0, reference_steps: int = 50,
+                 reference8: torch.Tensor | None = None):
         from ..eval.digits import DigitsMetrics
         from ..export.vae import LatentDecoder, load_vae
 
         self.pipeline, self.samples, self.seed, self.reference_steps = pipeline, samples, seed, reference_steps
         prompts, self.labels, self.latents = t2i.eval_prompts(samples, seed)
         self.teacher = load_stock(model_dir)
-        cached = cached_reference(pipeline, self.teacher, samples, seed, reference_steps, CFG[pipeline])
-        reference8 = cached[0] if cached is not None else t2i.to_digits8(
-            t2i.generate(self.teacher, prompts, self.latents, reference_steps, CFG[pipeline]))
+        if reference8 is None:
+            cached = cached_reference(pipeline, self.teacher, samples, seed, reference_steps, CFG[pipeline])
+            reference8 = cached[0] if cached is not None else t2i.to_digits8(
+                t2i.generate(self.teacher, prompts, self.latents, reference_steps, CFG[pipeline]))
         cond = t2i.encode_prompts(self.teacher, prompts)
         self.cond = cond["encoder_hidden_states"] if pipeline == "sd15" else cond
         self.decoder = LatentDecoder(load_vae(model_dir)).eval()
