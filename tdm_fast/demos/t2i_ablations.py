@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from ..eval.ablations import VARIANTS, format_ablations
-from ..eval.solver_ablation import TRAINED
+from ..eval.solver_ablation import TRAINED, cross_solver_scores
 from . import t2i
 from .t2i_demo import CFG, evaluate_pipelines
 from .t2i_layouts import EngineScorer, train_layout
@@ -51,10 +51,8 @@ def run_pipeline_ablations(pipeline: str, out: str | Path, variants=DEFAULT_VARI
             for k in config.steps:
                 run[f"K={k}"] = score(student, k, config.total_steps, config.student_solver)
             if variant in TRAINED:
-                other = next(s for s in TRAINED.values() if s != config.student_solver)
-                run["test_solvers"] = {f"K={k}": {config.student_solver: run[f"K={k}"],
-                                                  other: score(student, k, config.total_steps, other)}
-                                       for k in config.steps if k >= 3}
+                run["test_solvers"] = cross_solver_scores(run, config.student_solver, config.steps,
+                                                          lambda k, solver: score(student, k, config.total_steps, solver))
             results["runs"].setdefault(variant, {})[str(seed)] = run
             say(f"{variant} seed {seed}: " + ", ".join(f"K={k} FID {run[f'K={k}']['fid_teacher']:.3f}" for k in config.steps)
                 + f" ({wall:.0f} s)")

@@ -163,7 +163,9 @@ def run_ablations(
             for k in config.steps:
                 run[f"K={k}"] = score(sample_student(student, noise, labels, k, solver=config.student_solver))
             if variant in TRAINED:
-                run["test_solvers"] = cross_solver_scores(run, student, config.student_solver, config.steps, noise, labels, score)
+                run["test_solvers"] = cross_solver_scores(
+                    run, config.student_solver, config.steps,
+                    lambda k, solver: score(sample_student(student, noise, labels, k, solver=solver)))
             if recorder is not None:
                 results["curve"][str(seed)] = recorder.points
             results["runs"].setdefault(variant, {})[str(seed)] = run

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import statistics
 
-from ..sampling import sample_student
 from ..solvers import SOLVERS
 
 TRAINED = {"tdm": "ddim", "dpmsolver": "dpmsolver"}  # ablation variant -> the solver it trains with
@@ -21,12 +20,11 @@ PAPER_HPS = {  # (train, test) -> HPS on SD1.5, 4 steps (paper Table 6; higher i
 }
 
 
-def cross_solver_scores(run: dict, student, trained: str, steps, noise, labels, score) -> dict:
+def cross_solver_scores(run: dict, trained: str, steps, score_with) -> dict:
     """``{"K=k": {test solver: metrics}}`` for K >= 3: the trained solver's scores from ``run`` (the
-    sweep's own per-K scores), the other solver's from ``score(samples)``."""
+    sweep's own per-K scores), the other solver's from ``score_with(k, solver)``."""
     other = next(s for s in SOLVERS if s != trained)
-    return {f"K={k}": {trained: run[f"K={k}"], other: score(sample_student(student, noise, labels, k, solver=other))}
-            for k in steps if k >= 3}
+    return {f"K={k}": {trained: run[f"K={k}"], other: score_with(k, other)} for k in steps if k >= 3}
 
 
 def _cell(results: dict, train: str, test: str, key: str) -> tuple[float, float] | None:
