@@ -62,6 +62,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             text += f" (default: {' '.join(map(str, default)) if isinstance(default, tuple) else default})"
         if field.name == "steps":
             group.add_argument(flag, type=int, nargs="+", default=None, metavar="K", help=text)
+        elif field.name == "steps_weights":
+            group.add_argument(flag, type=float, nargs="+", default=None, metavar="W", help=text)
         elif kind in (bool, bool | None):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif kind == float | None:

@@ -16,11 +16,14 @@ TAU_INTERVALS = ("disjoint", "full")
 KERNEL_CHOICES = ("fused", "reference")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_DECAYS = ("constant", "cosine")
+COMPILE_SCOPES = ("regional", "full")
 
 
 # One line per field for `tdm-fast distill --help` (the comments in TDMConfig say why a default is what it is).
 HELP = {
     "steps": "K, the student's number of sampling steps; several K train one steps-aware (unify) student",
+    "steps_weights": "relative probability of drawing each K of --steps per iteration (one number per K; default: "
+                     "uniform). A unify student learns each K at the rate it is drawn: weight the K that lags",
     "steps_conditioning": "feed K to student and fake score through a zero-initialised embedding (default: on for several K)",
     "total_steps": "T', the span of the student's stage times: t_0 = T'-1, t_{i+1} = t_i - T'/K",
     "student_solver": "the solver of the student's trajectory in rollout and sampling: ddim or dpmsolver "
@@ -60,6 +63,8 @@ HELP = {
     "kernels": "fused: the fused TDM ops; reference: their pure-torch definitions",
     "compile": "torch.compile the networks (diffusers' compile_repeated_blocks where the model has it, else the whole "
                "network): minutes of compilation at the first iterations, then faster ones (tdm_fast.trainer.compile_networks)",
+    "compile_scope": "with compile: regional compiles the repeated blocks where the model declares them (minutes); full "
+                     "compiles whole networks (several times longer to compile, faster iterations: issue 15's benchmark)",
     "checkpoint_every": "write a checkpoint every N iterations (0: only at the end)",
     "keep_last": "keep this many newest checkpoints (0: all)",
     "log_every": "write metrics.jsonl and the trackers every N iterations",
@@ -69,7 +74,7 @@ HELP = {
 }
 CHOICES = {"student_solver": SOLVERS, "objective": OBJECTIVES, "matching": MATCHING, "tau_interval": TAU_INTERVALS,
            "kernels": KERNEL_CHOICES, "mixed_precision": MIXED_PRECISION,
-           "lr_decay": LR_DECAYS}
+           "lr_decay": LR_DECAYS, "compile_scope": COMPILE_SCOPES}
 
 
 # The authors' optimisation settings (spec §3) without the recipe's extras, for paper-faithful runs:
@@ -83,6 +88,7 @@ PAPER_FAITHFUL = {"fake_lr": 1e-4, "generator_lr_ratio": 0.2, "fake_updates": 1,
 class TDMConfig:
     # the student
     steps: tuple[int, ...] = (4,)  # one K, or several for a steps-aware ("unify") student
+    steps_weights: tuple[float, ...] | None = None  # draw probabilities of the K of ``steps``; None: uniform
     steps_conditioning: bool | None = None  # feed K to student and fake; default: on for several K
     total_steps: int = 900  # T' of spec §2
     student_solver: str = "ddim"  # "dpmsolver": DPM-Solver++(2M) trajectory (tdm_fast.solvers)
@@ -126,6 +132,7 @@ class TDMConfig:
     mixed_precision: str | None = None  # None: accelerate's setting (`accelerate config`, ACCELERATE_MIXED_PRECISION)
     kernels: str = "fused"
     compile: bool = False  # torch.compile the networks (tdm_fast.trainer.compile_networks); results unchanged
+    compile_scope: str = "regional"
     # bookkeeping
     checkpoint_every: int = 0  # 0: only at the end
     keep_last: int = 2
@@ -141,6 +148,12 @@ class TDMConfig:
             raise ValueError(f"steps must be a non-empty set of distinct K values, got {self.steps}")
         for k in self.steps:
             stage_times(k, self.total_steps)
+        if self.steps_weights is not None:
+            self.steps_weights = tuple(float(w) for w in self.steps_weights)
+            if (len(self.steps_weights) != len(self.steps) or not all(math.isfinite(w) and w >= 0 for w in self.steps_weights)
+                    or sum(self.steps_weights) <= 0):
+                raise ValueError(f"steps_weights must give one finite weight >= 0 per K of steps {list(self.steps)}, "
+                                 f"not all zero; got {list(self.steps_weights)}")
         if self.steps_conditioning is None:
             self.steps_conditioning = len(self.steps) > 1
         for name, value, allowed in (
@@ -151,6 +164,7 @@ class TDMConfig:
             ("kernels", self.kernels, KERNEL_CHOICES),
             ("mixed_precision", self.mixed_precision or "no", MIXED_PRECISION),
             ("lr_decay", self.lr_decay, LR_DECAYS),
+            ("compile_scope", self.compile_scope, COMPILE_SCOPES),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -196,6 +210,8 @@ class TDMConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["steps"] = list(self.steps)
+        if self.steps_weights is not None:
+            d["steps_weights"] = list(self.steps_weights)
         return d
 
     @classmethod
@@ -252,6 +268,11 @@ def _checked(key: str, value, hint):
         if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             return tuple(values)
         raise ValueError(f"config key steps must be an integer or a list of integers, got {value!r}")
+    if key == "steps_weights":
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return tuple(float(v) for v in values)
+        raise ValueError(f"config key steps_weights must be a list of numbers, got {value!r}")
     if bool in allowed:
         if isinstance(value, bool):
             return value

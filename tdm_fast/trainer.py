@@ -42,7 +42,7 @@ ConditionSampler = Callable[[int, torch.Generator], object]
 # ``steps``, ``steps_conditioning`` and ``total_steps`` shape the networks and can never change;
 # every other setting changes the run and needs ``overrides`` (``--resume --override KEY``).
 BOOKKEEPING = ("iterations", "checkpoint_every", "keep_last", "log_every", "max_nonfinite_skips", "kernels", "report_to",
-               "validation_every", "compile")
+               "validation_every", "compile", "compile_scope")
 STRUCTURAL = ("steps", "steps_conditioning", "total_steps")
 STUDENT_STATE = "tdm_training.json"  # in the student folder: the step its weights come from
 
@@ -212,11 +212,13 @@ COMPILE_RECOMPILE_LIMIT = 64
 
 def compile_networks(trainer: "TDMTrainer") -> list[torch.nn.Module]:
     """Compiles every distinct network under the trainer's teacher, student and fake score in place:
-    diffusers' regional ``compile_repeated_blocks`` where the model declares repeated blocks (the
-    compiled transformer block serves every instance, so compilation stays minutes, not tens of
-    minutes), else ``module.compile()``. The fused ops stay outside the compiled blocks; they are custom
-    operators, so a whole update compiled around them has no graph breaks (tests/test_custom_ops.py).
-    Returns the networks compiled."""
+    with ``compile_scope="regional"`` diffusers' ``compile_repeated_blocks`` where the model declares
+    repeated blocks (the compiled transformer block serves every instance, so compilation stays minutes,
+    not tens of minutes), else, and with ``"full"``, ``module.compile()``: the whole network in one graph
+    per role and grad mode, which also fuses the resnets and the LoRA layers outside the blocks: several
+    times the compilation, faster iterations (``tdm-fast bench training``). The fused ops stay outside
+    the compiled networks; they are custom operators, so a whole update compiled around them has no
+    graph breaks (tests/test_custom_ops.py). Returns the networks compiled."""
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
@@ -225,8 +227,9 @@ def compile_networks(trainer: "TDMTrainer") -> list[torch.nn.Module]:
         model = denoiser.model
         model = model.shared.adapter.inner if hasattr(model, "shared") else getattr(model, "inner", model)
         networks.setdefault(id(model), model)
+    regional = trainer.config.compile_scope == "regional"
     for model in networks.values():
-        if getattr(model, "_repeated_blocks", None) and hasattr(model, "compile_repeated_blocks"):
+        if regional and getattr(model, "_repeated_blocks", None) and hasattr(model, "compile_repeated_blocks"):
             model.compile_repeated_blocks()
         else:
             model.compile()
@@ -581,7 +584,7 @@ class TDMTrainer:
     def _iterate(self) -> dict:
         """One TDM iteration, its losses, gradient norm and skipped flags left on the device."""
         config = self.config
-        k = config.steps[torch.randint(0, len(config.steps), (1,), generator=self.steps_rng).tolist()[0]]
+        k = config.steps[self._draw_steps_index()]
         batches = []  # gradient_accumulation_steps micro-batches of batch_size, each rolled out once
         for _ in range(config.gradient_accumulation_steps):
             cond = to_device(self.conditions(config.batch_size, self.rng), self.device)
@@ -591,6 +594,12 @@ class TDMTrainer:
         generator = self.generator_update(batches, k)
         self.step += 1
         return {"step": self.step, "steps": k, "fake": fake, "generator": generator}
+
+    def _draw_steps_index(self) -> int:
+        weights = self.config.steps_weights
+        if weights is None:
+            return torch.randint(0, len(self.config.steps), (1,), generator=self.steps_rng).item()
+        return torch.multinomial(torch.tensor(weights, dtype=torch.float64), 1, generator=self.steps_rng).item()
 
     def _upload(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host-drawn tensor onto the device without making the host wait (pinned, asynchronous copy)."""

@@ -31,9 +31,10 @@ def _unet():
     ).eval().requires_grad_(False)
 
 
-def _trainer(kernels: str, lora: bool, iterations: int = ITERATIONS, compile: bool = False) -> TDMTrainer:
+def _trainer(kernels: str, lora: bool, iterations: int = ITERATIONS, compile: bool = False,
+             compile_scope: str = "regional") -> TDMTrainer:
     config = TDMConfig(steps=(4,), batch_size=4, iterations=iterations, kernels=kernels, cfg_scale=4.5, fake_lr=1e-3,
-                       log_every=iterations, mixed_precision="no", seed=3, compile=compile)
+                       log_every=iterations, mixed_precision="no", seed=3, compile=compile, compile_scope=compile_scope)
     schedule = ScheduleConfig(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     g = torch.Generator().manual_seed(1)
     prompts = torch.randn(8, 6, 32, generator=g)
@@ -73,9 +74,11 @@ def test_optimised_path_equals_plain_path_over_20_iterations(lora):
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-3), step
 
 
-def test_compiled_networks_train_like_eager_and_compile_once():
-    """``compile=True``: the UNet's transformer blocks compiled (regional), LoRA roles and fused custom ops
-    inside; the same losses as eager over a few iterations (Inductor may reorder float sums). The fake
+@pytest.mark.parametrize("scope", ["regional", "full"])
+def test_compiled_networks_train_like_eager_and_compile_once(scope):
+    """``compile=True``: the UNet's transformer blocks compiled (``regional``) or the whole UNet
+    (``full``), LoRA roles and fused custom ops inside; the same losses as eager over a few iterations
+    (Inductor may reorder float sums). The fake
     update runs the student on the samples drawn at the last stage, a subset whose size changes every
     iteration; compiled networks run that call eagerly, so iterations after the first compile nothing."""
     import torch._dynamo
@@ -84,9 +87,11 @@ def test_compiled_networks_train_like_eager_and_compile_once():
     torch._dynamo.reset()
     eager_trainer = _trainer("fused", True, iterations=3)
     eager = [eager_trainer.train_step() for _ in range(3)]
-    trainer = _trainer("fused", True, iterations=9, compile=True)
-    blocks = [m for m in trainer.teacher.model.shared.adapter.inner.modules() if type(m).__name__ == "BasicTransformerBlock"]
-    assert blocks and all(m._compiled_call_impl is not None for m in blocks)
+    trainer = _trainer("fused", True, iterations=9, compile=True, compile_scope=scope)
+    unet = trainer.teacher.model.shared.adapter.inner
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert blocks and all((m._compiled_call_impl is not None) == (scope == "regional") for m in blocks)
+    assert (unet._compiled_call_impl is not None) == (scope == "full")
     compiled = [trainer.train_step()]
     graphs = counters["stats"]["unique_graphs"]
     sizes = []

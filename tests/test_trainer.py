@@ -33,6 +33,22 @@ def test_k_embeddings_learn_at_their_own_rate(teacher):
     assert len(_trainer(teacher, steps=(4,)).opt_g.param_groups) == 1  # no K embedding, one group
 
 
+def test_k_is_drawn_by_steps_weights(teacher):
+    """``steps_weights``: each iteration's K drawn with those relative probabilities (a weight 0 never),
+    uniform without them; the weights survive the config's dict round trip."""
+    def draws(trainer, n=400):
+        return [trainer.config.steps[trainer._draw_steps_index()] for _ in range(n)]
+
+    weighted = draws(_trainer(teacher, steps_weights=(1.0, 0.0, 3.0)))
+    assert 2 not in weighted and abs(weighted.count(4) / len(weighted) - 0.75) < 0.07
+    uniform = draws(_trainer(teacher))
+    assert all(abs(uniform.count(k) / len(uniform) - 1 / 3) < 0.07 for k in (1, 2, 4))
+    config = TDMConfig(steps=(1, 2, 4), steps_weights=(1, 1, 2))
+    assert TDMConfig.from_dict(config.to_dict()).steps_weights == (1.0, 1.0, 2.0)
+    history = _trainer(teacher, steps_weights=(0.0, 0.0, 1.0), iterations=3).train()
+    assert [r["steps"] for r in history] == [4, 4, 4]
+
+
 def test_steps_conditioned_student_starts_as_the_teacher(teacher):
     student, fake = make_student_and_fake(teacher, TDMConfig(steps=(1, 2, 4)))
     assert student.steps_set == (1, 2, 4) and fake.steps_set == (1, 2, 4)
