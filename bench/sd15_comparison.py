@@ -8,11 +8,13 @@
   (``PAPER_FAITHFUL``: no EMA, the per-sample normaliser, as the official-style loop); like every
   ``TDMTrainer`` its fake-score update reads the student's predictions from the rollout;
 * ``plain-lora``: the same with LoRA roles (student and fake score as two adapters on one base);
-* ``all``: LoRA roles, the fused kernels (custom operators), ``compile=True, compile_scope="full"``
-  (each network compiled whole, one graph per role and grad mode, during the untimed warm-up: the
-  regional ``compile_repeated_blocks`` leaves the resnets and their LoRA layers eager and gained
-  1.05x against 1.16x on the CPU), iterations that never read the device (``_iterate``; the losses are
-  read once at the end of the measurement).
+* ``all``: LoRA roles, the fused kernels (custom operators), ``compile=True`` with the size's
+  ``compile_scope`` (``scaled``: ``"full"``, each network compiled whole, one graph per role and grad
+  mode, during the untimed warm-up: the regional ``compile_repeated_blocks`` leaves the resnets and
+  their LoRA layers eager and gained 1.09x over plain against 1.27x; ``sd15``/``sdxl``: ``"regional"``,
+  whose compilation fits a GPU session's minutes; ``TDM_BENCH_COMPILE_SCOPE`` overrides both),
+  iterations that never read the device (``_iterate``; the losses are read once at the end of the
+  measurement).
 
 Sizes: ``scaled`` (CPU): SD1.5's published UNet config (block types, 2 layers per block, 8 attention
 heads, cross-attention dim 768, 77×768 prompt embeddings) with the channel widths divided by 10
@@ -77,11 +79,15 @@ SIZES = {
 PROMPTS = 16  # distinct random "prompt embeddings" the conditions are drawn from
 
 
+def compile_scope(size: str) -> str:
+    return os.environ.get("TDM_BENCH_COMPILE_SCOPE", "full" if size == "scaled" else "regional")
+
+
 def size_info(size: str) -> dict:
     unet, latent, batch, rank, dtype, length, width, pooled = SIZES[size]
     return {"size": size, "latent": [4, latent, latent], "batch": batch, "K": K, "lora_rank": rank,
             "dtype": "fp32" if dtype is None else str(dtype).replace("torch.", ""), "text_embeddings": [length, width],
-            "block_out_channels": list(unet["block_out_channels"])}
+            "block_out_channels": list(unet["block_out_channels"]), "compile_scope": compile_scope(size)}
 
 
 # -- the model and its conditions ----------------------------------------------------------------
@@ -220,7 +226,7 @@ class Runner:
         # whatever the defaults of the day
         config = TDMConfig(**{**PAPER_FAITHFUL, **dict(
             steps=(K,), batch_size=self.batch, cfg_scale=4.5, huber_c=1e-3, total_steps=900,
-            kernels="fused" if self.name == "all" else "reference", compile=self.name == "all", compile_scope="full",
+            kernels="fused" if self.name == "all" else "reference", compile=self.name == "all", compile_scope=compile_scope(self.size),
             log_every=10 ** 6,
             mixed_precision="no" if autocast is None else "bf16")})
         schedule = ScheduleConfig(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")

@@ -596,10 +596,12 @@ class TDMTrainer:
         return {"step": self.step, "steps": k, "fake": fake, "generator": generator}
 
     def _draw_steps_index(self) -> int:
+        """The index of this iteration's K, from the host generator that every process seeds alike: all
+        processes draw the same K."""
         weights = self.config.steps_weights
         if weights is None:
-            return torch.randint(0, len(self.config.steps), (1,), generator=self.steps_rng).item()
-        return torch.multinomial(torch.tensor(weights, dtype=torch.float64), 1, generator=self.steps_rng).item()
+            return torch.randint(0, len(self.config.steps), (1,), generator=self.steps_rng).tolist()[0]
+        return torch.multinomial(torch.tensor(weights, dtype=torch.float64), 1, generator=self.steps_rng).tolist()[0]
 
     def _upload(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host-drawn tensor onto the device without making the host wait (pinned, asynchronous copy)."""

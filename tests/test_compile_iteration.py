@@ -74,20 +74,25 @@ def test_optimised_path_equals_plain_path_over_20_iterations(lora):
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-3), step
 
 
+# Inductor reorders float sums inside what it compiles; whole networks drift further from eager than
+# their transformer blocks alone (measured max over the 20 iterations: 5.8e-6 regional, 1.0e-4 full).
+COMPILED_RTOL = {"regional": 1e-5, "full": 3e-4}
+
+
 @pytest.mark.parametrize("scope", ["regional", "full"])
-def test_compiled_networks_train_like_eager_and_compile_once(scope):
+def test_compiled_networks_train_like_the_plain_path_and_compile_once(scope):
     """``compile=True``: the UNet's transformer blocks compiled (``regional``) or the whole UNet
-    (``full``), LoRA roles and fused custom ops inside; the same losses as eager over a few iterations
-    (Inductor may reorder float sums). The fake
-    update runs the student on the samples drawn at the last stage, a subset whose size changes every
-    iteration; compiled networks run that call eagerly, so iterations after the first compile nothing."""
+    (``full``), LoRA roles and fused custom ops inside; the losses of 20 iterations against the plain
+    path's (reference kernels, eager). The fake update runs the student on the samples drawn at the
+    last stage, a subset whose size changes every iteration; compiled networks run that call eagerly,
+    so iterations after the first compile nothing."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    eager_trainer = _trainer("fused", True, iterations=3)
-    eager = [eager_trainer.train_step() for _ in range(3)]
-    trainer = _trainer("fused", True, iterations=9, compile=True, compile_scope=scope)
+    plain_trainer = _trainer("reference", True)
+    plain = [plain_trainer.train_step() for _ in range(ITERATIONS)]
+    trainer = _trainer("fused", True, compile=True, compile_scope=scope)
     unet = trainer.teacher.model.shared.adapter.inner
     blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
     assert blocks and all((m._compiled_call_impl is not None) == (scope == "regional") for m in blocks)
@@ -97,9 +102,9 @@ def test_compiled_networks_train_like_eager_and_compile_once(scope):
     sizes = []
     draw_stage = trainer.draw_stage
     trainer.draw_stage = lambda trajectory, k: (lambda d: sizes.append(int((d.stage == k - 1).sum())) or d)(draw_stage(trajectory, k))
-    compiled += [trainer.train_step() for _ in range(8)]
-    for got, want in zip(compiled, eager):
+    compiled += [trainer.train_step() for _ in range(ITERATIONS - 1)]
+    for step, (got, want) in enumerate(zip(compiled, plain), 1):
         for key in ("fake_loss", "generator_loss"):
-            assert got[key] == pytest.approx(want[key], rel=1e-4), key
+            assert got[key] == pytest.approx(want[key], rel=COMPILED_RTOL[scope]), (step, key)
     assert len(set(sizes)) > 1, "the draws must vary the subset's size for this test to mean anything"
     assert counters["stats"]["unique_graphs"] == graphs
