@@ -64,7 +64,7 @@ HELP = {
     "compile": "torch.compile the networks (diffusers' compile_repeated_blocks where the model has it, else the whole "
                "network): minutes of compilation at the first iterations, then faster ones (tdm_fast.trainer.compile_networks)",
     "compile_scope": "with compile: regional compiles the repeated blocks where the model declares them (minutes); full "
-                     "compiles whole networks (several times longer to compile, faster iterations: issue 15's benchmark)",
+                     "compiles whole networks (several times longer to compile, faster iterations: `tdm-fast bench training`)",
     "checkpoint_every": "write a checkpoint every N iterations (0: only at the end)",
     "keep_last": "keep this many newest checkpoints (0: all)",
     "log_every": "write metrics.jsonl and the trackers every N iterations",
@@ -132,7 +132,7 @@ class TDMConfig:
     mixed_precision: str | None = None  # None: accelerate's setting (`accelerate config`, ACCELERATE_MIXED_PRECISION)
     kernels: str = "fused"
     compile: bool = False  # torch.compile the networks (tdm_fast.trainer.compile_networks); results unchanged
-    compile_scope: str = "regional"
+    compile_scope: str = "regional"  # compilation in minutes on large models; "full" trades more of it for speed
     # bookkeeping
     checkpoint_every: int = 0  # 0: only at the end
     keep_last: int = 2
