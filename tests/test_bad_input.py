@@ -245,6 +245,7 @@ DISTILL = [
     ("iterations-neg", "distill --teacher {T} --out {O} --iterations -5", "--iterations"),
     ("matching-unknown", "distill --teacher {T} --out {O} --matching blurry", "--matching"),
     ("kernels-unknown", "distill --teacher {T} --out {O} --kernels cuda", "--kernels"),
+    ("compile-scope-unknown", "distill --teacher {T} --out {O} --compile --compile-scope everything", "--compile-scope"),
     ("mixed-precision-unknown", "distill --teacher {T} --out {O} --mixed-precision fp8", "--mixed-precision"),
     ("max-nonfinite-skips-0", "distill --teacher {T} --out {O} --max-nonfinite-skips 0", "--max-nonfinite-skips"),
     ("sample-shape-wrong", "distill --teacher {T} --out {O} --sample-shape 3", "--sample-shape"),
