@@ -208,11 +208,7 @@ class TDMConfig:
         return self.fake_lr * self.generator_lr_ratio
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["steps"] = list(self.steps)
-        if self.steps_weights is not None:
-            d["steps_weights"] = list(self.steps_weights)
-        return d
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TDMConfig":
