@@ -83,6 +83,15 @@ def test_role_layouts_start_as_one_student_and_write_their_table(tmp_path):
     assert "full-finetune" in (tmp_path / "layouts.md").read_text()
 
 
+@pytest.mark.parametrize("item", ["fake_lr", "fake_lr=fast", "fake_lrr=3e-4", "fake_lr=-1"])
+def test_layouts_refuse_a_bad_recipe_override_before_training(tmp_path, item):
+    from tdm_fast.demos import t2i_layouts
+
+    with pytest.raises(SystemExit) as exit_info:
+        t2i_layouts.main(["--out", str(tmp_path / "out"), "--set", item])
+    assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
+
+
 def test_pipeline_ablations_write_the_digits_tables_shape(tmp_path, capsys):
     """`tdm-fast eval --ablations --pipeline sd15`: the variants trained through the demo's path, scored by
     the engine beside the stock pipeline's baselines and the measure's floor, in the ablation table's shape

@@ -157,7 +157,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="recipe overrides, e.g. fake_lr=3e-4")
     args = parser.parse_args(argv)
     out = Path(args.out or f"runs/layouts-{args.pipeline}")
-    overrides = {key: json.loads(value) for key, _, value in (item.partition("=") for item in args.set)}
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--set {item}: give FIELD=JSON, e.g. fake_lr=3e-4")
+    try:  # before anything is trained or written
+        demo_config(args.pipeline, args.iterations, **overrides)
+    except (TypeError, ValueError) as exc:
+        parser.error(f"--set: {exc}")
     run_layouts(args.pipeline, out, tuple(args.seeds), args.iterations, args.samples, tuple(args.layouts), **overrides)
     print((out / "layouts.md").read_text())
 
