@@ -11,7 +11,7 @@
 * ``all``: LoRA roles, the fused kernels (custom operators), ``compile=True`` with the size's
   ``compile_scope`` (``scaled``: ``"full"``, each network compiled whole, one graph per role and grad
   mode, during the untimed warm-up: the regional ``compile_repeated_blocks`` leaves the resnets and
-  their LoRA layers eager and gained 1.09x over plain against 1.27x; ``sd15``/``sdxl``: ``"regional"``,
+  their LoRA layers eager and gained 1.09x over plain against 1.28x; ``sd15``/``sdxl``: ``"regional"``,
   whose compilation fits a GPU session's minutes; ``TDM_BENCH_COMPILE_SCOPE`` overrides both),
   iterations that never read the device (``_iterate``; the losses are read once at the end of the
   measurement).

@@ -208,6 +208,11 @@ def _param_groups(denoiser: Denoiser, lr: float, steps_lr_ratio: float) -> list[
 # LoRA roles share one base whose peft layers switch adapters through attributes Dynamo guards on:
 # each role x grad mode x block shape is its own compiled variant, more than Dynamo's default of 8.
 COMPILE_RECOMPILE_LIMIT = 64
+# Inductor's peak-memory reordering moves the scatter of a nearest-upsample backward (diffusers'
+# Upsample2D) after the kernel that reads its zero-filled buffer, so every gradient through the
+# upsampler comes out zero (torch 2.13, CPU; tests/test_compile_iteration.py). The pass only lowers
+# peak memory, so turning it off changes no number.
+COMPILE_OPTIONS = {"reorder_for_peak_memory": False}
 
 
 def compile_networks(trainer: "TDMTrainer") -> list[torch.nn.Module]:
@@ -230,9 +235,9 @@ def compile_networks(trainer: "TDMTrainer") -> list[torch.nn.Module]:
     regional = trainer.config.compile_scope == "regional"
     for model in networks.values():
         if regional and getattr(model, "_repeated_blocks", None) and hasattr(model, "compile_repeated_blocks"):
-            model.compile_repeated_blocks()
+            model.compile_repeated_blocks(options=COMPILE_OPTIONS)
         else:
-            model.compile()
+            model.compile(options=COMPILE_OPTIONS)
     return list(networks.values())
 
 

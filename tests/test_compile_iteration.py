@@ -74,16 +74,14 @@ def test_optimised_path_equals_plain_path_over_20_iterations(lora):
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-3), step
 
 
-# Inductor reorders float sums inside what it compiles; whole networks drift further from eager than
-# their transformer blocks alone (measured max over the 20 iterations: 5.8e-6 regional, 1.0e-4 full).
-COMPILED_RTOL = {"regional": 1e-5, "full": 3e-4}
-
-
 @pytest.mark.parametrize("scope", ["regional", "full"])
 def test_compiled_networks_train_like_the_plain_path_and_compile_once(scope):
     """``compile=True``: the UNet's transformer blocks compiled (``regional``) or the whole UNet
     (``full``), LoRA roles and fused custom ops inside; the losses of 20 iterations against the plain
-    path's (reference kernels, eager). The fake update runs the student on the samples drawn at the
+    path's (reference kernels, eager), and the generator's gradient norm, which a gradient lost inside a
+    compiled network would change (Inductor's peak-memory reordering zeroed every gradient through
+    diffusers' Upsample2D until ``tdm_fast.trainer.COMPILE_OPTIONS`` turned it off: grad norms 7-21 %
+    off, losses drifting to 1e-4 relative over the 20 iterations). The fake update runs the student on the samples drawn at the
     last stage, a subset whose size changes every iteration; compiled networks run that call eagerly,
     so iterations after the first compile nothing."""
     import torch._dynamo
@@ -105,6 +103,7 @@ def test_compiled_networks_train_like_the_plain_path_and_compile_once(scope):
     compiled += [trainer.train_step() for _ in range(ITERATIONS - 1)]
     for step, (got, want) in enumerate(zip(compiled, plain), 1):
         for key in ("fake_loss", "generator_loss"):
-            assert got[key] == pytest.approx(want[key], rel=COMPILED_RTOL[scope]), (step, key)
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (step, key)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-3), step
     assert len(set(sizes)) > 1, "the draws must vary the subset's size for this test to mean anything"
     assert counters["stats"]["unique_graphs"] == graphs
