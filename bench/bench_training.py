@@ -24,7 +24,9 @@
   ``ms_per_iteration`` is the median over every iteration of that configuration so far (its own rounds and
   the other rows' set-ups), and ``speedup_vs_official_style`` / ``peak_memory_vs_official_style`` divide
   the official row's figures by its own. Also per row: the breakdown, network calls and passes × batch
-  per iteration, peak memory and how it was measured. The last row holds ``final_comparison``, every
+  per iteration, peak memory and how it was measured, and the memory plan check: the tensor peak
+  (allocations only) against ``tdm-fast plan``'s accounting of the same UNet (``planned_memory_mb``,
+  ``tensor_peak_vs_plan``). The last row holds ``final_comparison``, every
   configuration over all iterations, which ``summarize`` renders into RESULTS.md. Sizes:
   ``TDM_BENCH_COMPARISON_SIZES`` (default ``scaled``; ``sd15,sdxl`` on a GPU: bench/gpu_training.sh).
 
@@ -162,7 +164,7 @@ def _comparison(size: str) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         state = {"device": device, "runners": {}, "memory": {}, "times": {name: [] for name in cmp.CONFIGS}}
         if _interleaved(size):
-            state["memory"] = {name: cmp.measure_peak_memory(name, size, device) for name in cmp.CONFIGS}
+            state["memory"] = {name: _memory(name, size, device) for name in cmp.CONFIGS}
             state["runners"] = {name: _warm(cmp.Runner(name, size, device)) for name in cmp.CONFIGS}
         _COMPARISON[size] = state
     return _COMPARISON[size]
@@ -196,11 +198,23 @@ def _finish_memory(state, size: str, name: str) -> None:
     if name in state["memory"]:
         return
     if state["device"] != "cuda":
-        state["memory"][name] = cmp.measure_peak_memory(name, size, state["device"])
+        state["memory"][name] = _memory(name, size, state["device"])
     else:
-        state["memory"][name] = {"peak_memory_mb": (torch.cuda.max_memory_allocated() - state["base"]) / 2**20,
+        peak = (torch.cuda.max_memory_allocated() - state["base"]) / 2**20
+        state["memory"][name] = {"peak_memory_mb": peak, "tensor_peak_memory_mb": peak,
+                                 "planned_memory_mb": cmp.planned_memory_mb(name, size),
                                  "peak_memory_method": "torch.cuda.max_memory_allocated over build, warm-up and "
                                                        "timed iterations, minus the allocation before the build"}
+
+
+def _memory(name: str, size: str, device: str) -> dict:
+    """Peak memory (bench/sd15_comparison.py: RSS in a fresh process on a CPU), the tensor peak and the plan."""
+    memory = cmp.measure_peak_memory(name, size, device)
+    if device == "cuda":
+        memory["tensor_peak_memory_mb"] = memory["peak_memory_mb"]
+    else:
+        memory.update(cmp.measure_tensor_peak(name, size))
+    return {**memory, "planned_memory_mb": cmp.planned_memory_mb(name, size)}
 
 
 def _timed(state, name):
@@ -214,6 +228,14 @@ def _timed(state, name):
     return run
 
 
+def _plan_check(memory: dict) -> dict:
+    """``tdm-fast plan``'s estimate beside the measured tensor memory (allocations only: no runtime,
+    no compiled code, no allocator slack; what the plan accounts for)."""
+    tensors, planned = memory.get("tensor_peak_memory_mb", float("nan")), memory.get("planned_memory_mb", float("nan"))
+    return {"tensor_peak_memory_mb": round(tensors, 1), "planned_memory_mb": round(planned, 1),
+            "tensor_peak_vs_plan": round(tensors / planned, 3)}
+
+
 def _row(state, name) -> dict:
     times, memory = state["times"], state["memory"]
     ms = 1e3 * statistics.median(times[name])
@@ -223,6 +245,7 @@ def _row(state, name) -> dict:
            "speedup_vs_official_style": round(official_ms / ms, 3), "peak_memory_mb": round(peak, 1),
            "peak_memory_first_iteration_mb": round(memory.get(name, {}).get("peak_memory_first_iteration_mb", float("nan")), 1),
            "peak_memory_vs_official_style": round(peak / memory.get("official", {}).get("peak_memory_mb", float("nan")), 3),
+           **_plan_check(memory.get(name, {})),
            **state["passes"][name]}
     for plain in ("plain-full", "plain-lora"):
         if times[plain]:
@@ -257,6 +280,10 @@ def test_sd15_arch_iteration(benchmark, size, config):
         benchmark.extra_info["final_comparison"] = {name: _row(state, name) for name in cmp.CONFIGS if state["times"][name]}
 
 
+def _ratio(final: dict, name: str, base: str, key: str) -> float:
+    return final.get(name, {}).get(key, float("nan")) / final.get(base, {}).get(key, float("nan"))
+
+
 def summarize(benchmarks) -> str:
     """The comparison table and the acceptance lines of issue 15, per size (from the last row's
     ``final_comparison``)."""
@@ -271,12 +298,15 @@ def summarize(benchmarks) -> str:
                   f"{info['lora_rank']}), {'interleaved runs' if info.get('interleaved') else 'one configuration at a time'} "
                   f"on {info['device']}.** Peak memory: {info['peak_memory_method']}.", "",
                   "| configuration | ms / iteration | × vs official-style | × vs plain (full) | × vs plain (LoRA) | "
-                  "peak memory (MB) | memory vs official-style | network calls / it | passes × batch / it |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "peak memory (MB) | memory vs official-style | tensor peak (MB) | `tdm-fast plan` (MB) | tensor peak / plan | "
+                  "network calls / it | passes × batch / it |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in final.items():
             lines.append(f"| {cmp.LABELS.get(name, name)} | {row['ms_per_iteration']:.0f} | {row['speedup_vs_official_style']:.2f} | "
                          f"{row.get('speedup_vs_plain-full', float('nan')):.2f} | {row.get('speedup_vs_plain-lora', float('nan')):.2f} | "
                          f"{row['peak_memory_mb']:.0f} | {row['peak_memory_vs_official_style']:.2f} | "
+                         f"{row.get('tensor_peak_memory_mb', float('nan')):.0f} | {row.get('planned_memory_mb', float('nan')):.0f} | "
+                         f"{row.get('tensor_peak_vs_plan', float('nan')):.2f} | "
                          f"{row['network_calls']:g} | {row['network_passes_x_batch']:g} |")
         best = final.get("all")
         if best is None:
@@ -288,5 +318,13 @@ def summarize(benchmarks) -> str:
                   f"(full copies) / {best.get('speedup_vs_plain-lora', nan):.2f}× (LoRA roles) (goal ≥ 1.15×); peak memory with "
                   f"LoRA roles {final.get('plain-lora', {}).get('peak_memory_vs_official_style', nan):.2f}× the official-style "
                   f"loop's (goal ≤ 0.5×), {best['peak_memory_vs_official_style']:.2f}× with every option (compilation keeps its "
-                  "graphs and code; on a CPU they are host memory like the tensors).", ""]
+                  "graphs and code; on a CPU they are host memory like the tensors).",
+                  "", "Memory plan check: `tdm-fast plan`'s accounting (every weight and AdamW state, one update's "
+                  "gradients and saved activations; tdm_fast/perf/plan.py) for this UNet against the measured tensor "
+                  "peak (allocations only: " + ("torch.cuda.max_memory_allocated" if info["device"].startswith("cuda") else
+                  "torch.profiler's CPU memory events over build and iterations, in a fresh process") + "): "
+                  + ", ".join(f"{name} {row['tensor_peak_vs_plan']:.2f}×" for name, row in final.items()
+                              if "tensor_peak_vs_plan" in row) + " of the plan. Tensor peak with LoRA roles "
+                  f"{_ratio(final, 'plain-lora', 'official', 'tensor_peak_memory_mb'):.2f}× the official-style loop's, "
+                  f"{_ratio(final, 'all', 'official', 'tensor_peak_memory_mb'):.2f}× with every option.", ""]
     return "\n".join(lines)

@@ -46,6 +46,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
 
 CONFIGS = ("official", "plain-full", "plain-lora", "all")
 LABELS = {
@@ -92,8 +93,6 @@ def size_info(size: str) -> dict:
 
 # -- the model and its conditions ----------------------------------------------------------------
 def build_unet(size: str, device):
-    from diffusers import UNet2DConditionModel
-
     config, latent = SIZES[size][0], SIZES[size][1]
     torch.manual_seed(0)
     return UNet2DConditionModel(sample_size=latent, **config).to(device).eval().requires_grad_(False)
@@ -353,13 +352,69 @@ def _memory_child(name: str, size: str, iterations: int) -> dict:
             "peak_memory_first_iteration_mb": (first - base) / 1024, "peak_memory_method": what}
 
 
+def planned_memory_mb(name: str, size: str) -> float:
+    """``tdm-fast plan``'s accounting of one configuration (tdm_fast/perf/plan.py) on this size's UNet, built
+    on the meta device: the teacher's frozen weights; the student's and the fake score's trainable weights,
+    gradients and AdamW moments (full copies, or their LoRA adapters on the shared base); the activations
+    one forward with grad saves. No GPU-process overhead: it is compared with tensor memory. The
+    official-style loop's full copies are planned like tdm-fast's."""
+    from tdm_fast.lora import DEFAULT_TARGETS
+    from tdm_fast.perf.plan import count_parameters, lora_parameters, network_bytes, saved_activation_bytes
+
+    config, latent, batch, rank, autocast = SIZES[size][:5]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(sample_size=latent, **config)
+    cond, _ = prompt_pool(size, "meta")
+    x = torch.zeros(batch, 4, latent, latent, device="meta")
+    t = torch.zeros(batch, dtype=torch.long, device="meta")
+    kwargs = unet_kwargs(_batched(cond, slice(0, batch)))
+    plan = {"parameters": count_parameters(unet), "lora_parameters": lora_parameters(unet, DEFAULT_TARGETS["unet"], rank),
+            "activations": {"none": saved_activation_bytes(unet, lambda: unet(x, t, **kwargs))}}
+    lora = name in ("plain-lora", "all")
+    total = network_bytes(plan, lora=lora, checkpointing=False, mixed_precision=autocast is not None, adam8bit=False,
+                          overhead_gib=0)["total"]
+    return total / 2**20
+
+
+def _tensor_peak_child(name: str, size: str, iterations: int) -> dict:
+    """CPU tensor memory, the counterpart of CUDA's ``max_memory_allocated``: the running sum of the
+    allocator's allocations and frees (torch.profiler's memory events) over build + first iteration +
+    ``iterations``, its maximum."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        runner = Runner(name, size, "cpu", profile=False)
+        for _ in range(iterations + 1):
+            runner.step()
+        runner.finish()
+    changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in changes:
+        live += nbytes
+        peak = max(peak, live)
+    return {"tensor_peak_memory_mb": peak / 2**20}
+
+
+def measure_tensor_peak(name: str, size: str, iterations: int = 2) -> dict:
+    """Peak tensor memory of one configuration in a fresh process (CPU); on CUDA the peak memory already is."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--tensor-peak", name, "--size", size, "--iterations", str(iterations)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--peak-memory", choices=CONFIGS, required=True)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--peak-memory", choices=CONFIGS, help="peak RSS (CPU) or allocated memory (CUDA) of one configuration")
+    what.add_argument("--tensor-peak", choices=CONFIGS, help="CPU: peak tensor memory of one configuration")
     parser.add_argument("--size", choices=list(SIZES), default="scaled")
     parser.add_argument("--iterations", type=int, default=2)
     args = parser.parse_args(argv)
-    print(json.dumps(_memory_child(args.peak_memory, args.size, args.iterations)))
+    if args.tensor_peak:
+        print(json.dumps(_tensor_peak_child(args.tensor_peak, args.size, args.iterations)))
+    else:
+        print(json.dumps(_memory_child(args.peak_memory, args.size, args.iterations)))
 
 
 if __name__ == "__main__":

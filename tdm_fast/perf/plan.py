@@ -2,15 +2,18 @@
 
 The published configs of SD1.5's UNet, SDXL's UNet, PixArt-α 1024, SD3-medium and CogVideoX-2B
 are embedded below. Parameters are counted on the meta model; activations are estimated by a
-meta-device forward pass with grad that sums the bytes autograd saves for backward (with
-gradient checkpointing: what is saved outside the checkpointed blocks, plus one block's worth
-recomputed); optimizer state is AdamW's two moments (fp32, or 1 byte each with 8-bit Adam).
+meta-device forward pass with grad that sums the bytes autograd saves for backward (each storage
+once, the weights excluded; with gradient checkpointing: what is saved outside the checkpointed
+blocks, plus one block's worth recomputed); optimizer state is AdamW's two moments (fp32, or 1 byte each with 8-bit Adam).
 
 Accounting per network (LoRA: one base shared by all three; the adapters are the trainable part):
 - teacher: the frozen weights (fp32, or bf16/fp16 with mixed precision).
-- student, fake: trainable weights (fp32), their gradients (fp32), AdamW state; the student also
-  carries the activations of one forward pass with grad (student and fake updates run one after
-  the other, so the peak holds one of them); the no-grad teacher/CFG passes are transient.
+- student, fake: trainable weights (fp32), their gradients (fp32), AdamW state, and during their own
+  update the activations of one forward pass with grad.
+The peak holds every weight and optimizer state but one update's gradients and activations: the fake-score
+and generator updates run one after the other, and each frees its gradients (``zero_grad(set_to_none=True)``)
+and activations before the next. The no-grad teacher/CFG passes are transient. Checked against measured
+tensor memory by ``tdm-fast bench training`` (bench/sd15_comparison.py).
 """
 from __future__ import annotations
 
@@ -85,11 +88,19 @@ def lora_parameters(model, targets, rank: int) -> int:
 
 
 class _SavedBytes:
-    def __init__(self):
+    """Bytes autograd saves for backward, each storage once: a tensor saved by several ops (a norm's
+    input that a convolution also saves, views of one buffer) is held once, and the model's own
+    parameters and buffers are weights, counted as such."""
+
+    def __init__(self, model):
         self.bytes = 0
+        self._seen = {t.untyped_storage()._cdata for t in itertools.chain(model.parameters(), model.buffers())}
 
     def pack(self, t):
-        self.bytes += t.numel() * t.element_size()
+        key = t.untyped_storage()._cdata
+        if key not in self._seen:
+            self._seen.add(key)
+            self.bytes += t.untyped_storage().nbytes()
         return t
 
     @staticmethod
@@ -98,8 +109,8 @@ class _SavedBytes:
 
 
 @contextmanager
-def _counting():
-    counter = _SavedBytes()
+def _counting(model):
+    counter = _SavedBytes(model)
     with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
         yield counter
 
@@ -134,11 +145,43 @@ def _meta_inputs(preset: str, model, batch: int, resolution, num_frames: int):
     raise ValueError(preset)
 
 
+@contextmanager
+def _fused_attention():
+    """On the meta device ``scaled_dot_product_attention`` takes its math path, which saves the
+    (tokens x tokens) attention probabilities; training runs a fused kernel (flash attention on GPUs, its
+    CPU twin on CPUs) that saves only the outputs and one log-sum-exp per query. The CPU kernel, which has
+    a meta implementation, stands in for all of them while counting."""
+    functional = torch.nn.functional
+    math_path = functional.scaled_dot_product_attention
+
+    def fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if enable_gqa or query.dim() != 4:
+            return math_path(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                             scale=scale, enable_gqa=enable_gqa)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(~attn_mask, float("-inf"))
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+    functional.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = math_path
+
+
+def saved_activation_bytes(model, forward) -> int:
+    """Bytes that ``forward()``, one pass with grad through ``model`` (meta tensors suffice), saves for
+    backward, attention counted as the fused kernel that training runs."""
+    with _counting(model) as saved, _fused_attention():
+        forward()
+    return saved.bytes
+
+
 def activation_bytes(preset: str, model, batch: int, resolution=None, num_frames: int = 49) -> dict:
     """fp32 bytes saved for backward by one forward with grad: without and with gradient checkpointing."""
     run = _meta_inputs(preset, model, batch, resolution, num_frames)
-    with _counting() as full:
-        run()
+    full_bytes = saved_activation_bytes(model, run)
     calls = []
 
     def checkpoint(module, *args):
@@ -147,12 +190,12 @@ def activation_bytes(preset: str, model, batch: int, resolution=None, num_frames
 
     model.enable_gradient_checkpointing(checkpoint)
     try:
-        with _counting() as outside:
+        with _counting(model) as outside, _fused_attention():
             run()
     finally:
         model.disable_gradient_checkpointing()
-    per_block = (full.bytes - outside.bytes) / max(len(calls), 1)
-    return {"none": full.bytes, "checkpointing": outside.bytes + 2 * per_block, "checkpointed_blocks": len(calls)}
+    per_block = (full_bytes - outside.bytes) / max(len(calls), 1)
+    return {"none": full_bytes, "checkpointing": outside.bytes + 2 * per_block, "checkpointed_blocks": len(calls)}
 
 
 def memory_plan(preset: str, batch: int = 1, resolution=None, num_frames: int = 49, lora_rank: int | None = None,
@@ -170,8 +213,10 @@ def memory_plan(preset: str, batch: int = 1, resolution=None, num_frames: int = 
             "lora_parameters": lora, "lora_rank": rank, "batch": batch, "activations": act}
 
 
-def network_bytes(plan: dict, lora: bool, checkpointing: bool, mixed_precision: bool, adam8bit: bool) -> dict:
-    """Bytes per network (and total) for one combination of memory savers."""
+def network_bytes(plan: dict, lora: bool, checkpointing: bool, mixed_precision: bool, adam8bit: bool,
+                  overhead_gib: float = OVERHEAD_GIB) -> dict:
+    """Bytes per network and the peak total (see the module docstring; ``overhead_gib`` for what a GPU
+    process holds beside the tensors) for one combination of memory savers."""
     p, lp = plan["parameters"], plan["lora_parameters"]
     frozen = 2 if mixed_precision else 4
     opt = 2 if adam8bit else 8
@@ -183,13 +228,15 @@ def network_bytes(plan: dict, lora: bool, checkpointing: bool, mixed_precision: 
         trainable = lp  # each role (student, fake) has its own rank-r adapter
         teacher = {"weights": p * frozen, "grads": 0, "optimizer": 0, "activations": 0}
         student = {"weights": trainable * 4, "grads": trainable * 4, "optimizer": trainable * opt, "activations": act_bytes}
-        fake = {"weights": trainable * 4, "grads": trainable * 4, "optimizer": trainable * opt, "activations": 0}
+        fake = {"weights": trainable * 4, "grads": trainable * 4, "optimizer": trainable * opt, "activations": act_bytes}
     else:
         teacher = {"weights": p * frozen, "grads": 0, "optimizer": 0, "activations": 0}
         student = {"weights": p * 4, "grads": p * 4, "optimizer": p * opt, "activations": act_bytes}
-        fake = {"weights": p * 4, "grads": p * 4, "optimizer": p * opt, "activations": 0}
+        fake = {"weights": p * 4, "grads": p * 4, "optimizer": p * opt, "activations": act_bytes}
     nets = {"teacher": teacher, "student": student, "fake": fake}
-    total = sum(sum(v.values()) for v in nets.values()) + OVERHEAD_GIB * GIB
+    resident = sum(d["weights"] + d["optimizer"] for d in nets.values())
+    one_update = max(d["grads"] + d["activations"] for d in nets.values())
+    total = resident + one_update + overhead_gib * GIB
     return {"networks": nets, "total": total}
 
 
@@ -201,7 +248,7 @@ def format_plan(plan: dict, gpu_memory_gib: float = 80.0) -> str:
     ]
     act = plan["activations"]
     if act is not None:
-        lines.append(f"activations (fp32 estimate, one forward with grad): {act['none'] / GIB:,.2f} GiB; "
+        lines.append(f"activations saved by one forward with grad (fp32, attention as a fused kernel): {act['none'] / GIB:,.2f} GiB; "
                      f"with gradient checkpointing: {act['checkpointing'] / GIB:,.2f} GiB ({act['checkpointed_blocks']} blocks)")
     else:
         lines.append("activations: not estimated (--no-activations)")
