@@ -190,12 +190,11 @@ def activation_bytes(preset: str, model, batch: int, resolution=None, num_frames
 
     model.enable_gradient_checkpointing(checkpoint)
     try:
-        with _counting(model) as outside, _fused_attention():
-            run()
+        outside_bytes = saved_activation_bytes(model, run)
     finally:
         model.disable_gradient_checkpointing()
-    per_block = (full_bytes - outside.bytes) / max(len(calls), 1)
-    return {"none": full_bytes, "checkpointing": outside.bytes + 2 * per_block, "checkpointed_blocks": len(calls)}
+    per_block = (full_bytes - outside_bytes) / max(len(calls), 1)
+    return {"none": full_bytes, "checkpointing": outside_bytes + 2 * per_block, "checkpointed_blocks": len(calls)}
 
 
 def memory_plan(preset: str, batch: int = 1, resolution=None, num_frames: int = 49, lora_rank: int | None = None,
