@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The two set-up commands of the README:  bash run.sh demo  |  bash run.sh test
-# Each installs what it needs first, then runs.
+# Each installs what it needs first, then runs. PYTHON picks the interpreter (default: python3 on PATH);
+# PIP_CONSTRAINT=constraints.txt installs the versions the suite last passed with.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -13,13 +14,24 @@ install() {
         "$PYTHON" -m pip install -q "torch==2.13.0"
     fi
     "$PYTHON" -m pip install -q -e ".[dev,export]"
+    # What pip resolved: the versions a report of a failure needs.
+    "$PYTHON" - <<'PY'
+from importlib.metadata import PackageNotFoundError, version
+names = ["torch", "triton", "diffusers", "transformers", "kernels", "accelerate", "peft", "onnx", "onnxruntime", "tdm-fast"]
+def installed(name):
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "-"
+print("resolved: " + ", ".join(f"{name} {installed(name)}" for name in names), flush=True)
+PY
 }
 
 case "${1:-}" in
     demo)
         install
         shift
-        exec tdm-fast demo "$@"
+        exec "$PYTHON" -m tdm_fast demo "$@"
         ;;
     test)
         install

@@ -69,7 +69,7 @@ EOF_PY
 
 # The SD1.5-sized UNet runs eager only: Inductor needs minutes per sampler graph of that size.
 if "$PY" -c "import tensorrt" 2>/dev/null; then
-  "$PY" -m tdm_fast bench latency --pytest-args "-k 'not onnx and not (sd15 and compile)'"
+  "$PY" -m tdm_fast bench latency --project-record --pytest-args "-k 'not onnx and not (sd15 and compile)'"
 else
-  "$PY" -m tdm_fast bench latency --pytest-args "-k 'not onnx and not tensorrt and not (sd15 and compile)'"
+  "$PY" -m tdm_fast bench latency --project-record --pytest-args "-k 'not onnx and not tensorrt and not (sd15 and compile)'"
 fi

@@ -16,4 +16,4 @@ id=$("$PY" -c "from tdm_fast.perf.bench_report import machine_id; print(machine_
 # the training iteration never waits for the device between log steps (CUDA's sync debug mode)
 "$PY" -m pytest tests/test_trainer.py -q -p no:cacheprovider -rs -k "cuda_iteration" 2>&1 | tee -a "bench/results/kernels-$id-tests.log"
 (cd bench && "$PY" gpu_block_sweep.py) | tee "bench/results/kernels-$id-block-sweep.md"
-"$PY" -m tdm_fast bench kernels
+"$PY" -m tdm_fast bench kernels --project-record

@@ -16,4 +16,4 @@ unset TDM_FAST_KERNELS
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
 export TDM_BENCH_COMPARISON_SIZES=${TDM_BENCH_COMPARISON_SIZES:-scaled,sd15,sdxl}
 export TDM_BENCH_COMPARISON_ROUNDS=${TDM_BENCH_COMPARISON_ROUNDS:-5}
-"$PY" -m tdm_fast bench training
+"$PY" -m tdm_fast bench training --project-record

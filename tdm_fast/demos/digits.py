@@ -29,8 +29,10 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_folder
 from ..denoiser import Denoiser, denoising_loss
 from ..schedule import ScheduleConfig
+from ..usage import UsageError
 
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES
@@ -49,8 +51,12 @@ def load_digits_tensors(split: str = "all") -> tuple[torch.Tensor, torch.Tensor]
 
     The split is stratified and fixed (seed ``SPLIT_SEED``): the same on every machine.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:  # an extra since the toy and text-to-image paths do not need it
+        raise UsageError("the digits data comes from scikit-learn, which is not installed: "
+                         "pip install 'tdm-fast[digits]'") from exc
 
     data = load_digits()
     images = torch.from_numpy(data.images.astype(np.float32) / 8.0 - 1.0).unsqueeze(1)
@@ -282,10 +288,10 @@ def train_digits_teacher(
     }
     teacher.training_info = info
     if output_dir is not None:
-        output_dir = Path(output_dir)
-        teacher.save_pretrained(output_dir)
-        (output_dir / "training.json").write_text(json.dumps(info, indent=2))
-        save_teacher_asset(teacher, output_dir / TEACHER_ASSET, info)  # the flat form shipped in tdm_fast/assets
+        with atomic_folder(output_dir) as folder:  # a kill or a full disk leaves the previous teacher folder whole
+            teacher.save_pretrained(folder)
+            (folder / "training.json").write_text(json.dumps(info, indent=2))
+            save_teacher_asset(teacher, folder / TEACHER_ASSET, info)  # the flat form shipped in tdm_fast/assets
     return teacher
 
 
@@ -304,49 +310,3 @@ def finetune_variant(
         output_dir, iterations=iterations, lr=lr, seed=seed, images=thicken(images, amount), labels=labels,
         init=teacher, progress=progress,
     )
-
-
-def _add(parser, *flags, **kwargs) -> None:
-    """add_argument unless the verb already defines the flag (the CLI shares --out/--iterations/--seed)."""
-    if not any(f in parser._option_string_actions for f in flags):
-        parser.add_argument(*flags, **kwargs)
-
-
-def add_teacher_arguments(parser) -> None:
-    """argparse options of ``tdm-fast teacher train --dataset digits`` (progress: the CLI's --quiet)."""
-    _add(parser, "--out", default="runs/digits_teacher", help="folder for the trained teacher")
-    from ..argtypes import positive_float, positive_int, probability
-
-    _add(parser, "--iterations", type=positive_int, default=None, help="default 2500 (the shipped teacher)")
-    _add(parser, "--seed", type=int, default=0)
-    _add(parser, "--batch-size", type=positive_int, default=128)
-    _add(parser, "--lr", type=positive_float, default=2e-3)
-    _add(parser, "--cond-dropout", type=probability, default=0.15, help="rate of null-class labels (for CFG), in [0, 1)")
-    _add(parser, "--architecture", default="digits", choices=["digits", "digits-small-v", "digits-dit"],
-         help="which built-in digits teacher (tdm_fast.demos.teachers): the shipped UNet, a smaller v-predicting "
-              "UNet, or a flow-matching transformer")
-
-
-def run_teacher_train(args) -> dict:
-    architecture = getattr(args, "architecture", "digits")
-    if architecture != "digits":
-        from .teachers import TEACHERS, train_builtin_teacher
-
-        settings = {"iterations": getattr(args, "iterations", None) or TEACHERS[architecture].training["iterations"],
-                    "batch_size": getattr(args, "batch_size", 128), "lr": getattr(args, "lr", None) or TEACHERS[architecture].training["lr"],
-                    "cond_dropout": getattr(args, "cond_dropout", 0.15)}
-        if getattr(args, "seed", None) is not None:
-            settings["seed"] = args.seed
-        teacher = train_builtin_teacher(architecture, args.out, progress=not getattr(args, "quiet", False), **settings)
-        stem = TEACHERS[architecture].asset.name
-        print(f"saved the {architecture} teacher to {args.out} ({teacher.training_info['wall_s']:.0f} s); "
-              f"to ship it, copy {args.out}/{stem}.safetensors and .json into tdm_fast/assets/")
-        return teacher.training_info
-    teacher = train_digits_teacher(
-        args.out, iterations=getattr(args, "iterations", None) or 2500, batch_size=getattr(args, "batch_size", 128),
-        lr=getattr(args, "lr", 2e-3), cond_dropout=getattr(args, "cond_dropout", 0.15), seed=getattr(args, "seed", None) or 0,
-        progress=not getattr(args, "quiet", False),
-    )
-    print(f"saved the digits teacher to {args.out} ({teacher.training_info['wall_s']:.0f} s); "
-          f"to ship it, copy {args.out}/{TEACHER_ASSET}.safetensors and .json into tdm_fast/assets/")
-    return teacher.training_info

@@ -39,9 +39,17 @@ import textwrap
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from ..atomic import atomic_file
+
+PACKAGE = Path(__file__).resolve().parents[1]
+# In a clone (editable install) the suites are the clone's bench/; from a wheel, the packaged tdm_fast/bench/.
+CLONE = PACKAGE.parent if (PACKAGE.parent / "pyproject.toml").is_file() and (PACKAGE.parent / "bench").is_dir() else None
+REPO = CLONE or PACKAGE
 BENCH_DIR = REPO / "bench"
-RESULTS_DIR = BENCH_DIR / "results"
+# The project's own record (tracked in the clone) is written only with --project-record; a user's runs go to
+# RESULTS_DIR, relative to the folder they run in.
+PROJECT_RESULTS_DIR = BENCH_DIR / "results"
+RESULTS_DIR = Path("runs") / "bench" / "results"
 REGEN_COMMAND = "tdm-fast bench [suite ...]   (re-measure);   tdm-fast bench --render-only   (re-render from bench/results/*.json)"
 DEFAULT_K = 1.5
 DEFAULT_MIN_REL = 0.03
@@ -104,18 +112,27 @@ def run_suite(suite: str, results_dir: Path = RESULTS_DIR, pytest_args=(), bench
     suites = available_suites(bench_dir)
     if suite not in suites:
         raise ValueError(f"unknown suite {suite!r}; available: {', '.join(suites)}")
-    out = result_path(suite, machine_id(), results_dir)
+    out = result_path(suite, machine_id(), Path(results_dir).resolve())  # absolute: pytest runs in the suites' folder
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".new.json")
-    cmd = [sys.executable, "-m", "pytest", str(suites[suite]), "-q", "-p", "no:cacheprovider", f"--benchmark-json={tmp}",
-           *pytest_args]
-    print("$ " + " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd, cwd=REPO)
-    if tmp.exists():
-        if out.exists():
-            shutil.move(out, out.with_suffix(".prev.json"))
-        shutil.move(tmp, out)
+    with atomic_file(out) as tmp:  # an interrupted or failed suite leaves the previous result in place
+        cmd = [sys.executable, "-m", "pytest", str(suites[suite]), "-q", "-p", "no:cacheprovider", f"--benchmark-json={tmp}",
+               *pytest_args]
+        print("$ " + " ".join(cmd), flush=True)
+        rc = subprocess.call(cmd, cwd=bench_dir)
+        if tmp.exists() and "benchmarks" not in _json_or_none(tmp):
+            tmp.unlink()  # no result to replace the previous one with
+        if tmp.exists() and out.exists():
+            with atomic_file(out.with_suffix(".prev.json")) as prev:  # the baseline of the regression check
+                shutil.copyfile(out, prev)
     return rc, out
+
+
+def _json_or_none(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -123,13 +140,10 @@ def load_results(results_dir: Path = RESULTS_DIR) -> dict[tuple[str, str], dict]
     """{(suite, machine): benchmark JSON} for every current (not .prev/.new) pytest-benchmark JSON."""
     found = {}
     for path in sorted(Path(results_dir).glob("*.json")):
-        if path.name.endswith((".prev.json", ".new.json")) or "-" not in path.stem:
+        if path.name.endswith((".prev.json", ".new.json")) or path.name.startswith(".") or "-" not in path.stem:
             continue
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if not isinstance(data, dict) or "benchmarks" not in data:
+        data = _json_or_none(path)
+        if "benchmarks" not in data:
             continue
         suite, machine = path.stem.split("-", 1)
         data["_path"] = str(path)
@@ -305,7 +319,8 @@ def plot_suite(data: dict, stem: str, plots_dir: Path) -> list[Path]:
 
     def save(fig, path: Path) -> None:
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110)
         plt.close(fig)
         written.append(path)
     unit, scale = _unit([b["stats"]["median"] for b in benches])
@@ -393,26 +408,31 @@ def render(results_dir: Path = RESULTS_DIR, out: Path | None = None, k: float = 
         lines += attachments(results_dir, stem, out.parent)
         prev = Path(data["_path"]).with_suffix(".prev.json")
         if prev.exists():
+            previous = _json_or_none(prev)  # a damaged baseline compares as no rows, not a traceback
             try:
-                rows = compare(json.loads(prev.read_text()), data, k, min_rel)
-            except (OSError, json.JSONDecodeError, KeyError):
+                rows = compare(previous, data, k, min_rel)
+            except (KeyError, TypeError):
                 rows = []
             comparisons[stem] = rows
             n_reg = sum(r["status"] == "regression" for r in rows)
-            lines += [f"Compared with the previous run ({json.loads(prev.read_text()).get('datetime', '?')}): "
+            lines += [f"Compared with the previous run ({previous.get('datetime', '?')}): "
                       f"{n_reg} regression(s).", "", comparison_table(rows), ""]
         if plots:
             for path in plot_suite(data, stem, plots_dir):
                 lines += [f"![{path.stem}]({_rel(path, out.parent)})", ""]
     text = "\n".join(lines).rstrip() + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    with atomic_file(out) as tmp:
+        tmp.write_text(text)
     return text, comparisons
 
 
-def _rel(path: Path, base: Path = REPO) -> str:
+def _rel(path: Path, base: Path | None = None) -> str:
+    """``path`` relative to ``base``; by default to the clone for the project's record, else to the current folder."""
+    path = Path(path).resolve()
+    if base is None:
+        base = CLONE if CLONE is not None and path.is_relative_to(CLONE) else Path.cwd()
     try:
-        return os.path.relpath(Path(path).resolve(), Path(base).resolve())
+        return os.path.relpath(path, Path(base).resolve())
     except ValueError:
         return str(path)
 
@@ -442,9 +462,16 @@ def _check_plan_args(args) -> None:
             raise ValueError(f"--gpu: {exc}") from None
 
 
+def real_size_rows(results_dir: Path = PROJECT_RESULTS_DIR) -> list[dict]:
+    """Every row of the real-size benchmark in the project's record (bench/results/realsize-*.json), for the
+    projection's measured inputs; none from a wheel's install."""
+    return [b["extra_info"] for (suite, _), data in sorted(load_results(results_dir).items()) if suite == "realsize"
+            for b in data["benchmarks"]]
+
+
 def bench_plan(args) -> dict:
     """FLOPs per TDM iteration of a real preset, projected GPU-hours, and the paper's figures."""
-    from .flops import DEFAULT_UTILISATION, format_flops_plan, plan_flops
+    from .flops import DEFAULT_UTILISATION, UTILISATION_SOURCE, format_flops_plan, plan_flops
 
     _check_plan_args(args)
     plan = plan_flops(args.preset, steps=tuple(args.steps), batch=args.batch, resolution=args.resolution,
@@ -462,11 +489,11 @@ def bench_plan(args) -> dict:
         source = (f"measured here: TDM step on the digits UNet, {m['achieved_flops'] / 1e9:,.1f} GFLOP/s of "
                   f"{m['peak_flops'] / 1e9:,.1f} ({m['peak_source']})")
     elif args.mfu is None:
-        util, source = DEFAULT_UTILISATION, "assumed; --mfu FLOAT or --mfu measure"
+        util, source = DEFAULT_UTILISATION, UTILISATION_SOURCE
     else:
         util, source = float(args.mfu), "given by --mfu"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
-    print(format_flops_plan(plan, args.iters, args.gpu, util, source, peak))
+    print(format_flops_plan(plan, args.iters, args.gpu, util, source, peak, real_size_rows()))
     plan.update(iterations=args.iters, gpu=args.gpu, utilisation=util)
     return plan
 
@@ -480,7 +507,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"suites to run (default: all of {', '.join(available_suites()) or 'bench/bench_*.py'}), "
                              "or 'plan' for the FLOP/GPU-hour projection")
     parser.add_argument("--render-only", action="store_true", help="only re-render RESULTS.md and plots from the JSON present")
-    parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the JSON goes (RESULTS.md is written beside it)")
+    parser.add_argument("--results-dir", default=None,
+                        help=f"where the JSON goes, RESULTS.md beside it (default: {RESULTS_DIR} under the current folder)")
+    parser.add_argument("--project-record", action="store_true",
+                        help="write the project's tracked record, bench/results/ and bench/RESULTS.md of this clone")
     parser.add_argument("--k", type=non_negative_float, default=DEFAULT_K, help="regression threshold in units of IQR_old + IQR_new")
     parser.add_argument("--min-rel", type=non_negative_float, default=DEFAULT_MIN_REL, help="relative floor of the regression threshold")
     parser.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a benchmark got slower")
@@ -501,6 +531,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--exact-backward", action="store_true", help="measure the backward FLOPs on the meta model (slower)")
 
 
+def _results_dir(results_dir: str | None, project_record: bool) -> Path:
+    if project_record:
+        if results_dir is not None:
+            raise ValueError("--project-record writes bench/results/ of the clone: give it or --results-dir, not both")
+        if CLONE is None:
+            raise ValueError("--project-record needs a clone of tdm-fast (an editable install); this one is installed from a wheel")
+        return PROJECT_RESULTS_DIR
+    return Path(results_dir) if results_dir is not None else RESULTS_DIR
+
+
 def run_bench(args) -> int:
     """Entry point of ``tdm-fast bench``; returns the exit code."""
     suites = list(args.suites)
@@ -509,9 +549,9 @@ def run_bench(args) -> int:
             raise ValueError("'plan' is not a suite: run `tdm-fast bench plan ...` on its own")
         bench_plan(args)
         return 0
-    from ..cli import check_output_path
+    from ..usage import check_output_path
 
-    results_dir = check_output_path(args.results_dir, "--results-dir")
+    results_dir = check_output_path(_results_dir(args.results_dir, args.project_record), "--results-dir")
     check_output_path(results_dir.parent / "RESULTS.md", "--results-dir", folder=False)
     rc = 0
     if not args.render_only:
