@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-# (logger, message fragment, why a user cannot act on it)
+# (logger, message fragment); the comment above each says why a user cannot act on it
 NOISE = (
     # diffusers' pipelines import CLIP/Siglip image processors for safety checkers we never run; torchvision
     # from PyPI does not load beside the CPU torch wheel, so "install torchvision" is not advice to follow.
@@ -25,7 +25,7 @@ class _DropFragment(logging.Filter):
 
 
 def drop_third_party_noise() -> None:
-    for name, fragment, _why in NOISE:
+    for name, fragment in NOISE:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropFragment) and f.fragment == fragment for f in logger.filters):
             logger.addFilter(_DropFragment(fragment))

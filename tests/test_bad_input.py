@@ -249,6 +249,10 @@ DISTILL = [
     ("mixed-precision-unknown", "distill --teacher {T} --out {O} --mixed-precision fp8", "--mixed-precision"),
     ("max-nonfinite-skips-0", "distill --teacher {T} --out {O} --max-nonfinite-skips 0", "--max-nonfinite-skips"),
     ("sample-shape-wrong", "distill --teacher {T} --out {O} --sample-shape 3", "--sample-shape"),
+    ("sample-shape-negative", "distill --teacher {T} --out {O} --sample-shape -3", "--sample-shape"),
+    ("batch-size-huge", "distill --teacher {T} --out {O} --batch-size 1000000000000", "--batch-size 1000000000000"),
+    ("seed-negative", "distill --teacher {T} --out {O} --seed -1", "--seed"),
+    ("report-to-unknown", "distill --teacher {T} --out {O} --report-to banana", "--report-to"),
     ("unknown-flag", "distill --teacher {T} --out {O} --fake-lrr 1e-3", "--fake-lrr"),
     # output folder
     ("out-under-file", "distill --teacher {T} --out {F}/run", "--out"),
@@ -332,6 +336,7 @@ SAMPLE = [
     ("out-under-file", "sample --checkpoint {R} --out {F}/samples", "--out"),
     ("out-is-folder", "sample --checkpoint {R} --out {B}", "--out"),
     ("seed-text", "sample --checkpoint {R} --seed abc --out {O}", "--seed"),
+    ("num-huge", "sample --checkpoint {R} --num 1000000000000 --out {O}", "--num 1000000000000"),
     # LoRA students of the real backbones: a base of another backbone, the diffusers LoRA instead of the student
     ("lora-sd15-on-sd3-base", "sample --checkpoint {L}/sd15-on-sd3 --out {O}", "distilled on a sd15 UNet2DConditionModel"),
     ("lora-sd3-on-sd15-base", "sample --checkpoint {L}/sd3-on-sd15 --out {O}", "is a StableDiffusionPipeline folder (sd15"),
@@ -413,6 +418,13 @@ def test_eval(argv, needle, world, tmp_path, capsys, monkeypatch):
     _check(argv, needle, world, tmp_path, capsys, monkeypatch)
 
 
+@pytest.mark.parametrize("argv, needle", [("distill --teacher {T} --out {O}", "TDM_FAST_KERNELS=bogus"),
+                                          ("sample --checkpoint {R} --out {O}", "TDM_FAST_KERNELS=bogus")])
+def test_environment_is_checked_before_anything_is_written(argv, needle, world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TDM_FAST_KERNELS", "bogus")
+    _check(argv, needle, world, tmp_path, capsys, monkeypatch)
+
+
 def test_eval_ablations_builtin_teacher_not_built(world, tmp_path, capsys, monkeypatch):
     """A checkout without a built-in teacher's asset: one line on how to rebuild it, before any work."""
     from tdm_fast.demos import teachers
@@ -420,6 +432,24 @@ def test_eval_ablations_builtin_teacher_not_built(world, tmp_path, capsys, monke
     monkeypatch.setattr(teachers, "ASSETS", tmp_path / "no-assets")
     _check("eval --ablations --builtin-teacher digits-dit --out {O}", "digits_dit_teacher.safetensors", world, tmp_path,
            capsys, monkeypatch)
+
+
+# -- optional packages (pyproject's extras) ------------------------------------------------------
+MISSING_PACKAGE = [
+    ("digits-demo-without-scikit-learn", "sklearn", "demo --out {O}", "tdm-fast[digits]"),
+    ("digits-teacher-without-scikit-learn", "sklearn", "teacher train --dataset digits --out {O}", "tdm-fast[digits]"),
+    ("t2i-teacher-without-scikit-learn", "sklearn", "teacher train --dataset digits-t2i --pipeline sd15 --out {O}",
+     "tdm-fast[digits]"),
+    ("eval-without-scikit-learn", "sklearn", "eval {S} --samples 50", "tdm-fast[digits]"),
+    ("tracker-wandb-missing", "wandb", "distill --teacher {T} --out {O} --report-to wandb", "--report-to wandb"),
+    ("tracker-mlflow-missing", "mlflow", "distill --teacher {T} --out {O} --report-to mlflow", "--report-to mlflow"),
+]
+
+
+@pytest.mark.parametrize("module, argv, needle", [c[1:] for c in MISSING_PACKAGE], ids=[c[0] for c in MISSING_PACKAGE])
+def test_missing_package(module, argv, needle, world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # what an environment without it gives import and find_spec
+    _check(argv, needle, world, tmp_path, capsys, monkeypatch)
 
 
 # -- demo ----------------------------------------------------------------------------------------

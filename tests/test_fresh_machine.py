@@ -139,6 +139,6 @@ def test_wheel_verbs_run_from_an_empty_folder(wheel, tmp_path):
     student = work / "runs" / "demo-toy" / "student-K1"
     tdm_fast("export", "--checkpoint", str(student), "--out", "exported", "--steps", "1", "--device", "cpu")
     assert list((work / "exported").glob("*.onnx"))
-    tdm_fast("bench", "kernels", "--pytest-args", "-k sd15 and renoise and eager --benchmark-max-time=0.01")
+    tdm_fast("bench", "kernels", "--pytest-args", "-k 'sd15 and renoise and eager' --benchmark-max-time=0.01")
     assert list((work / "runs" / "bench" / "results").glob("kernels-*.json"))
     assert (work / "runs" / "bench" / "RESULTS.md").is_file()
