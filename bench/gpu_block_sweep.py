@@ -1,5 +1,5 @@
 """Device time of the fused Triton kernels per block size on a CUDA GPU, next to the block that
-``tdm_fast.kernels._backend.block_size`` picks: the evidence for its rule.
+``tdm_fast.kernels._triton.block_size`` picks: the evidence for its rule.
 
     python bench/gpu_block_sweep.py        (run by bench/gpu_kernels.sh)
 """
@@ -11,7 +11,7 @@ import sys
 import torch
 
 from bench_kernels import SHAPES, copy_device_bandwidth, device_times
-from tdm_fast.kernels import _backend
+from tdm_fast.kernels import _triton
 
 generator_loss = importlib.import_module("tdm_fast.kernels.generator_loss")
 renoise = importlib.import_module("tdm_fast.kernels.renoise")
@@ -41,7 +41,7 @@ def main():
         for op, (launch, name, tensors) in cases.items():
             times = [kernel_us(lambda: launch(b), name) for b in BLOCKS]
             copy_us = 1e6 * tensors * x[0].nbytes / copy_device_bandwidth(tensors * x[0].nbytes, dev)
-            picked = _backend.block_size(d, dev)
+            picked = _triton.block_size(d, dev)
             print(f"| {op} | {shape_name} | " + " | ".join(f"{t:.2f}" for t in times) + f" | {picked} | {copy_us:.2f} |")
 
 

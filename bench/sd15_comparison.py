@@ -19,7 +19,10 @@
 Sizes: ``scaled`` (CPU): SD1.5's published UNet config (block types, 2 layers per block, 8 attention
 heads, cross-attention dim 768, 77×768 prompt embeddings) with the channel widths divided by 10
 (32, 64, 128, 128: norm groups of 32 still divide them), 16×16 latents, random weights, fp32.
-``sd15`` / ``sdxl`` (GPU only): the published configs at 64×64 / 128×128 latents, bf16 autocast.
+``sd15`` / ``sdxl`` (GPU): the published configs at 64×64 / 128×128 latents, bf16 autocast.
+``sd15-real`` / ``sdxl-real`` (CPU, ``bench/bench_realsize.py``): the same configs at batch 1, fp32 (SDXL's
+LoRA roles with gradient checkpointing). ``tiny``: SD1.5's block types at two levels of one layer, 32 channels, 8×8
+latents, the dry run of ``bench/gpu_all.sh``.
 
 Measured per configuration: milliseconds per iteration (timed by the caller), a per-category
 breakdown (StepProfiler for the trainer, the same categories around the official loop's regions),
@@ -43,6 +46,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,11 +75,37 @@ SDXL_UNET = dict(
     addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
     use_linear_projection=True, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
 )
+
+
+@dataclass(frozen=True)
+class ComparisonSize:
+    unet: dict  # UNet2DConditionModel config
+    latent: int  # latent side (4 x latent x latent)
+    batch: int
+    lora_rank: int
+    autocast: torch.dtype | None  # None: fp32
+    text_length: int
+    text_width: int
+    pooled_width: int | None  # SDXL's pooled text embedding (text-time conditioning); None: text only
+    checkpointing: bool = False  # gradient checkpointing of the LoRA roles' shared base
+
+
+def _batch(variable: str, default: int) -> int:
+    return int(os.environ.get(variable, str(default)))
+
+
 SIZES = {
-    # name: (unet config, latent size, batch, LoRA rank, autocast dtype, text length, text width, pooled width)
-    "scaled": (dict(SD15_UNET, block_out_channels=(32, 64, 128, 128)), 16, 4, 8, None, 77, 768, None),
-    "sd15": (SD15_UNET, 64, int(os.environ.get("TDM_BENCH_SD15_BATCH", "16")), 64, torch.bfloat16, 77, 768, None),
-    "sdxl": (SDXL_UNET, 128, int(os.environ.get("TDM_BENCH_SDXL_BATCH", "4")), 64, torch.bfloat16, 77, 2048, 1280),
+    "scaled": ComparisonSize(dict(SD15_UNET, block_out_channels=(32, 64, 128, 128)), 16, 4, 8, None, 77, 768, None),
+    # the published configs on a GPU, bf16 autocast
+    "sd15": ComparisonSize(SD15_UNET, 64, _batch("TDM_BENCH_SD15_BATCH", 16), 64, torch.bfloat16, 77, 768, None),
+    "sdxl": ComparisonSize(SDXL_UNET, 128, _batch("TDM_BENCH_SDXL_BATCH", 4), 64, torch.bfloat16, 77, 2048, 1280),
+    # the published configs on a CPU (bench/bench_realsize.py): fp32, batch 1; SDXL's LoRA roles with checkpointing
+    "sd15-real": ComparisonSize(SD15_UNET, 64, _batch("TDM_BENCH_REAL_BATCH", 1), 64, None, 77, 768, None),
+    "sdxl-real": ComparisonSize(SDXL_UNET, 128, _batch("TDM_BENCH_REAL_BATCH", 1), 64, None, 77, 2048, 1280, checkpointing=True),
+    # the dry run of bench/gpu_all.sh: SD1.5's block types at two levels of one layer, 32 channels
+    "tiny": ComparisonSize(dict(SD15_UNET, block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=32,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")), 8, 2, 4, None, 8, 32, None),
 }
 PROMPTS = 16  # distinct random "prompt embeddings" the conditions are drawn from
 
@@ -85,28 +115,29 @@ def compile_scope(size: str) -> str:
 
 
 def size_info(size: str) -> dict:
-    unet, latent, batch, rank, dtype, length, width, pooled = SIZES[size]
-    return {"size": size, "latent": [4, latent, latent], "batch": batch, "K": K, "lora_rank": rank,
-            "dtype": "fp32" if dtype is None else str(dtype).replace("torch.", ""), "text_embeddings": [length, width],
-            "block_out_channels": list(unet["block_out_channels"]), "compile_scope": compile_scope(size)}
+    s = SIZES[size]
+    return {"size": size, "latent": [4, s.latent, s.latent], "batch": s.batch, "K": K, "lora_rank": s.lora_rank,
+            "dtype": "fp32" if s.autocast is None else str(s.autocast).replace("torch.", ""),
+            "text_embeddings": [s.text_length, s.text_width], "block_out_channels": list(s.unet["block_out_channels"]),
+            "gradient_checkpointing": s.checkpointing, "compile_scope": compile_scope(size)}
 
 
 # -- the model and its conditions ----------------------------------------------------------------
 def build_unet(size: str, device):
-    config, latent = SIZES[size][0], SIZES[size][1]
     torch.manual_seed(0)
-    return UNet2DConditionModel(sample_size=latent, **config).to(device).eval().requires_grad_(False)
+    return UNet2DConditionModel(sample_size=SIZES[size].latent, **SIZES[size].unet).to(device).eval().requires_grad_(False)
 
 
 def prompt_pool(size: str, device):
     """(conditions for the trainer, null condition, dict-of-kwargs builder for the official loop)."""
-    length, width, pooled = SIZES[size][5:8]
+    s = SIZES[size]
+    length, width, pooled = s.text_length, s.text_width, s.pooled_width
     g = torch.Generator().manual_seed(1)
     text = torch.randn(PROMPTS, length, width, generator=g).to(device)
     null_text = torch.zeros(length, width, device=device)
     if pooled is None:
         return text, null_text
-    latent = SIZES[size][1]
+    latent = s.latent
     time_ids = torch.tensor([latent * 8, latent * 8, 0, 0, latent * 8, latent * 8], dtype=torch.float32, device=device)
     cond = {"encoder_hidden_states": text, "text_embeds": torch.randn(PROMPTS, pooled, generator=g).to(device),
             "time_ids": time_ids.expand(PROMPTS, 6).contiguous()}
@@ -182,7 +213,7 @@ class Runner:
 
     def __init__(self, name: str, size: str, device, profile: bool = True):
         self.name, self.size, self.device = name, size, torch.device(device)
-        self.batch = SIZES[size][2]
+        self.batch = SIZES[size].batch
         self.cuda = self.device.type == "cuda"
         teacher_unet = build_unet(size, self.device)
         cond, null = prompt_pool(size, self.device)
@@ -204,9 +235,9 @@ class Runner:
         def conditions(batch, generator):
             return unet_kwargs(_batched(cond, torch.randint(0, PROMPTS, (batch,), generator=generator)))
 
-        autocast = SIZES[self.size][4]
+        autocast = SIZES[self.size].autocast
         self.loop = OfficialStyleTDM(teacher_unet, scheduler, conditions, unet_kwargs(_expand(null, self.batch)),
-                                     (4, SIZES[self.size][1], SIZES[self.size][1]), self.batch, cfg=4.5, total_steps=900,
+                                     (4, SIZES[self.size].latent, SIZES[self.size].latent), self.batch, cfg=4.5, total_steps=900,
                                      steps=K, autocast_dtype=autocast,
                                      latent_dtype=torch.float32 if autocast is None else autocast, timer=self.timer)
         self.unets = [m for _, m in self.loop.networks()]
@@ -220,7 +251,8 @@ class Runner:
         from tdm_fast.schedule import ScheduleConfig
         from tdm_fast.trainer import EmbeddingConditions, TDMTrainer
 
-        autocast = SIZES[self.size][4]
+        size = SIZES[self.size]
+        autocast = size.autocast
         # the authors' settings, as the official-style loop runs them (no EMA, the per-sample normaliser),
         # whatever the defaults of the day
         config = TDMConfig(**{**PAPER_FAITHFUL, **dict(
@@ -232,11 +264,11 @@ class Runner:
         teacher = Denoiser(UNetAdapter(teacher_unet), schedule, "epsilon", null_cond=null)
         student = fake = None
         if self.name != "plain-full":
-            lora = LoRASettings.for_backbone("unet", rank=SIZES[self.size][3])
-            teacher, student, fake = lora_denoisers(teacher, config, lora)
+            lora = LoRASettings.for_backbone("unet", rank=size.lora_rank)
+            teacher, student, fake = lora_denoisers(teacher, config, lora, gradient_checkpointing=size.checkpointing)
             if autocast is not None:
                 student.model.shared.cast_base(autocast)
-        self.trainer = TDMTrainer(teacher, config, EmbeddingConditions(cond), (4, SIZES[self.size][1], SIZES[self.size][1]),
+        self.trainer = TDMTrainer(teacher, config, EmbeddingConditions(cond), (4, size.latent, size.latent),
                                   student=student, fake=fake, progress=False)
         tr = self.trainer
         inner = [tr.teacher, tr.student_core, tr.fake_core]
@@ -359,20 +391,21 @@ def planned_memory_mb(name: str, size: str) -> float:
     one forward with grad saves. No GPU-process overhead: it is compared with tensor memory. The
     official-style loop's full copies are planned like tdm-fast's."""
     from tdm_fast.lora import DEFAULT_TARGETS
-    from tdm_fast.perf.plan import count_parameters, lora_parameters, network_bytes, saved_activation_bytes
+    from tdm_fast.perf.plan import count_parameters, forward_activation_bytes, lora_parameters, network_bytes
 
-    config, latent, batch, rank, autocast = SIZES[size][:5]
+    s = SIZES[size]
     with torch.device("meta"):
-        unet = UNet2DConditionModel(sample_size=latent, **config)
+        unet = UNet2DConditionModel(sample_size=s.latent, **s.unet)
     cond, _ = prompt_pool(size, "meta")
-    x = torch.zeros(batch, 4, latent, latent, device="meta")
-    t = torch.zeros(batch, dtype=torch.long, device="meta")
-    kwargs = unet_kwargs(_batched(cond, slice(0, batch)))
-    plan = {"parameters": count_parameters(unet), "lora_parameters": lora_parameters(unet, DEFAULT_TARGETS["unet"], rank),
-            "activations": {"none": saved_activation_bytes(unet, lambda: unet(x, t, **kwargs))}}
+    x = torch.zeros(s.batch, 4, s.latent, s.latent, device="meta")
+    t = torch.zeros(s.batch, dtype=torch.long, device="meta")
+    kwargs = unet_kwargs(_batched(cond, slice(0, s.batch)))
+    plan = {"parameters": count_parameters(unet), "lora_parameters": lora_parameters(unet, DEFAULT_TARGETS["unet"], s.lora_rank),
+            "activations": forward_activation_bytes(unet, lambda: unet(x, t, **kwargs))}
     lora = name in ("plain-lora", "all")
-    total = network_bytes(plan, lora=lora, checkpointing=False, mixed_precision=autocast is not None, adam8bit=False,
-                          overhead_gib=0)["total"]
+    # the Runner checkpoints only the LoRA roles' shared base
+    total = network_bytes(plan, lora=lora, checkpointing=lora and s.checkpointing, mixed_precision=s.autocast is not None,
+                          adam8bit=False, overhead_gib=0)["total"]
     return total / 2**20
 
 
@@ -387,12 +420,18 @@ def _tensor_peak_child(name: str, size: str, iterations: int) -> dict:
         for _ in range(iterations + 1):
             runner.step()
         runner.finish()
+    return {"tensor_peak_memory_mb": profiled_tensor_peak_mb(prof)}
+
+
+def profiled_tensor_peak_mb(prof) -> float:
+    """The maximum of the running sum of a finished ``torch.profiler.profile(profile_memory=True)``'s
+    allocation and free events, in MB."""
     changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     live = peak = 0
     for _, nbytes in changes:
         live += nbytes
         peak = max(peak, live)
-    return {"tensor_peak_memory_mb": peak / 2**20}
+    return peak / 2**20
 
 
 def measure_tensor_peak(name: str, size: str, iterations: int = 2) -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from tdm_fast.atomic import staged_files
 from tdm_fast.conditions import expand_null
 from tdm_fast.denoiser import DENOISER_CONFIG, Denoiser
 from tdm_fast.sampling import sample_student
@@ -192,17 +193,19 @@ def run_export(args, student: Denoiser | None = None) -> dict:
     student = (student or Denoiser.from_pretrained(checkpoint)).to(device).eval()
     out = Path(args.out)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     result = {"files": [], "parity": {}, "timings_s": {}}
     try:
-        _export_all(args, student, device, checkpoint, out, result)
+        # written and checked beside the folder's files, then swapped in: a failed or interrupted export
+        # leaves every graph a previous export wrote as it was, and nothing that looks deployable
+        with staged_files(out) as staging:
+            _export_all(args, student, device, checkpoint, staging, result)
     except BaseException:
-        # a failed export leaves nothing behind that looks deployable
-        for name in result["files"]:
-            Path(name).unlink(missing_ok=True)
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
+    result["files"] = [str(out / Path(name).relative_to(staging)) for name in result["files"]]
+    for name in result["files"]:
+        print(f"wrote {name}")
     return result
 
 
@@ -254,8 +257,6 @@ def _export_all(args, student, device, checkpoint: Path, out: Path, result: dict
     image_shape = _export_decoder(args, vae, noise, device, out, result) if vae else None
     if text is not None:
         result["files"].append(str(_write_manifest(args, student, checkpoint, out, noise, image_shape, text)))
-    for f in result["files"]:
-        print(f"wrote {f}")
     tol = parity_tolerance(args.format, args.dtype, device)
     bad = []
     for steps, err in result["parity"].items():

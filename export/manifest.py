@@ -14,6 +14,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from tdm_fast.atomic import atomic_file
+
 MANIFEST = "manifest.json"
 FORMAT = "tdm-fast-text-to-image"
 VERSION = 1
@@ -57,7 +59,8 @@ def write_manifest(folder: str | Path, manifest: dict) -> Path:
         for entry in manifest[section].values():
             entry["sha256"] = sha256_file(folder / entry["file"])
     path = folder / MANIFEST
-    path.write_text(json.dumps({"format": FORMAT, "version": VERSION, **manifest}, indent=2) + "\n")
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps({"format": FORMAT, "version": VERSION, **manifest}, indent=2) + "\n")
     return path
 
 

@@ -18,9 +18,12 @@ JSON written beside the engine records both and :class:`TensorRTRunner` refuses 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
+
+from tdm_fast.atomic import atomic_files
 
 INSTALL_HINT = (
     "TensorRT is not installed: pip install 'tdm-fast[tensorrt]' (tensorrt>=10 and polygraphy; a CUDA GPU and a "
@@ -320,16 +323,18 @@ def build_engine(
         engine = engine_from_network(network, config=config, save_timing_cache=str(cache) if cache else None)
     except Exception as error:  # polygraphy raises its own error types with TensorRT's log
         raise RuntimeError(f"TensorRT could not build an engine from {onnx_path}: {error}") from error
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    save_engine(engine, str(engine_path))
     meta = {
         **gpu_identity(),
-        "onnx": str(onnx_path),
+        # relative to the engine's folder: the export builds in a staging folder and moves both files out of it
+        "onnx": os.path.relpath(onnx_path, engine_path.parent),
         "onnx_metadata": read_metadata(onnx_path),
         "profiles": {k: [list(s) for s in v] for k, v in profiles.items()},
         "precision": "strongly_typed" if strongly_typed else ("bf16" if bf16 else "fp16" if fp16 else "fp32"),
     }
-    Path(str(engine_path) + ".json").write_text(json.dumps(meta, indent=2))
+    # an engine without its .json (or with another build's) is refused by TensorRTRunner: the two replace the old pair together
+    with atomic_files([engine_path, Path(str(engine_path) + ".json")]) as (engine_file, meta_file):
+        save_engine(engine, str(engine_file))
+        meta_file.write_text(json.dumps(meta, indent=2))
     return engine_path
 
 

@@ -1,10 +1,16 @@
-"""Backend choice and the launch geometry shared by the fused ops.
+"""The one place a call's backend is chosen, and the torch-side helpers the fused ops share.
 
-Backends: ``triton`` (the @triton.jit kernels; CUDA, or CPU tensors under TRITON_INTERPRET=1),
-``native`` (the same single-pass loops in C++, built on first use, see ``_native``; the measured
-fastest on CPU, see bench/bench_kernels.py), ``compile`` (the same formulation in torch, compiled by
-Inductor; the CPU fallback where no compiler builds the native loops) and ``torch`` (the reference;
-also the CPU fallback where Inductor does not work either). ``TDM_FAST_KERNELS`` forces one.
+Backends, the values of ``TDM_FAST_KERNELS``, each with one meaning in every op:
+``triton`` the @triton.jit kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1; see ``_triton``);
+``native`` the same single-pass loops in C++, built on first use (``_native``; the measured fastest on
+CPU, see bench/bench_kernels.py); ``compile`` the same formulation in torch, compiled by Inductor (the
+CPU fallback where no compiler builds the native loops); ``torch`` the reference, ``reference.py`` (the
+fallback where Inductor does not work either, and what calls too small to pay for a fused call get).
+
+Each public op asks ``for_call`` once per call. In eager mode that is ``select_backend``'s choice: the
+op runs the reference itself for ``torch`` and passes any other name to its custom operator. Under
+``torch.compile`` it is "": the operator calls ``select_backend`` when it runs, because the choice
+reads the environment and probes compilers, which Dynamo does not trace.
 """
 from __future__ import annotations
 
@@ -13,17 +19,12 @@ import os
 import warnings
 
 import torch
-import triton
-import triton.language as tl
 
-from . import _native
+from . import _native, _triton
+from ._triton import interpreting
 
 BACKENDS = ("triton", "native", "compile", "torch")
 ENV = "TDM_FAST_KERNELS"
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 # Below these sizes (elements per call) a CPU call is cheaper in the eager reference than through
@@ -35,26 +36,51 @@ COMPILE_MIN_NUMEL = {"tdm_generator_loss": 0, "renoise": 1 << 15, "fake_score_lo
 NATIVE_MIN_NUMEL = {"ddim_jump": 1 << 15}
 
 
-def select(x: torch.Tensor, op: str | None = None) -> str:
+def select_backend(x: torch.Tensor, op: str | None = None) -> str:
+    """The backend a call of ``op`` (a public op's name) with ``x`` as its leading tensor would use:
+    'triton', 'native', 'compile' or 'torch'."""
     forced = os.environ.get(ENV, "").strip().lower()
     if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"{ENV} must be one of {', '.join(BACKENDS)}, got {forced!r}")
-        if forced == "triton" and x.device.type != "cuda" and not interpreting():
-            raise RuntimeError(
-                f"{ENV}=triton on {x.device} tensors needs TRITON_INTERPRET=1 set before tdm_fast.kernels is imported"
-            )
-        if forced == "native" and x.device.type != "cpu":
-            raise RuntimeError(f"{ENV}=native runs CPU tensors only, got {x.device} tensors")
-        return forced
+        return _forced(forced, x)
     if x.device.type == "cuda":
-        return "triton"
+        return cuda_backend()
     if x.device.type == "cpu":
         fused = cpu_backend()
         if fused == "torch":
             return "torch"
         threshold = (NATIVE_MIN_NUMEL if fused == "native" else COMPILE_MIN_NUMEL).get(op, 0)
         return "torch" if x.numel() < threshold else fused
+    return "torch"
+
+
+def for_call(op: str, x: torch.Tensor, grad_inputs: tuple[torch.Tensor, ...] = ()) -> str:
+    """The backend of one call of the public op ``op``: ``select_backend``'s choice in eager mode, ""
+    under torch.compile (the custom operator chooses when it runs), and ``torch`` for a call that needs
+    the gradient of one of ``grad_inputs`` (given by the ops whose fused forms have no backward)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in grad_inputs):
+        return "torch"
+    return "" if torch.compiler.is_compiling() else select_backend(x, op)
+
+
+def _forced(name: str, x: torch.Tensor) -> str:
+    """``TDM_FAST_KERNELS``'s value, once it is known to run ``x`` here."""
+    if name not in BACKENDS:
+        raise ValueError(f"{ENV} must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "triton" and not _triton.available():
+        raise ValueError(f"{ENV}=triton: {_triton.MISSING}; set {ENV} to native, compile or torch")
+    if name == "triton" and x.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"{ENV}=triton on {x.device} tensors needs TRITON_INTERPRET=1 set before the first launch")
+    if name == "native" and x.device.type != "cpu":
+        raise RuntimeError(f"{ENV}=native runs CPU tensors only, got {x.device} tensors")
+    return name
+
+
+@functools.cache
+def cuda_backend() -> str:
+    """The fused backend CUDA tensors get: Triton where it is installed, else the reference. Said once."""
+    if _triton.available():
+        return "triton"
+    warnings.warn(f"tdm_fast: {_triton.MISSING}; CUDA tensors use the (slower) reference torch kernels", stacklevel=5)
     return "torch"
 
 
@@ -97,46 +123,26 @@ def inductor_works() -> bool:
         return False
 
 
-@triton.jit
-def row_chunk(pid, n_chunks, D, BLOCK: tl.constexpr):
-    """The launch geometry of every fused op: program ``pid`` covers one BLOCK-sized chunk of one sample.
-
-    Returns the sample index, the chunk's int64 offsets within the sample, their in-bounds mask and
-    the sample's int64 base offset (B * D can exceed 2^31 for video latents).
-    """
-    b = pid // n_chunks
-    offs = (pid % n_chunks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return b, offs, offs < D, b.to(tl.int64) * D
+def reference_and_gradient(loss_fn, x: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``torch`` backend inside a loss's custom operator: the reference loss and its gradient
+    w.r.t. ``x`` for grad_output 1, both in forward, which is the contract of the fused backends
+    (the operator's backward only rescales the stored gradient)."""
+    # The operator can run under inference mode (a compiled step inside it), where no graph is
+    # recorded and an inference tensor cannot become a leaf.
+    with torch.inference_mode(False), torch.enable_grad():
+        leaf = (x.clone() if x.is_inference() else x.detach()).requires_grad_()
+        loss = loss_fn(leaf, *args)
+        (grad,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), grad.contiguous()
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def tl_compute_dtype(x: torch.Tensor):
-    return triton.language.float64 if x.dtype == torch.float64 else triton.language.float32
-
-
 def rows(t: torch.Tensor) -> torch.Tensor:
     """(B, D) contiguous view of a (B, ...) tensor; copies only when the input is strided."""
     return t.contiguous().view(t.shape[0], -1)
-
-
-def block_size(d: int, device: torch.device | None = None) -> int:
-    """Elements of one sample that one program covers.
-
-    The interpreter pays ~1.5 ms per program instance and vectorises inside one, so it wants one
-    program per sample. On a GPU, 512-element programs were as fast as or faster than 1,024-4,096
-    for both fused losses at the SD1.5, SDXL and video shapes (bench/gpu_block_sweep.py on an H200,
-    in bench/RESULTS.md): more programs in flight hide more memory latency.
-    """
-    if interpreting() or device is None or device.type != "cuda":
-        return min(1 << 16, triton.next_power_of_2(d))
-    return min(512, triton.next_power_of_2(d))
-
-
-def num_warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
 
 
 # Inductor by default materialises an intermediate that feeds both a reduction and a stored output

@@ -1,26 +1,35 @@
-"""Fused deterministic DDIM jump ``α_next x̂0 + σ_next ε̂`` (spec §2) for the rollout and the sampler.
+"""Fused deterministic DDIM jump ``α_next x̂0 + σ_next ε̂`` (spec §2) for the rollout and the sampler;
+everything the op is, from its Triton kernel to its public function.
 
-Both run without gradients, so there is no autograd Function: the dispatcher sends calls that need
-gradients to the reference. The fusion saves the reference's temporaries and, for half-precision
-inputs, its separate upcast passes (see bench/bench_kernels.py for the measured gain).
+Both run without gradients, so the operator has no backward: calls that need gradients run the
+reference. The fusion saves the reference's temporaries and, for half-precision inputs, its separate
+upcast passes (see bench/bench_kernels.py for the measured gain).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-import triton
-import triton.language as tl
+from torch import Tensor
 
-from . import _backend, _native
+from . import _backend, _native, _triton, _validate, reference
+from ._triton import row_chunk
+
+if TYPE_CHECKING:  # the kernel's ``tl``; bound for real by ``_triton.Kernel.jitted``
+    import triton.language as tl
+
+OP = "ddim_jump"
 
 
-@triton.jit
+# ------------------------------------------------------------------------------ Triton
+@_triton.jit
 def _ddim_jump_kernel(
     x0_ptr, eps_ptr, out_ptr, coef_ptr,
     D, n_chunks, B,
     COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b, offs, mask, base = _backend.row_chunk(pid, n_chunks, D, BLOCK)
+    b, offs, mask, base = row_chunk(pid, n_chunks, D, BLOCK)
     alpha = tl.load(coef_ptr + b)
     sigma = tl.load(coef_ptr + B + b)
     x = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
@@ -36,16 +45,15 @@ def _coefficients(x, alpha_next, sigma_next):
 def _launch_triton(x0, eps, alpha_next, sigma_next, block=None):
     x, e = _backend.rows(x0), _backend.rows(eps)
     batch, d = x.shape
-    block = block or _backend.block_size(d, x.device)
-    n_chunks = triton.cdiv(d, block)
+    block, n_chunks = _triton.chunks(d, x.device, block)
     out = torch.empty_like(x)
     _ddim_jump_kernel[(batch * n_chunks,)](
-        x, e, out, _coefficients(x, alpha_next, sigma_next), d, n_chunks, batch,
-        COMPUTE=_backend.tl_compute_dtype(x), BLOCK=block, num_warps=_backend.num_warps(block),
+        x, e, out, _coefficients(x, alpha_next, sigma_next), d, n_chunks, batch, **_triton.options(x, block),
     )
     return out
 
 
+# ------------------------------------------------------------------------------ Inductor
 def _ddim_rows(x, e, alpha_next, sigma_next):
     alpha, sigma = (c.unsqueeze(1) for c in _coefficients(x, alpha_next, sigma_next))
     return (alpha * x.to(alpha.dtype) + sigma * e.to(alpha.dtype)).to(x.dtype)
@@ -55,6 +63,7 @@ def _launch_compile(x0, eps, alpha_next, sigma_next):
     return _backend.compiled(_ddim_rows)(_backend.rows(x0), _backend.rows(eps), alpha_next, sigma_next)
 
 
+# ------------------------------------------------------------------------------ native C++
 _NATIVE = r"""
 // table: (2, B) float64 alpha_next, sigma_next.
 template <class T>
@@ -93,9 +102,27 @@ def _launch_native(x0, eps, alpha_next, sigma_next):
     return out
 
 
-_LAUNCHERS = {"triton": _launch_triton, "compile": _launch_compile, "native": _launch_native}
+_LAUNCHERS = {"triton": _launch_triton, "native": _launch_native, "compile": _launch_compile, "torch": reference.ddim_jump}
 
 
-def ddim_jump(x0, eps, alpha_next, sigma_next, backend):
-    """Validated arguments in, ``x_next`` out; see ``tdm_fast.kernels.ddim_jump``."""
-    return _LAUNCHERS[backend](x0, eps, alpha_next, sigma_next).view(x0.shape)
+# ------------------------------------------------------------------------------ custom operator
+@torch.library.custom_op("tdm_fast::ddim_jump", mutates_args=())
+def _operator(x0: Tensor, eps: Tensor, alpha_next: Tensor, sigma_next: Tensor, backend: str) -> Tensor:
+    """``x_next``. ``backend`` "": chosen here, when the operator runs (torch.compile)."""
+    backend = backend or _backend.select_backend(x0, OP)
+    return _LAUNCHERS[backend](x0, eps, alpha_next, sigma_next).reshape(x0.shape).contiguous()
+
+
+@_operator.register_fake
+def _(x0, eps, alpha_next, sigma_next, backend):
+    return torch.empty_like(x0, memory_format=torch.contiguous_format)
+
+
+# ------------------------------------------------------------------------------ public op
+def ddim_jump(x0, eps, alpha_next, sigma_next):
+    """The deterministic DDIM jump ``α_next x̂0 + σ_next ε̂``; scalars are (B,) tensors."""
+    alpha_next, sigma_next = _validate.ddim_jump_args(x0, eps, alpha_next, sigma_next)
+    backend = _backend.for_call(OP, x0, grad_inputs=(x0, eps, alpha_next, sigma_next))
+    if backend == "torch":
+        return reference.ddim_jump(x0, eps, alpha_next, sigma_next)
+    return torch.ops.tdm_fast.ddim_jump(x0, eps, alpha_next, sigma_next, backend)

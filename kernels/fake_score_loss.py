@@ -1,4 +1,5 @@
-"""Fused fake-score loss (spec §3 step 2): ``mean_b[min(SNR_b, cap) w_b mean_d (d_fake − x̂0)²]``.
+"""Fused fake-score loss (spec §3 step 2): ``mean_b[min(SNR_b, cap) w_b mean_d (d_fake − x̂0)²]``;
+everything the op is, from its Triton kernel to its public function.
 
 The per-sample weight ``min(SNR, cap) w_b`` does not depend on the big tensors, so it is computed
 first and one read of ``d_fake`` and ``x0_target`` gives both the per-sample squared error and the
@@ -7,22 +8,30 @@ grad_output.
 """
 from __future__ import annotations
 
-import torch
-import triton
-import triton.language as tl
+from typing import TYPE_CHECKING
 
-from . import _backend, _native
+import torch
+from torch import Tensor
+
+from . import _backend, _native, _triton, _validate, reference
+from ._triton import row_chunk
 from .reference import importance_weights
 
+if TYPE_CHECKING:  # the kernel's ``tl``; bound for real by ``_triton.Kernel.jitted``
+    import triton.language as tl
 
-@triton.jit
+OP = "fake_score_loss"
+
+
+# ------------------------------------------------------------------------------ Triton
+@_triton.jit
 def _fake_score_loss_kernel(
     d_ptr, t_ptr, grad_ptr, partial_ptr, scale_ptr,
     D, n_chunks,
     COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b, offs, mask, base = _backend.row_chunk(pid, n_chunks, D, BLOCK)
+    b, offs, mask, base = row_chunk(pid, n_chunks, D, BLOCK)
     scale = tl.load(scale_ptr + b)
     diff = tl.load(d_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE) - tl.load(
         t_ptr + base + offs, mask=mask, other=0.0
@@ -39,18 +48,17 @@ def _launch_triton(d_fake, x0_target, snr_tau, log_w, snr_cap, block=None):
     d, t = _backend.rows(d_fake), _backend.rows(x0_target)
     batch, size = d.shape
     weight = _weights(snr_tau, log_w, snr_cap, _backend.compute_dtype(d))
-    block = block or _backend.block_size(size, d.device)
-    n_chunks = triton.cdiv(size, block)
+    block, n_chunks = _triton.chunks(size, d.device, block)
     grad = torch.empty_like(d)
     partial = torch.empty(batch * n_chunks, dtype=weight.dtype, device=d.device)
     _fake_score_loss_kernel[(batch * n_chunks,)](
-        d, t, grad, partial, (weight * (2.0 / (batch * size))).contiguous(), size, n_chunks,
-        COMPUTE=_backend.tl_compute_dtype(d), BLOCK=block, num_warps=_backend.num_warps(block),
+        d, t, grad, partial, (weight * (2.0 / (batch * size))).contiguous(), size, n_chunks, **_triton.options(d, block),
     )
     sq = partial.view(batch, n_chunks).sum(dim=1)
     return grad, (weight * sq).mean() / size
 
 
+# ------------------------------------------------------------------------------ Inductor
 def _fake_score_rows(d, t, snr_tau, log_w, snr_cap):
     batch, size = d.shape
     weight = _weights(snr_tau, log_w, snr_cap, snr_cap.dtype)
@@ -65,6 +73,7 @@ def _launch_compile(d_fake, x0_target, snr_tau, log_w, snr_cap):
     return _backend.compiled(_fake_score_rows)(_backend.rows(d_fake), _backend.rows(x0_target), snr_tau, log_w, cap)
 
 
+# ------------------------------------------------------------------------------ native C++
 _NATIVE = r"""
 // table: (2, B) float64 snr_tau, log_w. The weights min(SNR, cap) * B softmax(log_w) come first (B
 // scalars), then one pass writes the finished gradient and the per-tile squared errors.
@@ -124,10 +133,52 @@ def _launch_native(d_fake, x0_target, snr_tau, log_w, snr_cap):
     return grad, loss
 
 
-_LAUNCHERS = {"triton": _launch_triton, "compile": _launch_compile, "native": _launch_native}
+# ------------------------------------------------------------------------------ reference
+def _launch_reference(d_fake, x0_target, snr_tau, log_w, snr_cap):
+    loss, grad = _backend.reference_and_gradient(reference.fake_score_loss, d_fake, x0_target, snr_tau, log_w, snr_cap)
+    return grad, loss
 
 
-def fake_score_loss(d_fake, x0_target, snr_tau, log_w, snr_cap, backend):
-    """Validated arguments in, scalar loss out; see ``tdm_fast.kernels.fake_score_loss``. Runs the
-    custom operator ``torch.ops.tdm_fast.fake_score_loss`` (``_ops``)."""
+_LAUNCHERS = {"triton": _launch_triton, "native": _launch_native, "compile": _launch_compile, "torch": _launch_reference}
+
+
+# ------------------------------------------------------------------------------ custom operator
+@torch.library.custom_op("tdm_fast::fake_score_loss", mutates_args=())
+def _operator(d_fake: Tensor, x0_target: Tensor, snr_tau: Tensor, log_w: Tensor, snr_cap: float,
+              backend: str) -> tuple[Tensor, Tensor]:
+    """(loss, finished gradient w.r.t. d_fake for grad_output 1). ``backend`` "": chosen here, when
+    the operator runs (torch.compile)."""
+    backend = backend or _backend.select_backend(d_fake, OP)
+    grad, loss = _LAUNCHERS[backend](d_fake, x0_target, snr_tau, log_w, snr_cap)
+    return loss, grad.reshape(d_fake.shape)
+
+
+@_operator.register_fake
+def _(d_fake, x0_target, snr_tau, log_w, snr_cap, backend):
+    return (d_fake.new_empty((), dtype=_backend.compute_dtype(d_fake)),
+            torch.empty_like(d_fake, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad = output
+    ctx.save_for_backward(grad)
+    ctx.mark_non_differentiable(grad)
+
+
+def _backward(ctx, grad_loss, _grad):
+    """The stored gradient times grad_output, out of place (see ``generator_loss.rescale``)."""
+    (grad,) = ctx.saved_tensors
+    return (grad * grad_loss).to(grad.dtype), None, None, None, None, None
+
+
+_operator.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------ public op
+def fake_score_loss(d_fake, x0_target, snr_tau, log_w, snr_cap=5.0):
+    """Weighted x0-MSE of the fake score (spec §3 step 2); differentiable w.r.t. ``d_fake``."""
+    snr_tau, log_w, snr_cap = _validate.fake_score_loss_args(d_fake, x0_target, snr_tau, log_w, snr_cap)
+    backend = _backend.for_call(OP, d_fake)
+    if backend == "torch":
+        return reference.fake_score_loss(d_fake, x0_target, snr_tau, log_w, snr_cap)
     return torch.ops.tdm_fast.fake_score_loss(d_fake, x0_target, snr_tau, log_w, snr_cap, backend)[0]

@@ -1,30 +1,38 @@
 """Fused noisy-sample matching (spec §4): ``x_tau`` and the per-sample ``log_w`` in one read of
-``x0, eps, z``.
+``x0, eps, z``; everything the op is, from its Triton kernel to its public function.
 
 Both outputs are linear/quadratic in the inputs with per-sample coefficients, worked out from the
 (4, B) table of α_s, σ_s, α_τ, σ_τ inside the kernel, which then does two fused multiply-adds and a
 sum of squares per element:
 ``x_tau = α_τ x0 + (α_τ σ_s/α_s) eps + β z`` and ``log_w = ½ mean_d(z² − ε_mix²)``.
-The trainer calls renoise on detached inputs, so there is no autograd Function: the dispatcher
-sends calls that need gradients to the reference.
+The trainer calls renoise on detached inputs, so the operator has no backward: calls that need
+gradients run the reference.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-import triton
-import triton.language as tl
+from torch import Tensor
 
-from . import _backend, _native, _validate
+from . import _backend, _native, _triton, _validate, reference
+from ._triton import row_chunk
+
+if TYPE_CHECKING:  # the kernel's ``tl``; bound for real by ``_triton.Kernel.jitted``
+    import triton.language as tl
+
+OP = "renoise"
 
 
-@triton.jit
+# ------------------------------------------------------------------------------ Triton
+@_triton.jit
 def _renoise_kernel(
     x0_ptr, eps_ptr, z_ptr, out_ptr, partial_ptr, table_ptr,
     D, n_chunks, B, log_w_scale,
     COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b, offs, mask, base = _backend.row_chunk(pid, n_chunks, D, BLOCK)
+    b, offs, mask, base = row_chunk(pid, n_chunks, D, BLOCK)
     # The per-sample coefficients are recomputed by every program of the sample: four scalar loads
     # and a sqrt, cheaper than the launches of computing them once in torch.
     a_s = tl.load(table_ptr + b).to(COMPUTE)
@@ -44,29 +52,28 @@ def _renoise_kernel(
     tl.store(partial_ptr + pid, tl.sum(z * z - eps_mix * eps_mix, axis=0) * log_w_scale)
 
 
+def _launch_triton(x0, eps, z, scalars, block=None):
+    table = torch.stack(scalars)
+    _validate.raise_if_bad_transition(*_validate.transition_ok(*table.to("cpu").unbind()))
+    x, e, zz = (_backend.rows(t) for t in (x0, eps, z))
+    batch, d = x.shape
+    block, n_chunks = _triton.chunks(d, x.device, block)
+    out = torch.empty_like(x)
+    partial = torch.empty(batch * n_chunks, dtype=_backend.compute_dtype(x), device=x.device)
+    _renoise_kernel[(batch * n_chunks,)](
+        x, e, zz, out, partial, table, d, n_chunks, batch, 0.5 / d, **_triton.options(x, block),
+    )
+    log_w = partial if n_chunks == 1 else partial.view(batch, n_chunks).sum(dim=1)
+    return out, log_w
+
+
+# ------------------------------------------------------------------------------ Inductor
 def coefficients(x0, a_s, s_s, a_t, s_t):
     """Per-sample α_τ, α_τσ_s/α_s, β, 1/σ_τ (compute dtype) from the (B,) α_s, σ_s, α_τ, σ_τ."""
     a_s, s_s, a_t, s_t = (v.to(_backend.compute_dtype(x0)) for v in (a_s, s_s, a_t, s_t))
     c_eps = a_t / a_s * s_s
     beta = torch.sqrt(s_t * s_t - c_eps * c_eps)
     return a_t, c_eps, beta, 1.0 / s_t
-
-
-def _launch_triton(x0, eps, z, scalars, block=None):
-    table = torch.stack(scalars)
-    _validate.raise_if_bad_transition(*_validate.transition_ok(*table.to("cpu").unbind()))
-    x, e, zz = (_backend.rows(t) for t in (x0, eps, z))
-    batch, d = x.shape
-    block = block or _backend.block_size(d, x.device)
-    n_chunks = triton.cdiv(d, block)
-    out = torch.empty_like(x)
-    partial = torch.empty(batch * n_chunks, dtype=_backend.compute_dtype(x), device=x.device)
-    _renoise_kernel[(batch * n_chunks,)](
-        x, e, zz, out, partial, table, d, n_chunks, batch, 0.5 / d,
-        COMPUTE=_backend.tl_compute_dtype(x), BLOCK=block, num_warps=_backend.num_warps(block),
-    )
-    log_w = partial if n_chunks == 1 else partial.view(batch, n_chunks).sum(dim=1)
-    return out, log_w
 
 
 def _renoise_rows(x, e, z, a_s, s_s, a_t, s_t):
@@ -86,6 +93,7 @@ def _launch_compile(x0, eps, z, scalars):
     return out, log_w
 
 
+# ------------------------------------------------------------------------------ native C++
 _NATIVE = r"""
 // table: (4, B) float64 alpha_s, sigma_s, alpha_tau, sigma_tau. Returns 2 for a transition that
 // fails sigma_tau^2 > (alpha_tau sigma_s / alpha_s)^2 (checked in float64 first, like transition_ok),
@@ -150,11 +158,39 @@ def _launch_native(x0, eps, z, scalars):
     return out, log_w
 
 
-_LAUNCHERS = {"triton": _launch_triton, "compile": _launch_compile, "native": _launch_native}
+# ------------------------------------------------------------------------------ reference
+def _launch_reference(x0, eps, z, scalars):
+    """The reference after the transition check; differentiable, so also the public op's path for
+    calls that need gradients."""
+    _validate.raise_if_bad_transition(*_validate.transition_ok(*scalars))
+    return reference.renoise(x0, eps, z, *scalars)
 
 
-def renoise(x0, eps, z, scalars, backend):
-    """Validated arguments in (``scalars``: the (B,) α_s, σ_s, α_τ, σ_τ), ``(x_tau, log_w)`` out,
-    after checking the transition; see ``tdm_fast.kernels.renoise``."""
-    out, log_w = _LAUNCHERS[backend](x0, eps, z, scalars)
-    return out.view(x0.shape), log_w
+_LAUNCHERS = {"triton": _launch_triton, "native": _launch_native, "compile": _launch_compile, "torch": _launch_reference}
+
+
+# ------------------------------------------------------------------------------ custom operator
+@torch.library.custom_op("tdm_fast::renoise", mutates_args=())
+def _operator(x0: Tensor, eps: Tensor, z: Tensor, alpha_s: Tensor, sigma_s: Tensor, alpha_tau: Tensor,
+              sigma_tau: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """(x_tau, log_w) of noisy-sample matching; raises ValueError for an invalid transition.
+    ``backend`` "": chosen here, when the operator runs (torch.compile)."""
+    backend = backend or _backend.select_backend(x0, OP)
+    out, log_w = _LAUNCHERS[backend](x0, eps, z, (alpha_s, sigma_s, alpha_tau, sigma_tau))
+    return out.reshape(x0.shape).contiguous(), log_w
+
+
+@_operator.register_fake
+def _(x0, eps, z, alpha_s, sigma_s, alpha_tau, sigma_tau, backend):
+    return (torch.empty_like(x0, memory_format=torch.contiguous_format),
+            x0.new_empty((x0.shape[0],), dtype=_backend.compute_dtype(x0)))
+
+
+# ------------------------------------------------------------------------------ public op
+def renoise(x0, eps, z, alpha_s, sigma_s, alpha_tau, sigma_tau):
+    """Noisy-sample matching (spec §4): ``(x_tau, log_w)``; scalars are (B,) tensors."""
+    scalars = _validate.renoise_args(x0, eps, z, alpha_s, sigma_s, alpha_tau, sigma_tau)
+    backend = _backend.for_call(OP, x0, grad_inputs=(x0, eps, z, *scalars))
+    if backend == "torch":
+        return _launch_reference(x0, eps, z, scalars)
+    return torch.ops.tdm_fast.renoise(x0, eps, z, *scalars, backend)

@@ -7,6 +7,7 @@ or none.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_folder, remove_stale_temporaries
 
 STATE_FILE = "state.json"
 PREFIX = "step-"
@@ -62,25 +65,37 @@ def checkpoint_dirs(root: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit())
 
 
+@contextlib.contextmanager
+def _removed_on_failure(folder: Path):
+    """A checkpoint being written that fails (a full disk, Ctrl-C, SIGTERM) is removed, not left half-written."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def write_rank_file(folder: Path, name: str, value: dict) -> None:
     """Per-process state (RNG streams) lives in its own file, its skeleton in the file's metadata."""
     tensors: dict = {}
     skeleton = flatten(value, tensors, prefix=name)
-    save_file(tensors, folder / f"{name}.safetensors", metadata={"skeleton": json.dumps(skeleton)})
+    with _removed_on_failure(folder):
+        save_file(tensors, folder / f"{name}.safetensors", metadata={"skeleton": json.dumps(skeleton)})
 
 
 def write_state(folder: Path, state: dict) -> None:
     """One safetensors file per group, then ``state.json``: a folder with ``state.json`` is complete."""
     skeleton = {}
-    for group, value in state.items():
-        tensors: dict = {}
-        skeleton[group] = flatten(value, tensors, prefix=group)
-        if tensors:
-            save_file(tensors, folder / f"{group}.safetensors")
-    with open(folder / STATE_FILE, "w") as f:
-        json.dump(skeleton, f)
-        f.flush()
-        os.fsync(f.fileno())
+    with _removed_on_failure(folder):
+        for group, value in state.items():
+            tensors: dict = {}
+            skeleton[group] = flatten(value, tensors, prefix=group)
+            if tensors:
+                save_file(tensors, folder / f"{group}.safetensors")
+        with open(folder / STATE_FILE, "w") as f:
+            json.dump(skeleton, f)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def commit_checkpoint(tmp: Path, final: Path, keep_last: int) -> None:
@@ -93,32 +108,19 @@ def commit_checkpoint(tmp: Path, final: Path, keep_last: int) -> None:
 
 
 def remove_leftovers(path: Path) -> None:
-    """Removes what killed :func:`replace_folder` calls left beside ``path``."""
+    """Removes what killed :func:`replace_folder` calls left beside ``path`` (a previous folder parked
+    between the two renames is put back if ``path`` is missing); also the names older versions used."""
     for stale in Path(path).parent.glob(f".{Path(path).name}.*-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temporaries(path)
 
 
 def replace_folder(path: Path, write) -> None:
-    """Runs ``write(tmp)`` on a fresh folder beside ``path``, then renames it to ``path``.
-
-    A kill leaves either the old complete folder, or the new one, or (between the two renames) only
-    the old one under a hidden name; never a partly written ``path``. Leftovers of killed writes are
-    removed first.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    write(tmp)
-    for file in tmp.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    """Runs ``write(tmp)`` on a fresh folder beside ``path``, then renames it to ``path``
+    (:func:`tdm_fast.atomic.atomic_folder`): a kill, an exception or a full disk leaves the old complete
+    folder or the new one, never a partly written ``path``."""
+    with atomic_folder(path) as tmp:
+        write(tmp)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

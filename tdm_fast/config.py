@@ -195,6 +195,14 @@ class TDMConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:  # numpy's generators, which accelerate's set_seed seeds too, take no other
+            raise ValueError(f"seed must lie in 0..{2**32 - 1}, got {self.seed}")
+        if self.report_to is not None:
+            from accelerate.utils import LoggerType
+
+            trackers = [t.value for t in LoggerType]
+            if self.report_to not in trackers:
+                raise ValueError(f"report_to must be one of {', '.join(trackers)}, got {self.report_to!r}")
 
     @property
     def effective_mixed_precision(self) -> str:

@@ -276,3 +276,22 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, cond: torch.Tensor, gen
     cond = torch.where(broadcast(drop, cond), expand_null(denoiser.null_cond, b, like=cond), cond)
     target = from_x0_eps(x0, eps, alpha, sigma, denoiser.prediction_type)
     return (denoiser.model(x_t, t, cond) - target).pow(2).mean()
+
+
+def load_denoiser(path: str | Path) -> Denoiser:
+    """A saved denoiser from its folder or from a run folder (its ``student/``); a folder that is not one
+    (missing, a diffusers LoRA, something else) is refused as a :class:`~tdm_fast.usage.UsageError`."""
+    from .usage import UsageError
+
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path} does not exist")
+    if (path / "student").is_dir() and not (path / DENOISER_CONFIG).exists():
+        path = path / "student"
+    if not (path / DENOISER_CONFIG).is_file() and (path / "pytorch_lora_weights.safetensors").is_file():
+        student = path.parent / "student"
+        raise UsageError(f"{path} is a diffusers LoRA (for pipe.load_lora_weights on its base pipeline), not a saved denoiser: "
+                         f"give the run's student folder{f' ({student})' if student.is_dir() else ''} or the run folder")
+    if not (path / DENOISER_CONFIG).is_file():
+        raise UsageError(f"{path} is not a saved denoiser (expected {path / DENOISER_CONFIG})")
+    return Denoiser.from_pretrained(path)

@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_file
+
 
 def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
@@ -56,17 +58,26 @@ def cache_key(**parts) -> str:
 def cached_embeddings(cache_dir: str | Path | None, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Loads ``<cache_dir>/<key>.safetensors`` or computes, saves and returns ``compute()``.
 
-    ``cache_dir=None`` disables the cache. The file is written atomically (temp name, then rename).
+    ``cache_dir=None`` disables the cache. The file is written atomically (:func:`tdm_fast.atomic.atomic_file`);
+    a damaged entry is computed again. Non-finite embeddings (text encoder weights holding NaN or inf)
+    are refused, not cached.
     """
-    if cache_dir is None:
-        return compute()
-    cache_dir = Path(cache_dir)
-    file = cache_dir / f"{key}.safetensors"
-    if file.is_file():
-        return load_file(file)
+    file = None if cache_dir is None else Path(cache_dir) / f"{key}.safetensors"
+    if file is not None:
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a path under a file, a folder without write permission
+            raise ValueError(f"embedding cache {cache_dir} cannot be created ({exc}): give another --embedding-cache, or none") from None
+        if file.is_file():
+            try:
+                return load_file(file)
+            except Exception:  # safetensors' own error type on a damaged header: the entry is derived data, computed again
+                pass
     tensors = compute()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, file)
+    bad = [name for name, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"the text encoders give non-finite embeddings ({', '.join(bad)}): their weights hold NaN or inf")
+    if file is not None:
+        with atomic_file(file) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
     return tensors

@@ -13,11 +13,12 @@ TAU_MIN = 20  # the smallest noise level the fake score is trained on (spec §3)
 TAU_GAP = 10  # τ stays this far below the stage's own time t
 
 
-def stage_times(steps: int, total_steps: int = 900, num_train_timesteps: int = 1000) -> list[int]:
+def stage_times(steps: int, total_steps: int = 900, num_train_timesteps: int = 1000, training: bool = True) -> list[int]:
     """``t_0 = T' - 1``, ``t_{i+1} = t_i - T'/K``: K=4 → [899, 674, 449, 224].
 
-    Raises ``ValueError`` when K is not a positive integer or when a stage's τ-interval
-    ``[max(20, t_{k+1} + 1), t_k - 10)`` would be empty.
+    Raises ``ValueError`` when K is not a positive integer, when two stages would share a time (K > T'),
+    or, for ``training`` (the fake score's τ-intervals need room), when a stage's τ-interval
+    ``[max(20, t_{k+1} + 1), t_k - 10)`` would be empty; sampling passes ``training=False``.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps (K) must be a positive integer, got {steps!r}")
@@ -25,7 +26,9 @@ def stage_times(steps: int, total_steps: int = 900, num_train_timesteps: int = 1
         raise ValueError(f"total_steps (T') must be an integer in (0, {num_train_timesteps}], got {total_steps!r}")
     stride = total_steps / steps
     times = [int(round(total_steps - 1 - i * stride)) for i in range(steps)]
-    for k, t in enumerate(times):
+    if len(set(times)) < steps:
+        raise ValueError(f"K={steps} with T'={total_steps}: the stage times {times} repeat; use at most {total_steps} steps")
+    for k, t in enumerate(times if training else ()):
         low = max(TAU_MIN, times[k + 1] + 1 if k + 1 < steps else 0)
         if t - TAU_GAP <= low:
             raise ValueError(
@@ -130,3 +133,16 @@ def nfe_matched_baselines(steps: int, cfg_scale: float, total_steps: int = 900, 
 def reference_sampler(steps: int, cfg_scale: float, T: int = 1000) -> TeacherSampler:
     """The teacher's many-step CFG sampler whose distribution the student targets."""
     return TeacherSampler(f"teacher{steps}-cfg", tuple(trailing_times(steps, T)), cfg_scale)
+
+
+def check_steps(steps, student: Denoiser, total_steps: int = 900) -> None:
+    """Refuses (as ``--steps K``) a K that has no stage times or that the student was not trained for."""
+    from .usage import UsageError
+
+    for k in steps:
+        try:
+            stage_times(k, total_steps)
+        except ValueError as exc:
+            raise UsageError(f"--steps {k}: {exc}") from None
+        if student.steps_set and k not in student.steps_set:
+            raise UsageError(f"--steps {k}: this student was trained for K in {list(student.steps_set)}")

@@ -112,14 +112,20 @@ def alphas_cumprod(config: ScheduleConfig) -> torch.Tensor:
 
 
 class NoiseSchedule:
-    """Tables of α_t and σ_t for integer t in [0, T), kept in float64 and cast on lookup."""
+    """Tables of α_t and σ_t for integer t in [0, T), kept in float64 and cast on lookup.
 
-    def __init__(self, config: ScheduleConfig | None = None):
+    ``table``: a VP schedule's ᾱ_t as another implementation holds it (a stock diffusers scheduler's
+    float32 cumulative product, which a sampler reproducing that scheduler must use to agree with it to
+    fp32 rounding); None computes it from ``config`` in float64."""
+
+    def __init__(self, config: ScheduleConfig | None = None, table: torch.Tensor | None = None):
         self.config = config or ScheduleConfig()
         self._device_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         n = self.config.num_train_timesteps
+        if table is not None and (self.config.kind != "vp" or tuple(table.shape) != (n,)):
+            raise ValueError(f"a given ᾱ table needs a VP schedule of {n} timesteps, got shape {tuple(table.shape)}")
         if self.config.kind == "vp":
-            ac = alphas_cumprod(self.config)
+            ac = alphas_cumprod(self.config) if table is None else table.to(torch.float64)
             self.alphas = ac.sqrt()
             self.sigmas = (1.0 - ac).sqrt()
         else:

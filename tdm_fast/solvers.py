@@ -38,12 +38,20 @@ def multistep_coefficients(schedule: NoiseSchedule, times: list[int], solver: st
 
     λ in float64 from the schedule's tables, so the coefficients do not depend on the compute dtype."""
     check_solver(solver)
-    coefficients = [0.0] * len(times)
     if solver == "dpmsolver" and len(times) > 2:
         alpha, sigma = schedule(torch.tensor(times), dtype=torch.float64)
-        lam = (alpha.log() - sigma.log()).tolist()
-        h = [lam[i + 1] - lam[i] for i in range(len(times) - 1)]
-        for i in range(1, len(times) - 1):
+        return lambda_coefficients((alpha.log() - sigma.log()).tolist(), solver)
+    return [0.0] * len(times)
+
+
+def lambda_coefficients(lambdas: list[float], solver: str) -> list[float]:
+    """c_i of each stage from λ = log(α/σ) of the stages (float64), for stages that are not integer
+    training times (a flow σ grid, custom σ)."""
+    check_solver(solver)
+    coefficients = [0.0] * len(lambdas)
+    if solver == "dpmsolver":
+        h = [lambdas[i + 1] - lambdas[i] for i in range(len(lambdas) - 1)]
+        for i in range(1, len(lambdas) - 1):
             coefficients[i] = h[i] / (2.0 * h[i - 1])
     return coefficients
 

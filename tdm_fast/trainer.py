@@ -9,11 +9,9 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import shutil
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,29 +24,23 @@ from tqdm.auto import tqdm
 from . import kernels as fused_ops
 from . import objectives
 from . import fsdp, runlock
-from .checkpoint import commit_checkpoint, load_checkpoint, remove_leftovers, replace_folder, write_rank_file, write_state
+from .checkpoint import remove_leftovers
 from .conditions import select, to_device
 from .config import TDMConfig
 from .denoiser import Denoiser
 from .parameterization import broadcast
 from .sampling import TAU_GAP, TAU_MIN, stage_times
 from .solvers import correct, multistep_coefficients
+from .training.checkpoints import BOOKKEEPING, STRUCTURAL, STUDENT_STATE, Checkpointing, NonFiniteError, non_finite_tensors
+from .training.compile import COMPILE_OPTIONS, COMPILE_RECOMPILE_LIMIT, compile_networks
+from .training.conditions import ClassConditions, ConditionSampler, EmbeddingConditions
+from .training.optim import EMA, LRSchedule, optimizer_and_schedule, skips_on_device
+from .usage import write_text_atomically
 from .validation import Validation, log_validation, save_validation
 from .kernels import reference as reference_ops
 
-ConditionSampler = Callable[[int, torch.Generator], object]
-
-# Settings that only say how long to run and what to write: a resumed run may change them freely.
-# ``steps``, ``steps_conditioning`` and ``total_steps`` shape the networks and can never change;
-# every other setting changes the run and needs ``overrides`` (``--resume --override KEY``).
-BOOKKEEPING = ("iterations", "checkpoint_every", "keep_last", "log_every", "max_nonfinite_skips", "kernels", "report_to",
-               "validation_every", "compile", "compile_scope")
-STRUCTURAL = ("steps", "steps_conditioning", "total_steps")
-STUDENT_STATE = "tdm_training.json"  # in the student folder: the step its weights come from
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced non-finite values too often to go on; nothing non-finite was written."""
+__all__ = ["BOOKKEEPING", "COMPILE_OPTIONS", "COMPILE_RECOMPILE_LIMIT", "STRUCTURAL", "STUDENT_STATE", "ClassConditions",
+           "EmbeddingConditions", "LRSchedule", "NonFiniteError", "TDMTrainer", "make_student_and_fake", "non_finite_tensors"]
 
 
 def _finite(value) -> bool:
@@ -67,82 +59,6 @@ def _tracker_config(config: TDMConfig) -> dict:
 
 def _short(value) -> str:
     return "skipped" if value is None else f"{value:.4f}"
-
-
-def non_finite_tensors(state, prefix: str = "") -> list[str]:
-    """Names of the floating-point tensors in a nested state that hold NaN or inf."""
-    if isinstance(state, torch.Tensor):
-        return [prefix] if state.is_floating_point() and not torch.isfinite(state).all() else []
-    if isinstance(state, dict):
-        return [n for k, v in state.items() for n in non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
-    if isinstance(state, (list, tuple)):
-        return [n for i, v in enumerate(state) for n in non_finite_tensors(v, f"{prefix}.{i}")]
-    return []
-
-
-class ClassConditions:
-    """Uniform class labels 0..num_classes-1 (the null class is excluded)."""
-
-    def __init__(self, num_classes: int):
-        self.num_classes = num_classes
-
-    def __call__(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randint(0, self.num_classes, (batch,), generator=generator)
-
-
-class EmbeddingConditions:
-    """Rows drawn uniformly from precomputed condition embeddings (a tensor or a dict of tensors)."""
-
-    def __init__(self, embeddings):
-        self.embeddings = embeddings
-        first = next(iter(embeddings.values())) if isinstance(embeddings, dict) else embeddings
-        self.count = first.shape[0]
-
-    def __call__(self, batch: int, generator: torch.Generator):
-        idx = torch.randint(0, self.count, (batch,), generator=generator)
-        if isinstance(self.embeddings, dict):
-            return {k: v[idx] for k, v in self.embeddings.items()}
-        return self.embeddings[idx]
-
-
-class LRSchedule:
-    """Linear warm-up, then constant or a cosine decay to ``floor`` × the base rate at ``total`` iterations
-    (a class, so its state checkpoints as plain data)."""
-
-    def __init__(self, warmup: int, decay: str = "constant", total: int = 1, floor: float = 0.0):
-        self.warmup, self.decay, self.total, self.floor = warmup, decay, total, floor
-
-    @classmethod
-    def of(cls, config: TDMConfig) -> "LRSchedule":
-        return cls(config.warmup_steps, config.lr_decay, config.iterations, config.lr_decay_floor)
-
-    def __call__(self, step: int) -> float:
-        scale = 1.0 if self.warmup <= 0 else min(1.0, (step + 1) / self.warmup)
-        if self.decay == "cosine":
-            progress = min(1.0, max(0, step - self.warmup) / max(1, self.total - self.warmup))
-            scale *= self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-        return scale
-
-
-class EMA:
-    """Exponential moving average of the student's trainable weights, kept in float32."""
-
-    def __init__(self, params: list[torch.nn.Parameter], decay: float):
-        self.params, self.decay = params, decay
-        self.shadow = [p.detach().float().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self, skipped: torch.Tensor | None = None) -> None:
-        """``skipped`` (a 0-d device tensor, 1 = the optimizer step was skipped) holds the average still
-        without the host having to read it."""
-        weight = 1.0 - self.decay if skipped is None else (1.0 - skipped) * (1.0 - self.decay)
-        for s, p in zip(self.shadow, self.params):
-            fsdp.local(s).lerp_(fsdp.local(p.detach()).float(), weight)
-
-    @torch.no_grad()
-    def copy_to(self, params) -> None:
-        for s, p in zip(self.shadow, params):
-            fsdp.local(p).copy_(fsdp.local(s).to(p.dtype))
 
 
 @dataclass
@@ -181,67 +97,7 @@ def make_student_and_fake(teacher: Denoiser, config: TDMConfig) -> tuple[Denoise
     return copy_of_teacher(), copy_of_teacher()
 
 
-def skips_on_device(optimizer) -> bool:
-    """Fused Adam/AdamW skip a step on the device when handed a ``found_inf`` flag (as the grad scaler
-    does), so a non-finite update is refused without the host waiting for the device."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
-    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and bool(inner.defaults.get("fused"))
-
-
-def make_optimizer(optimizer_cls, groups: list[dict], device: torch.device, **kwargs):
-    """``optimizer_cls(groups, **kwargs)``, fused where it is torch's Adam/AdamW on a device with fused kernels."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    if optimizer_cls in (torch.optim.Adam, torch.optim.AdamW) and device.type in _get_fused_kernels_supported_devices():
-        kwargs.setdefault("fused", True)
-    return optimizer_cls(groups, **kwargs)
-
-
-def _param_groups(denoiser: Denoiser, lr: float, steps_lr_ratio: float) -> list[dict]:
-    """The trainable parameters, with the K embedding (if any) in its own group at ``lr * steps_lr_ratio``."""
-    steps = [p for n, p in denoiser.named_parameters() if p.requires_grad and n.startswith("steps_embedding.")]
-    rest = [p for n, p in denoiser.named_parameters() if p.requires_grad and not n.startswith("steps_embedding.")]
-    return [{"params": rest}] + ([{"params": steps, "lr": lr * steps_lr_ratio}] if steps else [])
-
-
-# -- torch.compile of the networks (config.compile) ----------------------------------------------------
-# LoRA roles share one base whose peft layers switch adapters through attributes Dynamo guards on:
-# each role x grad mode x block shape is its own compiled variant, more than Dynamo's default of 8.
-COMPILE_RECOMPILE_LIMIT = 64
-# Inductor's peak-memory reordering moves the scatter of a nearest-upsample backward (diffusers'
-# Upsample2D) after the kernel that reads its zero-filled buffer, so every gradient through the
-# upsampler comes out zero (torch 2.13, CPU; tests/test_compile_iteration.py). The pass only lowers
-# peak memory, so turning it off changes no number.
-COMPILE_OPTIONS = {"reorder_for_peak_memory": False}
-
-
-def compile_networks(trainer: "TDMTrainer") -> list[torch.nn.Module]:
-    """Compiles every distinct network under the trainer's teacher, student and fake score in place:
-    with ``compile_scope="regional"`` diffusers' ``compile_repeated_blocks`` where the model declares
-    repeated blocks (the compiled transformer block serves every instance, so compilation stays minutes,
-    not tens of minutes), else, and with ``"full"``, ``module.compile()``: the whole network in one graph
-    per role and grad mode, which also fuses the resnets and the LoRA layers outside the blocks: several
-    times the compilation, faster iterations (``tdm-fast bench training``). The fused ops stay outside
-    the compiled networks; they are custom operators, so a whole update compiled around them has no
-    graph breaks (tests/test_custom_ops.py). Returns the networks compiled."""
-    import torch._dynamo
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
-    networks = {}
-    for denoiser in (trainer.teacher, trainer.student_core, trainer.fake_core):
-        model = denoiser.model
-        model = model.shared.adapter.inner if hasattr(model, "shared") else getattr(model, "inner", model)
-        networks.setdefault(id(model), model)
-    regional = trainer.config.compile_scope == "regional"
-    for model in networks.values():
-        if regional and getattr(model, "_repeated_blocks", None) and hasattr(model, "compile_repeated_blocks"):
-            model.compile_repeated_blocks(options=COMPILE_OPTIONS)
-        else:
-            model.compile(options=COMPILE_OPTIONS)
-    return list(networks.values())
-
-
-class TDMTrainer:
+class TDMTrainer(Checkpointing):
     """Distils ``teacher`` into a K-step ``student``.
 
     Args:
@@ -308,16 +164,8 @@ class TDMTrainer:
                              for k in config.steps}
 
         student_params = [p for p in student.parameters() if p.requires_grad]
-        betas = (config.adam_beta1, config.adam_beta2)
-        opt_g = make_optimizer(optimizer_cls, _param_groups(student, config.generator_lr, config.steps_embedding_lr_ratio),
-                               self.device, lr=config.generator_lr, betas=betas, weight_decay=config.weight_decay)
-        opt_f = make_optimizer(optimizer_cls, _param_groups(fake, config.fake_lr, config.steps_embedding_lr_ratio),
-                               self.device, lr=config.fake_lr, betas=betas, weight_decay=config.weight_decay)
-        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, LRSchedule.of(config))
-        sched_f = torch.optim.lr_scheduler.LambdaLR(opt_f, LRSchedule.of(config))
-        # The LR schedules stay outside prepare(): accelerate steps a prepared scheduler once per process
-        # per call, so N processes would warm up N times faster than one.
-        self.sched_g, self.sched_f = sched_g, sched_f
+        opt_g, self.sched_g = optimizer_and_schedule(optimizer_cls, student, config.generator_lr, config, self.device)
+        opt_f, self.sched_f = optimizer_and_schedule(optimizer_cls, fake, config.fake_lr, config, self.device)
         if self.fsdp:  # FSDP reduces the gradients itself: no DDP wrapper
             self.student, self.fake, self.opt_g, self.opt_f = student, fake, opt_g, opt_f
         else:
@@ -485,9 +333,9 @@ class TDMTrainer:
         norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
         return norm.full_tensor() if fsdp.is_sharded(norm) else norm
 
-    def fake_score_update(self, batches, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step of the fake score over the micro-batches; (their mean loss, skipped flag) as
-        device tensors."""
+    def fake_score_loss(self, batches, k: int, backward: bool = True) -> torch.Tensor:
+        """The fake score's loss, the mean over the micro-batches (a device tensor); with ``backward`` its
+        gradients are accumulated into the fake score's parameters, micro-batch by micro-batch."""
         total = 0.0
         for trajectory, cond, last in self._micro_batches(batches):
             draw = self.draw_stage(trajectory, k)
@@ -499,11 +347,17 @@ class TDMTrainer:
                     d_fake, _ = self.fake(x_tau, draw.tau, cond, self._steps_arg(k))
                 loss = self.ops.fake_score_loss(d_fake.float(), target, self.teacher.schedule.snr(draw.tau), log_w, self.config.snr_cap)
                 loss = loss / len(batches)
-                self.accelerator.backward(loss)
+                if backward:
+                    self.accelerator.backward(loss)
             total = total + loss.detach()
+        return total
+
+    def fake_score_update(self, batches, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step of the fake score over the micro-batches; (their mean loss, skipped flag) as
+        device tensors."""
+        total = self.fake_score_loss(batches, k)
         # the norm only decides whether the step is safe: the fake score is not clipped (authors' code)
-        grad_norm = self._clip(self.fake, math.inf)
-        return total, self._apply_update(self.opt_f, self.sched_f, total, grad_norm)
+        return total, self._apply_update(self.opt_f, self.sched_f, total, self._clip(self.fake, math.inf))
 
     def _apply_update(self, optimizer, scheduler, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         """Steps ``optimizer`` unless the loss or the gradient norm is non-finite; returns the skipped flag
@@ -741,206 +595,6 @@ class TDMTrainer:
                     continue  # a line torn by a kill
                 if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= self.step:
                     kept.append(line + "\n")
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, path)
+            write_text_atomically(path, "".join(kept))
         return open(path, "a")
 
-    # -- checkpoints -----------------------------------------------------------------------------
-    def _state(self) -> dict:
-        state = {
-            "student": self.student_core.state_dict(),
-            "fake": self.fake_core.state_dict(),
-            "optimizers": {
-                "generator": self.opt_g.state_dict(),
-                "fake": self.opt_f.state_dict(),
-                "generator_lr": self.sched_g.state_dict(),
-                "fake_lr": self.sched_f.state_dict(),
-            },
-            "meta": {"step": self.step, "config": self.config.to_dict(), "world_size": self.accelerator.num_processes},
-        }
-        if self.ema is not None:
-            state["ema"] = {str(i): s for i, s in enumerate(self.ema.shadow)}
-        return state
-
-    def _rank_state(self) -> dict:
-        return {"rng": self.rng.get_state(), "steps_rng": self.steps_rng.get_state(), "torch_rng": torch.get_rng_state()}
-
-    def save_checkpoint(self) -> Path:
-        """Atomic checkpoint of everything needed to continue exactly; prunes to ``keep_last``.
-
-        Refuses (:class:`NonFiniteError`) to write weights or optimizer state holding NaN or inf."""
-        acc = self.accelerator
-        state = self._state()
-        shards = self._split_shards(state) if self.fsdp else {}
-        bad = non_finite_tensors({k: v for k, v in state.items() if k != "meta"}) + non_finite_tensors(shards)
-        if self.fsdp:  # each process sees its own shards; all of them must refuse together
-            count = acc.reduce(torch.tensor([float(len(bad))], device=self.device), reduction="sum")
-            bad = bad or (["the shards of another process"] if float(count) else [])
-        if bad:
-            raise NonFiniteError(f"not writing checkpoint step {self.step}: non-finite values in {', '.join(bad[:3])}"
-                                 + (f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""))
-        root = self.output_dir / "checkpoints"
-        final = root / f"step-{self.step:08d}"
-        tmp = root / f".tmp-{final.name}"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        write_rank_file(tmp, f"rank-{acc.process_index}", {**self._rank_state(), **({"shards": shards} if shards else {})})
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            write_state(tmp, state)
-            commit_checkpoint(tmp, final, self.config.keep_last)
-        if hasattr(self.student_core.model, "save_pretrained"):
-            self.save_student(self.output_dir / "student")
-        elif acc.is_main_process and not self._warned_unsaveable:
-            self._warned_unsaveable = True
-            warnings.warn(
-                f"{type(self.student_core.model).__name__} has no save_pretrained: checkpoints hold its weights, "
-                "but no loadable student/ folder is written (use a diffusers ModelMixin to get one)"
-            )
-        acc.wait_for_everyone()
-        return final
-
-    @staticmethod
-    def _split_shards(state: dict) -> dict:
-        """Under FSDP the networks, the EMA and the optimizer moments are this process's shards: they go
-        to its rank file (taken out of ``state``), the shared files keep the rest."""
-        shards = {k: fsdp.local(state.pop(k)) for k in ("student", "fake", "ema") if k in state}
-        shards["optimizers"] = {k: fsdp.local(state["optimizers"].pop(k)) for k in ("generator", "fake")}
-        return shards
-
-    def load_checkpoint(self, path: str | Path, overrides=()) -> None:
-        """Restores networks, optimizers, LR schedules, RNG states and the step from a checkpoint.
-
-        A setting that changes the run (anything but :data:`BOOKKEEPING`) must equal the checkpoint's
-        unless it is named in ``overrides``; the optimizers, LR schedules and RNG streams then really
-        use the new values. The settings of :data:`STRUCTURAL` can never change.
-        """
-        state, rank_state = load_checkpoint(path, rank_file=f"rank-{self.accelerator.process_index}")
-        self.check_resume_config(state["meta"]["config"], overrides)
-        if self.fsdp:
-            shards = rank_state.get("shards")
-            if shards is None or state["meta"].get("world_size") != self.accelerator.num_processes:
-                raise ValueError(f"{path} was not written by a fully sharded run on {self.accelerator.num_processes} "
-                                 f"processes (it has world size {state['meta'].get('world_size')}, "
-                                 f"{'sharded' if shards else 'unsharded'}): resume it as it was launched")
-            fsdp.load_shards(self.student_core, shards["student"])
-            fsdp.load_shards(self.fake_core, shards["fake"])
-            self.opt_g.load_state_dict(fsdp.optimizer_state_from_shards(shards["optimizers"]["generator"], self.opt_g))
-            self.opt_f.load_state_dict(fsdp.optimizer_state_from_shards(shards["optimizers"]["fake"], self.opt_f))
-            ema = shards.get("ema")
-        else:
-            self.student_core.load_state_dict(state["student"])
-            self.fake_core.load_state_dict(state["fake"])
-            self.opt_g.load_state_dict(state["optimizers"]["generator"])
-            self.opt_f.load_state_dict(state["optimizers"]["fake"])
-            ema = state.get("ema")
-        self.sched_g.load_state_dict(state["optimizers"]["generator_lr"])
-        self.sched_f.load_state_dict(state["optimizers"]["fake_lr"])
-        if self.ema is not None:
-            if ema is not None:
-                for i, s in enumerate(self.ema.shadow):
-                    fsdp.local(s).copy_(ema[str(i)])
-            elif "ema_decay" in overrides:  # EMA switched on by the resume: it starts from the restored weights
-                self.ema = EMA(self.ema.params, self.config.ema_decay)
-            else:
-                raise ValueError("checkpoint has no EMA weights but this run uses ema_decay (add --override ema_decay)")
-        self.rng.set_state(rank_state["rng"])
-        self.steps_rng.set_state(rank_state["steps_rng"])
-        torch.set_rng_state(rank_state["torch_rng"])
-        self.step = int(state["meta"]["step"])
-        self._apply_hyperparameters()
-        if "seed" in overrides:
-            self.rng.manual_seed(self.config.seed * 7919 + self.accelerator.process_index)
-            self.steps_rng.manual_seed(self.config.seed)
-
-    def check_resume_config(self, saved: dict, overrides=()) -> None:
-        """Raises ValueError naming every setting that differs from the checkpoint's without an override."""
-        mine = self.config.to_dict()
-        for key in overrides:
-            if key not in mine:
-                raise ValueError(f"--override {key}: not a setting (choose among {', '.join(sorted(mine))})")
-            if key in STRUCTURAL or key in BOOKKEEPING:
-                raise ValueError(f"--override {key}: " + ("it shapes the networks and cannot change on resume" if key in STRUCTURAL
-                                                          else "it may change on resume without --override"))
-        for key in STRUCTURAL:
-            if saved.get(key) != mine[key]:
-                raise ValueError(f"checkpoint was trained with {key}={saved.get(key)}, this run has {key}={mine[key]}")
-        changed = [k for k in mine if k not in BOOKKEEPING and k not in STRUCTURAL and k not in overrides
-                   and k in saved and saved[k] != mine[k]]
-        if changed:
-            listing = ", ".join(f"{k} {saved[k]} -> {mine[k]}" for k in changed)
-            raise ValueError(f"the checkpoint was trained with other settings ({listing}); resume with the checkpoint's "
-                             f"values, or pass --override {' '.join(changed)} to continue with the new ones")
-
-    def _apply_hyperparameters(self) -> None:
-        """Learning rates, warm-up, betas and weight decay from this run's config, on restored optimizers
-        (``load_state_dict`` brings back the checkpoint's values, the LR schedules' base rates included)."""
-        config = self.config
-        betas = (config.adam_beta1, config.adam_beta2)
-        for optimizer, scheduler, lr in ((self.opt_g, self.sched_g, config.generator_lr), (self.opt_f, self.sched_f, config.fake_lr)):
-            warmup = LRSchedule.of(config)
-            bases = [lr] + [lr * config.steps_embedding_lr_ratio] * (len(optimizer.param_groups) - 1)
-            scheduler.base_lrs = bases
-            scheduler.lr_lambdas = [warmup] * len(bases)
-            for group, base in zip(optimizer.param_groups, bases):
-                group.update(initial_lr=base, lr=base * warmup(scheduler.last_epoch), betas=betas, weight_decay=config.weight_decay)
-            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-
-    @contextmanager
-    def ema_weights(self):
-        """The student with its EMA weights swapped in, in place (no copy of a possibly shared base);
-        the training weights come back on exit. Without EMA, just the student."""
-        if self.ema is None:
-            yield self.student_core
-            return
-        backup = [p.detach().clone() for p in self.ema.params]
-        self.ema.copy_to(self.ema.params)
-        try:
-            yield self.student_core
-        finally:
-            with torch.no_grad():
-                for p, saved in zip(self.ema.params, backup):
-                    p.copy_(saved)
-
-    def final_student(self) -> Denoiser:
-        """The student to keep once training is over: with EMA on, its EMA weights are copied in for good.
-
-        Under FSDP every process must call it: the main process gets the gathered, unsharded student,
-        the others their sharded one."""
-        if self.ema is not None:
-            self.ema.copy_to(self.ema.params)
-        if self.fsdp:
-            return fsdp.gather_into(self._export_template, self.student_core, self.accelerator.is_main_process) or self.student_core
-        return self.student_core
-
-    def save_student(self, path: str | Path) -> None:
-        """Writes the student (EMA weights where used) beside ``path``, then renames it into place, so a
-        kill leaves the previous complete student or none; ``tdm_training.json`` records its step.
-
-        Only the main process writes; under FSDP every process must call it (the student is gathered)."""
-        if self.fsdp:
-            with self.ema_weights() as sharded:
-                gathered = fsdp.gather_into(self._export_template, sharded, self.accelerator.is_main_process)
-        if not self.accelerator.is_main_process:
-            return
-
-        def write(folder: Path) -> None:
-            if self.fsdp:
-                gathered.save_pretrained(folder)
-            else:
-                with self.ema_weights() as student:
-                    student.save_pretrained(folder)
-            (folder / STUDENT_STATE).write_text(json.dumps({"step": self.step}))
-
-        replace_folder(Path(path), write)
-
-    def student_is_current(self) -> bool:
-        """Whether ``<output_dir>/student`` is a complete student of the current step."""
-        folder = self.output_dir / "student"
-        try:
-            return json.loads((folder / STUDENT_STATE).read_text()).get("step") == self.step
-        except (OSError, ValueError, AttributeError):
-            return False

@@ -158,27 +158,15 @@ RESOLUTION = {"sd15": 64, "sdxl": 64, "pixart": 64, "sd3": 64, "cogvideox": (64,
 
 
 def preset_args(preset: str, model: Path, prompts: Path, **overrides):
-    import argparse
+    """The tiny run of ``preset`` as :func:`~tdm_fast.backbones.run.build_preset_run` takes it."""
+    from tdm_fast.backbones.run import PresetRun
 
-    from tdm_fast.backbones.cli import add_distill_preset_arguments
-
-    parser = argparse.ArgumentParser()
-    add_distill_preset_arguments(parser)
-    argv = ["--preset", preset, "--model", str(model), "--prompts", str(prompts), "--lora-rank", "4"]
-    if preset != "cogvideox":
-        argv += ["--resolution", "64"]
-    else:
-        argv += ["--num-frames", "5", "--max-sequence-length", "16"]
-    if preset == "pixart":
-        argv += ["--max-sequence-length", "16"]
-    if preset == "sd3":
-        argv += ["--max-sequence-length", "16"]
-    args = parser.parse_args(argv)
-    for k, v in overrides.items():
-        setattr(args, k, v)
+    values = dict(preset=preset, model=model, prompts=prompts, lora_rank=4, resolution=64)
     if preset == "cogvideox":
-        args.resolution = (64, 64)
-    return args
+        values.update(num_frames=5, max_sequence_length=16, resolution=(64, 64))
+    if preset in ("pixart", "sd3"):
+        values["max_sequence_length"] = 16
+    return PresetRun(**{**values, **overrides})
 
 
 def write_prompts(path: Path) -> Path:

@@ -10,7 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import _backbone_tiny as tiny  # noqa: E402
-from tdm_fast.backbones.cli import build_preset_run  # noqa: E402
+from tdm_fast.backbones.run import build_preset_run  # noqa: E402
 from tdm_fast.config import TDMConfig  # noqa: E402
 from tdm_fast.trainer import TDMTrainer  # noqa: E402
 

@@ -2,11 +2,12 @@
 3 LoRA TDM iterations, LoRA export into the stock pipeline, TDMScheduler parity with our sampler."""
 from __future__ import annotations
 
+import dataclasses
 import pytest
 import torch
 
 import _backbone_tiny as tiny
-from tdm_fast.backbones.cli import build_preset_run, export_preset_student
+from tdm_fast.backbones.run import build_preset_run, export_preset_student
 from tdm_fast.backbones.presets import get_preset, missing_components, prompt_conditions
 from tdm_fast.config import TDMConfig
 from tdm_fast.lora import LoRARole, merged_denoiser
@@ -167,7 +168,7 @@ def test_lora_roles_with_gradient_checkpointing_bf16_unify_and_ema(tmp_path):
     """The memory savers together on the tiny SD1.5 preset: checkpointed LoRA roles, bf16 base, K embedding, EMA."""
     tiny.BUILDERS["sd15"](tmp_path / "model")
     args = tiny.preset_args("sd15", tmp_path / "model", tiny.write_prompts(tmp_path / "prompts.txt"), embedding_cache=str(tmp_path / "cache"))
-    args.gradient_checkpointing = True
+    args = dataclasses.replace(args, gradient_checkpointing=True)
     config = TDMConfig(steps=(1, 2, 4), batch_size=2, iterations=3, cfg_scale=2.0, fake_lr=1e-2, kernels="reference",
                        mixed_precision="bf16", ema_decay=0.5)
     teacher, student, fake, conditions, shape = build_preset_run(args, config)

@@ -129,3 +129,24 @@ def test_latency_summary_explains_a_ratio_below_20x(tmp_path):
     assert "unet/eager: student K=4 is 12.5x faster" in md and "toy/eager: student K=4 is 25.0x faster" in md
     assert md.count("why below 20x") == 1
     assert "a teacher step (CFG, batch 2) takes 1 ms, a student step (batch 1) 1 ms (1.00x)" in md
+
+
+def test_bench_writes_a_users_folder_unless_the_project_record_is_asked_for(tmp_path, monkeypatch):
+    """`tdm-fast bench` in a clone must not overwrite the tracked bench/results/ and bench/RESULTS.md."""
+    import argparse
+
+    from tdm_fast.perf import bench_report
+
+    parser = argparse.ArgumentParser()
+    bench_report.add_bench_arguments(parser)
+    monkeypatch.chdir(tmp_path)
+    args = parser.parse_args(["--render-only"])
+    assert bench_report.run_bench(args) == 0
+    assert (tmp_path / "runs" / "bench" / "RESULTS.md").is_file()
+    record = bench_report.PROJECT_RESULTS_DIR
+    assert bench_report._results_dir(None, True) == record and record.parent.name == "bench"
+    with pytest.raises(ValueError, match="--project-record"):
+        bench_report._results_dir(str(tmp_path), True)
+    monkeypatch.setattr(bench_report, "CLONE", None)  # installed from a wheel: there is no project record to write
+    with pytest.raises(ValueError, match="wheel"):
+        bench_report._results_dir(None, True)

@@ -1,6 +1,6 @@
-"""The fused ops as PyTorch custom operators (kernels/_ops.py): ``torch.library.opcheck`` of each on
-odd shapes and every dtype the CPU backends run, and ``torch.compile`` of whole TDM updates through
-them without graph breaks, equal to eager."""
+"""The fused ops as PyTorch custom operators (each registered in its kernels/<op>.py):
+``torch.library.opcheck`` of each on odd shapes and every dtype the CPU backends run, and
+``torch.compile`` of whole TDM updates through them without graph breaks, equal to eager."""
 from __future__ import annotations
 
 import pytest

@@ -64,12 +64,11 @@ print(json.dumps({"torch_imported": "torch" in sys.modules, "warnings": said}))
 def _student(kind: str, root):
     """A LoRA student of the shipped pipeline as ``tdm-fast distill --preset`` leaves it (``student/``, ``lora/``),
     with random LoRA and K-embedding weights so that both visibly change the images."""
-    from tdm_fast.backbones.cli import build_preset_run, export_preset_student
+    from tdm_fast.backbones.run import build_preset_run, export_preset_student
     from tdm_fast.config import TDMConfig
 
     model = t2i.shipped_pipeline(kind)
-    argv = t2i_demo.preset_argv(kind, model, t2i.write_prompt_file(root / "prompts.txt"), root / "cache", rank=4)
-    args = t2i_demo.preset_args(argv)
+    args = t2i_demo.preset_run(kind, model, t2i.write_prompt_file(root / "prompts.txt"), root / "cache", rank=4)
     config = TDMConfig(steps=STEPS, steps_conditioning=True)
     _, student, _, _, _ = build_preset_run(args, config)
     g = torch.Generator().manual_seed(0)

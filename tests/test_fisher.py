@@ -2,6 +2,7 @@
 definition, the derivation's claim on a Gaussian case, and the trainer's use of it."""
 from __future__ import annotations
 
+import dataclasses
 import pytest
 import torch
 
@@ -213,12 +214,12 @@ def test_fisher_with_lora_roles_and_gradient_checkpointing(tmp_path):
     The Fisher backward runs through both (checkpointed blocks are recomputed inside it) and reaches the
     student's adapter only."""
     import _backbone_tiny as tiny
-    from tdm_fast.backbones.cli import build_preset_run
+    from tdm_fast.backbones.run import build_preset_run
 
     tiny.BUILDERS["sd15"](tmp_path / "model")
     args = tiny.preset_args("sd15", tmp_path / "model", tiny.write_prompts(tmp_path / "prompts.txt"),
                             embedding_cache=str(tmp_path / "cache"))
-    args.gradient_checkpointing = True
+    args = dataclasses.replace(args, gradient_checkpointing=True)
     config = TDMConfig(steps=(4,), batch_size=2, iterations=2, cfg_scale=2.0, fake_lr=1e-2, kernels="reference",
                        objective="fisher")
     teacher, student, fake, conditions, shape = build_preset_run(args, config)

@@ -64,3 +64,21 @@ def test_bench_plan_sdxl_prints_flops_and_paper_figure(capsys):
     fwd = [line for line in out.splitlines() if line.startswith("one network forward")][0]
     per_sample = float(fwd.split("(")[-1].split(" TFLOP")[0])
     assert 6.0 < per_sample < 7.5
+
+
+def test_projection_says_which_inputs_are_measured_and_which_assumed():
+    from tdm_fast.perf.flops import UTILISATION_SOURCE, plan_flops, projection_inputs
+
+    plan = plan_flops("sd15", steps=(4,), batch=2, lora=True)
+    measured = {"size": "sd15-real", "config": "plain-lora", "batch": 1, "dtype": "fp32", "device": "cpu",
+                "flops_measured": 8.2e12, "flops_measured_vs_model": 0.98, "network_passes_x_batch": 8.0,
+                "tensor_peak_vs_plan": 1.02}
+    other_preset = {**measured, "size": "sdxl-real"}
+    full_copies = {**measured, "config": "plain-full"}
+    lines = projection_inputs(plan, [measured, other_preset, full_copies], UTILISATION_SOURCE)
+    rows = [line for line in lines if line.lstrip().startswith("measured")]
+    assert len(rows) == 1 and "sd15-real plain-lora" in rows[0] and "0.980x the model" in rows[0]
+    assert any(line.lstrip().startswith("assumed") and "PaLM" in line for line in lines)
+    lines = projection_inputs(plan, [], "given by --mfu")
+    assert any("no real-size measurement of sd15" in line for line in lines)
+    assert lines[-1].lstrip().startswith("given")

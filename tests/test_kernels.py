@@ -293,8 +293,8 @@ def test_grad_output_scaling(backend, grad_output):
 def test_renoise_with_gradients_uses_the_reference(monkeypatch):
     """The fused renoise/ddim_jump have no backward; a call that needs one gets the reference."""
     monkeypatch.setenv(_backend.ENV, "compile")
-    monkeypatch.setattr(renoise_mod, "renoise", _fail)
-    monkeypatch.setattr(ddim_mod, "ddim_jump", _fail)
+    monkeypatch.setitem(renoise_mod._LAUNCHERS, "compile", _fail)
+    monkeypatch.setitem(ddim_mod._LAUNCHERS, "compile", _fail)
     x0 = torch.randn(2, 8, requires_grad=True)
     eps, z = torch.randn(2, 8), torch.randn(2, 8)
     a_s, s_s, a_t, s_t = _schedule(2)
@@ -341,8 +341,10 @@ def test_env_selects_backend(monkeypatch, name):
 
 
 def test_top_level_kernels_name_stays_inert():
-    """From a clone's root the folder also imports as ``kernels``, which transformers probes for (Hugging
-    Face's kernel hub): that must neither re-register the ops nor look like the hub package."""
+    """From a clone's root the folder also imports as ``kernels``, the name of Hugging Face's kernel hub
+    package (which transformers imports): that import hands over to the hub package, or fails as if the
+    folder were not there, and never loads our ops a second time (tests/test_fresh_machine.py runs the
+    hub package itself)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -351,11 +353,15 @@ def test_top_level_kernels_name_stays_inert():
     script = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
         "import torch, tdm_fast.kernels as K\n"
-        "from transformers.utils.import_utils import is_kernels_available\n"
-        "import kernels\n"
+        "try:\n"
+        "    import kernels\n"
+        "except ModuleNotFoundError:\n"
+        "    kernels = None\n"
         "assert kernels is not K and not hasattr(kernels, 'tdm_generator_loss'), dir(kernels)\n"
-        "assert not is_kernels_available()\n"
-        "assert [m for m in sys.modules if m.startswith('kernels.')] == []\n"
+        "ours = sys.argv[1] + '/kernels/'\n"
+        "loaded = [m for m, mod in list(sys.modules.items()) if str(getattr(mod, '__file__', '')).startswith(ours)]\n"
+        # Under the top-level name only the hand-over itself runs.
+        "assert all(m.startswith('tdm_fast.') or m == 'kernels._shadow' for m in loaded), loaded\n"
     )
     subprocess.run([sys.executable, "-c", script, str(root)], check=True, timeout=300)
 

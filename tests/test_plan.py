@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from tdm_fast.backbones.cli import add_plan_arguments, run_plan
+from tdm_fast.cli.distill import add_plan_arguments, run_plan
 
 
 @pytest.mark.parametrize("preset,expected", [("sd15", 859.5e6), ("sdxl", 2567.5e6), ("pixart", 611.3e6)])
@@ -63,3 +63,13 @@ def test_saved_activations_on_meta_equal_the_real_forward():
         unet(x, t, encoder_hidden_states=text)
     probabilities = 3 * 256 * 256 * 4  # the 16 x 16 latent's self-attention, one head's worth at least
     assert math_path.bytes >= counted["meta"] + probabilities
+
+
+def test_readme_plan_table_is_what_the_model_prints():
+    """The README's memory table per configuration is reproducible: ``python -m tdm_fast.perf.plan``."""
+    from pathlib import Path
+
+    from tdm_fast.perf.plan import plan_table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert plan_table() in readme

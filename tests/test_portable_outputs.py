@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import _backbone_tiny as tiny
-from tdm_fast.backbones.cli import build_preset_run, export_preset_student
+from tdm_fast.backbones.run import build_preset_run, export_preset_student
 from tdm_fast.backbones.presets import missing_components, prompt_conditions
 from tdm_fast.config import TDMConfig
 from tdm_fast.denoiser import Denoiser
@@ -173,7 +173,7 @@ def test_model_cards_hold_no_local_path_and_parse(run, folder):
 def test_model_card_names_a_model_id_and_the_base_license(tmp_path):
     from huggingface_hub import ModelCard
 
-    from tdm_fast.lora import base_model_reference, write_model_card
+    from tdm_fast.publish import base_model_reference, write_model_card
 
     card = dict(backbone="sd15", pipeline="StableDiffusionPipeline", steps=(4,), total_steps=900, cfg_scale=3.0,
                 prediction_type="epsilon", lora=True)

@@ -5,7 +5,7 @@ from torch import nn
 
 from tdm_fast.denoiser import Denoiser
 from tdm_fast.parameterization import from_x0_eps
-from tdm_fast.sampling import sample_student
+from tdm_fast.sampling import sample_student, stage_times
 from tdm_fast.schedule import ScheduleConfig
 from tdm_fast.scheduler import TDMScheduler
 
@@ -39,12 +39,14 @@ def test_step_loop_equals_sample_student(prediction_type, schedule, solver):
     noise, cond = torch.randn(2, 4, 3, 3), torch.tensor([0.1, -0.3])
     for k in (1, 2, 3, 4):
         ours = sample_student(den, noise, cond, k, solver=solver)
-        # the sd3 pipeline passes sigmas= and (with dynamic shifting) mu=: accepted and ignored
-        sched.set_timesteps(k, sigmas=[1.0] * k, mu=0.5) if schedule == "flow" else sched.set_timesteps(k)
+        # sigmas= is honoured: the student's own σ give its own trajectory
+        times = stage_times(k, 900)
+        own = den.schedule.sigmas[times].tolist()
+        sched.set_timesteps(k, sigmas=own) if schedule == "flow" else sched.set_timesteps(k)
         x = noise
         for t in sched.timesteps:
             if schedule == "flow":
-                t_int = torch.tensor([sched.stage_times[sched.index_for_timestep(t)]] * 2)
+                t_int = torch.tensor([times[sched.index_for_timestep(t)]] * 2)
                 assert abs(float(t) - float(den.schedule(t_int[:1])[1]) * 1000) < 1e-3  # σ·1000
             else:
                 t_int = t.expand(2)

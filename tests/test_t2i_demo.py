@@ -3,6 +3,7 @@ embeddings, stock pipeline + TDMScheduler + load_lora_weights + apply_steps_embe
 and the library defects this path exposed."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -117,12 +118,12 @@ def test_pipeline_ablations_write_the_digits_tables_shape(tmp_path, capsys):
 def test_preset_shape_uses_the_folders_vae_factor_and_native_resolution(tmp_path):
     """Defect found on this path: the latent shape assumed a VAE factor of 8 (and a default resolution of
     512), so a pipeline whose VAE downsamples 2× got 2×2 latents from --resolution 16, and 256×256 by default."""
-    from tdm_fast.backbones.cli import build_preset_run
+    from tdm_fast.backbones.run import PresetRun, build_preset_run
 
     prompts = t2i.write_prompt_file(tmp_path / "p.txt")
-    for extra in ([], ["--resolution", "16"]):
-        args = t2i_demo.preset_args(["--preset", "sd15", "--model", str(t2i.shipped_pipeline("sd15")), "--prompts", str(prompts),
-                                     "--embedding-cache", str(tmp_path / "cache"), "--lora-rank", "2", *extra])
+    for extra in ({}, {"resolution": 16}):
+        args = PresetRun(preset="sd15", model=t2i.shipped_pipeline("sd15"), prompts=prompts,
+                         embedding_cache=tmp_path / "cache", lora_rank=2, **extra)
         _, _, _, conditions, shape = build_preset_run(args)
         assert shape == (4, 8, 8)
 
@@ -157,13 +158,12 @@ def test_lora_on_every_layer_kind_round_trips_into_the_stock_pipeline(pipeline, 
     attention projections) and half in peft's (convs, feed-forward, proj_in/out); the stock pipeline's
     loader picks one naming from the first key and silently dropped the other half (max |Δ| 3.3 between
     the pipeline's and the engine's student)."""
-    from tdm_fast.backbones.cli import build_preset_run, export_preset_student
+    from tdm_fast.backbones.run import build_preset_run, export_preset_student
     from tdm_fast.config import TDMConfig
 
     model = t2i.shipped_pipeline(pipeline)
-    argv = t2i_demo.preset_argv(pipeline, model, t2i.write_prompt_file(tmp_path / "p.txt"), tmp_path / "cache", 4,
-                                t2i_demo.LORA[pipeline]["targets"])
-    args = t2i_demo.preset_args(argv)
+    args = t2i_demo.preset_run(pipeline, model, t2i.write_prompt_file(tmp_path / "p.txt"), tmp_path / "cache", 4,
+                               t2i_demo.LORA[pipeline]["targets"])
     config = TDMConfig(steps=(1, 2, 4), cfg_scale=4.5, kernels="reference")
     _, student, _, _, _ = build_preset_run(args, config)
     g = torch.Generator().manual_seed(0)
@@ -179,13 +179,12 @@ def test_steps_embedding_folds_into_the_base_layer_of_a_lora_wrapped_time_embedd
     """Defect found on this path: apply_steps_embedding folded the K embedding into the bias of the
     last nn.Linear inside the time embedding, which is the LoRA ``lora_B`` when the time embedding's own
     linear layers are LoRA targets: the embedding was then scaled by alpha/rank (and lost by fuse_lora)."""
-    from tdm_fast.backbones.cli import build_preset_run, export_preset_student
+    from tdm_fast.backbones.run import build_preset_run, export_preset_student
     from tdm_fast.config import TDMConfig
 
     model = t2i.shipped_pipeline("sd15")
-    argv = t2i_demo.preset_argv("sd15", model, t2i.write_prompt_file(tmp_path / "p.txt"), tmp_path / "cache", 4,
-                                "to_q,to_k,to_v,to_out.0,linear_1,linear_2") + ["--lora-alpha", "8"]
-    args = t2i_demo.preset_args(argv)
+    args = dataclasses.replace(t2i_demo.preset_run("sd15", model, t2i.write_prompt_file(tmp_path / "p.txt"), tmp_path / "cache", 4,
+                                                   "to_q,to_k,to_v,to_out.0,linear_1,linear_2"), lora_alpha=8.0)
     config = TDMConfig(steps=(1, 2, 4), cfg_scale=4.5, kernels="reference")
     _, student, _, _, _ = build_preset_run(args, config)
     g = torch.Generator().manual_seed(1)

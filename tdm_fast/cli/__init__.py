@@ -99,11 +99,14 @@ def _check_environment() -> None:
     """Variables the run would read only at its first use (mid-run, after --out is written), checked first."""
     import os
 
+    from ..kernels import _triton
     from ..kernels._backend import BACKENDS, ENV
 
     forced = os.environ.get(ENV, "").strip().lower()
     if forced and forced not in BACKENDS:
         raise UsageError(f"{ENV}={forced} is not a kernel backend: set it to one of {', '.join(BACKENDS)}, or unset it")
+    if forced == "triton" and not _triton.available():
+        raise UsageError(f"{ENV}=triton: {_triton.MISSING}; set {ENV} to native, compile or torch, or unset it")
 
 
 def _check_extras(args) -> None:

@@ -160,7 +160,7 @@ def run_digits_demo(
 def add_demo_arguments(parser) -> None:
     """argparse options of ``tdm-fast demo`` (digits; progress: the CLI's --quiet)."""
     from ..argtypes import positive_int
-    from .digits import _add
+    from ..usage import add_once as _add
 
     _add(parser, "--out", default="runs/demo", help="output folder (default runs/demo)")
     _add(parser, "--iterations", type=positive_int, default=None, help=f"TDM iterations (default {DEMO_ITERATIONS})")

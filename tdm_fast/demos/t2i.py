@@ -38,6 +38,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_folder
 from .digits import ASSETS, NUM_CLASSES, load_digits_tensors
 
 PIPELINES = ("sd15", "sd3")
@@ -433,19 +434,19 @@ def build_pipeline(name: str, out: str | Path, iterations: int | None = None, va
     else:
         pipe.transformer = denoiser
     pipe.register_modules(**{"unet" if name == "sd15" else "transformer": denoiser})
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
-    info = {
-        "pipeline": name, "seed": seed, "vae": vae_info, "denoiser": den_info,
-        "build_wall_s": time.perf_counter() - t0, "build_cpu_s": time.process_time() - cpu0, "threads": torch.get_num_threads(),
-        "scaling_factor": float(vae.config.scaling_factor), "shift_factor": getattr(vae.config, "shift_factor", None),
-        "clip_length": CLIP_LENGTH, "t5_length": T5_LENGTH if name == "sd3" else None,
-        "cfg_scale": SD15_CFG if name == "sd15" else SD3_CFG,
-    }
-    if evaluate:
-        loaded = load_pipeline(out)
-        info["eval"] = pipeline_accuracy(loaded, samples=evaluate, steps=50, guidance_scale=info["cfg_scale"], progress=progress)
-    (out / "build.json").write_text(json.dumps(info, indent=2))
+    with atomic_folder(out) as folder:  # a kill or a full disk leaves the previous pipeline folder whole
+        pipe.save_pretrained(folder, safe_serialization=True)
+        info = {
+            "pipeline": name, "seed": seed, "vae": vae_info, "denoiser": den_info,
+            "build_wall_s": time.perf_counter() - t0, "build_cpu_s": time.process_time() - cpu0, "threads": torch.get_num_threads(),
+            "scaling_factor": float(vae.config.scaling_factor), "shift_factor": getattr(vae.config, "shift_factor", None),
+            "clip_length": CLIP_LENGTH, "t5_length": T5_LENGTH if name == "sd3" else None,
+            "cfg_scale": SD15_CFG if name == "sd15" else SD3_CFG,
+        }
+        if evaluate:
+            loaded = load_pipeline(folder)
+            info["eval"] = pipeline_accuracy(loaded, samples=evaluate, steps=50, guidance_scale=info["cfg_scale"], progress=progress)
+        (folder / "build.json").write_text(json.dumps(info, indent=2))
     return info
 
 

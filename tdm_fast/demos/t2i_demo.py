@@ -2,11 +2,11 @@
 classes (:mod:`tdm_fast.demos.t2i`) through the user's path, and judge it through the stock pipeline.
 
 The path is exactly what ``tdm-fast distill --preset sd15|sd3 --model DIR --prompts FILE`` runs:
-:func:`~tdm_fast.backbones.cli.build_preset_run` (the teacher from the folder's denoiser and scheduler
+:func:`~tdm_fast.backbones.run.build_preset_run` (the teacher from the folder's denoiser and scheduler
 config, prompt embeddings computed by the pipeline's own ``encode_prompt`` and cached, student and
 fake score as two LoRA adapters on one shared base, the teacher = adapters off, the K embedding on
 the timestep embedding), :class:`~tdm_fast.trainer.TDMTrainer` with a unify student K ∈ {1, 2, 4},
-and :func:`~tdm_fast.backbones.cli.export_preset_student` (diffusers LoRA + K-embedding table).
+and :func:`~tdm_fast.backbones.run.export_preset_student` (diffusers LoRA + K-embedding table).
 
 Sampling is done by the stock pipeline only: ``pipe.scheduler = TDMScheduler.from_config(...)``,
 ``pipe.load_lora_weights(run/lora)``, ``apply_steps_embedding(pipe.unet | pipe.transformer, run/lora,
@@ -91,14 +91,14 @@ def preset_argv(pipeline: str, model: Path, prompts: Path, cache: Path | str, ra
     return argv
 
 
-def preset_args(argv: list[str]):
-    import argparse
+def preset_run(pipeline: str, model: Path, prompts: Path, cache: Path | str, rank: int | None = None,
+               targets: str | None = None, fake_copy: bool = False, full_finetune: bool = False):
+    """The same run as :func:`preset_argv`'s flags, as the values :func:`~tdm_fast.backbones.run.build_preset_run` takes."""
+    from ..backbones.run import PresetRun
 
-    from ..backbones.cli import add_distill_preset_arguments
-
-    parser = argparse.ArgumentParser(prog="tdm-fast distill")
-    add_distill_preset_arguments(parser)
-    return parser.parse_args(argv)
+    return PresetRun(preset=pipeline, model=model, prompts=prompts, resolution=t2i.IMAGE_SIZE, embedding_cache=cache,
+                     max_sequence_length=t2i.T5_LENGTH if pipeline == "sd3" else None, lora_rank=rank,
+                     lora_targets=targets, fake_copy=fake_copy, full_finetune=full_finetune)
 
 
 # -- the stock samplers --------------------------------------------------------------------------
@@ -340,7 +340,7 @@ def run_t2i_demo(
     to ``out_dir`` (default ``runs/demo-<pipeline>``). ``onnx``: also export the student with ``tdm-fast
     export`` (to ``onnx/``, with ``onnx_exporter``) and score its ONNX Runtime samples against torch's
     (:mod:`tdm_fast.demos.t2i_onnx`)."""
-    from ..backbones.cli import build_preset_run, export_preset_student
+    from ..backbones.run import build_preset_run, export_preset_student
     from ..eval.digits import acceptance, format_table, save_grid
     from ..trainer import TDMTrainer
 
@@ -359,9 +359,9 @@ def run_t2i_demo(
     rank = lora_rank or LORA[pipeline]["rank"]
     targets = lora_targets or LORA[pipeline]["targets"]
     argv = preset_argv(pipeline, model_dir, prompts_file, out_dir / "embeddings", rank, targets, fake_copy)
-    args = preset_args(argv)
+    run = preset_run(pipeline, model_dir, prompts_file, out_dir / "embeddings", rank, targets, fake_copy)
     config = demo_config(pipeline, iterations, seed=seed, **config_overrides)
-    teacher, student, fake, conditions, shape = build_preset_run(args, config)
+    teacher, student, fake, conditions, shape = build_preset_run(run, config)
     probe_before = _teacher_probe(teacher, conditions, shape)
     trainer = TDMTrainer(teacher, config, conditions, shape, output_dir=None, student=student, fake=fake, progress=progress)
     t_train = time.perf_counter()
@@ -380,7 +380,7 @@ def run_t2i_demo(
     base.null_cond = teacher.null_cond
     teacher_is_base = bool(torch.equal(probe_after, _teacher_probe(base, conditions, shape)))
     del base
-    export_preset_student(args, student, config, out_dir)
+    export_preset_student(run, student, config, out_dir)
     student.save_pretrained(out_dir / "student")  # as `tdm-fast distill` leaves it: LoRA role + K embedding, base by path
     lora_dir = out_dir / "lora"
 
@@ -472,7 +472,7 @@ def run_t2i_demo(
 
 def add_t2i_demo_arguments(parser) -> None:
     """Options of ``tdm-fast demo --pipeline`` besides the shared --out/--iterations/--samples/--seed."""
-    from .digits import _add
+    from ..usage import add_once as _add
 
     _add(parser, "--pipeline", choices=list(t2i.PIPELINES), default=None,
          help="distil the shipped digits text-to-image pipeline of this kind through --preset and the stock pipeline")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import t2i
-from .t2i_demo import CFG, LORA, cached_reference, demo_config, load_stock, preset_args, preset_argv
+from .t2i_demo import CFG, LORA, cached_reference, demo_config, load_stock, preset_run
 
 LAYOUTS = {"lora-roles": {}, "fake-copy": {"fake_copy": True}, "full-finetune": {"full_finetune": True}}
 
@@ -76,14 +76,14 @@ class EngineScorer:
 def train_layout(pipeline: str, model_dir: Path, work: Path, layout: str, seed: int, iterations: int, **overrides):
     """The trained student of one layout and seed (the demo's recipe, with ``overrides`` of its
     TDMConfig, and LoRA) and its wall clock."""
-    from ..backbones.cli import build_preset_run
+    from ..backbones.run import build_preset_run
     from ..trainer import TDMTrainer
 
     torch.manual_seed(seed)
-    argv = preset_argv(pipeline, model_dir, t2i.write_prompt_file(work / "prompts.txt"), work / "embeddings",
-                       LORA[pipeline]["rank"], LORA[pipeline]["targets"], **LAYOUTS[layout])
+    run = preset_run(pipeline, model_dir, t2i.write_prompt_file(work / "prompts.txt"), work / "embeddings",
+                     LORA[pipeline]["rank"], LORA[pipeline]["targets"], **LAYOUTS[layout])
     config = demo_config(pipeline, iterations, seed=seed, **overrides)
-    teacher, student, fake, conditions, shape = build_preset_run(preset_args(argv), config)
+    teacher, student, fake, conditions, shape = build_preset_run(run, config)
     trainer = TDMTrainer(teacher, config, conditions, shape, output_dir=None, student=student, fake=fake, progress=False)
     start = time.perf_counter()
     trainer.train()

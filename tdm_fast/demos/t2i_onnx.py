@@ -25,11 +25,16 @@ def export_argv(student_dir: Path, model_dir: Path, out: Path, steps, total_step
 
 
 def run_export(argv: list[str]) -> None:
-    from ..cli import main
+    """Runs the export of :func:`export_argv` (its flags after ``export``, without ``--quiet``)."""
+    from ..export.cli import add_export_arguments
+    from ..export.cli import run_export as export
+    from ..usage import Parser
 
-    code = main(argv)
-    if code != 0:  # the CLI printed why (e.g. its own ORT-vs-torch parity check failed)
-        raise RuntimeError(f"`tdm-fast {' '.join(argv)}` failed with exit code {code}")
+    parser = add_export_arguments(Parser(prog="tdm-fast export"))
+    try:
+        export(parser.parse_args([a for a in argv[1:] if a != "--quiet"]))
+    except ValueError as exc:  # e.g. its own ORT-vs-torch parity check failed
+        raise RuntimeError(f"`tdm-fast {' '.join(argv)}` failed: {exc}") from None
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 from torch.nn import functional as F
 
+from ..atomic import atomic_folder
 from ..denoiser import Denoiser
 from .digits import ASSETS, DIGITS_CFG_SCALE, DIGITS_SCHEDULE, IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, DigitsUNet, \
     load_digits_teacher, timestep_features
@@ -169,7 +170,7 @@ def train_builtin_teacher(name: str, output_dir: str | Path | None = None, progr
     settings = {**spec.training, **overrides}
     teacher = train_digits_teacher(None, init=spec.fresh(), fresh=True, progress=progress, **settings)
     if output_dir is not None:
-        output_dir = Path(output_dir)
-        teacher.save_pretrained(output_dir)
-        save_teacher_asset(teacher, output_dir / spec.asset.name, teacher.training_info)
+        with atomic_folder(output_dir) as folder:
+            teacher.save_pretrained(folder)
+            save_teacher_asset(teacher, folder / spec.asset.name, teacher.training_info)
     return teacher

@@ -125,7 +125,7 @@ def train_digits_classifier(
 def add_classifier_arguments(parser) -> None:
     """argparse options of ``tdm-fast classifier train`` (progress: the CLI's --quiet)."""
     from ..argtypes import positive_int
-    from ..demos.digits import _add
+    from ..usage import add_once as _add
 
     _add(parser, "--out", default="runs/digits_classifier", help="path stem: writes STEM.safetensors and STEM.json")
     _add(parser, "--iterations", type=positive_int, default=None, help="default 1500 (the shipped classifier)")
@@ -133,7 +133,7 @@ def add_classifier_arguments(parser) -> None:
 
 
 def run_classifier_train(args) -> dict:
-    from ..cli import check_output_path
+    from ..usage import check_output_path
 
     for suffix in (".safetensors", ".json"):  # --out is a path stem: both files must be creatable
         check_output_path(Path(args.out).with_suffix(suffix), "--out", folder=False)

@@ -103,16 +103,10 @@ def fake_lag(trainer, updates: int = 100, probe_batches: int = 8, seed: int = 12
              "sched": copy.deepcopy(trainer.sched_f.state_dict()), "rng": trainer.rng.get_state()}
 
     def probe() -> dict:
-        # the trainer's own update with a zero-step optimizer: the loss exactly as training computes it
-        optimizer, scheduler = trainer.opt_f, trainer.sched_f
-        trainer.opt_f = torch.optim.SGD(trainer.fake_core.parameters(), lr=0.0)
-        trainer.sched_f = torch.optim.lr_scheduler.LambdaLR(trainer.opt_f, lambda i: 0.0)
+        # the trainer's own loss, exactly as training computes it, without a step
         trainer.rng.manual_seed(seed)
-        try:
-            return {k: float(sum(trainer.fake_score_update(batch, k)[0] for batch in _rollouts(trainer, k, probe_batches))
-                             / probe_batches) for k in trainer.config.steps}
-        finally:
-            trainer.opt_f, trainer.sched_f = optimizer, scheduler
+        return {k: float(sum(trainer.fake_score_loss(batch, k, backward=False) for batch in _rollouts(trainer, k, probe_batches))
+                         / probe_batches) for k in trainer.config.steps}
 
     before = probe()
     trainer.rng.manual_seed(seed + 1)

@@ -56,6 +56,13 @@ DEVICE_PEAK_TFLOPS = {
     "v100": 125.0,  # fp16
 }
 DEFAULT_UTILISATION = 0.35  # an assumption; see the module docstring
+UTILISATION_SOURCE = (
+    "assumed, not measured (no GPU run of the real-size rows is recorded): model FLOPs utilisation is defined, and "
+    "46 % reported for a 540B-parameter transformer on TPU v4, in the PaLM paper (Chowdhery et al. 2022, arXiv "
+    "2204.02311, Table 3); convolutional UNets at 64x64-128x128 latents usually run lower, so 0.35 is our round "
+    "figure below it. Set --mfu FLOAT, or measure it on a GPU: bash bench/gpu_all.sh")
+# real-size benchmark sizes (bench/bench_realsize.py) of each preset
+REAL_SIZES = {"sd15": ("sd15-real", "sd15"), "sdxl": ("sdxl-real", "sdxl")}
 
 # Training costs reported in the TDM paper (Table 3 and Fig. 1; spec §8). ``iterations`` only where the
 # paper states it. Settings the paper does not state are ours, printed as "assumed".
@@ -258,8 +265,40 @@ def _fmt_hours(h: float) -> str:
     return f"{h:,.1f} GPU-hours ({h / 24:,.2f} GPU-days)" if h >= 24 else f"{h:,.2f} GPU-hours"
 
 
+def measured_real_size(plan: dict, real_size_rows: list[dict]) -> list[dict]:
+    """The rows of the real-size benchmark (``extra_info`` of bench/bench_realsize.py's JSON) that measured
+    this plan's preset in its role layout (LoRA roles, or full copies)."""
+    sizes = REAL_SIZES.get(plan["preset"], ())
+    configs = ("plain-lora", "all") if plan["lora"] else ("plain-full",)
+    return [r for r in real_size_rows if r.get("size") in sizes and r.get("config") in configs]
+
+
+def projection_inputs(plan: dict, real_size_rows: list[dict], utilisation_source: str) -> list[str]:
+    """What the GPU-hour projection rests on, each input marked measured, modelled or assumed."""
+    lines = ["inputs of the projection:",
+             "  modelled  FLOPs of one forward: FlopCounterMode on the meta model of the published config "
+             "(matmuls, convolutions, attention)",
+             f"  modelled  forwards per iteration: {plan['forward_equivalents']:.2f} (the composition above)"]
+    rows = measured_real_size(plan, real_size_rows)
+    for r in rows:
+        where = f"{r['size']} {r['config']}, batch {r['batch']}, {r['dtype']}, on {r['device']}"
+        lines.append(f"  measured  one real-size iteration ({where}): FlopCounterMode {r['flops_measured'] / 1e12:,.2f} TFLOP = "
+                     f"{r['flops_measured_vs_model']:.3f}x the model at that batch; {r['network_passes_x_batch']:g} network "
+                     f"passes x batch; tensor peak {r['tensor_peak_vs_plan']:.2f}x tdm-fast plan")
+    if not rows:
+        sizes = " / ".join(REAL_SIZES.get(plan["preset"], ())) or "none"
+        lines.append(f"  (no real-size measurement of {plan['preset']} in this layout is recorded; real-size sizes: {sizes}; "
+                     "tdm-fast bench realsize)")
+    lines.append(f"  {_utilisation_kind(utilisation_source):<9} utilisation: {utilisation_source}")
+    return lines
+
+
+def _utilisation_kind(source: str) -> str:
+    return next((kind for kind in ("assumed", "measured") if source.startswith(kind)), "given")
+
+
 def format_flops_plan(plan: dict, iterations: int, gpu: str, utilisation: float, utilisation_source: str,
-                      peak_flops: float | None = None) -> str:
+                      peak_flops: float | None = None, real_size_rows: list[dict] = ()) -> str:
     from .plan import PLAN_CONFIGS, PUBLISHED
 
     peak = peak_flops or device_peak(gpu)
@@ -281,10 +320,11 @@ def format_flops_plan(plan: dict, iterations: int, gpu: str, utilisation: float,
             lines.append(f"  {name:<46}{_fmt_flops(value):>16}")
     lines.append(f"  {'FLOPs per iteration':<46}{_fmt_flops(plan['total']):>16}   (= {plan['forward_equivalents']:.1f} forwards)")
     hours = projected_gpu_hours(plan["total"], iterations, peak, utilisation)
+    lines += ["", *projection_inputs(plan, list(real_size_rows), utilisation_source)]
     lines += [
         "",
         f"projected: {iterations} iterations on {gpu} (peak {peak / 1e12:,.0f} TFLOP/s bf16 dense) at utilisation "
-        f"{utilisation:.0%} ({utilisation_source}): {_fmt_hours(hours)}",
+        f"{utilisation:.0%} ({_utilisation_kind(utilisation_source)}): {_fmt_hours(hours)}",
         "",
         "paper's reported training costs for this backbone (Table 3 / Fig. 1 of arXiv 2503.06674):",
     ]

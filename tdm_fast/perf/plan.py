@@ -180,7 +180,11 @@ def saved_activation_bytes(model, forward) -> int:
 
 def activation_bytes(preset: str, model, batch: int, resolution=None, num_frames: int = 49) -> dict:
     """fp32 bytes saved for backward by one forward with grad: without and with gradient checkpointing."""
-    run = _meta_inputs(preset, model, batch, resolution, num_frames)
+    return forward_activation_bytes(model, _meta_inputs(preset, model, batch, resolution, num_frames))
+
+
+def forward_activation_bytes(model, run) -> dict:
+    """What :func:`activation_bytes` counts, for any forward closure ``run`` through a diffusers ``model``."""
     full_bytes = saved_activation_bytes(model, run)
     calls = []
 
@@ -267,3 +271,32 @@ def format_plan(plan: dict, gpu_memory_gib: float = 80.0) -> str:
             fits += " (without activations)"
         lines.append(f"  {mark(lora):<6}{mark(ckpt):<6}{mark(mp):<6}{mark(a8):<6}{total:10.1f}  {fits}")
     return "\n".join(lines)
+
+
+# (label, LoRA roles, gradient checkpointing, bf16, 8-bit Adam) of the README's plan table
+TABLE_CONFIGURATIONS = (
+    ("full copies, fp32", False, False, False, False),
+    ("full copies, bf16", False, False, True, False),
+    ("full copies, bf16 + checkpointing + 8-bit Adam", False, True, True, True),
+    ("LoRA roles, fp32", True, False, False, False),
+    ("LoRA roles, fp32 + checkpointing", True, True, False, False),
+    ("LoRA roles, bf16", True, False, True, False),
+    ("LoRA roles, bf16 + checkpointing", True, True, True, False),
+)
+TABLE_COLUMNS = (("sd15", 1), ("sd15", 8), ("sdxl", 1), ("sdxl", 4))
+
+
+def plan_table(columns=TABLE_COLUMNS, configurations=TABLE_CONFIGURATIONS) -> str:
+    """The README's markdown table: tensor memory (GiB, no GPU-process overhead) of every configuration
+    per (preset, batch), from :func:`memory_plan` and :func:`network_bytes`."""
+    plans = [memory_plan(preset, batch) for preset, batch in columns]
+    lines = ["| configuration | " + " | ".join(f"{p} batch {b}" for p, b in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for label, lora, checkpointing, bf16, adam8bit in configurations:
+        cells = [network_bytes(plan, lora, checkpointing, bf16, adam8bit, overhead_gib=0)["total"] / GIB for plan in plans]
+        lines.append(f"| {label} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m tdm_fast.perf.plan: the README's plan table
+    print(plan_table())

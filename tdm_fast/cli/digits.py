@@ -1,4 +1,4 @@
-"""argparse helpers for the digits verbs; the ``tdm-fast`` entry point wires them.
+"""The digits verbs' flags and what they run; :mod:`tdm_fast.cli` wires them.
 
     tdm-fast teacher train --dataset digits   add_teacher_arguments   / run_teacher_train
     tdm-fast classifier train                 add_classifier_arguments / run_classifier_train
@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..denoiser import load_denoiser
+from ..sampling import check_steps
+from ..usage import UsageError, add_once, check_output_path
 from ..demos.demo_digits import add_demo_arguments, run_demo
-from ..demos.digits import add_teacher_arguments, run_teacher_train
-from .classifier import add_classifier_arguments, run_classifier_train
+from ..eval.classifier import add_classifier_arguments, run_classifier_train
 
 __all__ = [
     "add_classifier_arguments", "add_demo_arguments", "add_eval_arguments", "add_teacher_arguments",
@@ -54,10 +56,8 @@ def add_eval_arguments(parser) -> None:
 
 def _check_eval_args(args) -> None:
     """What ``tdm-fast eval`` refuses before it loads a network or writes a file."""
-    from ..cli import UsageError, check_output_path
-
     if args.ablations:
-        from .ablations import VARIANTS
+        from ..eval.ablations import VARIANTS
 
         if args.student:
             raise UsageError(f"--ablations trains its own students: give either a student folder ({args.student}) or --ablations")
@@ -85,7 +85,6 @@ def _check_eval_args(args) -> None:
 
 
 def _check_builtin_teacher(args) -> None:
-    from ..cli import UsageError
     from ..demos.teachers import TEACHERS
 
     name = args.builtin_teacher
@@ -100,7 +99,6 @@ def _check_builtin_teacher(args) -> None:
 
 def check_digits_student(student, teacher, path) -> None:
     """A student ``tdm-fast eval`` can score: it samples the digits teacher's shape and classes."""
-    from ..cli import UsageError
 
     want = tuple(teacher.model.sample_shape)
     got = getattr(student.model, "sample_shape", None)
@@ -113,7 +111,7 @@ def check_digits_student(student, teacher, path) -> None:
 def run_eval(args) -> dict:
     _check_eval_args(args)
     if args.ablations:
-        from .ablations import VARIANTS, run_ablations
+        from ..eval.ablations import VARIANTS, run_ablations
 
         if args.pipeline:
             from ..demos.t2i_ablations import DEFAULT_VARIANTS, run_pipeline_ablations
@@ -131,15 +129,14 @@ def run_eval(args) -> dict:
         )
         print(table)
         return results
-    from ..cli import _check_steps, load_denoiser
     from ..demos.digits import DIGITS_CFG_SCALE, load_digits_teacher
-    from .digits import evaluate_digits, format_table
+    from ..eval.digits import evaluate_digits, format_table
 
     teacher = load_digits_teacher(args.teacher)
     student = load_denoiser(args.student).eval()
     check_digits_student(student, teacher, args.student)
     steps = args.steps or list(student.steps_set or (4,))
-    _check_steps(steps, student)
+    check_steps(steps, student)
     results = evaluate_digits(
         teacher, {k: student for k in steps}, args.cfg_scale or DIGITS_CFG_SCALE, samples=args.samples,
         seeds=tuple(args.eval_seeds), progress=None if getattr(args, "quiet", False) else print,
@@ -149,3 +146,45 @@ def run_eval(args) -> dict:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results
+
+
+def add_teacher_arguments(parser) -> None:
+    """argparse options of ``tdm-fast teacher train --dataset digits`` (progress: the CLI's --quiet)."""
+    add_once(parser, "--out", default="runs/digits_teacher", help="folder for the trained teacher")
+    from ..argtypes import positive_float, positive_int, probability
+
+    add_once(parser, "--iterations", type=positive_int, default=None, help="default 2500 (the shipped teacher)")
+    add_once(parser, "--seed", type=int, default=0)
+    add_once(parser, "--batch-size", type=positive_int, default=128)
+    add_once(parser, "--lr", type=positive_float, default=2e-3)
+    add_once(parser, "--cond-dropout", type=probability, default=0.15, help="rate of null-class labels (for CFG), in [0, 1)")
+    add_once(parser, "--architecture", default="digits", choices=["digits", "digits-small-v", "digits-dit"],
+                 help="which built-in digits teacher (tdm_fast.demos.teachers): the shipped UNet, a smaller v-predicting "
+                  "UNet, or a flow-matching transformer")
+
+
+def run_teacher_train(args) -> dict:
+    architecture = getattr(args, "architecture", "digits")
+    if architecture != "digits":
+        from ..demos.teachers import TEACHERS, train_builtin_teacher
+
+        settings = {"iterations": getattr(args, "iterations", None) or TEACHERS[architecture].training["iterations"],
+                    "batch_size": getattr(args, "batch_size", 128), "lr": getattr(args, "lr", None) or TEACHERS[architecture].training["lr"],
+                    "cond_dropout": getattr(args, "cond_dropout", 0.15)}
+        if getattr(args, "seed", None) is not None:
+            settings["seed"] = args.seed
+        teacher = train_builtin_teacher(architecture, args.out, progress=not getattr(args, "quiet", False), **settings)
+        stem = TEACHERS[architecture].asset.name
+        print(f"saved the {architecture} teacher to {args.out} ({teacher.training_info['wall_s']:.0f} s); "
+              f"to ship it, copy {args.out}/{stem}.safetensors and .json into tdm_fast/assets/")
+        return teacher.training_info
+    from ..demos.digits import TEACHER_ASSET, train_digits_teacher
+
+    teacher = train_digits_teacher(
+        args.out, iterations=getattr(args, "iterations", None) or 2500, batch_size=getattr(args, "batch_size", 128),
+        lr=getattr(args, "lr", 2e-3), cond_dropout=getattr(args, "cond_dropout", 0.15), seed=getattr(args, "seed", None) or 0,
+        progress=not getattr(args, "quiet", False),
+    )
+    print(f"saved the digits teacher to {args.out} ({teacher.training_info['wall_s']:.0f} s); "
+          f"to ship it, copy {args.out}/{TEACHER_ASSET}.safetensors and .json into tdm_fast/assets/")
+    return teacher.training_info

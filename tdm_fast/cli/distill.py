@@ -1,0 +1,271 @@
+"""``tdm-fast distill`` (a saved teacher, or a real backbone with ``--preset``) and ``tdm-fast plan``:
+their flags, read into a :class:`~tdm_fast.config.TDMConfig` and a :class:`~tdm_fast.backbones.run.PresetRun`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import typing
+from pathlib import Path
+
+from ..backbones.presets import PRESETS
+from ..backbones.run import PresetRun
+from ..checkpoint import checkpoint_dirs
+from ..config import TDMConfig
+from ..denoiser import load_denoiser
+from ..usage import UsageError, check_allocation, check_output_path, write_text_atomically
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "null", "mse") else float(text)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TDMConfig field (``--fake-lr``, ``--no-importance-sampling`` …), with its help, default
+    and choices; values left unset fall back to ``--config``, then to TDMConfig's defaults."""
+    from ..config import CHOICES, HELP
+
+    group = parser.add_argument_group("TDM settings (override --config)")
+    hints = typing.get_type_hints(TDMConfig)
+    for field in dataclasses.fields(TDMConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        text = HELP[field.name]
+        if "(default" not in text:
+            text += f" (default: {' '.join(map(str, default)) if isinstance(default, tuple) else default})"
+        if field.name == "steps":
+            group.add_argument(flag, type=int, nargs="+", default=None, metavar="K", help=text)
+        elif field.name == "steps_weights":
+            group.add_argument(flag, type=float, nargs="+", default=None, metavar="W", help=text)
+        elif kind in (bool, bool | None):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif kind == float | None:
+            group.add_argument(flag, type=_optional_float, default=None, metavar="FLOAT|none", help=text)
+        elif field.name in CHOICES:
+            group.add_argument(flag, choices=CHOICES[field.name], default=None, help=text)
+        else:
+            base = kind if kind in (int, float, str) else str
+            group.add_argument(flag, type=base, default=None, help=text)
+
+
+def config_from_args(args) -> TDMConfig:
+    """``--config`` overlaid with the flags given; an invalid value is reported with its flag's name."""
+    data = TDMConfig.from_file(args.config).to_dict() if args.config else {}
+    given = []
+    for field in dataclasses.fields(TDMConfig):
+        value = getattr(args, field.name)
+        if value is not None:
+            data[field.name] = value
+            given.append(field.name)
+    try:
+        return TDMConfig.from_dict(data)
+    except ValueError as exc:
+        message = str(exc)
+        for name in given:  # name the flag the user typed, not the field behind it
+            message = re.sub(rf"(?<![\w-]){name}(?!\w)", "--" + name.replace("_", "-"), message)
+        raise ValueError(message) from None
+
+
+def _override_keys(args) -> tuple[str, ...]:
+    keys = tuple(k.replace("-", "_") for k in (args.override or ()))
+    if keys and args.resume is None:
+        raise UsageError("--override only applies to a resumed run: add --resume")
+    return keys
+
+
+def _conditions_for(teacher, conditions_file: str | None):
+    from safetensors.torch import load_file
+
+    from ..training.conditions import ClassConditions, EmbeddingConditions
+
+    if conditions_file:
+        if not Path(conditions_file).is_file():
+            raise UsageError(f"--conditions {conditions_file} does not exist")
+        try:
+            tensors = load_file(conditions_file)
+        except Exception as exc:  # safetensors' own error type on a damaged header
+            raise UsageError(f"--conditions {conditions_file} is not a readable safetensors file ({exc})") from None
+        if not tensors or len({v.shape[0] for v in tensors.values()}) != 1:
+            raise UsageError(f"--conditions {conditions_file} must hold tensors with one shared first (batch) dimension")
+        return EmbeddingConditions(tensors["cond"] if set(tensors) == {"cond"} else tensors)
+    if isinstance(teacher.null_cond, int):
+        return ClassConditions(teacher.null_cond)
+    raise UsageError("this teacher is not class-conditional: pass --conditions EMBEDDINGS.safetensors")
+
+
+def _sample_shape(model, flag) -> tuple[int, ...]:
+    if flag:
+        return tuple(flag)
+    if hasattr(model, "sample_shape"):
+        return tuple(model.sample_shape)
+    raise UsageError("cannot tell the sample shape of this model: pass --sample-shape")
+
+
+def cmd_distill(args) -> int:
+    from .. import runlock
+    from ..checkpoint import resolve_checkpoint
+
+    config = config_from_args(args)
+    out = check_output_path(args.out, "--out")
+    overrides = _override_keys(args)
+    if bool(args.teacher) == bool(args.preset):
+        raise UsageError("give either --teacher (a saved denoiser) or --preset with --model and --prompts")
+    runlock.check_free(out)
+    if checkpoint_dirs(out / "checkpoints") and args.resume is None:
+        raise UsageError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+    resume_from = resolve_checkpoint(args.resume or out) if args.resume is not None else None
+
+    from accelerate.utils import set_seed
+
+    from ..trainer import TDMTrainer
+
+    set_seed(config.seed)  # LoRA initialisation and anything else drawn from the global generators
+    if args.preset:
+        from ..backbones.run import build_preset_run, optimizer_class
+
+        run = preset_run_from_args(args)
+        teacher, student, fake, conditions, shape = build_preset_run(run, config)
+        optimizer_cls = optimizer_class(run.use_8bit_adam)
+        validation = _preset_validation(args.model, conditions, shape) if config.validation_every else None
+    else:
+        teacher = load_denoiser(args.teacher)
+        student = fake = None
+        conditions = _conditions_for(teacher, args.conditions)
+        shape = _sample_shape(teacher.model, args.sample_shape)
+        import torch
+
+        optimizer_cls = torch.optim.AdamW
+        validation = None  # the trainer's default: the run's own conditions, samples shown as images
+    if min(shape) < 1:
+        raise UsageError(f"--sample-shape {' '.join(map(str, shape))}: sizes must be >= 1")
+    check_allocation("--batch-size", config.batch_size, shape)
+    try:
+        trainer = TDMTrainer(
+            teacher, config, conditions, shape, output_dir=out, student=student, fake=fake,
+            progress=not args.quiet, optimizer_cls=optimizer_cls, validation=validation,
+        )
+    except ValueError as exc:  # the trainer's shape check, reported under the flag that set the shape
+        if args.sample_shape and str(exc).startswith("sample_shape "):
+            raise UsageError("--sample-shape " + str(exc)[len("sample_shape "):]) from None
+        raise
+    if resume_from is not None:
+        trainer.load_checkpoint(resume_from, overrides)
+    main_process = trainer.accelerator.is_main_process
+    if main_process:
+        runlock.acquire(out)  # held until this process ends; the checks above are repeated under it
+    try:
+        if main_process:
+            newest = checkpoint_dirs(out / "checkpoints")
+            if resume_from is None and newest:
+                raise UsageError(f"{out} gained checkpoints from another run while this one started")
+            if resume_from is not None and resume_from.parent == out / "checkpoints" and newest[-1:] != [resume_from]:
+                raise UsageError(f"{out} gained newer checkpoints than {resume_from.name} while this run started")
+            write_text_atomically(out / "config.json", json.dumps(config.to_dict(), indent=2))
+        trainer.train()
+        student = trainer.final_student() if args.preset else None  # every process: FSDP gathers it
+        if main_process:
+            if args.preset:
+                from ..backbones.run import export_preset_student
+
+                export_preset_student(preset_run_from_args(args), student, config, out)
+            print(f"student saved to {out}")
+    finally:
+        if main_process:
+            runlock.release(out)
+    return 0
+
+
+def _preset_validation(model: str, conditions, shape):
+    """Validation grids of a latent model decoded by the pipeline's own VAE (latents if it has none)."""
+    from ..validation import Validation
+
+    decode = None
+    if (Path(model) / "vae" / "config.json").is_file():
+        import torch
+
+        from ..export.vae import LatentDecoder, load_vae
+
+        decoder = LatentDecoder(load_vae(model))
+
+        def decode(latents):
+            with torch.no_grad():
+                return decoder.to(latents.device)(latents.float())
+
+    return Validation.from_conditions(conditions, shape, count=8, decode=decode)
+
+
+def add_distill_preset_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..argtypes import positive_float, positive_int
+
+    g = parser.add_argument_group("real backbones (diffusers)")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="backbone family of --model")
+    g.add_argument("--model", help="local diffusers pipeline folder (unet/ or transformer/, scheduler/, text encoders)")
+    g.add_argument("--prompts", help="prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...})")
+    g.add_argument("--resolution", type=positive_int, default=None,
+                   help="pixel resolution (default: the denoiser's sample_size x the VAE factor, e.g. 512 for SD1.5)")
+    g.add_argument("--num-frames", type=positive_int, default=49, help="video frames (cogvideox)")
+    g.add_argument("--max-sequence-length", type=positive_int, default=None, help="T5 tokens (pixart, sd3, cogvideox)")
+    g.add_argument("--embedding-cache", default="default", help="folder of cached text embeddings ('none' disables)")
+    g.add_argument("--full-finetune", action="store_true", help="student and fake as full copies instead of LoRA")
+    g.add_argument("--lora-rank", type=positive_int, default=None, help="LoRA rank (default per backbone)")
+    g.add_argument("--lora-alpha", type=positive_float, default=None, help="LoRA alpha (default: rank)")
+    g.add_argument("--lora-targets", default=None, help="comma-separated LoRA target modules (default per backbone)")
+    g.add_argument("--fake-copy", action="store_true", help="the fake score gets its own base copy (default: second adapter on the shared base)")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes AdamW8bit (needs bitsandbytes)")
+    g.add_argument("--export-kohya", action="store_true", help="also write the LoRA in kohya format")
+    g.add_argument("--export-fused", action="store_true", help="also write fused full student weights")
+
+
+def preset_run_from_args(args) -> PresetRun:
+    """The ``--preset`` flags as values."""
+    return PresetRun(**{field.name: getattr(args, field.name) for field in dataclasses.fields(PresetRun)})
+
+
+def add_distill_parser(verbs) -> None:
+    p = verbs.add_parser("distill", help="distil a teacher into a K-step student")
+    p.add_argument("--teacher", help="a saved Denoiser folder (e.g. from `tdm-fast teacher train`)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, student/")
+    p.add_argument("--config", help="YAML or JSON file of TDM settings; flags override it")
+    p.add_argument("--conditions", help="safetensors of condition embeddings (text teachers)")
+    p.add_argument("--sample-shape", type=int, nargs="+", help="shape of one sample, if the model does not say")
+    p.add_argument("--resume", nargs="?", const="", default=None, help="continue from the newest checkpoint (of --out, or PATH)")
+    p.add_argument("--override", nargs="+", metavar="KEY", default=None,
+                   help="with --resume: settings (e.g. fake_lr batch_size) that may differ from the checkpoint's")
+    _add_config_flags(p)
+    add_distill_preset_arguments(p)
+    p.set_defaults(func=cmd_distill)
+
+    p = verbs.add_parser("plan", help="memory estimate of a real backbone's TDM run (meta device, no weights)")
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_plan)
+
+
+# -- tdm-fast plan --------------------------------------------------------------------------------
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..argtypes import positive_float, positive_int
+    from ..perf.plan import PLAN_CONFIGS
+
+    parser.add_argument("--preset", required=True, choices=sorted(PLAN_CONFIGS))
+    parser.add_argument("--batch", type=positive_int, default=1, help="per-GPU batch size")
+    parser.add_argument("--resolution", type=positive_int, default=None, help="pixel resolution (default: the preset's)")
+    parser.add_argument("--num-frames", type=positive_int, default=49)
+    parser.add_argument("--gpu-memory", type=positive_float, default=80.0, help="GPU memory in GiB")
+    parser.add_argument("--lora-rank", type=positive_int, default=None)
+    parser.add_argument("--no-activations", action="store_true", help="skip the (meta-device) activation estimate")
+
+
+def run_plan(args) -> dict:
+    from ..perf.plan import format_plan, memory_plan
+
+    plan = memory_plan(args.preset, batch=args.batch, resolution=args.resolution, num_frames=args.num_frames,
+                       lora_rank=args.lora_rank, activations=not args.no_activations)
+    print(format_plan(plan, args.gpu_memory))
+    return plan
+
+
+def cmd_plan(args) -> int:
+    run_plan(args)
+    return 0

@@ -1,0 +1,144 @@
+"""``tdm-fast sample`` (a class-conditional student, or prompts through an exported pipeline) and
+``tdm-fast export`` (torch.compile / ONNX / TensorRT of the K-step sampler)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..denoiser import load_denoiser
+from ..export.cli import add_backend_arguments, add_export_arguments
+from ..sampling import check_steps
+from ..solvers import SOLVERS, trained_solver
+from ..usage import UsageError, check_allocation, check_output_path, refuse_given
+
+
+def _check_backend(backend: str, engine: str | None) -> None:
+    if engine is not None:
+        if backend not in ("onnx", "tensorrt"):
+            raise UsageError(f"--engine is an exported graph or engine: use it with --backend onnx or tensorrt, not {backend}")
+        if not Path(engine).exists():
+            raise UsageError(f"--engine {engine} does not exist")
+    if backend == "tensorrt":
+        from ..export.tensorrt import tensorrt_available
+
+        ok, why = tensorrt_available()
+        if not ok:
+            raise UsageError(f"--backend tensorrt: {why}")
+
+
+def cmd_sample(args) -> int:
+    if args.prompt is not None:
+        return _sample_prompts(args)
+    if args.checkpoint is None:
+        raise UsageError("--checkpoint is required (or --prompt with --backend onnx --engine EXPORT_DIR)")
+    import torch
+
+    from ..sampling import sample_student
+
+    if args.num < 1:
+        raise UsageError(f"--num must be >= 1, got {args.num}")
+    out = check_output_path(args.out, "--out", folder=False)
+    check_output_path(out.with_suffix(".safetensors"), "--out", folder=False)
+    check_output_path(out.with_suffix(".png"), "--out", folder=False)
+    _check_backend(args.backend, args.engine)
+    student = load_denoiser(args.checkpoint).eval()
+    steps = args.steps
+    check_steps([steps], student)
+    if not isinstance(student.null_cond, int):
+        raise UsageError("tdm-fast sample draws class labels; for text models use the diffusers pipeline with TDMScheduler")
+    if getattr(student.model, "sample_shape", None) is None:
+        raise UsageError(f"{type(student.model).__name__} does not say its sample shape; sample it from Python")
+    bad = [label for label in args.labels or () if not 0 <= label < student.null_cond]
+    if bad:
+        raise UsageError(f"--labels {bad[0]}: this student's classes are 0..{student.null_cond - 1}")
+    check_allocation("--num", args.num, student.model.sample_shape)
+    g = torch.Generator().manual_seed(args.seed)
+    labels = torch.tensor(args.labels) if args.labels else torch.randint(0, student.null_cond, (args.num,), generator=g)
+    noise = torch.randn((labels.shape[0], *student.model.sample_shape), generator=g)
+    solver = args.solver or trained_solver(args.checkpoint)
+    if args.backend == "torch":
+        samples = sample_student(student, noise, labels, steps, solver=solver)
+    else:
+        from ..export.cli import load_runner
+
+        runner = load_runner(args.backend, args.checkpoint, steps, engine=args.engine, student=None if args.engine else student,
+                             device="cpu" if args.backend == "onnx" else None, solver=solver)
+        samples = runner(noise, labels).cpu()
+    from safetensors.torch import save_file
+
+    from ..atomic import atomic_files
+    from ..plotting import save_samples_png
+
+    with atomic_files([out.with_suffix(".safetensors"), out.with_suffix(".png")]) as (tensors_file, image_file):
+        save_file({"samples": samples.contiguous(), "labels": labels}, tensors_file)
+        save_samples_png(samples, labels, image_file, title=f"TDM student, K={steps}")
+    print(f"wrote {out.with_suffix('.safetensors')} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _sample_prompts(args) -> int:
+    """``sample --prompt``: prompt → image through a ``tdm-fast export --pipeline`` folder, ONNX Runtime only
+    (:class:`~tdm_fast.export.runtime.TextToImage`); one image per prompt."""
+    import warnings
+
+    if args.backend != "onnx" or args.engine is None:
+        raise UsageError("--prompt samples a `tdm-fast export --pipeline` folder: add --backend onnx --engine EXPORT_DIR")
+    refuse_given({"--checkpoint": args.checkpoint, "--labels": args.labels, "--solver": args.solver},
+                 "to --prompt (the exported graphs fix the model and its solver)")
+    out = check_output_path(args.out, "--out", folder=False)
+    for suffix in (".safetensors", ".png"):
+        check_output_path(out.with_suffix(suffix), "--out", folder=False)
+    if not Path(args.engine).is_dir():
+        raise UsageError(f"--engine {args.engine} is not a folder written by tdm-fast export --pipeline")
+    from ..export.runtime import TextToImage, save_png
+
+    runner = TextToImage(args.engine, steps=args.steps)  # refuses a bad folder before anything is written
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = runner(args.prompt, steps=args.steps, seed=args.seed)
+    for warning in caught:  # a truncated prompt: said once, in the CLI's format
+        print(f"tdm-fast: warning: {warning.message}", file=sys.stderr)
+    from safetensors.numpy import save_file
+
+    from ..atomic import atomic_files
+
+    with atomic_files([out.with_suffix(".safetensors"), out.with_suffix(".png")]) as (tensors_file, image_file):
+        save_file({"images": images}, tensors_file,
+                  metadata={"prompts": json.dumps(args.prompt), "steps": str(args.steps), "seed": str(args.seed)})
+        save_png(images, image_file)
+    print(f"wrote {out.with_suffix('.safetensors')} and {out.with_suffix('.png')}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ..export.cli import check_export_args, run_export
+
+    check_output_path(args.out, "--out")
+    check_export_args(args)
+    student = load_denoiser(args.checkpoint)
+    check_steps(args.steps, student, args.total_steps)
+    run_export(args, student=student)
+    return 0
+
+
+def add_sample_parsers(verbs) -> None:
+    p = verbs.add_parser("sample", help="sample a class-conditional student, or prompts through an exported pipeline")
+    p.add_argument("--checkpoint", default=None, help="a student folder or a run folder")
+    p.add_argument("--prompt", nargs="+", default=None,
+                   help="prompts, one image each, through a `tdm-fast export --pipeline` folder (--backend onnx --engine DIR): "
+                        "ONNX Runtime only, no torch in the path")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--num", type=int, default=16)
+    p.add_argument("--labels", type=int, nargs="+")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/samples")
+    p.add_argument("--solver", choices=SOLVERS, default=None,
+                   help="the trajectory to sample: ddim or dpmsolver (default: the run's student_solver, else ddim)")
+    add_backend_arguments(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = verbs.add_parser("export", help="torch.compile / ONNX / TensorRT export of the K-step sampler")
+    add_export_arguments(p)
+    p.set_defaults(func=cmd_export)
+

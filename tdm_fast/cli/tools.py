@@ -1,0 +1,133 @@
+"""``tdm-fast demo``, ``eval``, ``classifier train``, ``bench`` and ``teacher train``: the built-in teachers,
+their demos and the benchmark suites."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..argtypes import positive_int
+from ..usage import UsageError, check_output_path, refuse_given
+from . import digits as digits_cli
+from .digits import run_demo, run_teacher_train
+
+
+def cmd_demo(args) -> int:
+    if args.onnx and args.pipeline != "sd15":
+        raise UsageError(f"--onnx scores the exported student of --pipeline sd15, not {'--pipeline ' + args.pipeline if args.pipeline else '--dataset ' + args.dataset}")
+    if args.pipeline is not None:
+        if args.dataset != "digits":
+            raise UsageError(f"--pipeline distils a digits text-to-image pipeline; it does not go with --dataset {args.dataset}")
+        from ..demos.t2i_demo import run_demo as run_t2i_demo
+
+        args.out = args.out or f"runs/demo-{args.pipeline}"
+        run_t2i_demo(args)
+        print(f"sample grid: {Path(args.out) / 'grid.png'}")
+        return 0
+    if args.model is not None:
+        raise UsageError("--model goes with --pipeline sd15|sd3 (a pipeline folder to distil instead of the shipped one)")
+    if args.dataset == "digits":
+
+        args.out = args.out or "runs/demo"
+        check_output_path(args.out, "--out")
+        args.samples = args.samples or 2000
+        run_demo(args)
+        print(f"sample grid: {Path(args.out) / 'grid.png'}")
+        return 0
+    from ..demos.demo_toy import run_toy_demo
+
+    refuse_given({"--samples": args.samples, "--eval-seeds": args.eval_seeds, "--digits-teacher": args.digits_teacher},
+                 "to --dataset toy2d")
+    out = check_output_path(args.out or "runs/demo-toy", "--out")
+    run_toy_demo(out, iterations=args.iterations or 600, progress=not args.quiet, seed=args.seed)
+    print((out / "metrics.md").read_text())
+    print(f"scatter plot: {out / 'scatter.png'}")
+    return 0
+
+
+def cmd_teacher_train(args) -> int:
+    from ..atomic import refuse_foreign_folder
+
+    check_output_path(args.out, "--out")
+    refuse_foreign_folder(args.out, "--out", ("denoiser.json", "model_index.json"))  # the new teacher replaces the folder
+    if args.dataset != "digits" and args.architecture != "digits":
+        raise UsageError(f"--architecture {args.architecture} goes with --dataset digits (the built-in digits teachers)")
+    if args.dataset == "digits-t2i":
+        if args.pipeline is None:
+            raise UsageError("--dataset digits-t2i needs --pipeline sd15 or sd3")
+        from ..demos.t2i import run_build
+
+        run_build(args)
+        return 0
+    t2i_only = [flag for flag, value in (("--pipeline", args.pipeline), ("--vae-iterations", args.vae_iterations),
+                                         ("--threads", args.threads), ("--eval-samples", args.eval_samples)) if value is not None]
+    if t2i_only:
+        raise UsageError(f"{', '.join(t2i_only)} only go with --dataset digits-t2i (the text-to-image pipelines)")
+    if args.dataset == "digits":
+        refuse_given({"--hidden": args.hidden}, "to --dataset digits (its UNet has a fixed size)")
+        args.batch_size = 128 if args.batch_size is None else args.batch_size
+        if args.architecture == "digits":
+            args.lr = 2e-3 if args.lr is None else args.lr
+        args.cond_dropout = 0.15 if args.cond_dropout is None else args.cond_dropout
+        run_teacher_train(args)
+        return 0
+    from ..demos.toy2d import train_toy_teacher
+
+    refuse_given({"--batch-size": args.batch_size, "--lr": args.lr, "--cond-dropout": args.cond_dropout},
+                 "to --dataset toy2d (they set the digits teachers' training)")
+    teacher = train_toy_teacher(iterations=args.iterations or 2000, seed=args.seed or 0, hidden=args.hidden or 128,
+                                progress=not args.quiet)
+    from ..atomic import atomic_folder
+
+    with atomic_folder(args.out) as folder:  # a kill or a full disk leaves the previous teacher folder whole
+        teacher.save_pretrained(folder)
+    print(f"teacher saved to {args.out}")
+    return 0
+
+
+def add_tool_parsers(verbs, nested, verb) -> None:
+    """``nested(parser, dest)``: a verb group's own sub-commands; ``verb(run)``: a verb whose work is ``run(args)``."""
+    p = verbs.add_parser("demo", help="distil a built-in teacher in minutes and compare with the NFE-matched baselines")
+    p.add_argument("--dataset", choices=["digits", "toy2d"], default="digits")
+    p.add_argument("--out", default=None, help="default runs/demo (digits) or runs/demo-toy (toy2d)")
+    p.add_argument("--iterations", type=positive_int, default=None, help="TDM iterations (default: 200 digits, 600 per K toy2d; with --pipeline 1000 sd15, 500 sd3)")
+    digits_cli.add_demo_arguments(p)
+    p.add_argument("--pipeline", choices=["sd15", "sd3"], default=None,
+                   help="distil the shipped digits text-to-image pipeline (stock diffusers classes) through --preset "
+                        "and judge it through the stock pipeline; writes runs/demo-<pipeline>/")
+    p.add_argument("--model", default=None, help="with --pipeline: a pipeline folder of that kind instead of the shipped one")
+    p.add_argument("--onnx", action="store_true",
+                   help="with --pipeline sd15: also `tdm-fast export` the student and score its ONNX Runtime samples "
+                        "against torch's (FID, bootstrap std; a few minutes more)")
+    p.set_defaults(func=cmd_demo, samples=None)  # --samples: 2000 (digits and --pipeline); refused for toy2d
+
+    p = verbs.add_parser("eval", help="score a digits student against the NFE-matched baselines; --ablations: reproduction table")
+    digits_cli.add_eval_arguments(p)
+    p.set_defaults(func=verb(digits_cli.run_eval))
+
+    classifier = nested(verbs.add_parser("classifier", help="the digits classifier behind FID"), "classifier_verb")
+    p = classifier.add_parser("train", help="train the digits classifier (the shipped one: defaults)")
+    digits_cli.add_classifier_arguments(p)
+    p.set_defaults(func=verb(digits_cli.run_classifier_train))
+
+    from ..perf.bench_report import add_bench_arguments, run_bench
+
+    p = verbs.add_parser("bench", help="run benchmark suites -> bench/RESULTS.md; `bench plan`: FLOPs and GPU-hours of a real backbone")
+    add_bench_arguments(p)
+    p.set_defaults(func=run_bench)
+
+    teacher = nested(verbs.add_parser("teacher", help="built-in teachers"), "teacher_verb")
+    p = teacher.add_parser("train", help="train a built-in teacher")
+    p.add_argument("--dataset", choices=["toy2d", "digits", "digits-t2i"], default="toy2d",
+                   help="digits-t2i: a tiny text-to-image pipeline of stock diffusers classes (needs --pipeline)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--iterations", type=positive_int, default=None,
+                   help="default 2000 (toy2d), 2500 (digits, the shipped teacher), 2000 (digits-t2i denoiser)")
+    p.add_argument("--hidden", type=positive_int, default=None, help="toy2d MLP width (default 128)")
+    p.add_argument("--seed", type=int, default=None, help="default 0, or the built-in teacher's own (--architecture)")
+    digits_cli.add_teacher_arguments(p)
+    g = p.add_argument_group("digits-t2i (tdm-fast teacher train --dataset digits-t2i --pipeline sd15|sd3 --out DIR)")
+    g.add_argument("--pipeline", choices=["sd15", "sd3"], default=None, help="StableDiffusionPipeline or StableDiffusion3Pipeline folder")
+    g.add_argument("--vae-iterations", type=int, default=None, help="AutoencoderKL iterations (default 400)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    g.add_argument("--eval-samples", type=int, default=None, help="also score this many 50-step CFG images with the digits classifier")
+    # --batch-size/--lr/--cond-dropout: digits 128/2e-3/0.15, digits-t2i 128/2e-3/0.1
+    p.set_defaults(func=cmd_teacher_train, batch_size=None, lr=None, cond_dropout=None)
