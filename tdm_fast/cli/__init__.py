@@ -1,7 +1,7 @@
-"""``tdm-fast``: distil, sample, export, demo, eval, bench and the built-in teachers.
+"""``tdm-fast``: distil, sample, export, convert, demo, eval, bench and the built-in teachers.
 
 One module per verb group builds its parser, reads the Namespace and calls one library function:
-:mod:`.distill` (distill, plan), :mod:`.sample` (sample, export), :mod:`.tools` with :mod:`.digits` (demo,
+:mod:`.distill` (distill, plan), :mod:`.sample` (sample, export, convert), :mod:`.tools` with :mod:`.digits` (demo,
 eval, classifier, bench, teacher). Nothing below the command line imports it.
 
 Errors a user can fix (bad flags, bad configs, missing or corrupt checkpoints) end in one line
