@@ -208,17 +208,17 @@ def summarize(benchmarks) -> str:
                   + f"; random weights) on {info['device']}, {info['torch_threads']} torch threads, one configuration at a time. "
                   f"Tensor peak: {info['tensor_peak_method']}; RSS: peak over the timed iterations minus the RSS before the build.",
                   "", "| configuration | ms / iteration | iterations timed | passes × batch / it | tensor peak (MB) | "
-                  "`tdm-fast plan` (MB) | tensor peak / plan | peak RSS (MB) | FLOPs measured (TFLOP) | passes × batch of that "
-                  "iteration | FLOPs modelled at those passes (TFLOP) | measured / model |",
+                  "`tdm-fast plan` (MB) | tensor peak / plan | peak RSS (MB) | FLOPs measured (GFLOP) | passes × batch of that "
+                  "iteration | FLOPs modelled at those passes (GFLOP) | measured / model |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            modelled = f"{r['flops_modelled'] / 1e12:.2f}" if r.get("flops_modelled") else "— (model is tdm-fast's)"
+            modelled = f"{r['flops_modelled'] / 1e9:.5g}" if r.get("flops_modelled") else "— (model is tdm-fast's)"
             flop_passes = r.get("flops_iteration_passes_x_batch", "not recorded (model at its expected passes)")
             ratio = f"{r['flops_measured_vs_model']:.3f}" if r.get("flops_measured_vs_model") else "—"
             rss = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "—"
             lines.append(f"| {r['label']} | {r['ms_per_iteration']:.0f} | {r['iterations_timed']} | {r['network_passes_x_batch']:g} | "
                          f"{r['tensor_peak_memory_mb']:.0f} | {r['planned_memory_mb']:.0f} | {r['tensor_peak_vs_plan']:.2f} | {rss} | "
-                         f"{r['flops_measured'] / 1e12:.2f} | {flop_passes} | {modelled} | {ratio} |")
+                         f"{r['flops_measured'] / 1e9:.5g} | {flop_passes} | {modelled} | {ratio} |")
         for name, why in rows[-1].get("not_run", {}).items():
             lines.append(f"| {cmp.LABELS[name]} | not run: {why} | | | | | | | | | | |")
         ms = {r["config"]: r["ms_per_iteration"] for r in rows}

@@ -30,7 +30,6 @@ import torch
 from tdm_fast.atomic import staged_files
 from tdm_fast.conditions import expand_null
 from tdm_fast.denoiser import DENOISER_CONFIG, Denoiser
-from tdm_fast.sampling import sample_student
 from tdm_fast.solvers import SOLVERS, trained_solver
 
 FORMATS = ("compile", "onnx", "tensorrt")
@@ -186,8 +185,14 @@ def run_export(args, student: Denoiser | None = None) -> dict:
     from .onnx import export_denoiser_onnx, export_sampler_onnx, resolve_dtype
     from .sampler import compile_sampler
 
+    from .sampler import release_scheduler
+
     check_export_args(args)
-    args.solver = args.solver or trained_solver(args.checkpoint)
+    scheduler = release_scheduler(args.checkpoint)  # a converted release: sampled as its authors sample it
+    if scheduler is not None and args.solver not in (None, scheduler.config.solver):
+        raise ValueError(f"--solver {args.solver}: {args.checkpoint} is a converted release, sampled with the "
+                         f"{scheduler.config.solver} steps of its authors' scheduler")
+    args.solver = scheduler.config.solver if scheduler is not None else args.solver or trained_solver(args.checkpoint)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     checkpoint = Path(args.checkpoint)
     student = (student or Denoiser.from_pretrained(checkpoint)).to(device).eval()
@@ -198,7 +203,7 @@ def run_export(args, student: Denoiser | None = None) -> dict:
         # written and checked beside the folder's files, then swapped in: a failed or interrupted export
         # leaves every graph a previous export wrote as it was, and nothing that looks deployable
         with staged_files(out) as staging:
-            _export_all(args, student, device, checkpoint, staging, result)
+            _export_all(args, student, device, checkpoint, staging, result, scheduler)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -209,16 +214,17 @@ def run_export(args, student: Denoiser | None = None) -> dict:
     return result
 
 
-def _export_all(args, student, device, checkpoint: Path, out: Path, result: dict) -> None:
+def _export_all(args, student, device, checkpoint: Path, out: Path, result: dict, scheduler=None) -> None:
     from .onnx import export_denoiser_onnx, export_sampler_onnx, resolve_dtype
-    from .sampler import compile_sampler
+    from .sampler import compile_sampler, sample_reference
 
     noise, cond = example_inputs(student, args.batch_size, _shape(args.shape), _shape(args.cond_shape), device)
     text = _export_prompt_encoder(args, student, out, result) if args.pipeline else None  # cheap, and refuses a foreign base early
     for steps in args.steps:
         start = time.perf_counter()
         if args.format == "compile":
-            sampler = compile_sampler(student, steps, args.total_steps, mode=args.compile_mode, solver=args.solver)
+            sampler = compile_sampler(student, steps, args.total_steps, mode=args.compile_mode, solver=args.solver,
+                                      scheduler=scheduler)
             got = sampler(noise, cond)
             manifest = out / f"compile_k{steps}.json"
             manifest.write_text(json.dumps({
@@ -227,20 +233,20 @@ def _export_all(args, student, device, checkpoint: Path, out: Path, result: dict
             }, indent=2))
             result["files"].append(str(manifest))
             if not args.no_verify:
-                result["parity"][steps] = relative_error(got, sample_student(student, noise, cond, steps, args.total_steps,
-                                                                             solver=args.solver))
+                result["parity"][steps] = relative_error(got, sample_reference(student, noise, cond, steps, args.total_steps,
+                                                                               args.solver, scheduler))
         else:
             path = out / onnx_name(steps, args.dtype)
             result["files"].append(str(path))
             export_sampler_onnx(student, path, steps, noise, cond, args.total_steps, args.dtype,
                                 dynamic_resolution=args.dynamic_resolution, opset=args.opset, exporter=args.exporter,
-                                solver=args.solver)
+                                solver=args.solver, scheduler=scheduler)
             if not args.no_verify:
                 from .runtime import OrtSampler
 
                 from .sampler import cast_cond
 
-                ref = sample_student(student, noise, cond, steps, args.total_steps, solver=args.solver)
+                ref = sample_reference(student, noise, cond, steps, args.total_steps, args.solver, scheduler)
                 dt = resolve_dtype(args.dtype)
                 got = OrtSampler(path)(noise.to(device="cpu", dtype=dt), cast_cond(cond, dt, "cpu"))
                 result["parity"][steps] = relative_error(got, ref)
@@ -383,15 +389,19 @@ def _build_engine(args, onnx_path: Path) -> list[str]:
 
 
 class TorchRunner:
-    """Eager torch: ``runner(noise, cond) -> x̂0`` via :func:`tdm_fast.sampling.sample_student`."""
+    """Eager torch: ``runner(noise, cond) -> x̂0`` via :func:`tdm_fast.sampling.sample_student` (a converted
+    release: its ``scheduler``'s steps, :func:`~tdm_fast.export.sampler.sample_reference`)."""
 
     backend = "torch"
 
-    def __init__(self, student: Denoiser, steps: int, total_steps: int = 900, solver: str = "ddim"):
+    def __init__(self, student: Denoiser, steps: int, total_steps: int = 900, solver: str = "ddim", scheduler=None):
         self.student, self.steps, self.total_steps, self.solver = student, steps, total_steps, solver
+        self.scheduler = scheduler
 
     def __call__(self, noise, cond):
-        return sample_student(self.student, noise, cond, self.steps, self.total_steps, solver=self.solver)
+        from .sampler import sample_reference
+
+        return sample_reference(self.student, noise, cond, self.steps, self.total_steps, self.solver, self.scheduler)
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -417,21 +427,25 @@ def load_runner(backend: str, path_or_checkpoint, steps: int, total_steps: int =
     ``tdm-fast export --out`` folder (``engine`` overrides it for onnx/tensorrt). ``student``: an
     already loaded denoiser to use instead of loading the checkpoint (torch, compile, onnx on the fly).
     ``solver``: the trajectory (``ddim`` or ``dpmsolver``); an exported graph or engine must have been
-    exported with it.
+    exported with it. A converted release's checkpoint is sampled with its ``scheduler/`` (torch, compile,
+    onnx on the fly).
     """
+    from .sampler import release_scheduler
+
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     path = Path(engine or path_or_checkpoint)
+    scheduler = release_scheduler(path_or_checkpoint)
     if backend in ("torch", "compile"):
         if student is None and not _is_checkpoint(path):
             raise FileNotFoundError(f"{path} is not a checkpoint folder (no {DENOISER_CONFIG})")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         student = (student or Denoiser.from_pretrained(path)).to(device).eval()
         if backend == "torch":
-            return TorchRunner(student, steps, total_steps, solver)
+            return TorchRunner(student, steps, total_steps, solver, scheduler)
         from .sampler import compile_sampler
 
-        return compile_sampler(student, steps, total_steps, mode=compile_mode, solver=solver)
+        return compile_sampler(student, steps, total_steps, mode=compile_mode, solver=solver, scheduler=scheduler)
     if backend == "onnx":
         from .runtime import OrtSampler
 
@@ -443,7 +457,7 @@ def load_runner(backend: str, path_or_checkpoint, steps: int, total_steps: int =
             # the session holds the graph once built, so the file is not kept
             with tempfile.TemporaryDirectory(prefix="tdm_fast_onnx_") as tmp:
                 graph = Path(tmp) / onnx_name(steps, dtype)
-                export_sampler_onnx(student, graph, steps, noise, cond, total_steps, dtype, solver=solver)
+                export_sampler_onnx(student, graph, steps, noise, cond, total_steps, dtype, solver=solver, scheduler=scheduler)
                 return OrtSampler(graph)
         runner = OrtSampler(_find(path, steps, ".onnx"))
         if runner.steps is not None and runner.steps != steps:

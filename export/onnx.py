@@ -261,6 +261,7 @@ def export_sampler_onnx(
     exporter: str = "dynamo",
     device=None,
     solver: str = "ddim",
+    scheduler=None,
 ) -> dict:
     """Export the whole K-step sampler of ``student`` as one ONNX graph; returns its metadata.
 
@@ -272,13 +273,15 @@ def export_sampler_onnx(
         dynamic_batch: the batch dimension is symbolic (``batch``).
         dynamic_resolution: height and width of 4-D noise are symbolic (for TensorRT profiles).
         solver: the trajectory, ``ddim`` or ``dpmsolver`` (recorded in the metadata as ``solver``).
+        scheduler: a converted release's :class:`~tdm_fast.TDMScheduler`, whose times, σ and solver the
+            graph follows (:class:`~tdm_fast.export.sampler.StudentSampler`).
     LoRA adapters are merged into the weights (on a copy) before export.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = resolve_dtype(dtype)
     model, spec, noise, conds = _export_inputs(student, noise, cond, dtype, dynamic_batch, device)
-    sampler = StudentSampler(model, steps, total_steps, solver).eval()
+    sampler = StudentSampler(model, steps, total_steps, solver, scheduler).eval()
     flat = FlatInputs(sampler, spec, leading=1).eval()
     if dtype != torch.float32:
         _check_runs(sampler, dtype, noise, spec.unflatten(conds))
@@ -289,7 +292,7 @@ def export_sampler_onnx(
         **_common_meta("sampler", model, sampler.backbone, dtype, spec, input_names, (noise,) + conds, dyn, ("x0",), opset, exporter),
         "steps": steps,
         "total_steps": total_steps,
-        "solver": solver,
+        "solver": sampler.solver,
         "timesteps": list(sampler.times),
         "alphas": list(sampler.alphas),
         "sigmas": list(sampler.sigmas),

@@ -6,11 +6,13 @@ Both modules call the wrapped network directly (``denoiser.model(x_t, t, cond)``
 ``Denoiser.forward``: the latter validates timesteps with host-side reads (``.any()``, ``.cpu()``)
 that would break a traced or compiled graph. The arithmetic is the same as
 :func:`tdm_fast.sampling.sample_student` (network in its own dtype, the jump in float32; DDIM or
-DPM-Solver++(2M), :mod:`tdm_fast.solvers`).
+DPM-Solver++(2M), :mod:`tdm_fast.solvers`). A converted release (``tdm-fast convert``) is sampled at the
+times and σ of its folder's ``scheduler/`` instead (:func:`release_scheduler`), as its authors sample it.
 """
 from __future__ import annotations
 
 import copy
+import json
 import types
 import weakref
 
@@ -19,8 +21,8 @@ from torch import nn
 
 from tdm_fast.denoiser import Denoiser, StepsEmbedding
 from tdm_fast.parameterization import to_x0_eps
-from tdm_fast.sampling import stage_times
-from tdm_fast.solvers import correct, multistep_coefficients
+from tdm_fast.sampling import sample_student, stage_times
+from tdm_fast.solvers import correct, lambda_coefficients
 
 from .condspec import CondSpec
 
@@ -132,24 +134,39 @@ class _StepsMixin:
 class StudentSampler(_StepsMixin, nn.Module):
     """``forward(noise, cond) -> x̂0``: the deterministic K-step sampler of spec §2, unrolled.
 
-    The stage times, their α, σ and the solver's coefficients are Python constants, so a traced
-    graph contains K copies of the network and no loop. ``cond`` is a tensor or a dict of tensors,
-    as for the student. ``solver``: ``ddim`` or ``dpmsolver`` (the previous stage's x̂0 is one more
-    live tensor in the graph).
+    The stage times, their α, σ, where each step lands and the solver's coefficients are Python constants,
+    so a traced graph contains K copies of the network and no loop. ``cond`` is a tensor or a dict of
+    tensors, as for the student. ``solver``: ``ddim`` or ``dpmsolver`` (the previous stage's x̂0 is one
+    more live tensor in the graph). ``scheduler``: a :class:`~tdm_fast.TDMScheduler` whose K-step run
+    gives those constants instead (a converted release's: its solver, model timesteps — a flow model's
+    σ·T — and landings, e.g. DDIM's t - T//K); ``total_steps`` and ``solver`` are then its own.
     """
 
-    def __init__(self, student: Denoiser, steps: int, total_steps: int = 900, solver: str = "ddim"):
+    def __init__(self, student: Denoiser, steps: int, total_steps: int = 900, solver: str = "ddim", scheduler=None):
         super().__init__()
         self.net = student.model
         self.prediction_type = student.prediction_type
         self.steps = steps
         self.total_steps = total_steps
-        self.solver = solver
-        self.times = tuple(stage_times(steps, total_steps, student.schedule.num_train_timesteps))
-        self.coefficients = tuple(multistep_coefficients(student.schedule, list(self.times), solver))
-        alphas, sigmas = student.schedule(torch.tensor(self.times), dtype=torch.float64)
-        self.alphas = tuple(float(a) for a in alphas)
-        self.sigmas = tuple(float(s) for s in sigmas)
+        if scheduler is None:
+            self.solver = solver
+            self.times = tuple(stage_times(steps, total_steps, student.schedule.num_train_timesteps, training=False))
+            alphas, sigmas = student.schedule(torch.tensor(self.times), dtype=torch.float64)
+            points = torch.stack([alphas, sigmas], 1)
+            landings = torch.cat([points[1:], torch.tensor([[1.0, 0.0]], dtype=torch.float64)])
+            self.time_dtype = torch.long
+        else:
+            scheduler.set_timesteps(steps)
+            self.solver = scheduler.config.solver
+            self.times = tuple(scheduler.plan.timesteps.tolist())
+            points, landings = scheduler.plan.points, scheduler.plan.targets
+            # a flow model is given the model time σ·T itself (which DPM-Solver's σ grid need not share with
+            # any integer training time); a VP model its integer training time
+            self.time_dtype = torch.float32 if scheduler.noise_schedule.is_flow else torch.long
+        self.alphas = tuple(float(a) for a in points[:, 0])
+        self.sigmas = tuple(float(s) for s in points[:, 1])
+        self.landings = tuple((float(a), float(s)) for a, s in landings)
+        self.coefficients = tuple(lambda_coefficients((points[:, 0].log() - points[:, 1].log()).tolist(), self.solver))
         self._init_steps(student, steps if student.steps_set else None)
         self.backbone = type(student.model).__name__
         inner = getattr(student.model, "inner", None)
@@ -159,19 +176,54 @@ class StudentSampler(_StepsMixin, nn.Module):
     def forward(self, noise: torch.Tensor, cond) -> torch.Tensor:
         x = noise
         dtype = noise.dtype
-        x0 = x0_prev = noise  # c_0 = 0: the first step never reads x0_prev
+        x0_prev = noise  # c_0 = 0: the first step never reads x0_prev
         for i, t in enumerate(self.times):
             self._set_steps(x)
-            t_vec = x.new_full((x.shape[0],), t, dtype=torch.long)
+            t_vec = x.new_full((x.shape[0],), t, dtype=self.time_dtype)
             out = self.net(x, t_vec, cond)
             x0, eps = to_x0_eps(out.float(), x.float(), self.alphas[i], self.sigmas[i], self.prediction_type)
-            if i + 1 < len(self.times):
+            alpha_next, sigma_next = self.landings[i]
+            if sigma_next > 0:
                 jump_x0, jump_eps = x0, eps
                 if self.coefficients[i]:
                     jump_x0, jump_eps = correct(x0, eps, x0_prev, self.coefficients[i], self.alphas[i], self.sigmas[i])
-                x = (self.alphas[i + 1] * jump_x0 + self.sigmas[i + 1] * jump_eps).to(dtype)
+                x = (alpha_next * jump_x0 + sigma_next * jump_eps).to(dtype)
+            else:  # the last step's x̂0
+                x = x0.to(dtype)
             x0_prev = x0
-        return x0.to(dtype)
+        return x
+
+
+def release_scheduler(checkpoint):
+    """The :class:`~tdm_fast.TDMScheduler` a converted release is sampled with: the ``scheduler/`` that
+    ``tdm-fast convert`` writes beside ``student/`` (given the folder or its ``student/``), when it reproduces
+    the authors' stock sampler; None for a student of ours, sampled at its stage times."""
+    from pathlib import Path
+
+    from tdm_fast.scheduler import TDMScheduler
+
+    path = Path(checkpoint)
+    for folder in (path, path.parent):
+        if (folder / "scheduler" / "scheduler_config.json").is_file() and (folder / "student").is_dir():
+            scheduler = TDMScheduler.from_pretrained(folder, subfolder="scheduler")
+            return scheduler if scheduler.config.stock_scheduler else None
+    return None
+
+
+@torch.no_grad()
+def sample_reference(student: Denoiser, noise, cond, steps: int, total_steps: int = 900, solver: str = "ddim", scheduler=None):
+    """The eager torch sampler an exported graph is checked against: :func:`~tdm_fast.sampling.sample_student`,
+    or with ``scheduler`` its own steps on the student's network, as a diffusers pipeline runs them at
+    guidance 1 (for a converted release: its authors' stock scheduler arithmetic)."""
+    if scheduler is None:
+        return sample_student(student, noise, cond, steps, total_steps, solver=solver)
+    scheduler.set_timesteps(steps)
+    time_dtype = torch.float32 if scheduler.noise_schedule.is_flow else torch.long
+    x = noise
+    for t in scheduler.timesteps:
+        out = student.model(x, t.to(x.device, time_dtype).expand(x.shape[0]), cond)
+        x = scheduler.step(out, t, x).prev_sample
+    return x
 
 
 class DenoiserStep(_StepsMixin, nn.Module):
@@ -300,6 +352,7 @@ def compile_sampler(
     backend: str = "inductor",
     fuse: bool = True,
     solver: str = "ddim",
+    scheduler=None,
 ) -> CompiledSampler:
     """``torch.compile`` the unrolled K-step sampler of ``student``.
 
@@ -313,10 +366,12 @@ def compile_sampler(
             CUDA only (it helps convolutions with cuDNN/Triton, not the CPU inductor path).
         fuse: fuse LoRA adapters into the weights first (on a copy; the student is not modified).
         solver: ``ddim`` or ``dpmsolver``, as for :func:`tdm_fast.sampling.sample_student`.
+        scheduler: a converted release's :class:`~tdm_fast.TDMScheduler` (:class:`StudentSampler`).
 
     Calls with the same student and settings return the same :class:`CompiledSampler`.
     """
-    key = (steps, total_steps, mode, dynamic, fullgraph, channels_last, backend, fuse, solver)
+    plan = None if scheduler is None else json.dumps(scheduler.config, sort_keys=True, default=str)
+    key = (steps, total_steps, mode, dynamic, fullgraph, channels_last, backend, fuse, solver, plan)
     per_student = _COMPILE_CACHE.setdefault(student, {})
     if key in per_student:
         return per_student[key]
@@ -326,7 +381,7 @@ def compile_sampler(
     if channels_last is None:
         channels_last = device.type == "cuda"
     model = prepare_for_export(student) if fuse and has_lora(student.model) else student
-    module = StudentSampler(model, steps, total_steps, solver).eval()
+    module = StudentSampler(model, steps, total_steps, solver, scheduler).eval()
     if channels_last:
         module.net.to(memory_format=torch.channels_last)
     compiled = torch.compile(_own_forward(module), mode=mode, dynamic=dynamic, fullgraph=fullgraph, backend=backend)

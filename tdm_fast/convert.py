@@ -42,6 +42,7 @@ SANA_DPMSOLVER = {
     "use_karras_sigmas": False, "use_lu_lambdas": False, "variance_type": None,
 }
 FORMATS = ("diffusers", "kohya", "ema_list")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 EMA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 _KOHYA_SUFFIXES = {".lora_down.weight": "lora_A", ".lora_up.weight": "lora_B"}
 _PEFT_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora.down.weight": "lora_A", ".lora.up.weight": "lora_B"}
@@ -85,20 +86,22 @@ RECIPES = {
 }
 
 
-def convert_checkpoint(checkpoint, base, out, recipe: str | Recipe, lora_scale: float | None = None) -> Path:
+def convert_checkpoint(checkpoint, base, out, recipe: str | Recipe, lora_scale: float | None = None,
+                       max_sequence_length: int | None = None) -> Path:
     """Reads ``checkpoint`` (a file of ``recipe``'s format) for the diffusers pipeline folder ``base`` and writes
-    the student folder ``out`` (module docstring). ``lora_scale`` overrides the recipe's adapter scale."""
+    the student folder ``out`` (module docstring). ``lora_scale`` overrides the recipe's adapter scale.
+    ``max_sequence_length``: the T5 tokens of the prompts it will be sampled with (SD3, CogVideoX; None: the
+    pipeline's default, as the releases' READMEs sample), which fixes the empty-prompt condition the student
+    keeps for export (``tdm-fast export --pipeline`` pads prompts to the same length)."""
     from .atomic import atomic_folder
-    from .backbones.presets import get_preset, load_teacher, read_scheduler_config
+    from .backbones.presets import get_preset, load_teacher, prompt_conditions, read_scheduler_config
     from .scheduler import TDMScheduler
 
     recipe = _recipe(recipe)
     scale = recipe.lora_scale if lora_scale is None else float(lora_scale)
     if not scale > 0:
         raise UsageError(f"the LoRA scale must be positive, got {scale}")
-    checkpoint, base = Path(checkpoint), Path(base)
-    if not checkpoint.is_file():
-        raise UsageError(f"{checkpoint} is not a file")
+    checkpoint, base = checkpoint_file(checkpoint), Path(base)
     preset = get_preset(recipe.backbone)
     try:
         teacher, source = load_teacher(preset, base)
@@ -107,6 +110,11 @@ def convert_checkpoint(checkpoint, base, out, recipe: str | Recipe, lora_scale: 
     except (OSError, ValueError) as exc:
         raise UsageError(f"--base {base}: {_first_line(exc)}") from None
     student = _student(teacher, source, _read(checkpoint), recipe, scale, checkpoint)
+    try:
+        _, student.null_cond = prompt_conditions(preset, base, [""], teacher.model.inner, cache_dir=None, device="cpu",
+                                                 max_sequence_length=max_sequence_length)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--base {base}: its text encoders cannot encode the empty prompt ({_first_line(exc)})") from None
     with atomic_folder(out) as tmp:
         from .publish import save_lora
 
@@ -115,6 +123,20 @@ def convert_checkpoint(checkpoint, base, out, recipe: str | Recipe, lora_scale: 
         student.save_pretrained(tmp / "student")
         _write_card(tmp, recipe, scale, stock, scheduler, base, checkpoint.name, preset.pipeline)
     return Path(out)
+
+
+def checkpoint_file(path) -> Path:
+    """``path`` itself, or the one weights file of a folder (a release's Hub repository as downloaded)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise UsageError(f"{path} does not exist")
+    files = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if len(files) != 1:
+        raise UsageError(f"{path} holds {len(files)} weight files ({', '.join(files) or f'none of {WEIGHT_SUFFIXES}'}): "
+                         "give the checkpoint file itself")
+    return path / files[0]
 
 
 def _recipe(recipe) -> Recipe:
@@ -233,15 +255,12 @@ def _lora_config(weights: dict, alphas: dict, scale: float):
 
 
 def _load_named(inner, weights: dict, file: Path) -> None:
-    from peft.utils import set_peft_model_state_dict
+    from .lora import fill_lora
 
     try:
-        result = set_peft_model_state_dict(inner, weights, adapter_name="student")
-    except RuntimeError as exc:  # a shape mismatch: the module names exist but the sizes are another model's
-        raise UsageError(f"{file}: its LoRA does not fit this base ({_first_line(exc)}): a LoRA of another model size") from None
-    unexpected = list(getattr(result, "unexpected_keys", ()))
-    if unexpected:
-        raise UsageError(f"{file}: {unexpected[0]} has no place in this base's LoRA layers")
+        fill_lora(inner, weights, "student")
+    except ValueError as exc:
+        raise UsageError(f"{file}: {exc}") from None
 
 
 def _ema_config(recipe: Recipe, scale: float):

@@ -119,6 +119,84 @@ def load_lora_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
     return model
 
 
+LORA_FILE = "pytorch_lora_weights.safetensors"
+_PIPELINE_PREFIXES = ("unet.", "transformer.")  # diffusers' loaders' component prefixes
+
+
+def read_lora_folder(folder):
+    """``(LoraConfig, peft state dict)`` of a diffusers LoRA folder (``tdm-fast convert``'s output, or a run's
+    ``lora/``), module names without the pipeline's component prefix. The config is the one stored in the
+    file's adapter metadata (as diffusers writes and reads it; a converted release's alpha holds its adapter
+    scale); a file without it gets each module's rank from its down matrix and alpha = rank, diffusers'
+    default. A folder without the file, or a file of other keys, is a ValueError naming it."""
+    from collections import Counter
+
+    from peft import LoraConfig
+    from safetensors import safe_open
+
+    file = Path(folder) / LORA_FILE
+    if not file.is_file():
+        raise ValueError(f"{folder} holds no {LORA_FILE}: give a folder written by `tdm-fast convert`, or a run's lora/")
+    try:
+        with safe_open(str(file), "pt") as f:
+            raw = (f.metadata() or {}).get("lora_adapter_metadata")
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error type on a damaged header
+        raise ValueError(f"{file} is not a readable safetensors file ({' '.join(str(exc).split())})") from None
+
+    def unprefixed(key: str) -> str:
+        return key.split(".", 1)[1] if key.startswith(_PIPELINE_PREFIXES) else key
+
+    weights = {unprefixed(k): v for k, v in state.items()}
+    modules = sorted({k.rsplit(".", 2)[0] for k in weights})
+    bad = [k for k in weights if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    bad += [f"{m}.lora_A.weight" for m in modules if f"{m}.lora_A.weight" not in weights]
+    if bad or not modules:
+        raise ValueError(f"{file} is not a LoRA in peft naming ({bad[0] if bad else 'no weights'}): a file of "
+                         "`tdm-fast convert` or of a run's lora/ (another format: convert it first)")
+    meta = {unprefixed(k): v for k, v in json.loads(raw).items()} if raw else {}
+    if "r" in meta:
+        return LoraConfig(**{k: v for k, v in meta.items() if k in LoraConfig.__dataclass_fields__}), weights
+    ranks = {m: int(weights[f"{m}.lora_A.weight"].shape[0]) for m in modules}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    patterns = {m: r for m, r in ranks.items() if r != rank}
+    return LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, rank_pattern=patterns,
+                      alpha_pattern=dict(patterns)), weights
+
+
+def check_lora_fits(model: nn.Module, weights: dict) -> None:
+    """Refuses (ValueError) a peft LoRA state dict with a weight of no layer of ``model`` or of another size:
+    checked on the plain base, before adapters are built (and before a run writes anything)."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    for key, value in weights.items():
+        name, part = key.rsplit(".", 2)[:2]
+        layer = layers.get(name)
+        if layer is None:
+            raise ValueError(f"{key} has no place in this base's {type(model).__name__}: a LoRA of another backbone")
+        size = layer.in_features if part == "lora_A" else layer.out_features  # Conv2d: channels, below
+        if isinstance(layer, nn.Conv2d):
+            size = layer.in_channels if part == "lora_A" else layer.out_channels
+        if value.shape[1 if part == "lora_A" else 0] != size:
+            raise ValueError(f"{key} has shape {tuple(value.shape)}, which does not fit {name} ({type(layer).__name__} "
+                             f"of {'input' if part == 'lora_A' else 'output'} size {size}): a LoRA of another model size")
+
+
+def fill_lora(model: nn.Module, weights: dict, adapter_name: str) -> None:
+    """Loads a peft LoRA state dict into ``model``'s adapter ``adapter_name``; a weight of another shape (a
+    LoRA of another model size) or one with no place in that adapter's layers is a ValueError."""
+    from peft.utils import set_peft_model_state_dict
+
+    try:
+        result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
+    except RuntimeError as exc:  # a shape mismatch: the module names exist but the sizes are another model's
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ValueError(f"its LoRA does not fit this base ({lines[-1] if lines else 'size mismatch'}): a LoRA of "
+                         "another model size") from None
+    unexpected = list(getattr(result, "unexpected_keys", ()))
+    if unexpected:
+        raise ValueError(f"{unexpected[0]} has no place in this base's LoRA layers")
+
+
 def _tuner_layers(model: nn.Module) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -464,24 +542,27 @@ def _remove_lora(model: nn.Module) -> nn.Module:
 
 
 # -- building the three networks ----------------------------------------------------------------
-def lora_denoisers(teacher, config, lora: LoRASettings, source: dict | None = None, gradient_checkpointing: bool = False):
+def lora_denoisers(teacher, config, lora: LoRASettings, source: dict | None = None, gradient_checkpointing: bool = False,
+                   student_lora=None):
     """Teacher, student and fake :class:`Denoiser` s over one base (``lora.fake == "shared"``).
 
     ``teacher`` is a plain Denoiser whose model is a backbone adapter; its base weights get the LoRA
     layers injected (the returned teacher runs them disabled). ``config`` is the :class:`TDMConfig`
-    (its ``steps``/``steps_conditioning`` decide the students' steps embedding).
+    (its ``steps``/``steps_conditioning`` decide the students' steps embedding). ``student_lora``: the
+    student's own LoraConfig (a LoRA it continues from, :func:`read_lora_folder`) instead of ``lora``'s.
     """
     from .denoiser import Denoiser
 
     adapter = teacher.model
     steps_set = config.steps if config.steps_conditioning else None
     fake_cfg = lora.peft_config(lora.fake_rank)
+    student_cfg = student_lora or lora.peft_config()
     if lora.fake == "shared":
-        shared = SharedLoRABase(adapter, {"student": lora.peft_config(), "fake": fake_cfg}, source)
+        shared = SharedLoRABase(adapter, {"student": student_cfg, "fake": fake_cfg}, source)
         fake_shared = shared
     else:
         fake_adapter = copy.deepcopy(adapter)
-        shared = SharedLoRABase(adapter, {"student": lora.peft_config()}, source)
+        shared = SharedLoRABase(adapter, {"student": student_cfg}, source)
         fake_shared = SharedLoRABase(fake_adapter, {"fake": fake_cfg}, source)
     if gradient_checkpointing:
         shared.enable_gradient_checkpointing()

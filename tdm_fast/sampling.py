@@ -60,13 +60,14 @@ def sample_student(
     return_trajectory: bool = False,
     solver: str = "ddim",
 ):
-    """Deterministic K-step sampling: x̂0 at each t_i, a jump to t_{i+1}, output the last x̂0.
+    """Deterministic K-step sampling: x̂0 at each t_i, a jump to t_{i+1}, output the last x̂0. Any K up to
+    T' samples: the τ-interval rule of :func:`stage_times` is training's.
 
     ``solver``: ``ddim`` (spec §2) or ``dpmsolver`` (DPM-Solver++(2M), :mod:`tdm_fast.solvers`); a
     student may be sampled with the solver it was not trained with (Table 6). With
     ``return_trajectory`` also returns the list of visited states ``x_{t_0..t_{K-1}}``.
     """
-    times = stage_times(steps, total_steps, student.schedule.num_train_timesteps)
+    times = stage_times(steps, total_steps, student.schedule.num_train_timesteps, training=False)
     coefficients = multistep_coefficients(student.schedule, times, solver)
     x, trajectory, x0_prev = noise, [], None
     for i, t in enumerate(times):
@@ -118,14 +119,14 @@ def nfe_matched_baselines(steps: int, cfg_scale: float, total_steps: int = 900, 
     DDIM without CFG at the student's own times and at trailing times; with CFG at K/2 steps when
     K >= 2 (each CFG step costs two evaluations). The fair baseline is the best of these.
     """
-    own = tuple(stage_times(steps, total_steps, T))
+    own = tuple(stage_times(steps, total_steps, T, training=False))
     candidates = [
         TeacherSampler(f"ddim{steps}-student-times", own, 1.0),
         TeacherSampler(f"ddim{steps}-trailing", tuple(trailing_times(steps, T)), 1.0),
     ]
     if steps >= 2:
         half = steps // 2
-        candidates.append(TeacherSampler(f"ddim{half}-cfg-student-times", tuple(stage_times(half, total_steps, T)), cfg_scale))
+        candidates.append(TeacherSampler(f"ddim{half}-cfg-student-times", tuple(stage_times(half, total_steps, T, training=False)), cfg_scale))
         candidates.append(TeacherSampler(f"ddim{half}-cfg-trailing", tuple(trailing_times(half, T)), cfg_scale))
     return candidates
 
@@ -141,7 +142,7 @@ def check_steps(steps, student: Denoiser, total_steps: int = 900) -> None:
 
     for k in steps:
         try:
-            stage_times(k, total_steps)
+            stage_times(k, total_steps, training=False)
         except ValueError as exc:
             raise UsageError(f"--steps {k}: {exc}") from None
         if student.steps_set and k not in student.steps_set:

@@ -59,7 +59,7 @@ class TDMSchedulerOutput(BaseOutput):
 
 
 @dataclass(frozen=True)
-class _Plan:
+class StagePlan:
     """One call of set_timesteps: (α, σ) where the model is evaluated and where each step lands (float64)."""
 
     points: torch.Tensor  # (K, 2)
@@ -156,7 +156,7 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = None
         self.stage_times: list[int] = []
         self.coefficients: list[float] = []
-        self._plan: _Plan | None = None
+        self._plan: StagePlan | None = None
         self._previous = None  # (stage index, x̂0) of the last step: DPM-Solver's history
         self._stock_run = None  # the stock scheduler that steps a schedule of its own (stock_scheduler)
         self.timesteps = torch.tensor([], dtype=torch.long)
@@ -204,6 +204,12 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
                              "DPMSolverMultistepScheduler, DDIMScheduler or CogVideoXDDIMScheduler config")
         merged = {k: v for k, v in config.items() if k not in _SAMPLER_KEYS}
         return super().from_config(_forward_process_config(merged), **{**settings, "stock_scheduler": name, **kwargs})
+
+    @property
+    def plan(self) -> StagePlan | None:
+        """The constants of the run ``set_timesteps`` set up (what an exported sampler graph bakes in, with the
+        solver's ``coefficients``); None before it."""
+        return self._plan
 
     # -- the diffusers scheduler API ----------------------------------------------------------
     @property
@@ -300,7 +306,7 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
             times = (np.arange(0, k + 1 if multistep else k) * ratio).round()[::-1][: k] + int(self.config.steps_offset)
         return _descending([int(t) for t in times], f"{spacing}-spaced timesteps for K={k}", integer_below=n)
 
-    def _integer_plan(self, times: list[int]) -> _Plan:
+    def _integer_plan(self, times: list[int]) -> StagePlan:
         n = int(self.config.num_train_timesteps)
         t = torch.tensor(times, dtype=torch.long)
         alpha, sigma = self.noise_schedule(t, dtype=torch.float64)
@@ -314,12 +320,12 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
                     landing = torch.tensor([time - n // len(times)])
                     targets[i] = torch.cat(self.noise_schedule(landing, dtype=torch.float64))
         model_t = (sigma * n).float() if self.noise_schedule.is_flow else t
-        return _Plan(points, targets, model_t, list(times))
+        return StagePlan(points, targets, model_t, list(times))
 
     def _rules(self) -> str:
         return self.config.timestep_rules or self.config.solver
 
-    def _sigma_plan(self, sigmas: list[float], custom: bool = False) -> _Plan:
+    def _sigma_plan(self, sigmas: list[float], custom: bool = False) -> StagePlan:
         if not self.noise_schedule.is_flow:
             raise ValueError("sigmas= applies to flow-matching schedules; give a VP model's stage times as timesteps=")
         sigma = torch.tensor(sigmas, dtype=torch.float64)
@@ -329,9 +335,9 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
         model_t = sigma * int(self.config.num_train_timesteps)
         # DPM-Solver's flow timesteps are int64(σ·T) (truncated); FlowMatch Euler passes σ·T itself
         model_t = model_t.to(torch.int64) if self.config.use_flow_sigmas else model_t.float()
-        return _Plan(points, torch.cat([points[1:], _TO_X0]), model_t, [])
+        return StagePlan(points, torch.cat([points[1:], _TO_X0]), model_t, [])
 
-    def _custom_timesteps_plan(self, timesteps) -> _Plan:
+    def _custom_timesteps_plan(self, timesteps) -> StagePlan:
         values = [float(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
         n = int(self.config.num_train_timesteps)
         if self.noise_schedule.is_flow:  # a flow model's time is σ·T

@@ -81,3 +81,21 @@ def require_module(module: str, extra: str, needed_for: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise UsageError(f"{needed_for} needs the Python module {module!r}, which is not installed: "
                          f"pip install 'tdm-fast[{extra}]'")
+
+
+# accelerate's trackers and the packages that provide them (tensorboard: either of two)
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",),
+                    "mlflow": ("mlflow",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",)}
+
+
+def check_tracker(name: str | None, flag: str = "--report-to") -> None:
+    """A tracker whose package is missing is refused before anything is written (accelerate would only warn
+    and train without it)."""
+    import importlib.util
+
+    if name is None or name == "all" or name not in TRACKER_PACKAGES:
+        return  # no tracker, whichever are installed, or an unknown name that TDMConfig refuses
+    packages = TRACKER_PACKAGES[name]
+    if not any(importlib.util.find_spec(p) is not None for p in packages):
+        raise UsageError(f"{flag} {name} needs the {' or '.join(packages)} package, which is not installed: "
+                         f"pip install {packages[0]}")

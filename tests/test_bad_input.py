@@ -298,6 +298,12 @@ DISTILL_PRESET = [
     ("lora-rank-0", PRESET + "--model {SD}/full --prompts {B}/prompts.txt --lora-rank 0", "--lora-rank"),
     ("resolution-0", PRESET + "--model {SD}/full --prompts {B}/prompts.txt --resolution 0", "--resolution"),
     ("model-of-sd3", PRESET + "--model {SD3}/full --prompts {B}/prompts.txt", "--preset sd3"),
+    ("init-lora-without-lora", PRESET + "--model {SD}/full --prompts {B}/prompts.txt --init-lora {B}",
+     "--init-lora {B} holds no pytorch_lora_weights.safetensors"),
+    ("init-lora-of-sd3", PRESET + "--model {SD}/full --prompts {B}/prompts.txt --init-lora {L}/sd3/lora",
+     "--init-lora {L}/sd3/lora: transformer_blocks"),
+    ("init-lora-full-finetune", PRESET + "--model {SD}/full --prompts {B}/prompts.txt --init-lora {L}/sd15/lora --full-finetune",
+     "--full-finetune"),
     # the flow-matching backbone (a tiny random SD3 pipeline)
     ("sd3-model-without-transformer", PRESET3 + "--model {SD3}/no-transformer --prompts {B}/prompts.txt", "{SD3}/no-transformer/transformer"),
     ("sd3-model-without-scheduler", PRESET3 + "--model {SD3}/no-scheduler --prompts {B}/prompts.txt", "{SD3}/no-scheduler/scheduler"),
@@ -381,6 +387,65 @@ EXPORT = [
 @_table(EXPORT)
 def test_export(argv, needle, world, tmp_path, capsys, monkeypatch):
     _check(argv, needle, world, tmp_path, capsys, monkeypatch)
+
+
+# -- convert (an official TDM release; issue 34) -------------------------------------------------
+class RunsCode:
+    """Unpickled, it would run code: a checkpoint that a weights-only load must refuse."""
+
+    def __reduce__(self):
+        return (print, ("this pickle runs code",))
+
+
+@pytest.fixture(scope="module")
+def release_files(world, tmp_path_factory):
+    """C/*: files in the releases' formats that convert must refuse, for the tiny SD3 and SD 1.5 pipelines."""
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
+
+    from tdm_fast.convert import EMA_TARGETS
+
+    root = tmp_path_factory.mktemp("releases")
+    transformer = SD3Transformer2DModel.from_pretrained(world / "sd3" / "full" / "transformer")
+    transformer.add_adapter(LoraConfig(r=32, lora_alpha=64, target_modules=list(EMA_TARGETS)))  # the authors' wrapper
+    ema = [p.detach().clone() for p in transformer.parameters() if p.requires_grad]
+    torch.save({"decay": 0.999, "ema_parameters": ema[:-2]}, root / "ema-truncated.pt")
+    torch.save({"decay": 0.999, "ema_parameters": [ema[1], ema[0], *ema[2:]]}, root / "ema-misshapen.pt")
+    torch.save({"decay": 0.999, "ema_parameters": [RunsCode()]}, root / "ema-code.pt")
+    torch.save({"lora_unet_down_blocks_9_attn_to_q.lora_down.weight": torch.zeros(2, 8),
+                "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8)}, root / "kohya-unknown.pt")
+    (root / "two").mkdir()
+    for name in ("a.safetensors", "b.safetensors"):
+        shutil.copy(world / "lora" / "sd15" / "lora" / "pytorch_lora_weights.safetensors", root / "two" / name)
+    return root
+
+
+CONVERT = [
+    ("another-backbones-lora", "convert --checkpoint {L}/sd15/lora/pytorch_lora_weights.safetensors --base {SD3}/full "
+     "--recipe tdm-sd3 --out {O}", "name no layer of this sd3 base"),
+    ("another-backbones-kohya", "convert --checkpoint {L}/sd3/lora/pytorch_lora_weights.safetensors --base {SD}/full "
+     "--recipe tdm-dreamshaper --out {O}", "are not kohya LoRA keys"),
+    ("ema-list-truncated", "convert --checkpoint {C}/ema-truncated.pt --base {SD3}/full --recipe tdm-sd35 --out {O}",
+     "EMA tensors, but the peft wrapper"),
+    ("ema-list-misshapen", "convert --checkpoint {C}/ema-misshapen.pt --base {SD3}/full --recipe tdm-sd35 --out {O}",
+     "EMA tensor 0 has shape"),
+    ("pickle-with-code", "convert --checkpoint {C}/ema-code.pt --base {SD3}/full --recipe tdm-sd35 --out {O}", "never unpickles"),
+    ("kohya-unknown-keys", "convert --checkpoint {C}/kohya-unknown.pt --base {SD}/full --recipe tdm-dreamshaper --out {O}",
+     "2 of its keys are not kohya LoRA keys"),
+    ("checkpoint-missing", "convert --checkpoint {B}/nowhere.pt --base {SD}/full --recipe tdm-dreamshaper --out {O}", "{B}/nowhere.pt"),
+    ("checkpoint-folder-of-two", "convert --checkpoint {C}/two --base {SD}/full --recipe tdm-dreamshaper --out {O}",
+     "holds 2 weight files"),
+    ("base-missing", "convert --checkpoint {C}/kohya-unknown.pt --base {B}/nowhere --recipe tdm-dreamshaper --out {O}", "--base"),
+    ("recipe-unknown", "convert --checkpoint {C}/kohya-unknown.pt --base {SD}/full --recipe tdm-sdxl --out {O}", "--recipe"),
+    ("lora-scale-0", "convert --checkpoint {C}/kohya-unknown.pt --base {SD}/full --recipe tdm-dreamshaper --lora-scale 0 "
+     "--out {O}", "--lora-scale"),
+    ("out-is-file", "convert --checkpoint {C}/kohya-unknown.pt --base {SD}/full --recipe tdm-dreamshaper --out {F}", "--out"),
+]
+
+
+@_table(CONVERT)
+def test_convert(argv, needle, world, release_files, tmp_path, capsys, monkeypatch):
+    _check(argv.replace("{C}", str(release_files)), needle, world, tmp_path, capsys, monkeypatch)
 
 
 # -- eval ----------------------------------------------------------------------------------------
@@ -561,7 +626,7 @@ def test_bench(argv, needle, world, tmp_path, capsys, monkeypatch):
 
 
 def test_the_table_is_large_enough():
-    tables = (DISTILL, DISTILL_PRESET, SAMPLE, EXPORT, EVAL, DEMO, TEACHER, CLASSIFIER, PLAN, BENCH)
+    tables = (DISTILL, DISTILL_PRESET, SAMPLE, EXPORT, CONVERT, EVAL, DEMO, TEACHER, CLASSIFIER, PLAN, BENCH)
     ids = [(id(t), c[0]) for t in tables for c in t]
     assert len(ids) == len(set(ids)) and len(ids) >= 60
 

@@ -49,11 +49,14 @@ def ours(out, base, steps):
     return sample(pipe, TDMScheduler.from_pretrained(out, subfolder="scheduler"), steps)
 
 
+def stock_scheduler(stock_config: dict):
+    return getattr(__import__("diffusers"), stock_config["_class_name"]).from_config(
+        {k: v for k, v in stock_config.items() if k != "_class_name"})
+
+
 def assert_reproduced(authors_pipe, stock_config: dict, out, base, label: str):
     for steps in STEPS:
-        stock = getattr(__import__("diffusers"), stock_config["_class_name"]).from_config(
-            {k: v for k, v in stock_config.items() if k != "_class_name"})
-        expected = sample(authors_pipe, stock, steps)
+        expected = sample(authors_pipe, stock_scheduler(stock_config), steps)
         got = ours(out, base, steps)
         diff = (got - expected).abs().max().item()
         print(f"{label} K={steps}: max |diff| = {diff:.2e}")
@@ -82,9 +85,9 @@ def test_sd3_diffusers_lora_with_scale(sd3_lora, tmp_path):
     assert (out / "README.md").is_file() and (out / "student" / "denoiser.json").is_file()
 
 
-@pytest.mark.parametrize("suffix, std", [(".pt", 0.1), (".safetensors", 0.3)])
-def test_kohya_sd15(suffix, std, tmp_path):
-    """TDM-Dreamshaper-v7's format: kohya names (lora_unet_*, lora_down/up, .alpha with alpha != rank)."""
+def kohya_release(tmp_path, suffix: str, std: float):
+    """TDM-Dreamshaper-v7's format: kohya names (lora_unet_*, lora_down/up, .alpha with alpha != rank); the
+    file, and the authors' pipeline (stock loader) with its stock sampler config."""
     pipe = load_pipeline("sd15")
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
     state = random_lora(pipe.unet, LoraConfig(r=4, lora_alpha=4, target_modules=targets), seed=2, std=std)
@@ -97,10 +100,15 @@ def test_kohya_sd15(suffix, std, tmp_path):
         from safetensors.torch import save_file
 
         save_file(kohya, file)
-    out = convert_checkpoint(file, shipped_pipeline("sd15"), tmp_path / "student", "tdm-dreamshaper")
     authors = load_pipeline("sd15")
     authors.load_lora_weights(dict(kohya))
-    stock = dict(authors.scheduler.config, _class_name="DPMSolverMultistepScheduler", timestep_spacing="linspace")
+    return file, authors, dict(authors.scheduler.config, _class_name="DPMSolverMultistepScheduler", timestep_spacing="linspace")
+
+
+@pytest.mark.parametrize("suffix, std", [(".pt", 0.1), (".safetensors", 0.3)])
+def test_kohya_sd15(suffix, std, tmp_path):
+    file, authors, stock = kohya_release(tmp_path, suffix, std)
+    out = convert_checkpoint(file, shipped_pipeline("sd15"), tmp_path / "student", "tdm-dreamshaper")
     assert_reproduced(authors, stock, out, "sd15", f"TDM-Dreamshaper (kohya {suffix}, LoRA std {std})")
     scheduler = TDMScheduler.from_pretrained(out, subfolder="scheduler")
     scheduler.set_timesteps(4)
@@ -149,6 +157,82 @@ def test_positional_ema_list(ema_file, tmp_path):
         for p, e in zip(trainable, ema):
             p.copy_(e)
     assert_reproduced(authors, dict(SANA_DPMSOLVER, flow_shift=3.0), out, "sd3", "TDM-SD3.5/R1 (positional EMA list)")
+
+
+@pytest.mark.parametrize("release", ["tdm-dreamshaper", "tdm-sd3"])
+def test_exported_graphs_follow_the_authors_sampler(release, sd3_lora, tmp_path):
+    """`tdm-fast convert` -> `tdm-fast export --pipeline` (ONNX, CPU): each K's sampler graph, on the authors' latents and
+    the pipeline's prompt embeddings, equals the authors' path within the export's fp32 tolerance (relative
+    1e-4), and so do the torch-free runtime's images (prompt -> image, as in test_export_runtime)."""
+    from tdm_fast.cli import main
+    from tdm_fast.demos.t2i import IMAGE_SIZE, T5_LENGTH
+    from tdm_fast.export.cli import relative_error
+    from tdm_fast.export.runtime import OrtSampler, TextToImage
+    from tdm_fast.export.text import pipeline_embeddings
+
+    if release == "tdm-dreamshaper":
+        kind, (file, authors, stock) = "sd15", kohya_release(tmp_path, ".safetensors", std=0.1)
+    else:
+        kind, file, stock = "sd3", sd3_lora, dict(SANA_DPMSOLVER, flow_shift=6.0)
+        authors = load_pipeline("sd3")
+        authors.load_lora_weights(str(sd3_lora.parent), adapter_name="tdm")
+        authors.set_adapters(["tdm"], adapter_weights=[0.125])
+    out, folder = tmp_path / "student", tmp_path / "onnx"
+    length = ["--max-sequence-length", str(T5_LENGTH)] if kind == "sd3" else []  # the authors' prompts are padded to it
+    assert main(["--quiet", "convert", "--checkpoint", str(file), "--base", str(shipped_pipeline(kind)), "--recipe", release,
+                 *length, "--out", str(out)]) == 0
+    assert main(["--quiet", "export", "--checkpoint", str(out), "--pipeline", str(shipped_pipeline(kind)), "--out", str(folder),
+                 "--steps", *map(str, STEPS), "--device", "cpu", "--exporter", "torchscript"]) == 0
+    cond = pipeline_embeddings(authors, kind, PROMPTS, T5_LENGTH)
+    cond = cond if kind == "sd3" else cond["encoder_hidden_states"]
+    extra = {"max_sequence_length": T5_LENGTH} if kind == "sd3" else {}
+    runtime = TextToImage(folder)
+    for steps in STEPS:
+        expected = sample(authors, stock_scheduler(stock), steps)
+        graph, scheduler = OrtSampler(folder / f"sampler_k{steps}_fp32.onnx"), TDMScheduler.from_pretrained(out, subfolder="scheduler")
+        scheduler.set_timesteps(steps)
+        assert graph.solver == scheduler.config.solver and graph.times == scheduler.timesteps.tolist()  # not the T' stage times
+        error = relative_error(graph(LATENTS, cond), expected)
+        with torch.no_grad():
+            images = authors(prompt=PROMPTS, latents=LATENTS.clone(), num_inference_steps=steps, guidance_scale=1.0,
+                             height=IMAGE_SIZE, width=IMAGE_SIZE, output_type="pt", **extra).images.numpy()
+        image_error = abs(runtime(PROMPTS, steps=steps, latents=LATENTS.numpy()) - images).max()
+        print(f"{release} ONNX K={steps}: sampler relative error {error:.2e}, runtime images max |diff| {image_error:.2e}")
+        assert error <= 1e-4 and image_error <= 1e-3, (steps, error, image_error)
+
+
+def test_distill_init_lora_continues_from_a_converted_release(tmp_path):
+    """`distill --init-lora`: the student starts as the converted release (its rank, and its alpha holding the
+    adapter scale), the fake score gets the run's own LoRA, and a run trains on from there."""
+    from tdm_fast.backbones.run import PresetRun, build_preset_run
+    from tdm_fast.cli import main
+    from tdm_fast.conditions import expand_null
+    from tdm_fast.config import TDMConfig
+    from tdm_fast.demos.t2i import write_prompt_file
+    from tdm_fast.denoiser import Denoiser
+    from tdm_fast.lora import read_lora_folder, role_of
+
+    file, _, _ = kohya_release(tmp_path, ".pt", std=0.1)
+    base = shipped_pipeline("sd15")
+    release = convert_checkpoint(file, base, tmp_path / "release", "tdm-dreamshaper", lora_scale=0.5)
+    prompts = write_prompt_file(tmp_path / "prompts.txt")
+    run = PresetRun(preset="sd15", model=base, prompts=prompts, embedding_cache=None, lora_rank=2, init_lora=release)
+    _, student, fake, _, shape = build_preset_run(run, TDMConfig(steps=(4,)))
+    converted = Denoiser.from_pretrained(release / "student")
+    x, t = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)), torch.tensor([999, 500])
+    cond = expand_null(converted.null_cond, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(student(x, t, cond), converted(x, t, cond), rtol=0, atol=0)
+    configs = role_of(student).shared.lora_configs
+    assert (configs["student"].r, configs["student"].lora_alpha) == (4, 8 * 0.5) and configs["fake"].r == 2
+
+    out = tmp_path / "run"
+    assert main(["--quiet", "distill", "--preset", "sd15", "--model", str(base), "--prompts", str(prompts), "--out", str(out),
+                 "--iterations", "2", "--steps", "4", "--batch-size", "4", "--lora-rank", "2", "--embedding-cache", "none",
+                 "--kernels", "reference", "--init-lora", str(release)]) == 0
+    (config, trained), (_, initial) = read_lora_folder(out / "lora"), read_lora_folder(release)
+    assert (config.r, config.lora_alpha) == (4, 4.0) and trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)  # trained on from the release
 
 
 # -- bad input: one clear UsageError, nothing written ----------------------------------------------

@@ -30,6 +30,20 @@ def test_empty_stage_interval_is_refused():
         stage_times(1, total_steps=30)
 
 
+def test_sampling_takes_any_k_without_the_training_interval_rule():
+    """The τ-interval rule is training's (issue 34): sample_student, the teacher baselines at the student's
+    times and the sample/export verbs' check run K = 40 of T' = 900, which training refuses."""
+    from tdm_fast.demos.toy2d import TOY_SCHEDULE, ToyMLP
+    from tdm_fast.denoiser import Denoiser
+    from tdm_fast.sampling import check_steps, sample_student
+
+    student = Denoiser(ToyMLP(hidden=16, depth=1), TOY_SCHEDULE, "epsilon", null_cond=0)
+    x0, trajectory = sample_student(student, torch.randn(2, 2), torch.tensor([0, 1]), 40, return_trajectory=True)
+    assert len(trajectory) == 40 and torch.isfinite(x0).all()
+    check_steps([40], student)
+    assert nfe_matched_baselines(40, 4.5)[0].times == tuple(stage_times(40, training=False))
+
+
 VP_CASES = [(cls, beta, zero) for cls in ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "CogVideoXDDIMScheduler")
             for beta in ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid") for zero in (False, True)
             if beta != "sigmoid" or cls == "DDPMScheduler"]

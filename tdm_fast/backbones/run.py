@@ -21,7 +21,9 @@ class PresetRun:
     """The backbone side of a ``--preset`` run (the TDM settings are the :class:`~tdm_fast.config.TDMConfig`).
 
     ``resolution`` None: the denoiser's native one; ``embedding_cache`` None or "none": no cache;
-    ``lora_targets``: comma-separated module names (None: the backbone's default)."""
+    ``lora_targets``: comma-separated module names (None: the backbone's default). ``init_lora``: a LoRA folder
+    (``tdm-fast convert``'s, or a run's ``lora/``) the student starts from, in its own layout (rank, alpha,
+    targets: the ``lora_*`` settings are then the fake score's)."""
 
     preset: str
     model: str | Path
@@ -39,6 +41,7 @@ class PresetRun:
     use_8bit_adam: bool = False
     export_kohya: bool = False
     export_fused: bool = False
+    init_lora: str | Path | None = None
 
 
 def _dtype_of(mixed_precision: str | None):
@@ -53,7 +56,7 @@ def build_preset_run(run: PresetRun, config=None):
     share one base; with ``full_finetune`` student and fake are None (the trainer copies the teacher).
     """
     from ..config import TDMConfig
-    from ..lora import LoRASettings, lora_denoisers
+    from ..lora import LoRASettings, check_lora_fits, fill_lora, lora_denoisers, read_lora_folder, role_of
     from ..prompts import read_prompts
     from ..training.conditions import EmbeddingConditions
 
@@ -64,7 +67,18 @@ def build_preset_run(run: PresetRun, config=None):
     if not Path(run.model).is_dir():
         raise ValueError(f"--model {run.model} is not a folder: give a local diffusers pipeline folder")
     prompts = read_prompts(run.prompts)  # the cheap checks first: a bad prompt file is refused before the load
+    if run.init_lora is not None and run.full_finetune:
+        raise ValueError("--init-lora starts a LoRA student from a LoRA: not with --full-finetune")
+    try:
+        student_lora, init_weights = read_lora_folder(run.init_lora) if run.init_lora is not None else (None, None)
+    except ValueError as exc:
+        raise ValueError(f"--init-lora {exc}") from None
     teacher, source = load_teacher(preset, run.model)
+    if init_weights is not None:
+        try:
+            check_lora_fits(teacher.model.inner, init_weights)  # before the prompts are encoded (and cached)
+        except ValueError as exc:
+            raise ValueError(f"--init-lora {run.init_lora}: {exc}") from None
     cache = None if run.embedding_cache is None or str(run.embedding_cache).lower() == "none" else run.embedding_cache
     # latents are pixels / the folder's own VAE factor (2 ** (len(vae block_out_channels) - 1); 8 without vae/),
     # and the default resolution is the one the denoiser was built for (its sample_size × that factor)
@@ -81,7 +95,10 @@ def build_preset_run(run: PresetRun, config=None):
     targets = tuple(t.strip() for t in run.lora_targets.split(",")) if run.lora_targets else None
     lora = LoRASettings.for_backbone(preset.backbone, rank=run.lora_rank, alpha=run.lora_alpha, target_modules=targets,
                                      fake="copy" if run.fake_copy else "shared")
-    teacher, student, fake = lora_denoisers(teacher, config, lora, source, gradient_checkpointing=run.gradient_checkpointing)
+    teacher, student, fake = lora_denoisers(teacher, config, lora, source, gradient_checkpointing=run.gradient_checkpointing,
+                                            student_lora=student_lora)
+    if init_weights is not None:
+        fill_lora(role_of(student).shared.adapter.inner, init_weights, "student")
     dtype = _dtype_of(config.effective_mixed_precision)
     if dtype is not None:  # frozen base weights in half precision; LoRA weights stay fp32
         for d in {id(x.model.shared): x.model.shared for x in (student, fake)}.values():

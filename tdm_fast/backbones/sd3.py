@@ -12,8 +12,9 @@ class SD3Adapter(DiffusersAdapter):
 
     The engine's integer t maps to σ_t = shift(t/T) (the flow :class:`NoiseSchedule`), and the
     transformer receives ``σ_t · T`` as a float — what ``StableDiffusion3Pipeline`` passes with
-    ``FlowMatchEulerDiscreteScheduler`` and with :class:`tdm_fast.TDMScheduler`. The output is the
-    velocity ``ε − x0`` (prediction type ``flow``).
+    ``FlowMatchEulerDiscreteScheduler`` and with :class:`tdm_fast.TDMScheduler`. A floating-point t is that
+    model time already: a stock scheduler's σ grid (DPM-Solver's, of a converted release) need not be any
+    σ_t. The output is the velocity ``ε − x0`` (prediction type ``flow``).
     """
 
     time_embedding_module = "inner.time_text_embed.timestep_embedder"
@@ -29,7 +30,7 @@ class SD3Adapter(DiffusersAdapter):
         return {"shift": self.shift, "num_train_timesteps": self.num_train_timesteps}
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        timestep = self.model_timesteps.to(x_t.device)[t.long()]
+        timestep = t if t.is_floating_point() else self.model_timesteps.to(x_t.device)[t.long()]
         return self.inner(
             hidden_states=x_t,
             timestep=timestep,

@@ -14,7 +14,7 @@ from ..backbones.run import PresetRun
 from ..checkpoint import checkpoint_dirs
 from ..config import TDMConfig
 from ..denoiser import load_denoiser
-from ..usage import UsageError, check_allocation, check_output_path, write_text_atomically
+from ..usage import UsageError, check_allocation, check_output_path, check_tracker, write_text_atomically
 
 
 def _optional_float(text: str) -> float | None:
@@ -108,6 +108,7 @@ def cmd_distill(args) -> int:
     from ..checkpoint import resolve_checkpoint
 
     config = config_from_args(args)
+    check_tracker(config.report_to)
     out = check_output_path(args.out, "--out")
     overrides = _override_keys(args)
     if bool(args.teacher) == bool(args.preset):
@@ -217,6 +218,9 @@ def add_distill_preset_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes AdamW8bit (needs bitsandbytes)")
     g.add_argument("--export-kohya", action="store_true", help="also write the LoRA in kohya format")
     g.add_argument("--export-fused", action="store_true", help="also write fused full student weights")
+    g.add_argument("--init-lora", default=None, metavar="DIR",
+                   help="start the student from this LoRA folder (`tdm-fast convert`'s output, or a run's lora/), in its "
+                        "rank, alpha and targets; --lora-rank/--lora-alpha/--lora-targets then set the fake score's")
 
 
 def preset_run_from_args(args) -> PresetRun:

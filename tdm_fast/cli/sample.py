@@ -1,5 +1,6 @@
-"""``tdm-fast sample`` (a class-conditional student, or prompts through an exported pipeline) and
-``tdm-fast export`` (torch.compile / ONNX / TensorRT of the K-step sampler)."""
+"""``tdm-fast sample`` (a class-conditional student, or prompts through an exported pipeline),
+``tdm-fast export`` (torch.compile / ONNX / TensorRT of the K-step sampler) and ``tdm-fast convert`` (an
+official TDM release as a student folder that the other two take)."""
 from __future__ import annotations
 
 import json
@@ -122,6 +123,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from ..convert import convert_checkpoint
+
+    check_output_path(args.out, "--out")
+    out = convert_checkpoint(args.checkpoint, args.base, args.out, args.recipe, lora_scale=args.lora_scale,
+                             max_sequence_length=args.max_sequence_length)
+    print(f"wrote {out} (LoRA, scheduler/, student/, README.md)")
+    return 0
+
+
 def add_sample_parsers(verbs) -> None:
     p = verbs.add_parser("sample", help="sample a class-conditional student, or prompts through an exported pipeline")
     p.add_argument("--checkpoint", default=None, help="a student folder or a run folder")
@@ -141,4 +152,18 @@ def add_sample_parsers(verbs) -> None:
     p = verbs.add_parser("export", help="torch.compile / ONNX / TensorRT export of the K-step sampler")
     add_export_arguments(p)
     p.set_defaults(func=cmd_export)
+
+    from ..argtypes import positive_float, positive_int
+    from ..convert import RECIPES
+
+    p = verbs.add_parser("convert", help="an official TDM release (Hub file) as a student folder for sample/export")
+    p.add_argument("--checkpoint", required=True, help="the release's LoRA/EMA file, or the folder it was downloaded to")
+    p.add_argument("--base", required=True, help="the base diffusers pipeline folder the release was distilled from")
+    p.add_argument("--recipe", required=True, choices=sorted(RECIPES), help="which release: its format and its authors' sampler")
+    p.add_argument("--lora-scale", type=positive_float, default=None,
+                   help="adapter scale folded into the LoRA's alpha (default: the release README's, 0.125 for tdm-sd3)")
+    p.add_argument("--max-sequence-length", type=positive_int, default=None,
+                   help="T5 tokens of the prompts (SD3; default: the pipeline's) for the student's empty-prompt condition")
+    p.add_argument("--out", required=True, help="the student folder to write")
+    p.set_defaults(func=cmd_convert)
 
