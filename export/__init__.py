@@ -10,6 +10,7 @@
   call signatures; :class:`TextToImage` — prompt → image from a ``tdm-fast export --pipeline``
   folder (:func:`load_manifest`) with ONNX Runtime, numpy and ``tokenizers`` only.
 - :mod:`tdm_fast.export.tensorrt` — engines, a CUDA-graph runner, and TensorRT-readiness checks.
+- :func:`export_student` — ``tdm-fast export`` from Python (settings: :class:`ExportOptions`).
 - :mod:`tdm_fast.export.cli` — ``add_export_arguments``/``run_export``/``load_runner`` for the CLI.
 
 Imports are lazy so that ``import tdm_fast.export`` needs neither onnx nor tensorrt, and so that
@@ -48,6 +49,8 @@ _EXPORTS = {
     "TensorRTRunner": "tensorrt",
     "check_tensorrt_compatible": "tensorrt",
     "TENSORRT_SUPPORTED_OPS": "tensorrt",
+    "export_student": "student",
+    "ExportOptions": "student",
     "load_runner": "cli",
     "add_export_arguments": "cli",
     "run_export": "cli",

@@ -1,7 +1,8 @@
 """Helpers for the ``tdm-fast export`` and ``tdm-fast sample --backend`` commands.
 
 ``add_export_arguments(parser)`` / ``run_export(args)`` implement
-``tdm-fast export --format compile|onnx|tensorrt --steps 1 2 4 --checkpoint DIR --out DIR``;
+``tdm-fast export --format compile|onnx|tensorrt --steps 1 2 4 --checkpoint DIR --out DIR`` over the
+value-taking :func:`tdm_fast.export.student.export_student`;
 ``add_backend_arguments(parser)`` and ``load_runner(backend, path, steps)`` give the sample
 command one call signature for every backend: ``runner(noise, cond) -> x̂0``.
 
@@ -19,27 +20,19 @@ decoder of the folder's VAE, and ``<out>/manifest.json`` (:mod:`tdm_fast.export.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import tempfile
-import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from tdm_fast.atomic import staged_files
-from tdm_fast.conditions import expand_null
 from tdm_fast.denoiser import DENOISER_CONFIG, Denoiser
-from tdm_fast.solvers import SOLVERS, trained_solver
+from tdm_fast.solvers import SOLVERS
 
-FORMATS = ("compile", "onnx", "tensorrt")
+from .student import (FORMATS, ExportOptions, check_export_options, example_inputs, onnx_name, parity_tolerance,  # noqa: F401
+                      relative_error, run_export_options, sample_shape)
+
 BACKENDS = ("torch", "compile", "onnx", "tensorrt")
-
-
-def _shape(text: str | None):
-    if text is None or text == "":
-        return None
-    return tuple(int(v) for v in str(text).replace("x", ",").split(",") if v.strip())
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -86,303 +79,21 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return parser
 
 
-# -- example inputs ---------------------------------------------------------------------------
-
-
-def sample_shape(denoiser: Denoiser, shape=None) -> tuple[int, ...]:
-    """Per-sample noise shape: ``shape`` if given, else from the network's config."""
-    if shape:
-        return tuple(shape)
-    if getattr(denoiser.model, "sample_shape", None) is not None:
-        return tuple(denoiser.model.sample_shape)
-    config = getattr(denoiser.model, "config", None)
-    if config is not None:
-        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-        if get("data_dim") is not None:
-            return (int(get("data_dim")),)
-        channels, size = get("in_channels"), get("sample_size")
-        if channels is not None and size is not None:
-            size = (size, size) if isinstance(size, int) else tuple(size)
-            return (int(channels), *map(int, size))
-    raise ValueError(f"cannot infer the sample shape of {type(denoiser.model).__name__}; pass --shape C,H,W")
-
-
-def example_inputs(denoiser: Denoiser, batch: int = 2, shape=None, cond_shape=None, device=None, seed: int = 0):
-    """Random noise and a condition for tracing, built from the checkpoint's null condition."""
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(batch, *sample_shape(denoiser, shape), generator=generator)
-    null = denoiser.null_cond
-    if cond_shape:
-        cond = torch.randn(batch, *cond_shape, generator=generator)
-    elif null is None:
-        raise ValueError("the checkpoint has no null condition to infer the condition from; pass --cond-shape")
-    elif isinstance(null, int):
-        cond = torch.arange(batch) % max(null, 1)  # labels 0..null-1 (null is the unconditional class)
-    elif isinstance(null, dict):
-        cond = {k: torch.randn(batch, *v.shape, generator=generator) for k, v in null.items()}
-    else:
-        cond = expand_null(null, batch).clone() + 0.5 * torch.randn(batch, *null.shape, generator=generator)
-    if device is not None:
-        from tdm_fast.conditions import to_device
-
-        noise, cond = noise.to(device), to_device(cond, device)
-    return noise, cond
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b| (the parity measure used throughout)."""
-    a, b = a.detach().float().cpu(), b.detach().float().cpu()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
-# -- export -----------------------------------------------------------------------------------
+def export_options(args) -> ExportOptions:
+    """The :class:`ExportOptions` of ``tdm-fast export``'s flags."""
+    given = {f.name: getattr(args, f.name) for f in fields(ExportOptions) if f.name != "verify"}
+    return ExportOptions(**{**given, "steps": tuple(args.steps)}, verify=not args.no_verify)
 
 
 def check_export_args(args) -> None:
     """What ``tdm-fast export`` can refuse before it loads or writes anything."""
-    if args.format == "tensorrt":
-        from .tensorrt import tensorrt_available
-
-        ok, why = tensorrt_available()
-        if not ok:
-            raise ValueError(f"--format tensorrt: {why}")
-    for flag, value in (("--vae", args.vae), ("--pipeline", args.pipeline)):
-        if value and args.format == "compile":
-            raise ValueError(f"{flag} exports ONNX graphs: use it with --format onnx or tensorrt")
-        if value and not Path(value).exists():
-            raise ValueError(f"{flag} {value} does not exist")
-    if args.pipeline:
-        from .text import pipeline_kind
-
-        pipeline_kind(args.pipeline)
-    if args.format != "compile":
-        import onnx
-
-        low, high = (18, onnx.defs.onnx_opset_version()) if args.exporter == "dynamo" else (9, 20)
-        if not low <= args.opset <= high:
-            raise ValueError(f"--opset {args.opset}: the {args.exporter} exporter writes opsets {low}..{high}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    for flag, value in (("--shape", args.shape), ("--cond-shape", args.cond_shape)):
-        try:
-            shape = _shape(value)
-        except ValueError:
-            shape = ()
-        if value is not None and (not shape or min(shape) < 1):
-            raise ValueError(f"{flag} {value!r}: expected positive sizes such as 4,64,64")
-
-
-def onnx_name(steps: int, dtype: str) -> str:
-    return f"sampler_k{steps}_{dtype}.onnx"
+    check_export_options(export_options(args))
 
 
 def run_export(args, student: Denoiser | None = None) -> dict:
     """Runs ``tdm-fast export``; returns ``{"files": [...], "parity": {K or "vae_decoder": rel. error}, ...}``.
-
-    ``student`` overrides loading ``args.checkpoint`` with ``Denoiser.from_pretrained`` (e.g. the
-    CLI's own loader that also accepts run folders).
-    """
-    from .onnx import export_denoiser_onnx, export_sampler_onnx, resolve_dtype
-    from .sampler import compile_sampler
-
-    from .sampler import release_scheduler
-
-    check_export_args(args)
-    scheduler = release_scheduler(args.checkpoint)  # a converted release: sampled as its authors sample it
-    if scheduler is not None and args.solver not in (None, scheduler.config.solver):
-        raise ValueError(f"--solver {args.solver}: {args.checkpoint} is a converted release, sampled with the "
-                         f"{scheduler.config.solver} steps of its authors' scheduler")
-    args.solver = scheduler.config.solver if scheduler is not None else args.solver or trained_solver(args.checkpoint)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    checkpoint = Path(args.checkpoint)
-    student = (student or Denoiser.from_pretrained(checkpoint)).to(device).eval()
-    out = Path(args.out)
-    created = not out.exists()
-    result = {"files": [], "parity": {}, "timings_s": {}}
-    try:
-        # written and checked beside the folder's files, then swapped in: a failed or interrupted export
-        # leaves every graph a previous export wrote as it was, and nothing that looks deployable
-        with staged_files(out) as staging:
-            _export_all(args, student, device, checkpoint, staging, result, scheduler)
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    result["files"] = [str(out / Path(name).relative_to(staging)) for name in result["files"]]
-    for name in result["files"]:
-        print(f"wrote {name}")
-    return result
-
-
-def _export_all(args, student, device, checkpoint: Path, out: Path, result: dict, scheduler=None) -> None:
-    from .onnx import export_denoiser_onnx, export_sampler_onnx, resolve_dtype
-    from .sampler import compile_sampler, sample_reference
-
-    noise, cond = example_inputs(student, args.batch_size, _shape(args.shape), _shape(args.cond_shape), device)
-    text = _export_prompt_encoder(args, student, out, result) if args.pipeline else None  # cheap, and refuses a foreign base early
-    for steps in args.steps:
-        start = time.perf_counter()
-        if args.format == "compile":
-            sampler = compile_sampler(student, steps, args.total_steps, mode=args.compile_mode, solver=args.solver,
-                                      scheduler=scheduler)
-            got = sampler(noise, cond)
-            manifest = out / f"compile_k{steps}.json"
-            manifest.write_text(json.dumps({
-                "checkpoint": str(checkpoint.resolve()), "steps": steps, "total_steps": args.total_steps,
-                "solver": args.solver, "mode": args.compile_mode, "times": list(sampler.times), "example_shape": list(noise.shape),
-            }, indent=2))
-            result["files"].append(str(manifest))
-            if not args.no_verify:
-                result["parity"][steps] = relative_error(got, sample_reference(student, noise, cond, steps, args.total_steps,
-                                                                               args.solver, scheduler))
-        else:
-            path = out / onnx_name(steps, args.dtype)
-            result["files"].append(str(path))
-            export_sampler_onnx(student, path, steps, noise, cond, args.total_steps, args.dtype,
-                                dynamic_resolution=args.dynamic_resolution, opset=args.opset, exporter=args.exporter,
-                                solver=args.solver, scheduler=scheduler)
-            if not args.no_verify:
-                from .runtime import OrtSampler
-
-                from .sampler import cast_cond
-
-                ref = sample_reference(student, noise, cond, steps, args.total_steps, args.solver, scheduler)
-                dt = resolve_dtype(args.dtype)
-                got = OrtSampler(path)(noise.to(device="cpu", dtype=dt), cast_cond(cond, dt, "cpu"))
-                result["parity"][steps] = relative_error(got, ref)
-            if args.format == "tensorrt":
-                result["files"] += _build_engine(args, path)
-        result["timings_s"][steps] = round(time.perf_counter() - start, 2)
-    if args.per_network and args.format != "compile":
-        path = out / f"denoiser_{args.dtype}.onnx"
-        result["files"].append(str(path))
-        export_denoiser_onnx(student, path, noise, cond, steps=args.steps[0] if student.steps_set else None,
-                             dtype=args.dtype, dynamic_resolution=args.dynamic_resolution, opset=args.opset,
-                             exporter=args.exporter)
-    vae = args.vae or args.pipeline
-    image_shape = _export_decoder(args, vae, noise, device, out, result) if vae else None
-    if text is not None:
-        result["files"].append(str(_write_manifest(args, student, checkpoint, out, noise, image_shape, text)))
-    tol = parity_tolerance(args.format, args.dtype, device)
-    bad = []
-    for steps, err in result["parity"].items():
-        label = {"vae_decoder": "VAE decoder", "prompt_encoder": "prompt encoder"}.get(steps, f"K={steps}")
-        print(f"{label}: {args.format} vs torch max relative error {err:.2e}")
-        if not err <= tol:
-            bad.append(f"{label} ({err:.2e})")
-    if bad:
-        raise ValueError(f"the exported graphs do not compute what the torch model computes: {', '.join(bad)} exceed "
-                         f"the {args.dtype} tolerance {tol:g}; do not deploy them (try the other --exporter)")
-
-
-def parity_tolerance(fmt: str, dtype: str, device) -> float:
-    """Max relative error an export may show against eager torch: 1e-4 in fp32 (as the tests), 2e-2
-    in fp16; 1e-3 for a compiled sampler on a GPU that runs convolutions or matmuls in TF32 (the
-    compiled kernels round differently from eager's; an H200 showed 1.7-3.6e-4)."""
-    if dtype == "fp16":
-        return 2e-2
-    tf32 = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
-    if fmt == "compile" and torch.device(device).type == "cuda" and tf32:
-        return 1e-3
-    return 1e-4
-
-
-def _export_decoder(args, folder, noise: torch.Tensor, device, out: Path, result: dict) -> tuple[int, int, int]:
-    """``--vae`` (or ``--pipeline``): the decoder graph for the student's latents, its ORT parity and its
-    engine; returns the shape of one image."""
-    from .onnx import resolve_dtype
-    from .vae import LatentDecoder, export_vae_decoder_onnx, load_vae
-
-    vae = load_vae(folder).to(device)
-    channels = int(vae.config.latent_channels)
-    if noise.dim() != 4 or noise.shape[1] != channels:
-        raise ValueError(f"the VAE decodes latents of {channels} channels (B, {channels}, h, w), but this student "
-                         f"samples {tuple(noise.shape[1:])}")
-    path = out / f"vae_decoder_{args.dtype}.onnx"
-    result["files"].append(str(path))
-    export_vae_decoder_onnx(vae, path, noise, args.dtype, dynamic_resolution=args.dynamic_resolution,
-                            opset=args.opset, exporter=args.exporter)
-    if not args.no_verify:
-        from .runtime import OrtDecoder
-
-        dt = resolve_dtype(args.dtype)
-        with torch.no_grad():
-            ref = LatentDecoder(vae)(noise)
-        result["parity"]["vae_decoder"] = relative_error(OrtDecoder(path)(noise.to(device="cpu", dtype=dt)), ref)
-    if args.format == "tensorrt":
-        result["files"] += _build_engine(args, path)
-    upscale = 2 ** (len(vae.config.block_out_channels) - 1)
-    return int(vae.config.out_channels), noise.shape[2] * upscale, noise.shape[3] * upscale
-
-
-def _export_prompt_encoder(args, student: Denoiser, out: Path, result: dict) -> dict:
-    """``--pipeline``: tokenizer files and the prompt-encoder graph, checked against the pipeline's own
-    tokenizers and ``encode_prompt``, and against the student: the graph must give, for the empty prompt,
-    the unconditional condition the student was distilled with (a pipeline other than the student's base
-    fails here). Returns the manifest's ``tokenizers`` and ``prompt_encoder`` entries."""
-    from .runtime import _OrtRunner
-    from .text import (PROBE_PROMPTS, export_prompt_encoder_onnx, input_name, load_text_pipeline, max_lengths,
-                       pipeline_embeddings, pipeline_kind, pipeline_token_ids, save_tokenizers)
-
-    kind = pipeline_kind(args.pipeline)
-    null = student.null_cond
-    if not isinstance(null, (torch.Tensor, dict)) or (isinstance(null, dict) and "encoder_hidden_states" not in null):
-        raise ValueError("--pipeline serves prompts, but this student is not conditioned on text embeddings")
-    null = null if isinstance(null, dict) else {"encoder_hidden_states": null}
-    pipe = load_text_pipeline(args.pipeline)
-    # the T5 length is the one the student was trained with: its condition is the CLIP tokens, then T5's
-    t5_length = null["encoder_hidden_states"].shape[0] - int(pipe.tokenizer.model_max_length) if kind == "sd3" else None
-    if t5_length is not None and t5_length < 1:
-        raise ValueError(f"this student's condition has {null['encoder_hidden_states'].shape[0]} tokens, not the CLIP "
-                         f"tokens of --pipeline {args.pipeline} followed by T5's")
-    lengths = max_lengths(pipe, kind, t5_length)
-    tokenizers = save_tokenizers(pipe, kind, out, lengths)
-    result["files"] += [str(out / t["file"]) for t in tokenizers.values()]
-    path = out / f"prompt_encoder_{args.dtype}.onnx"
-    result["files"].append(str(path))
-    meta = export_prompt_encoder_onnx(pipe, kind, path, lengths, t5_length, null["encoder_hidden_states"].shape[-1],
-                                      args.dtype, args.opset, args.exporter)
-    ids = {input_name(n): pipeline_token_ids(getattr(pipe, n), PROBE_PROMPTS, lengths[n]) for n in lengths}
-    runner = _OrtRunner(path, providers=["CPUExecutionProvider"])
-    got = dict(zip(runner.output_names, runner.run(ids)))
-    ref = pipeline_embeddings(pipe, kind, list(PROBE_PROMPTS), t5_length)
-    result["parity"]["prompt_encoder"] = max(relative_error(got[k], ref[k]) for k in ref)
-    foreign = {k: relative_error(got[k][0], null[k]) for k in got if k in null}  # PROBE_PROMPTS[0] is ""
-    if not foreign or max(foreign.values()) > parity_tolerance("onnx", args.dtype, "cpu"):
-        raise ValueError(f"the text encoders of --pipeline {args.pipeline} do not give the empty-prompt condition this "
-                         f"student was distilled with (max relative error {max(foreign.values(), default=float('inf')):.2e}): "
-                         "pass the pipeline folder the student was trained on")
-    return {"tokenizers": tokenizers, "prompt_encoder": {"file": path.name, "inputs": meta["inputs"], "outputs": meta["outputs"]},
-            "pipeline": kind, "pipeline_class": type(pipe).__name__}
-
-
-def _write_manifest(args, student: Denoiser, checkpoint: Path, out: Path, noise, image_shape, text: dict) -> Path:
-    from .manifest import sampler_key, write_manifest
-    from .onnx import read_metadata
-
-    graphs = {"prompt_encoder": text["prompt_encoder"], "vae_decoder": {"file": f"vae_decoder_{args.dtype}.onnx"}}
-    graphs.update({sampler_key(k): {"file": onnx_name(k, args.dtype), "steps": k} for k in args.steps})
-    return write_manifest(out, {
-        "pipeline": text["pipeline"],
-        "model": {"pipeline_class": text["pipeline_class"], "pipeline_folder": str(Path(args.pipeline).resolve()),
-                  "checkpoint": str(checkpoint.resolve()), "backbone": read_metadata(out / onnx_name(args.steps[0], args.dtype))["backbone"]},
-        "dtype": args.dtype, "solver": args.solver, "total_steps": args.total_steps,
-        "sample_shape": list(noise.shape[1:]), "image_shape": list(image_shape),
-        "graphs": graphs, "tokenizers": text["tokenizers"],
-    })
-
-
-def _build_engine(args, onnx_path: Path) -> list[str]:
-    """The TensorRT engine of one exported graph with the ``--trt-*`` settings; the files written."""
-    from .tensorrt import build_engine
-
-    resolution = _shape(args.trt_resolution)
-    if resolution:
-        resolution = (resolution[0:2], resolution[2:4], resolution[4:6])
-    engine = build_engine(onnx_path, batch=_shape(args.trt_batch), resolution=resolution,
-                          fp16=args.trt_precision == "fp16", bf16=args.trt_precision == "bf16",
-                          timing_cache=args.timing_cache)
-    return [str(engine), str(engine) + ".json"]
+    ``student`` overrides loading ``--checkpoint`` (e.g. the CLI's own loader that also accepts run folders)."""
+    return run_export_options(export_options(args), student)
 
 
 # -- runners ----------------------------------------------------------------------------------

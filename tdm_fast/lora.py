@@ -89,17 +89,35 @@ class LoRASettings:
         return LoraConfig(r=r, lora_alpha=alpha, target_modules=list(self.target_modules), lora_dropout=self.dropout, init_lora_weights=True)
 
 
-def add_lora_adapter(model: nn.Module, config, name: str) -> None:
-    """diffusers' ``add_adapter`` where the model has it (PeftAdapterMixin), else peft's injection
-    plus the ``peft_config`` table that ``get_peft_model_state_dict`` reads (e.g. PixArt)."""
-    if hasattr(model, "add_adapter"):
-        model.add_adapter(config, adapter_name=name)
-        return
-    from peft import inject_adapter_in_model
+def unmatched_lora_targets(model: nn.Module, targets) -> list[str]:
+    """The LoRA targets that name no module of ``model`` by peft's rule (a module's full name, or its
+    last dotted parts): peft wraps what the others match and silently ignores these."""
+    names = [name for name, _ in model.named_modules()]
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
-    inject_adapter_in_model(config, model, adapter_name=name)
-    table = model.__dict__.setdefault("peft_config", {})
-    table[name] = config
+
+def wrapped_modules(role: "LoRARole") -> int:
+    """How many modules of its base ``role``'s LoRA wraps."""
+    return sum(1 for layer in role.shared.layers if any(role.role in getattr(layer, n) for n in layer.adapter_layer_names))
+
+
+def add_lora_adapters(model: nn.Module, configs: dict) -> None:
+    """Injects one LoRA adapter per ``{name: LoraConfig}`` into ``model`` through one peft tuner, the way peft's
+    ``PeftModel.add_adapter`` adds an adapter (``inject_adapter`` on the tuner that holds the first); a tuner per
+    adapter, as diffusers' ``add_adapter`` makes, would find the previous one's ``peft_config`` on the model and
+    warn. The model keeps the ``peft_config`` table that ``get_peft_model_state_dict`` reads, and a diffusers model
+    (PeftAdapterMixin) is marked as carrying adapters, as its ``add_adapter`` marks it."""
+    from peft.tuners.lora import LoraModel
+
+    (first, first_config), *others = configs.items()
+    for config in configs.values():
+        config.base_model_name_or_path = None  # as diffusers' add_adapter: the base is the run's, not a hub id
+    tuner = LoraModel(model, first_config, adapter_name=first)
+    for name, config in others:
+        tuner.peft_config[name] = config
+        tuner.inject_adapter(model, name)
+    if hasattr(model, "_hf_peft_config_loaded"):
+        model._hf_peft_config_loaded = True
 
 
 def load_lora_adapter(model: nn.Module, path, adapter_name: str = "default") -> nn.Module:
@@ -114,7 +132,7 @@ def load_lora_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
         state = {k: f.get_tensor(k) for k in f.keys()}
     config = LoraConfig(**{k: v for k, v in meta.items() if k in LoraConfig.__dataclass_fields__})
-    add_lora_adapter(model, config, adapter_name)
+    add_lora_adapters(model, {adapter_name: config})
     set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     return model
 
@@ -216,10 +234,9 @@ class SharedLoRABase:
         self.source = source
         self.lora_configs = dict(lora_configs)
         inner = adapter.inner
-        for role, config in self.lora_configs.items():
-            add_lora_adapter(inner, config, role)
+        add_lora_adapters(inner, self.lora_configs)
         self.layers = _tuner_layers(inner)
-        for role in self.lora_configs:  # peft's set_adapter froze all but the last one
+        for role in self.lora_configs:  # peft trains only the active (first) adapter
             for p in self.role_modules(role).parameters():
                 p.requires_grad_(True)
         self.active: str | None = "__unset__"
@@ -587,9 +604,19 @@ def role_of(student) -> LoRARole:
     return model
 
 
+FOLDED_BASE_BIAS = "tdm_base_bias"  # buffer on the folded linear: its bias before any K embedding
+
+
 def apply_steps_embedding(model: nn.Module, path, steps: int) -> None:
-    """Folds the K embedding of a steps-aware student into the bias of the time embedding's last
-    linear layer of a diffusers ``model`` (after ``load_lora_weights``), so stock pipelines run K steps."""
+    """Sets the bias of the time embedding's last linear layer of a diffusers ``model`` (after
+    ``load_lora_weights``) to its base bias plus the K embedding of a steps-aware student, so stock
+    pipelines run the K-step student.
+
+    Switchable and reversible: the base bias is remembered on the layer (a non-persistent buffer, so it
+    follows ``.to()`` and stays out of ``state_dict``) the first time, and every call sets base + e_K, so
+    calling it again with another K gives exactly that K's student. :func:`remove_steps_embedding`
+    restores the base bias bit for bit, and so does the pipeline's ``unload_lora_weights()`` (diffusers
+    calls the model's ``unload_lora()``, which this wraps on ``model`` until the embedding is removed)."""
     from safetensors import safe_open
 
     file = Path(path) / STEPS_EMBEDDING_FILE
@@ -600,7 +627,50 @@ def apply_steps_embedding(model: nn.Module, path, steps: int) -> None:
     if steps not in steps_set:
         raise ValueError(f"this student was trained for K in {steps_set}, not {steps}")
     target = model.get_submodule(meta["module"])
-    fold_into_last_linear(target, weight[steps_set.index(steps)])
+    if getattr(target, "post_act", None) is not None:
+        raise ValueError("cannot fold a steps embedding through a post-activation")
+    layer = _base_linears(target)[-1]
+    with torch.no_grad():
+        if FOLDED_BASE_BIAS not in layer._buffers:
+            base = None if layer.bias is None else layer.bias.detach().clone()
+            layer.register_buffer(FOLDED_BASE_BIAS, base, persistent=False)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype, device=layer.weight.device))
+        base = layer._buffers[FOLDED_BASE_BIAS]
+        vector = weight[steps_set.index(steps)].to(layer.bias)
+        layer.bias.copy_(vector if base is None else base + vector)
+    if hasattr(type(model), "unload_lora") and "unload_lora" not in model.__dict__:
+        model.__dict__["unload_lora"] = _UnloadWithStepsEmbedding(model)
+
+
+def remove_steps_embedding(model: nn.Module) -> bool:
+    """Gives the layer(s) folded by :func:`apply_steps_embedding` in ``model`` their base bias back, bit for
+    bit (no bias again where the base had none). Returns whether there was one to remove."""
+    removed = False
+    for layer in model.modules():
+        if FOLDED_BASE_BIAS in layer._buffers:
+            base = layer._buffers.pop(FOLDED_BASE_BIAS)
+            if base is None:
+                layer.bias = None
+            else:
+                with torch.no_grad():
+                    layer.bias.copy_(base)
+            removed = True
+    model.__dict__.pop("unload_lora", None)
+    return removed
+
+
+class _UnloadWithStepsEmbedding:
+    """``model.unload_lora`` while a K embedding is folded: the class's own unload, then the base bias
+    back. An object, not a closure, so that a deep copy of the model unloads the copy."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        result = type(self.model).unload_lora(self.model, *args, **kwargs)
+        remove_steps_embedding(self.model)
+        return result
 
 
 def _base_linears(module: nn.Module) -> list[nn.Linear]:

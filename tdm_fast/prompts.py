@@ -18,15 +18,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_file
+from .usage import check_output_path
 
 
 def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:  # UTF-16, a binary file
+        raise ValueError(f"prompt file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}): save it as UTF-8") from None
     prompts = []
     if path.suffix == ".jsonl":
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -37,7 +42,7 @@ def read_prompts(path: str | Path) -> list[str]:
                 raise ValueError(f'{path}:{number}: expected an object with a string "prompt" field')
             prompts.append(record["prompt"])
     else:
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in text.splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 prompts.append(line)
@@ -64,10 +69,8 @@ def cached_embeddings(cache_dir: str | Path | None, key: str, compute: Callable[
     """
     file = None if cache_dir is None else Path(cache_dir) / f"{key}.safetensors"
     if file is not None:
-        try:
-            file.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a path under a file, a folder without write permission
-            raise ValueError(f"embedding cache {cache_dir} cannot be created ({exc}): give another --embedding-cache, or none") from None
+        # checked, not created: a run that compute() refuses (a damaged text encoder) leaves no cache folder behind
+        check_output_path(cache_dir, "--embedding-cache")
         if file.is_file():
             try:
                 return load_file(file)
@@ -78,6 +81,7 @@ def cached_embeddings(cache_dir: str | Path | None, key: str, compute: Callable[
     if bad:
         raise ValueError(f"the text encoders give non-finite embeddings ({', '.join(bad)}): their weights hold NaN or inf")
     if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(file) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
     return tensors

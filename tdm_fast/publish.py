@@ -78,14 +78,17 @@ _DUPLICATE_WEIGHTS = (".bin", ".msgpack", ".h5", ".ckpt", ".ot")  # other format
 _ROOT_WEIGHTS = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".gguf")
 
 
-def save_tdm_scheduler(folder, teacher_scheduler_config: dict, total_steps: int, solver: str = "ddim"):
+def save_tdm_scheduler(folder, teacher_scheduler_config: dict, total_steps: int, solver: str = "ddim",
+                       trained_steps: tuple[int, ...] | None = None):
     """Writes ``folder/scheduler/scheduler_config.json``: the :class:`~tdm_fast.TDMScheduler` built from
-    the teacher pipeline's scheduler config with the run's ``total_steps`` (the training stage times) and
-    ``student_solver``, so ``TDMScheduler.from_pretrained(folder, subfolder="scheduler")`` samples as the
-    student was trained."""
+    the teacher pipeline's scheduler config with the run's ``total_steps`` (the training stage times),
+    ``student_solver`` and ``trained_steps`` (the K set; other step counts warn), so
+    ``TDMScheduler.from_pretrained(folder, subfolder="scheduler")`` samples as the student was trained."""
     from .scheduler import TDMScheduler
 
-    scheduler = TDMScheduler.from_config(dict(teacher_scheduler_config), total_steps=int(total_steps), solver=solver)
+    trained = sorted(int(k) for k in trained_steps) if trained_steps else None
+    scheduler = TDMScheduler.from_config(dict(teacher_scheduler_config), total_steps=int(total_steps), solver=solver,
+                                         trained_steps=trained)
     scheduler.save_pretrained(Path(folder) / "scheduler")
     return scheduler
 
@@ -103,7 +106,7 @@ def _copy_component(src: Path, dst: Path) -> None:
 
 
 def write_pipeline_folder(folder, base, denoiser_name: str, denoiser: nn.Module, teacher_scheduler_config: dict,
-                          total_steps: int, solver: str = "ddim") -> Path:
+                          total_steps: int, solver: str = "ddim", trained_steps: tuple[int, ...] | None = None) -> Path:
     """A complete diffusers pipeline folder: ``denoiser`` (a plain diffusers model) saved as the
     ``denoiser_name`` component, the TDMScheduler config as ``scheduler/`` (named
     ``["tdm_fast.scheduler", "TDMScheduler"]`` in ``model_index.json``), and every other component of
@@ -128,7 +131,7 @@ def write_pipeline_folder(folder, base, denoiser_name: str, denoiser: nn.Module,
         if f.is_file() and not f.name.startswith(".") and f.name not in ("model_index.json", "README.md") and f.suffix not in _ROOT_WEIGHTS:
             shutil.copy2(f, folder / f.name)
     denoiser.save_pretrained(folder / denoiser_name)
-    save_tdm_scheduler(folder, teacher_scheduler_config, total_steps, solver)
+    save_tdm_scheduler(folder, teacher_scheduler_config, total_steps, solver, trained_steps)
     index["scheduler"] = list(TDM_SCHEDULER_ENTRY)
     index.pop("_name_or_path", None)
     (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -215,7 +218,9 @@ pipe = diffusers.DiffusionPipeline.from_pretrained("{name}")  # TDMScheduler alr
         unify = (
             "\nThis is a steps-aware student: after loading, fold the K embedding of the step count you sample with:\n\n"
             "```python\nfrom tdm_fast.lora import apply_steps_embedding\n"
-            f"apply_steps_embedding(pipe.{denoiser}, \"{name}\", steps={k})\n```\n"
+            f"apply_steps_embedding(pipe.{denoiser}, \"{name}\", steps={k})\n```\n\n"
+            "Calling it again with another K switches to that K's student; `pipe.unload_lora_weights()` (or "
+            f"`tdm_fast.lora.remove_steps_embedding(pipe.{denoiser})`, which keeps the LoRA) restores the base exactly.\n"
         )
     elif len(steps) > 1:
         unify = f"\nThis steps-aware student's K embedding is folded in for K = {k}: sample with `num_inference_steps={k}`.\n"

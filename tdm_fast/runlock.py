@@ -62,6 +62,8 @@ def acquire(folder: str | Path) -> Path:
 def check_free(folder: str | Path) -> None:
     """Raises :class:`RunLockedError` if another process holds ``folder``; writes nothing."""
     key = Path(folder).resolve()
+    if (key / LOCK_FILE).exists() and not (key / LOCK_FILE).is_file():  # a folder there: open() would fail mid-start
+        raise RunLockedError(f"{key / LOCK_FILE} is not a file: it is the run's lock file; remove it, or choose another --out")
     if key in _held or not (key / LOCK_FILE).is_file():
         return
     with open(key / LOCK_FILE) as file:

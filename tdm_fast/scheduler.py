@@ -25,6 +25,7 @@ and the ``int64(σ · T)`` timesteps are DPM-Solver's.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -91,6 +92,8 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
         stock_scheduler: the diffusers class this scheduler reproduces (set by ``from_sampler_config``): a VP
             schedule's tables are then that class's own (float32 betas and cumulative product, where ours are
             float64), and ``set_timesteps(K)`` runs that class's step on the same times.
+        trained_steps: the step counts K the student was distilled for (written with a run's ``scheduler/``);
+            ``set_timesteps`` with another ``num_inference_steps`` samples, with one warning per K.
     """
 
     _compatibles = [
@@ -120,6 +123,7 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
         use_flow_sigmas: bool = False,
         timestep_rules: str | None = None,
         stock_scheduler: str | None = None,
+        trained_steps: list[int] | None = None,
     ):
         check_solver(solver)
         if timestep_rules is not None:
@@ -140,6 +144,7 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
         if not 0 < self.total_steps <= num_train_timesteps:
             raise ValueError(f"total_steps (T') must lie in (0, num_train_timesteps={num_train_timesteps}], got {total_steps}")
         self.prediction_type = prediction_type
+        self._warned_steps: set[int] = set()
         betas = tuple(float(b) for b in trained_betas) if trained_betas is not None else None
         vp = ScheduleConfig(kind="vp", num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
                             beta_schedule=beta_schedule, trained_betas=betas,
@@ -240,6 +245,12 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
         if custom is not None and num_inference_steps is not None and int(num_inference_steps) != len(custom):
             raise ValueError(f"num_inference_steps={num_inference_steps} but {len(custom)} custom "
                              f"{'timesteps' if timesteps is not None else 'sigmas'} were given")
+        trained = self.config.trained_steps
+        if custom is None and num_inference_steps is not None and trained and int(num_inference_steps) not in trained \
+                and int(num_inference_steps) not in self._warned_steps:
+            self._warned_steps.add(int(num_inference_steps))
+            warnings.warn(f"num_inference_steps={num_inference_steps}: this student was distilled for K in {list(trained)}; "
+                          "other step counts sample, but not the images it was trained for", UserWarning, stacklevel=2)
         if timesteps is not None:
             plan = self._custom_timesteps_plan(timesteps)
         elif sigmas is not None:
@@ -286,8 +297,10 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
             settings.update(algorithm_type="dpmsolver++", solver_order=2 if config.solver == "dpmsolver" else 1,
                             solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero",
                             use_flow_sigmas=config.use_flow_sigmas, flow_shift=config.shift)
-        else:  # 1: no shift, where CogVideoX's default is 3
-            settings.update(clip_sample=False, set_alpha_to_one=True, snr_shift_scale=config.snr_shift_scale or 1.0)
+        else:
+            settings.update(clip_sample=False, set_alpha_to_one=True)
+        if name == "CogVideoXDDIMScheduler":  # 1: no shift, where its default is 3
+            settings["snr_shift_scale"] = config.snr_shift_scale or 1.0
         return stock_class.from_config(settings)
 
     def _spaced_times(self, k: int) -> list[int]:

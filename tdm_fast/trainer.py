@@ -182,6 +182,7 @@ class TDMTrainer(Checkpointing):
         self.rng = torch.Generator().manual_seed(config.seed * 7919 + rank)
         self.steps_rng = torch.Generator().manual_seed(config.seed)
         self.step = 0
+        self.elapsed_s = 0.0  # training time of the run, over every resume (checkpointed)
         self.consecutive_skips = 0
         self.skipped_updates = 0
         self._warned_unsaveable = False
@@ -507,7 +508,7 @@ class TDMTrainer(Checkpointing):
         if writer:
             runlock.acquire(self.output_dir)
         bar = tqdm(total=total, initial=self.step, desc="TDM", disable=not (self.progress and self.accelerator.is_main_process))
-        start = time.perf_counter()
+        start = time.perf_counter() - self.elapsed_s  # a resumed run's clock goes on
         if self.config.report_to:
             self.accelerator.init_trackers("tdm-fast", config=_tracker_config(self.config))
         try:
@@ -522,7 +523,8 @@ class TDMTrainer(Checkpointing):
             pending = []  # iterations whose losses are still on the device
             while self.step < total:
                 pending.append(self._iterate())
-                pending[-1]["elapsed_s"] = time.perf_counter() - start
+                self.elapsed_s = time.perf_counter() - start
+                pending[-1]["elapsed_s"] = self.elapsed_s
                 bar.update(1)
                 every = self.config.checkpoint_every
                 validate = self.validation is not None and self.config.validation_every and self.step % self.config.validation_every == 0
@@ -539,7 +541,7 @@ class TDMTrainer(Checkpointing):
                             log_file.write(json.dumps({k: _json_value(v) for k, v in record.items()}, allow_nan=False) + "\n")
                             log_file.flush()
                         if self.config.report_to:
-                            self.accelerator.log(self._tracker_values(record, len(history)), step=record["step"])
+                            self.accelerator.log(self._tracker_values(record), step=record["step"])
                     self._count_skips(record["skipped_updates"], record["step"])
                     if callback is not None:
                         callback(self, record)
@@ -558,13 +560,13 @@ class TDMTrainer(Checkpointing):
                 runlock.release(self.output_dir)
         return history
 
-    def _tracker_values(self, record: dict, iterations: int) -> dict:
+    def _tracker_values(self, record: dict) -> dict:
         values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and _finite(v) and k != "step"}
         values["lr/generator"] = self.opt_g.param_groups[0]["lr"]
         values["lr/fake"] = self.opt_f.param_groups[0]["lr"]
         if record.get("elapsed_s"):
             values["samples_per_s"] = self.config.batch_size * self.config.gradient_accumulation_steps * \
-                self.accelerator.num_processes * iterations / record["elapsed_s"]
+                self.accelerator.num_processes * record["step"] / record["elapsed_s"]  # both over every resume
         return values
 
     def validate(self) -> dict:
@@ -572,12 +574,15 @@ class TDMTrainer(Checkpointing):
         images and metrics to the trackers; returns the metrics."""
         if not (self.accelerator.is_main_process or self.fsdp):  # sharded networks sample on every process
             return {}
-        images, metrics = self.validation.run(self)
+        with self.ema_weights() as student, self.accelerator.autocast():
+            images, metrics = self.validation.run(student, self.config.steps, self.config.total_steps,
+                                                  self.config.student_solver, self.device)
         if not self.accelerator.is_main_process:
             return {}
         grids = {}
         if self.output_dir is not None:
-            grids = save_validation(images, self.output_dir / "validation" / f"step-{self.step:08d}.png", self.step)
+            grids = save_validation(images, self.output_dir / "validation" / f"step-{self.step:08d}.png", self.step,
+                                    self.validation.captions)
         if self.config.report_to:
             log_validation(self.accelerator, grids, metrics, self.step)
         return metrics

@@ -313,6 +313,11 @@ DISTILL_PRESET = [
      "{SD3}/trunc-transformer/transformer"),
     ("sd3-prompts-no-usable-line", PRESET3 + "--model {SD3}/full --prompts {B}/empty-prompts.txt", "{B}/empty-prompts.txt"),
     ("sd3-model-of-sd15", PRESET3 + "--model {SD}/full --prompts {B}/prompts.txt", "--preset sd15"),
+    ("lora-targets-bogus", PRESET + "--model {SD}/full --prompts {B}/prompts.txt --lora-targets to_q,to_v,bogus",
+     "--lora-targets to_q,to_v,bogus: 'bogus' matches no module"),
+    *([] if torch.cuda.is_available() else [  # fp16 runs on a GPU
+        ("mixed-precision-fp16-on-cpu", PRESET + "--model {SD}/full --prompts {B}/prompts.txt --mixed-precision fp16",
+         "--mixed-precision fp16 needs a GPU")]),
 ]
 
 
@@ -362,7 +367,7 @@ EXPORT = [
     ("opset-11-dynamo", "export --checkpoint {S} --out {O} --opset 11", "--opset"),
     ("steps-0", "export --checkpoint {S} --out {O} --steps 0", "--steps"),
     ("steps-3-on-124", "export --checkpoint {S} --out {O} --steps 1 3", "--steps 3"),
-    ("steps-4-total-60", "export --checkpoint {S} --out {O} --steps 4 --total-steps 60", "--steps"),
+    ("steps-4-total-2", "export --checkpoint {S} --out {O} --steps 4 --total-steps 2", "--steps 4"),  # stage times repeat
     ("shape-text", "export --checkpoint {S} --out {O} --shape abc", "--shape"),
     ("shape-zero", "export --checkpoint {S} --out {O} --shape 0,2", "--shape"),
     ("cond-shape-text", "export --checkpoint {S} --out {O} --cond-shape x", "--cond-shape"),

@@ -135,13 +135,14 @@ def test_bench_writes_a_users_folder_unless_the_project_record_is_asked_for(tmp_
     """`tdm-fast bench` in a clone must not overwrite the tracked bench/results/ and bench/RESULTS.md."""
     import argparse
 
+    from tdm_fast.cli.tools import cmd_bench
     from tdm_fast.perf import bench_report
 
     parser = argparse.ArgumentParser()
     bench_report.add_bench_arguments(parser)
     monkeypatch.chdir(tmp_path)
     args = parser.parse_args(["--render-only"])
-    assert bench_report.run_bench(args) == 0
+    assert cmd_bench(args) == 0
     assert (tmp_path / "runs" / "bench" / "RESULTS.md").is_file()
     record = bench_report.PROJECT_RESULTS_DIR
     assert bench_report._results_dir(None, True) == record and record.parent.name == "bench"

@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from _lora_student import random_lora_run  # noqa: E402
 from tdm_fast.cli import main  # noqa: E402
 from tdm_fast.demos import t2i, t2i_demo  # noqa: E402
 
@@ -61,27 +62,6 @@ print(json.dumps({"torch_imported": "torch" in sys.modules, "warnings": said}))
 '''
 
 
-def _student(kind: str, root):
-    """A LoRA student of the shipped pipeline as ``tdm-fast distill --preset`` leaves it (``student/``, ``lora/``),
-    with random LoRA and K-embedding weights so that both visibly change the images."""
-    from tdm_fast.backbones.run import build_preset_run, export_preset_student
-    from tdm_fast.config import TDMConfig
-
-    model = t2i.shipped_pipeline(kind)
-    args = t2i_demo.preset_run(kind, model, t2i.write_prompt_file(root / "prompts.txt"), root / "cache", rank=4)
-    config = TDMConfig(steps=STEPS, steps_conditioning=True)
-    _, student, _, _, _ = build_preset_run(args, config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in student.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-        student.steps_embedding.embedding.weight.copy_(0.3 * torch.randn(student.steps_embedding.embedding.weight.shape, generator=g))
-    export_preset_student(args, student, config, root)
-    student.save_pretrained(root / "student")
-    return model, root
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Per pipeline: (pipeline folder, run folder, export folder written by `tdm-fast export --pipeline`)."""
@@ -89,7 +69,7 @@ def exported(tmp_path_factory):
 
     def get(kind):
         if kind not in cache:
-            model, run = _student(kind, tmp_path_factory.mktemp(f"run-{kind}"))
+            model, run = random_lora_run(kind, tmp_path_factory.mktemp(f"run-{kind}"), STEPS)
             out = run / "onnx"
             # --no-verify: the test compares with the stock pipeline itself (the prompt encoder is checked regardless)
             assert main(["--quiet", "export", "--checkpoint", str(run / "student"), "--pipeline", str(model), "--out", str(out),

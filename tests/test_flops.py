@@ -50,12 +50,13 @@ def test_peaks_and_hours():
 
 
 def test_bench_plan_sdxl_prints_flops_and_paper_figure(capsys):
-    from tdm_fast.perf.bench_report import add_bench_arguments, run_bench
+    from tdm_fast.cli.tools import cmd_bench
+    from tdm_fast.perf.bench_report import add_bench_arguments
 
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)
     args = parser.parse_args("plan --preset sdxl --steps 4 --batch 16 --iters 2000 --gpu a800".split())
-    assert run_bench(args) == 0
+    assert cmd_bench(args) == 0
     out = capsys.readouterr().out
     assert "FLOPs per iteration" in out and "PFLOP" in out
     assert "2 A800-days" in out and "160 A100-days" in out and "32 A100-days" in out

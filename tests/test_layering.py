@@ -24,15 +24,18 @@ def test_no_import_loops_and_few_imports_against_the_layering():
     assert len(report["against_layering"]) <= 3, report["against_layering"]
 
 
-def test_the_library_reads_no_namespace():
-    reads = [r for r in _report()["namespace_reads"] if r.startswith(("tdm_fast/backbones/", "export/"))]
-    assert reads == []
+def test_only_the_command_line_reads_a_namespace():
+    """No ``args.``/``getattr(args`` under demos/ eval/ perf/ backbones/ export/ (export/cli.py is a face); the
+    ``python -m`` mains allowed to read the argv they parse each say why."""
+    report = _report()
+    assert report["namespace_reads"] == []
+    assert all(why.strip() for why in report["namespace_mains"].values())
 
 
-def test_no_long_functions_in_the_library():
-    tools = ("tdm_fast.demos.", "tdm_fast.eval.", "tdm_fast.perf.", "tdm_fast.kernels.")
-    long = [f for f in _report()["long_functions"] if not f["allowed"] and not f["function"].startswith(tools)]
-    assert long == []
+def test_no_long_functions():
+    """No function over 80 lines under tdm_fast/, kernels/, export/ unless the allow-list says why."""
+    long = [f for f in _report()["long_functions"] if not f["allowed"]]
+    assert long == [], long
 
 
 def test_version_answers_without_torch():

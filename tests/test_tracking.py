@@ -35,8 +35,9 @@ def test_validation_samples_fixed_inputs_with_the_ema_weights(teacher_dir, tmp_p
                        ema_decay=0.5, validation_every=1)
     trainer = TDMTrainer(teacher, config, ClassConditions(NUM_CLASSES), (2,), output_dir=tmp_path / "run", progress=False)
     trainer.train()
-    first, _ = trainer.validation.run(trainer)
-    again, _ = trainer.validation.run(trainer)
+    with trainer.ema_weights() as student:
+        first, _ = trainer.validation.run(student, config.steps, config.total_steps, device=trainer.device)
+        again, _ = trainer.validation.run(student, config.steps, config.total_steps, device=trainer.device)
     assert all(torch.equal(first[k], again[k]) for k in (1, 2))  # fixed noise and conditions
     from tdm_fast.sampling import sample_student
 

@@ -160,6 +160,22 @@ def native_resolution(preset: Preset | str, teacher_config, scale: int = 8) -> i
     return int(h) * scale if h == w else (int(h) * scale, int(w) * scale)
 
 
+def check_resolution(preset: Preset | str, teacher_config, resolution: int | tuple[int, int], scale: int = 8) -> None:
+    """Refuses a pixel resolution that the VAE (``scale``) and then the denoiser (a UNet's downsamplings, a
+    transformer's patches) cannot divide evenly: its latents would be cut short, or never come back to its size."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    get = teacher_config.get if hasattr(teacher_config, "get") else lambda k, d=None: getattr(teacher_config, k, d)
+    blocks = get("block_out_channels", None)
+    multiple = scale * (2 ** (len(blocks) - 1) if blocks else int(get("patch_size", None) or 1))
+    sizes = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    bad = [size for size in sizes if size % multiple]
+    if bad and not preset.video:
+        lower = max(multiple, bad[0] // multiple * multiple)
+        raise ValueError(f"--resolution {bad[0]}: this {preset.name} pipeline needs a multiple of {multiple} (its VAE "
+                         f"divides by {scale}, its {type(teacher_config).__name__.removesuffix('Config') or 'denoiser'} "
+                         f"by {multiple // scale}); use {lower} or {lower + multiple}")
+
+
 def sample_shape(preset: Preset | str, teacher_config, resolution: int | tuple[int, int] | None = None, num_frames: int = 49,
                  scale: int = 8, temporal_compression: int = 4) -> tuple[int, ...]:
     """Latent shape of one sample: (C, H/8, W/8), or (F, C, H/8, W/8) for video."""

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .presets import get_preset, load_teacher, native_resolution, prompt_conditions, sample_shape, vae_scale_factor
+from .presets import (check_resolution, get_preset, load_teacher, native_resolution, prompt_conditions, sample_shape,
+                      vae_scale_factor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +57,11 @@ def build_preset_run(run: PresetRun, config=None):
     share one base; with ``full_finetune`` student and fake are None (the trainer copies the teacher).
     """
     from ..config import TDMConfig
-    from ..lora import LoRASettings, check_lora_fits, fill_lora, lora_denoisers, read_lora_folder, role_of
+    from ..lora import (LoRASettings, check_lora_fits, fill_lora, lora_denoisers, read_lora_folder, role_of,
+                        unmatched_lora_targets)
     from ..prompts import read_prompts
     from ..training.conditions import EmbeddingConditions
+    from .validate import check_pipeline_folder
 
     if not run.preset or not run.model or not run.prompts:
         raise ValueError("--preset, --model and --prompts are required together")
@@ -73,7 +76,14 @@ def build_preset_run(run: PresetRun, config=None):
         student_lora, init_weights = read_lora_folder(run.init_lora) if run.init_lora is not None else (None, None)
     except ValueError as exc:
         raise ValueError(f"--init-lora {exc}") from None
+    check_pipeline_folder(run.model)  # damaged files refused before the load (and before any cache or --out)
     teacher, source = load_teacher(preset, run.model)
+    targets = tuple(t.strip() for t in run.lora_targets.split(",")) if run.lora_targets else None
+    unmatched = unmatched_lora_targets(teacher.model.inner, targets) if targets and not run.full_finetune else []
+    if unmatched:  # peft would wrap the other targets and ignore it: a silently smaller LoRA
+        raise ValueError(f"--lora-targets {run.lora_targets}: {unmatched[0]!r} matches no module of the {preset.name} "
+                         f"{type(teacher.model.inner).__name__} (a module name, or its last dotted parts, e.g. to_q or "
+                         "attn1.to_q); fix or drop it")
     if init_weights is not None:
         try:
             check_lora_fits(teacher.model.inner, init_weights)  # before the prompts are encoded (and cached)
@@ -84,6 +94,7 @@ def build_preset_run(run: PresetRun, config=None):
     # and the default resolution is the one the denoiser was built for (its sample_size × that factor)
     scale = vae_scale_factor(run.model)
     resolution = run.resolution or native_resolution(preset, teacher.model.config, scale)
+    check_resolution(preset, teacher.model.config, resolution, scale)  # before the prompts are encoded (and cached)
     cond, null = prompt_conditions(preset, run.model, prompts, teacher.model.inner, resolution, cache,
                                    max_sequence_length=run.max_sequence_length)
     teacher.null_cond = null
@@ -92,7 +103,6 @@ def build_preset_run(run: PresetRun, config=None):
         if run.gradient_checkpointing:
             teacher.model.inner.enable_gradient_checkpointing()  # the copies inherit it
         return teacher, None, None, EmbeddingConditions(cond), shape
-    targets = tuple(t.strip() for t in run.lora_targets.split(",")) if run.lora_targets else None
     lora = LoRASettings.for_backbone(preset.backbone, rank=run.lora_rank, alpha=run.lora_alpha, target_modules=targets,
                                      fake="copy" if run.fake_copy else "shared")
     teacher, student, fake = lora_denoisers(teacher, config, lora, source, gradient_checkpointing=run.gradient_checkpointing,
@@ -155,16 +165,17 @@ def export_preset_student(run: PresetRun, student, config, output_dir) -> Path:
     if is_lora:
         def write_lora(folder: Path) -> None:
             save_lora(student, folder, kohya=run.export_kohya)
-            save_tdm_scheduler(folder, teacher_scheduler, config.total_steps, config.student_solver)
+            save_tdm_scheduler(folder, teacher_scheduler, config.total_steps, config.student_solver, config.steps)
             write_model_card(folder, lora=True, folder_name="lora", **card)
 
         replace_folder(output_dir / "lora", write_lora)  # a kill leaves the old complete folder or the new one
     if not is_lora or run.export_fused:
         model = _fused_model(student, max(config.steps))
+        fused_steps = (max(config.steps),) if student.steps_embedding is not None else config.steps  # the folded K only
 
         def write_fused(folder: Path) -> None:
             write_pipeline_folder(folder, run.model, preset.subfolder, model, teacher_scheduler, config.total_steps,
-                                  config.student_solver)
+                                  config.student_solver, fused_steps)
             write_model_card(folder, lora=False, folder_name="fused", **card)
 
         replace_folder(output_dir / "fused", write_fused)

@@ -115,11 +115,20 @@ def _check_extras(args) -> None:
         require_module("sklearn", "digits", "the digits data (sklearn.datasets.load_digits)")
 
 
+def _check_modes(parser, args, argv: list[str]) -> None:
+    """A flag that the chosen mode does not read (:mod:`.modes`' table) is refused before the verb runs."""
+    from .modes import refuse_unread_flags
+
+    verbs = parser._subparsers._group_actions[0].choices
+    refuse_unread_flags(args.verb, args, verbs[args.verb], argv)  # the flags before the verb are --quiet's alone
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         _answer_version(argv)
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or argparse's one-line error: an exit code, not an exception
         return exc.code if isinstance(exc.code, int) else 2
     from ..quiet import drop_third_party_noise
@@ -134,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_raises():  # SIGTERM unwinds like Ctrl-C: the atomic writers remove their temporaries
             _check_environment()
             _check_extras(args)
+            _check_modes(parser, args, argv)
             return args.func(args)
     except (UsageError, CheckpointError, ValueError, FileNotFoundError, RunLockedError, NonFiniteError) as exc:
         print(f"tdm-fast: error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -14,8 +14,8 @@ from pathlib import Path
 from ..denoiser import load_denoiser
 from ..sampling import check_steps
 from ..usage import UsageError, add_once, check_output_path
-from ..demos.demo_digits import add_demo_arguments, run_demo
-from ..eval.classifier import add_classifier_arguments, run_classifier_train
+from ..demos.demo_digits import DEMO_ITERATIONS, add_demo_arguments, run_digits_demo
+from ..eval.classifier import CLASSIFIER_ASSET, add_classifier_arguments, train_digits_classifier
 
 __all__ = [
     "add_classifier_arguments", "add_demo_arguments", "add_eval_arguments", "add_teacher_arguments",
@@ -188,3 +188,23 @@ def run_teacher_train(args) -> dict:
     print(f"saved the digits teacher to {args.out} ({teacher.training_info['wall_s']:.0f} s); "
           f"to ship it, copy {args.out}/{TEACHER_ASSET}.safetensors and .json into tdm_fast/assets/")
     return teacher.training_info
+
+
+def run_demo(args) -> dict:
+    results = run_digits_demo(
+        args.out, iterations=getattr(args, "iterations", None) or DEMO_ITERATIONS, samples=getattr(args, "samples", None) or 2000,
+        seeds=tuple(getattr(args, "eval_seeds", None) or [0]), seed=getattr(args, "seed", 0),
+        teacher_path=getattr(args, "digits_teacher", None), progress=not getattr(args, "quiet", False),
+    )
+    print((Path(args.out) / "metrics.md").read_text())
+    return results
+
+
+def run_classifier_train(args) -> dict:
+    for suffix in (".safetensors", ".json"):  # --out is a path stem: both files must be creatable
+        check_output_path(Path(args.out).with_suffix(suffix), "--out", folder=False)
+    _, info = train_digits_classifier(args.out, iterations=getattr(args, "iterations", None) or 1500,
+                                      seed=getattr(args, "seed", 0), progress=not getattr(args, "quiet", False))
+    print(f"held-out accuracy {info['heldout_accuracy']:.4f}; saved {args.out}.safetensors and .json "
+          f"(copy them to tdm_fast/assets/{CLASSIFIER_ASSET}.* to ship)")
+    return info

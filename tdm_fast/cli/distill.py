@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import re
+import sys
 import typing
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from ..checkpoint import checkpoint_dirs
 from ..config import TDMConfig
 from ..denoiser import load_denoiser
 from ..usage import UsageError, check_allocation, check_output_path, check_tracker, write_text_atomically
+
+logger = logging.getLogger("tdm_fast")
 
 
 def _optional_float(text: str) -> float | None:
@@ -50,9 +54,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=base, default=None, help=text)
 
 
-def config_from_args(args) -> TDMConfig:
-    """``--config`` overlaid with the flags given; an invalid value is reported with its flag's name."""
-    data = TDMConfig.from_file(args.config).to_dict() if args.config else {}
+def config_from_args(args, resumed: dict | None = None) -> TDMConfig:
+    """``resumed`` (the settings of the checkpoint a run resumes), overlaid with ``--config``, overlaid with
+    the flags given; an invalid value is reported with its flag's name."""
+    known = {field.name for field in dataclasses.fields(TDMConfig)}
+    data = {k: v for k, v in (resumed or {}).items() if k in known}  # a key of an older version is not a setting now
+    if args.config:
+        data.update(TDMConfig.from_file(args.config).to_dict())
     given = []
     for field in dataclasses.fields(TDMConfig):
         value = getattr(args, field.name)
@@ -103,20 +111,96 @@ def _sample_shape(model, flag) -> tuple[int, ...]:
     raise UsageError("cannot tell the sample shape of this model: pass --sample-shape")
 
 
+def _resumed_settings(args) -> dict | None:
+    """The settings of the checkpoint ``--resume`` names (the run's own, as its config.json has them): a
+    resumed run starts from them, and the flags given beside ``--resume`` are its changes. None when not
+    resuming, or where no checkpoint is found (reported, in its turn, by ``resolve_checkpoint``)."""
+    from ..checkpoint import STATE_FILE, CheckpointError, resolve_checkpoint, unflatten
+
+    if args.resume is None:
+        return None
+    try:
+        found = resolve_checkpoint(args.resume or args.out)
+        return unflatten(json.loads((found / STATE_FILE).read_text())["meta"], {})["config"]  # no tensors in meta
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError):
+        return None  # load_checkpoint names the damaged file
+
+
+def _check_precision_fits_device(config: TDMConfig) -> None:
+    """fp16 mixed precision needs a GPU (accelerate's loss scaling, half matmuls): on a CPU the teacher's
+    first call would end in a dtype mismatch that names a shape, not the precision."""
+    if config.effective_mixed_precision != "fp16":
+        return
+    from accelerate import PartialState
+
+    if PartialState().device.type == "cpu":
+        source = "--mixed-precision fp16" if config.mixed_precision else "mixed precision fp16 (accelerate's setting)"
+        raise UsageError(f"{source} needs a GPU, and this run's device is the CPU: use --mixed-precision bf16 "
+                         "(half-precision base weights on a CPU) or --mixed-precision no")
+
+
 def cmd_distill(args) -> int:
+    """``_distill`` with the ``tdm_fast`` logger's INFO records (the start-up summary) on stderr unless
+    ``--quiet``, where the application has not routed that logger itself."""
+    handler = None
+    if not args.quiet and not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("tdm-fast: %(message)s"))
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+    try:
+        return _distill(args)
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+
+
+def log_startup_summary(trainer, config: TDMConfig, model: str, resumed_from: Path | None) -> None:
+    """Model, trainable parameters (and LoRA modules) per role, K set and weights, effective batch and
+    precision, through the ``tdm_fast`` logger (INFO)."""
+    from ..lora import LoRARole, wrapped_modules
+
+    roles = []
+    for name, core in (("student", trainer.student_core), ("fake", trainer.fake_core)):
+        count = sum(p.numel() for p in core.parameters() if p.requires_grad)
+        lora = f" in {wrapped_modules(core.model)} LoRA modules" if isinstance(core.model, LoRARole) else ""
+        roles.append(f"{name} {count:,} trainable parameters{lora}")
+    weights = config.steps_weights or "uniform"
+    batch = config.batch_size * config.gradient_accumulation_steps * trainer.accelerator.num_processes
+    logger.info("model %s; %s", model, "; ".join(roles))
+    logger.info("K in %s (weights %s); effective batch %d (%d x %d accumulation x %d processes); precision %s; %s",
+                list(config.steps), weights, batch, config.batch_size, config.gradient_accumulation_steps,
+                trainer.accelerator.num_processes, config.mixed_precision,
+                f"resumed from {resumed_from} at step {trainer.step}" if resumed_from is not None else "from step 0")
+
+
+def _distill(args) -> int:
     from .. import runlock
     from ..checkpoint import resolve_checkpoint
 
-    config = config_from_args(args)
+    config = config_from_args(args, _resumed_settings(args))
     check_tracker(config.report_to)
+    _check_precision_fits_device(config)
+    # the precision accelerate will use, not None: config.json and the checkpoints record what ran
+    config = dataclasses.replace(config, mixed_precision=config.effective_mixed_precision)
     out = check_output_path(args.out, "--out")
     overrides = _override_keys(args)
     if bool(args.teacher) == bool(args.preset):
         raise UsageError("give either --teacher (a saved denoiser) or --preset with --model and --prompts")
+    if args.validation_prompt and not (args.preset and config.validation_every):
+        raise UsageError("--validation-prompt sets what a text model's validation samples: it needs --preset and "
+                         "--validation-every N")
     runlock.check_free(out)
     if checkpoint_dirs(out / "checkpoints") and args.resume is None:
         raise UsageError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
     resume_from = resolve_checkpoint(args.resume or out) if args.resume is not None else None
+    if resume_from is not None and resume_from.resolve().parent == (out / "checkpoints").resolve():
+        newer = [c.name for c in checkpoint_dirs(out / "checkpoints") if c.name > resume_from.name]
+        if newer:  # continuing in place would put a second history beside the newer checkpoints
+            raise UsageError(f"--resume {resume_from}: {out} holds newer checkpoints ({', '.join(newer)}), so the run "
+                             f"cannot go back to {resume_from.name} in place; resume it into another run folder "
+                             f"(--resume {resume_from} --out NEW_FOLDER), or resume the newest with --resume alone")
 
     from accelerate.utils import set_seed
 
@@ -129,7 +213,7 @@ def cmd_distill(args) -> int:
         run = preset_run_from_args(args)
         teacher, student, fake, conditions, shape = build_preset_run(run, config)
         optimizer_cls = optimizer_class(run.use_8bit_adam)
-        validation = _preset_validation(args.model, conditions, shape) if config.validation_every else None
+        validation = _preset_validation(run, teacher, conditions, shape, args.validation_prompt) if config.validation_every else None
     else:
         teacher = load_denoiser(args.teacher)
         student = fake = None
@@ -155,6 +239,8 @@ def cmd_distill(args) -> int:
         trainer.load_checkpoint(resume_from, overrides)
     main_process = trainer.accelerator.is_main_process
     if main_process:
+        log_startup_summary(trainer, config, f"{args.preset} {args.model}" if args.preset else args.teacher, resume_from)
+    if main_process:
         runlock.acquire(out)  # held until this process ends; the checks above are repeated under it
     try:
         if main_process:
@@ -178,14 +264,16 @@ def cmd_distill(args) -> int:
     return 0
 
 
-def _preset_validation(model: str, conditions, shape):
-    """Validation grids of a latent model decoded by the pipeline's own VAE (latents if it has none)."""
+def _preset_validation(run: PresetRun, teacher, conditions, shape, prompts: list[str] | None = None):
+    """Validation grids of a latent model decoded by the pipeline's own VAE (latents if it has none): of
+    ``prompts`` (encoded here, captioned on the grids), else 8 draws of the run's own prompts."""
+    import torch
+
     from ..validation import Validation
 
+    model = run.model
     decode = None
     if (Path(model) / "vae" / "config.json").is_file():
-        import torch
-
         from ..export.vae import LatentDecoder, load_vae
 
         decoder = LatentDecoder(load_vae(model))
@@ -194,7 +282,17 @@ def _preset_validation(model: str, conditions, shape):
             with torch.no_grad():
                 return decoder.to(latents.device)(latents.float())
 
-    return Validation.from_conditions(conditions, shape, count=8, decode=decode)
+    if not prompts:
+        return Validation.from_conditions(conditions, shape, count=8, decode=decode)
+    from ..backbones.presets import get_preset, native_resolution, prompt_conditions, vae_scale_factor
+
+    preset = get_preset(run.preset)
+    adapter = teacher.model.shared.adapter if hasattr(teacher.model, "shared") else teacher.model  # LoRA roles: the base
+    resolution = run.resolution or native_resolution(preset, adapter.config, vae_scale_factor(model))
+    cond, _ = prompt_conditions(preset, model, list(prompts), adapter.inner, resolution, None,
+                                max_sequence_length=run.max_sequence_length)
+    noise = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(0))
+    return Validation(cond, noise, decode=decode, captions=list(prompts))
 
 
 def add_distill_preset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -218,6 +316,9 @@ def add_distill_preset_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes AdamW8bit (needs bitsandbytes)")
     g.add_argument("--export-kohya", action="store_true", help="also write the LoRA in kohya format")
     g.add_argument("--export-fused", action="store_true", help="also write fused full student weights")
+    g.add_argument("--validation-prompt", action="append", default=None, metavar="PROMPT",
+                   help="a prompt the validation grids show at every K, captioned (repeatable; with --validation-every; "
+                        "default: 8 of --prompts)")
     g.add_argument("--init-lora", default=None, metavar="DIR",
                    help="start the student from this LoRA folder (`tdm-fast convert`'s output, or a run's lora/), in its "
                         "rank, alpha and targets; --lora-rank/--lora-alpha/--lora-targets then set the fake score's")
@@ -235,9 +336,14 @@ def add_distill_parser(verbs) -> None:
     p.add_argument("--config", help="YAML or JSON file of TDM settings; flags override it")
     p.add_argument("--conditions", help="safetensors of condition embeddings (text teachers)")
     p.add_argument("--sample-shape", type=int, nargs="+", help="shape of one sample, if the model does not say")
-    p.add_argument("--resume", nargs="?", const="", default=None, help="continue from the newest checkpoint (of --out, or PATH)")
+    p.add_argument("--resume", nargs="?", const="", default=None,
+                   help="continue from the newest checkpoint (of --out, or PATH) with that run's own settings: flags "
+                        "given beside it are changes (see --override); PATH, a checkpoint of this --out older than its "
+                        "newest, continues only into another --out")
     p.add_argument("--override", nargs="+", metavar="KEY", default=None,
-                   help="with --resume: settings (e.g. fake_lr batch_size) that may differ from the checkpoint's")
+                   help="with --resume: settings (e.g. fake_lr batch_size) that may differ from the checkpoint's. "
+                        "A raised --iterations alone keeps the cosine LR decay of the original length and continues at "
+                        "its floor; --override iterations stretches the decay to the new length instead")
     _add_config_flags(p)
     add_distill_preset_arguments(p)
     p.set_defaults(func=cmd_distill)

@@ -11,7 +11,7 @@ from ..denoiser import load_denoiser
 from ..export.cli import add_backend_arguments, add_export_arguments
 from ..sampling import check_steps
 from ..solvers import SOLVERS, trained_solver
-from ..usage import UsageError, check_allocation, check_output_path, refuse_given
+from ..usage import UsageError, check_allocation, check_output_path
 
 
 def _check_backend(backend: str, engine: str | None) -> None:
@@ -20,6 +20,14 @@ def _check_backend(backend: str, engine: str | None) -> None:
             raise UsageError(f"--engine is an exported graph or engine: use it with --backend onnx or tensorrt, not {backend}")
         if not Path(engine).exists():
             raise UsageError(f"--engine {engine} does not exist")
+        if backend == "onnx" and Path(engine).is_file():  # parsed here: ONNX Runtime's own error is a traceback
+            import onnx
+
+            try:
+                onnx.load(engine, load_external_data=False)
+            except Exception as exc:  # protobuf's DecodeError, or a file cut short
+                raise UsageError(f"--engine {engine} is not an ONNX graph ({str(exc).strip() or type(exc).__name__}): "
+                                 "give a file written by tdm-fast export") from None
     if backend == "tensorrt":
         from ..export.tensorrt import tensorrt_available
 
@@ -85,8 +93,6 @@ def _sample_prompts(args) -> int:
 
     if args.backend != "onnx" or args.engine is None:
         raise UsageError("--prompt samples a `tdm-fast export --pipeline` folder: add --backend onnx --engine EXPORT_DIR")
-    refuse_given({"--checkpoint": args.checkpoint, "--labels": args.labels, "--solver": args.solver},
-                 "to --prompt (the exported graphs fix the model and its solver)")
     out = check_output_path(args.out, "--out", folder=False)
     for suffix in (".safetensors", ".png"):
         check_output_path(out.with_suffix(suffix), "--out", folder=False)

@@ -16,11 +16,13 @@ def cmd_demo(args) -> int:
     if args.pipeline is not None:
         if args.dataset != "digits":
             raise UsageError(f"--pipeline distils a digits text-to-image pipeline; it does not go with --dataset {args.dataset}")
-        from ..demos.t2i_demo import run_demo as run_t2i_demo
+        from ..demos.t2i_demo import run_t2i_demo
 
-        args.out = args.out or f"runs/demo-{args.pipeline}"
-        run_t2i_demo(args)
-        print(f"sample grid: {Path(args.out) / 'grid.png'}")
+        out = Path(args.out or f"runs/demo-{args.pipeline}")
+        run_t2i_demo(args.pipeline, out, iterations=args.iterations, samples=args.samples or 2000, seed=args.seed,
+                     eval_seed=(args.eval_seeds or [0])[0], model=args.model, progress=not args.quiet, onnx=args.onnx)
+        print((out / "metrics.md").read_text())
+        print(f"sample grid: {out / 'grid.png'}")
         return 0
     if args.model is not None:
         raise UsageError("--model goes with --pipeline sd15|sd3 (a pipeline folder to distil instead of the shipped one)")
@@ -53,9 +55,7 @@ def cmd_teacher_train(args) -> int:
     if args.dataset == "digits-t2i":
         if args.pipeline is None:
             raise UsageError("--dataset digits-t2i needs --pipeline sd15 or sd3")
-        from ..demos.t2i import run_build
-
-        run_build(args)
+        _build_t2i_pipeline(args)
         return 0
     t2i_only = [flag for flag, value in (("--pipeline", args.pipeline), ("--vae-iterations", args.vae_iterations),
                                          ("--threads", args.threads), ("--eval-samples", args.eval_samples)) if value is not None]
@@ -83,6 +83,39 @@ def cmd_teacher_train(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """``tdm-fast bench [suite ...]`` or ``tdm-fast bench plan ...``; returns the exit code."""
+    from ..perf.bench_report import bench_plan, run_bench
+
+    suites = list(args.suites)
+    if "plan" in suites:
+        if suites != ["plan"]:
+            raise ValueError("'plan' is not a suite: run `tdm-fast bench plan ...` on its own")
+        bench_plan(args.preset, steps=tuple(args.steps), batch=args.batch, iters=args.iters, gpu=args.gpu,
+                   peak_tflops=args.peak_tflops, mfu=args.mfu, resolution=args.resolution, num_frames=args.num_frames,
+                   lora=args.lora, checkpointing=args.checkpointing, fake_updates=args.fake_updates,
+                   exact_backward=args.exact_backward)
+        return 0
+    return run_bench(tuple(suites), render_only=args.render_only, results_dir=args.results_dir,
+                     project_record=args.project_record, k=args.k, min_rel=args.min_rel,
+                     fail_on_regression=args.fail_on_regression, pytest_args=args.pytest_args)
+
+
+def _build_t2i_pipeline(args) -> dict:
+    """``tdm-fast teacher train --dataset digits-t2i --pipeline sd15|sd3 --out DIR``."""
+    from ..demos.t2i import build_pipeline
+
+    recipe = {key: value for key, value in (("batch_size", args.batch_size), ("lr", args.lr), ("cond_dropout", args.cond_dropout))
+              if value is not None}
+    info = build_pipeline(args.pipeline, args.out, iterations=args.iterations, vae_iterations=args.vae_iterations,
+                          seed=args.seed or 0, progress=not args.quiet, evaluate=args.eval_samples or 0,
+                          threads=args.threads or 2, **recipe)
+    acc = f"; {info['eval']['accuracy']:.1%} class accuracy at 50 steps CFG {info['eval']['guidance_scale']}" if "eval" in info else ""
+    print(f"saved the digits-t2i {args.pipeline} pipeline to {args.out} ({info['build_wall_s']:.0f} s{acc}); "
+          f"to ship it, copy the folder to tdm_fast/assets/t2i/{args.pipeline}/")
+    return info
+
+
 def add_tool_parsers(verbs, nested, verb) -> None:
     """``nested(parser, dest)``: a verb group's own sub-commands; ``verb(run)``: a verb whose work is ``run(args)``."""
     p = verbs.add_parser("demo", help="distil a built-in teacher in minutes and compare with the NFE-matched baselines")
@@ -108,11 +141,11 @@ def add_tool_parsers(verbs, nested, verb) -> None:
     digits_cli.add_classifier_arguments(p)
     p.set_defaults(func=verb(digits_cli.run_classifier_train))
 
-    from ..perf.bench_report import add_bench_arguments, run_bench
+    from ..perf.bench_report import add_bench_arguments
 
     p = verbs.add_parser("bench", help="run benchmark suites -> bench/RESULTS.md; `bench plan`: FLOPs and GPU-hours of a real backbone")
     add_bench_arguments(p)
-    p.set_defaults(func=run_bench)
+    p.set_defaults(func=cmd_bench)
 
     teacher = nested(verbs.add_parser("teacher", help="built-in teachers"), "teacher_verb")
     p = teacher.add_parser("train", help="train a built-in teacher")
@@ -126,8 +159,8 @@ def add_tool_parsers(verbs, nested, verb) -> None:
     digits_cli.add_teacher_arguments(p)
     g = p.add_argument_group("digits-t2i (tdm-fast teacher train --dataset digits-t2i --pipeline sd15|sd3 --out DIR)")
     g.add_argument("--pipeline", choices=["sd15", "sd3"], default=None, help="StableDiffusionPipeline or StableDiffusion3Pipeline folder")
-    g.add_argument("--vae-iterations", type=int, default=None, help="AutoencoderKL iterations (default 400)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    g.add_argument("--vae-iterations", type=positive_int, default=None, help="AutoencoderKL iterations (default 400)")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default 2)")
     g.add_argument("--eval-samples", type=int, default=None, help="also score this many 50-step CFG images with the digits classifier")
     # --batch-size/--lr/--cond-dropout: digits 128/2e-3/0.15, digits-t2i 128/2e-3/0.1
     p.set_defaults(func=cmd_teacher_train, batch_size=None, lr=None, cond_dropout=None)

@@ -84,7 +84,7 @@ def run_digits_demo(
     **config_overrides,
 ) -> dict:
     """Distils, evaluates and writes the demo's files; returns the metrics dict (also ``metrics.json``)."""
-    from ..eval.digits import DigitsMetrics, acceptance, evaluate_digits, format_table, save_grid, shipped_reference_cache
+    from ..eval.digits import DigitsMetrics, acceptance, evaluate_digits, save_grid, shipped_reference_cache
 
     torch.manual_seed(seed)
     t_start = time.perf_counter()
@@ -134,6 +134,14 @@ def run_digits_demo(
     results["acceptance"] = acceptance(results)
     results["student"] = str(student_dir)
     (out_dir / "metrics.json").write_text(json.dumps(jsonable(results), indent=2))
+    (out_dir / "metrics.md").write_text(_metrics_markdown(results, config, train_s, eval_s))
+    return jsonable(results)
+
+
+def _metrics_markdown(results: dict, config: TDMConfig, train_s: float, eval_s: float) -> str:
+    """metrics.md: the run in one paragraph, the results table, the acceptance checks and the grid."""
+    from ..eval.digits import format_table
+
     md = [
         "# TDM digits demo",
         "",
@@ -153,8 +161,7 @@ def run_digits_demo(
         "![samples](grid.png)",
         "",
     ]
-    (out_dir / "metrics.md").write_text("\n".join(md))
-    return jsonable(results)
+    return "\n".join(md)
 
 
 def add_demo_arguments(parser) -> None:
@@ -169,12 +176,3 @@ def add_demo_arguments(parser) -> None:
     _add(parser, "--seed", type=int, default=0)
     _add(parser, "--digits-teacher", default=None, help="a saved digits teacher folder (default: the shipped one)")
 
-
-def run_demo(args) -> dict:
-    results = run_digits_demo(
-        args.out, iterations=getattr(args, "iterations", None) or DEMO_ITERATIONS, samples=getattr(args, "samples", None) or 2000,
-        seeds=tuple(getattr(args, "eval_seeds", None) or [0]), seed=getattr(args, "seed", 0),
-        teacher_path=getattr(args, "digits_teacher", None), progress=not getattr(args, "quiet", False),
-    )
-    print((Path(args.out) / "metrics.md").read_text())
-    return results

@@ -92,8 +92,8 @@ def thicken(images: torch.Tensor, amount: float = 1.0) -> torch.Tensor:
 def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float().unsqueeze(-1) * freqs
-    return torch.cat([args.cos(), args.sin()], dim=-1)
+    angles = t.float().unsqueeze(-1) * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
 class ResBlock(nn.Module):

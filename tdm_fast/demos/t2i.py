@@ -532,20 +532,3 @@ def pipeline_accuracy(pipe, samples: int = 200, steps: int = 50, guidance_scale:
         print(f"{pipe.__class__.__name__}: {steps} steps, CFG {guidance_scale}: accuracy {acc:.3f} on {samples} images")
     return result
 
-
-# -- CLI ------------------------------------------------------------------------------------------
-def run_build(args) -> dict:
-    """``tdm-fast teacher train --dataset digits-t2i --pipeline sd15|sd3 --out DIR``."""
-    kwargs = {}
-    for key in ("batch_size", "lr", "cond_dropout"):
-        value = getattr(args, key, None)
-        if value is not None:
-            kwargs[key] = value
-    info = build_pipeline(args.pipeline, args.out, iterations=getattr(args, "iterations", None),
-                          vae_iterations=getattr(args, "vae_iterations", None), seed=getattr(args, "seed", None) or 0,
-                          progress=not getattr(args, "quiet", False), evaluate=getattr(args, "eval_samples", 0) or 0,
-                          threads=getattr(args, "threads", None) or 2, **kwargs)
-    acc = f"; {info['eval']['accuracy']:.1%} class accuracy at 50 steps CFG {info['eval']['guidance_scale']}" if "eval" in info else ""
-    print(f"saved the digits-t2i {args.pipeline} pipeline to {args.out} ({info['build_wall_s']:.0f} s{acc}); "
-          f"to ship it, copy the folder to tdm_fast/assets/t2i/{args.pipeline}/")
-    return info

@@ -315,130 +315,67 @@ def _teacher_probe(teacher, conditions, shape) -> torch.Tensor:
     return torch.stack(outs)
 
 
-def run_t2i_demo(
-    pipeline: str = "sd15",
-    out_dir: str | Path | None = None,
-    iterations: int | None = None,
-    samples: int = 2000,
-    seed: int = 0,
-    eval_seed: int = 0,
-    model: str | Path | None = None,
-    lora_rank: int | None = None,
-    lora_targets: str | None = None,
-    fake_copy: bool = False,
-    columns: int = 20,
-    bootstrap: int = 50,
-    progress: bool = True,
-    reference_steps: int = 50,
-    onnx: bool = False,
-    onnx_exporter: str = "dynamo",
-    **config_overrides,
-) -> dict:
-    """Distils the shipped ``pipeline`` ('sd15' or 'sd3'; ``model``: another folder of the same kind),
-    evaluates through the stock pipeline and writes ``grid.png``, ``metrics.md``, ``metrics.json``,
-    ``train_log.jsonl``, the LoRA (``lora/``) and the student (``student/``, what ``tdm-fast export`` takes)
-    to ``out_dir`` (default ``runs/demo-<pipeline>``). ``onnx``: also export the student with ``tdm-fast
-    export`` (to ``onnx/``, with ``onnx_exporter``) and score its ONNX Runtime samples against torch's
-    (:mod:`tdm_fast.demos.t2i_onnx`)."""
-    from ..backbones.run import build_preset_run, export_preset_student
-    from ..eval.digits import acceptance, format_table, save_grid
+def _distil(pipeline: str, model_dir: Path, run, config: TDMConfig, out_dir: Path, progress: bool):
+    """Trains the student of ``run`` (its log to ``train_log.jsonl``); returns (student, training seconds, whether the
+    teacher role's outputs are unchanged by training, whether they equal the folder's own model loaded afresh)."""
+    from ..backbones.presets import load_teacher
+    from ..backbones.run import build_preset_run
     from ..trainer import TDMTrainer
 
-    if pipeline not in t2i.PIPELINES:
-        raise ValueError(f"--pipeline must be one of {t2i.PIPELINES}, got {pipeline!r}")
-    t_start = time.perf_counter()
-    torch.manual_seed(seed)
-    model_dir = Path(model) if model is not None else t2i.shipped_pipeline(pipeline)
-    if t2i.pipeline_kind(model_dir) != pipeline:
-        raise ValueError(f"{model_dir} is not a {pipeline} pipeline folder")
-    out_dir = Path(out_dir or f"runs/demo-{pipeline}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    say = print if progress else (lambda _m: None)
-
-    prompts_file = t2i.write_prompt_file(out_dir / "prompts.txt")
-    rank = lora_rank or LORA[pipeline]["rank"]
-    targets = lora_targets or LORA[pipeline]["targets"]
-    argv = preset_argv(pipeline, model_dir, prompts_file, out_dir / "embeddings", rank, targets, fake_copy)
-    run = preset_run(pipeline, model_dir, prompts_file, out_dir / "embeddings", rank, targets, fake_copy)
-    config = demo_config(pipeline, iterations, seed=seed, **config_overrides)
     teacher, student, fake, conditions, shape = build_preset_run(run, config)
     probe_before = _teacher_probe(teacher, conditions, shape)
     trainer = TDMTrainer(teacher, config, conditions, shape, output_dir=None, student=student, fake=fake, progress=progress)
-    t_train = time.perf_counter()
-    history = trainer.train()
-    train_s = time.perf_counter() - t_train
+    history, train_s = _timed(trainer.train)
     with open(out_dir / "train_log.jsonl", "w") as f:
         for record in history:
             f.write(json.dumps(record) + "\n")
     student = trainer.final_student().eval()
     probe_after = _teacher_probe(teacher, conditions, shape)
-    teacher_unchanged = bool(torch.equal(probe_before, probe_after))
     # the teacher role (adapters off, K-embedding hooks silent) computes exactly the folder's own model
-    from ..backbones.presets import load_teacher
-
     base, _ = load_teacher(pipeline, model_dir)
     base.null_cond = teacher.null_cond
     teacher_is_base = bool(torch.equal(probe_after, _teacher_probe(base, conditions, shape)))
-    del base
-    export_preset_student(run, student, config, out_dir)
-    student.save_pretrained(out_dir / "student")  # as `tdm-fast distill` leaves it: LoRA role + K embedding, base by path
-    lora_dir = out_dir / "lora"
+    return student, train_s, bool(torch.equal(probe_before, probe_after)), teacher_is_base
 
-    # the stock pipeline reproduces the engine's student (scheduler, LoRA, K embedding, prompt embeddings)
-    parity = pipeline_parity(pipeline, model_dir, lora_dir, student, max(config.steps), config.total_steps, seed=eval_seed)
 
-    t_eval = time.perf_counter()
-    results = evaluate_pipelines(pipeline, model_dir, lora_dir, config.steps, config.cfg_scale, samples=samples, seed=eval_seed,
-                                 reference_steps=reference_steps, total_steps=config.total_steps, bootstrap=bootstrap,
-                                 keep_images=columns, say=say)
-    eval_s = time.perf_counter() - t_eval
-    reference8 = results.pop("reference_images8")
-    onnx_md = []
-    if onnx:
-        from ..eval.digits import DigitsMetrics
-        from . import t2i_onnx
+def _onnx_parity(results: dict, pipeline: str, model_dir: Path, student, out_dir: Path, config: TDMConfig, samples: int,
+                 eval_seed: int, reference8: torch.Tensor, bootstrap: int, exporter: str, say) -> list[str]:
+    """Exports the student to ``onnx/`` and scores its ONNX Runtime samples against torch's (into ``results``);
+    returns the section of metrics.md."""
+    from ..eval.digits import DigitsMetrics
+    from . import t2i_onnx
 
-        onnx_argv = t2i_onnx.export_argv(out_dir / "student", model_dir, out_dir / "onnx", config.steps, config.total_steps,
-                                         onnx_exporter)
-        _, export_s = _timed(lambda: t2i_onnx.run_export(onnx_argv))
-        onnx_rows = t2i_onnx.onnx_parity(pipeline, model_dir, student, out_dir / "onnx", config.steps, config.total_steps,
-                                         samples, eval_seed, reference8, DigitsMetrics(bootstrap=bootstrap))
-        for key, entry in onnx_rows.items():
-            results["comparisons"][key].update(entry)
-            say(f"{key}: ONNX FID {entry['onnx_fid']:.3f}, torch FID {entry['torch_fid']:.3f}, "
-                f"max |Δ| {entry['onnx_max_abs_diff']:.1e}")
-        results["onnx"] = {"export_argv": onnx_argv, "export_s": export_s, "exporter": onnx_exporter}
-        onnx_md = t2i_onnx.markdown(onnx_rows, onnx_argv, export_s) + [""]
-    images = results.pop("images")
+    argv = t2i_onnx.export_argv(out_dir / "student", model_dir, out_dir / "onnx", config.steps, config.total_steps, exporter)
+    _, export_s = _timed(lambda: t2i_onnx.export_parity_student(out_dir / "student", model_dir, out_dir / "onnx",
+                                                                config.steps, config.total_steps, exporter))
+    rows = t2i_onnx.onnx_parity(pipeline, model_dir, student, out_dir / "onnx", config.steps, config.total_steps,
+                                samples, eval_seed, reference8, DigitsMetrics(bootstrap=bootstrap))
+    for key, entry in rows.items():
+        results["comparisons"][key].update(entry)
+        say(f"{key}: ONNX FID {entry['onnx_fid']:.3f}, torch FID {entry['torch_fid']:.3f}, "
+            f"max |Δ| {entry['onnx_max_abs_diff']:.1e}")
+    results["onnx"] = {"export_argv": argv, "export_s": export_s, "exporter": exporter}
+    return t2i_onnx.markdown(rows, argv, export_s) + [""]
+
+
+def _save_grid(images, results: dict, steps, path: Path, columns: int) -> None:
+    """grid.png: the teacher's reference, its best 4-NFE baseline and the student at each K, same noise per column."""
+    from ..eval.digits import save_grid
+
     base4 = results["comparisons"].get("K=4", {}).get("baseline")
     rows = [(results["reference"], f"teacher {results['reference'].split('-')[1]}-step CFG")]
     if base4:
         rows.append((base4, f"teacher 4 NFE\n({base4})"))
-    rows += [(f"tdm-{k}", f"TDM {k} step{'s' if k > 1 else ''}") for k in sorted(config.steps, reverse=True)]
-    save_grid(images, rows, out_dir / "grid.png", columns)
+    rows += [(f"tdm-{k}", f"TDM {k} step{'s' if k > 1 else ''}") for k in sorted(steps, reverse=True)]
+    save_grid(images, rows, path, columns)
 
-    results["pipeline"] = pipeline
-    results["model"] = str(model_dir)
-    results["distill_argv"] = argv
-    results["training"] = {
-        "iterations": config.iterations, "wall_clock_s": train_s, "s_per_iteration": train_s / max(1, config.iterations),
-        "config": config.to_dict(), "lora_rank": rank, "lora_targets": targets, "fake_copy": fake_copy,
-        "threads": torch.get_num_threads(),
-    }
-    results["teacher_unchanged"] = teacher_unchanged
-    results["teacher_equals_fresh_base"] = teacher_is_base
-    results["pipeline_parity_max_abs"] = parity
-    results["eval_wall_clock_s"] = eval_s
-    results["total_wall_clock_s"] = time.perf_counter() - t_start
-    results["acceptance"] = acceptance(results)
-    results["acceptance"]["teacher outputs bit-identical after distillation"] = teacher_unchanged and teacher_is_base
-    if onnx:
-        from .t2i_onnx import within_std
 
-        for key, entry in results["comparisons"].items():
-            results["acceptance"][f"{key} ONNX FID within the bootstrap std of torch's"] = within_std(entry)
-    results["lora"] = str(lora_dir)
-    (out_dir / "metrics.json").write_text(json.dumps(jsonable(results), indent=2))
+def _metrics_markdown(results: dict, pipeline: str, argv: list[str], rank: int, config: TDMConfig, train_s: float,
+                      eval_s: float, parity: float, teacher_unchanged: bool, teacher_is_base: bool,
+                      onnx_md: list[str]) -> str:
+    """metrics.md: how the run was made, the results table, the acceptance checks, the parity checks, the grid."""
+    from ..eval.digits import format_table
+
     md = [
         f"# TDM demo on the shipped digits text-to-image pipeline `{pipeline}`",
         "",
@@ -466,27 +403,94 @@ def run_t2i_demo(
         "![samples](grid.png)",
         "",
     ]
-    (out_dir / "metrics.md").write_text("\n".join(md))
+    return "\n".join(md)
+
+
+def _pipeline_folder(pipeline: str, model: str | Path | None) -> Path:
+    """``model`` (default: the shipped ``pipeline``), refused unless it is a ``pipeline`` folder."""
+    model_dir = Path(model) if model is not None else t2i.shipped_pipeline(pipeline)
+    if t2i.pipeline_kind(model_dir) != pipeline:
+        raise ValueError(f"{model_dir} is not a {pipeline} pipeline folder")
+    return model_dir
+
+
+def run_t2i_demo(
+    pipeline: str = "sd15",
+    out_dir: str | Path | None = None,
+    iterations: int | None = None,
+    samples: int = 2000,
+    seed: int = 0,
+    eval_seed: int = 0,
+    model: str | Path | None = None,
+    lora_rank: int | None = None,
+    lora_targets: str | None = None,
+    fake_copy: bool = False,
+    columns: int = 20,
+    bootstrap: int = 50,
+    progress: bool = True,
+    reference_steps: int = 50,
+    onnx: bool = False,
+    onnx_exporter: str = "dynamo",
+    **config_overrides,
+) -> dict:
+    """Distils the shipped ``pipeline`` ('sd15' or 'sd3'; ``model``: another folder of the same kind),
+    evaluates through the stock pipeline and writes ``grid.png``, ``metrics.md``, ``metrics.json``,
+    ``train_log.jsonl``, the LoRA (``lora/``) and the student (``student/``, what ``tdm-fast export`` takes)
+    to ``out_dir`` (default ``runs/demo-<pipeline>``). ``onnx``: also export the student with ``tdm-fast
+    export`` (to ``onnx/``, with ``onnx_exporter``) and score its ONNX Runtime samples against torch's
+    (:mod:`tdm_fast.demos.t2i_onnx`)."""
+    from ..backbones.run import export_preset_student
+    from ..eval.digits import acceptance
+
+    if pipeline not in t2i.PIPELINES:
+        raise ValueError(f"--pipeline must be one of {t2i.PIPELINES}, got {pipeline!r}")
+    t_start = time.perf_counter()
+    torch.manual_seed(seed)
+    model_dir = _pipeline_folder(pipeline, model)
+    out_dir = Path(out_dir or f"runs/demo-{pipeline}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say = print if progress else (lambda _m: None)
+
+    prompts_file = t2i.write_prompt_file(out_dir / "prompts.txt")
+    rank = lora_rank or LORA[pipeline]["rank"]
+    targets = lora_targets or LORA[pipeline]["targets"]
+    argv = preset_argv(pipeline, model_dir, prompts_file, out_dir / "embeddings", rank, targets, fake_copy)
+    run = preset_run(pipeline, model_dir, prompts_file, out_dir / "embeddings", rank, targets, fake_copy)
+    config = demo_config(pipeline, iterations, seed=seed, **config_overrides)
+    student, train_s, teacher_unchanged, teacher_is_base = _distil(pipeline, model_dir, run, config, out_dir, progress)
+    export_preset_student(run, student, config, out_dir)
+    student.save_pretrained(out_dir / "student")  # as `tdm-fast distill` leaves it: LoRA role + K embedding, base by path
+    lora_dir = out_dir / "lora"
+
+    # the stock pipeline reproduces the engine's student (scheduler, LoRA, K embedding, prompt embeddings)
+    parity = pipeline_parity(pipeline, model_dir, lora_dir, student, max(config.steps), config.total_steps, seed=eval_seed)
+
+    results, eval_s = _timed(lambda: evaluate_pipelines(
+        pipeline, model_dir, lora_dir, config.steps, config.cfg_scale, samples=samples, seed=eval_seed,
+        reference_steps=reference_steps, total_steps=config.total_steps, bootstrap=bootstrap, keep_images=columns, say=say))
+    reference8 = results.pop("reference_images8")
+    onnx_md = []
+    if onnx:
+        onnx_md = _onnx_parity(results, pipeline, model_dir, student, out_dir, config, samples, eval_seed, reference8,
+                               bootstrap, onnx_exporter, say)
+    _save_grid(results.pop("images"), results, config.steps, out_dir / "grid.png", columns)
+
+    results.update(pipeline=pipeline, model=str(model_dir), distill_argv=argv, training={
+        "iterations": config.iterations, "wall_clock_s": train_s, "s_per_iteration": train_s / max(1, config.iterations),
+        "config": config.to_dict(), "lora_rank": rank, "lora_targets": targets, "fake_copy": fake_copy,
+        "threads": torch.get_num_threads(),
+    }, teacher_unchanged=teacher_unchanged, teacher_equals_fresh_base=teacher_is_base, pipeline_parity_max_abs=parity,
+        eval_wall_clock_s=eval_s, total_wall_clock_s=time.perf_counter() - t_start)
+    results["acceptance"] = acceptance(results)
+    results["acceptance"]["teacher outputs bit-identical after distillation"] = teacher_unchanged and teacher_is_base
+    if onnx:
+        from .t2i_onnx import within_std
+
+        for key, entry in results["comparisons"].items():
+            results["acceptance"][f"{key} ONNX FID within the bootstrap std of torch's"] = within_std(entry)
+    results["lora"] = str(lora_dir)
+    (out_dir / "metrics.json").write_text(json.dumps(jsonable(results), indent=2))
+    (out_dir / "metrics.md").write_text(_metrics_markdown(results, pipeline, argv, rank, config, train_s, eval_s, parity,
+                                                          teacher_unchanged, teacher_is_base, onnx_md))
     return jsonable(results)
 
-
-def add_t2i_demo_arguments(parser) -> None:
-    """Options of ``tdm-fast demo --pipeline`` besides the shared --out/--iterations/--samples/--seed."""
-    from ..usage import add_once as _add
-
-    _add(parser, "--pipeline", choices=list(t2i.PIPELINES), default=None,
-         help="distil the shipped digits text-to-image pipeline of this kind through --preset and the stock pipeline")
-    _add(parser, "--model", default=None, help="with --pipeline: a pipeline folder to use instead of the shipped one")
-
-
-def run_demo(args) -> dict:
-    samples = getattr(args, "samples", None) or 2000
-    seeds = getattr(args, "eval_seeds", None) or [0]
-    results = run_t2i_demo(
-        args.pipeline, args.out or f"runs/demo-{args.pipeline}", iterations=getattr(args, "iterations", None), samples=samples,
-        seed=getattr(args, "seed", 0), eval_seed=seeds[0], model=getattr(args, "model", None),
-        progress=not getattr(args, "quiet", False), onnx=getattr(args, "onnx", False),
-    )
-    out = Path(args.out or f"runs/demo-{args.pipeline}")
-    print((out / "metrics.md").read_text())
-    return results

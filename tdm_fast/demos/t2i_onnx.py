@@ -1,7 +1,7 @@
 """ONNX parity of the demo's distilled student (``tdm-fast demo --pipeline sd15 --onnx``).
 
-The student folder the demo saved is exported by ``tdm-fast export`` itself (the K-step sampler graphs and
-the VAE decoder graph), sampled by ONNX Runtime on the CPU from the prompts and initial latents that
+The student folder the demo saved is exported by ``tdm-fast export``'s own pipeline
+(:func:`~tdm_fast.export.student.export_student`: the K-step sampler graphs and the VAE decoder graph), sampled by ONNX Runtime on the CPU from the prompts and initial latents that
 scored the torch student, and scored with the same classifier features against the same teacher-50
 reference. The torch side is the same student through :func:`~tdm_fast.sampling.sample_student` and the
 torch VAE decoder: the exact computation each graph was traced from, so any FID gap is the export's.
@@ -19,22 +19,23 @@ BATCH = 500  # the ORT sessions' batch: bounded memory for any --samples
 
 
 def export_argv(student_dir: Path, model_dir: Path, out: Path, steps, total_steps: int, exporter: str = "dynamo") -> list[str]:
-    """The ``tdm-fast export`` command of the parity check (what a user deploying the student types)."""
+    """The ``tdm-fast export`` command equivalent to :func:`export_parity_student` (what a user deploying the
+    student types), for the demo's report."""
     return ["export", "--checkpoint", str(student_dir), "--out", str(out), "--steps", *map(str, steps), "--total-steps",
             str(total_steps), "--vae", str(model_dir), "--device", "cpu", "--exporter", exporter, "--quiet"]
 
 
-def run_export(argv: list[str]) -> None:
-    """Runs the export of :func:`export_argv` (its flags after ``export``, without ``--quiet``)."""
-    from ..export.cli import add_export_arguments
-    from ..export.cli import run_export as export
-    from ..usage import Parser
+def export_parity_student(student_dir: Path, model_dir: Path, out: Path, steps, total_steps: int,
+                          exporter: str = "dynamo") -> dict:
+    """Exports the student's K-step sampler graphs and ``model_dir``'s VAE decoder on the CPU into ``out``."""
+    from ..export.student import export_student
 
-    parser = add_export_arguments(Parser(prog="tdm-fast export"))
     try:
-        export(parser.parse_args([a for a in argv[1:] if a != "--quiet"]))
+        return export_student(student_dir, out, steps=tuple(steps), total_steps=total_steps, vae=model_dir, device="cpu",
+                              exporter=exporter)
     except ValueError as exc:  # e.g. its own ORT-vs-torch parity check failed
-        raise RuntimeError(f"`tdm-fast {' '.join(argv)}` failed: {exc}") from None
+        raise RuntimeError(f"`tdm-fast {' '.join(export_argv(student_dir, model_dir, out, steps, total_steps, exporter))}` "
+                           f"failed: {exc}") from None
 
 
 @torch.no_grad()
@@ -42,7 +43,7 @@ def onnx_parity(pipeline: str, model_dir: Path, student, onnx_dir: Path, steps, 
                 reference8: torch.Tensor, metrics) -> dict:
     """``{"K=k": {"onnx_fid", "torch_fid", "fid_bootstrap_std", "onnx_max_abs_diff", ...}}``: FID to the teacher-50
     reference of the ONNX Runtime images and of the torch images of the same student, prompts and latents."""
-    from ..export.cli import onnx_name
+    from ..export.student import onnx_name
     from ..export.runtime import OrtDecoder, OrtSampler
     from ..export.vae import LatentDecoder, load_vae
     from ..sampling import sample_student

@@ -48,8 +48,8 @@ def sample_data(labels: torch.Tensor, generator: torch.Generator | None = None) 
 def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
-    args = t.float().unsqueeze(-1) * freqs
-    return torch.cat([args.cos(), args.sin()], dim=-1)
+    angles = t.float().unsqueeze(-1) * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
 class ToyMLP(ModelMixin, ConfigMixin):

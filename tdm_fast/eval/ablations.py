@@ -83,6 +83,32 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _teacher_and_recipe(teacher_path: str | Path | None, builtin_teacher: str | None):
+    """(teacher, recipe name, config maker): the shipped digits teacher or ``teacher_path`` with the former demo
+    recipe, or the built-in teacher ``builtin_teacher`` with the stability suite's recipe."""
+    if teacher_path is not None and builtin_teacher is not None:
+        raise ValueError(f"give a teacher folder ({teacher_path}) or a built-in teacher ({builtin_teacher}), not both")
+    if builtin_teacher in (None, "digits"):
+        return load_digits_teacher(teacher_path), "early_stop_config", early_stop_config
+    return load_builtin_teacher(builtin_teacher), "suite_config", partial(suite_config, builtin_teacher)
+
+
+def _score_student(student, config, cross_solvers: bool, metrics, noise, labels, ref_features) -> dict:
+    """``{"K=k": scores}`` of the student on the evaluation noise with its own solver, and (``cross_solvers``) its
+    scores under the other solvers."""
+    def score(samples):
+        out = metrics(samples, labels, ref_features)
+        out.pop("features")
+        return out
+
+    run = {f"K={k}": score(sample_student(student, noise, labels, k, solver=config.student_solver)) for k in config.steps}
+    if cross_solvers:
+        run["test_solvers"] = cross_solver_scores(
+            run, config.student_solver, config.steps,
+            lambda k, solver: score(sample_student(student, noise, labels, k, solver=solver)))
+    return run
+
+
 def run_ablations(
     out_dir: str | Path = "runs/ablations",
     iterations: int = 600,
@@ -105,15 +131,8 @@ def run_ablations(
     ``quality_vs_iterations.png`` into ``out_dir``; partial results are written after each run, so an
     interrupted sweep keeps what it finished.
     """
-    if teacher_path is not None and builtin_teacher is not None:
-        raise ValueError(f"give a teacher folder ({teacher_path}) or a built-in teacher ({builtin_teacher}), not both")
     teacher_name = builtin_teacher or "digits"
-    # a bad teacher is refused before the folder is made
-    if teacher_name == "digits":
-        teacher, recipe, make_config = load_digits_teacher(teacher_path), "early_stop_config", early_stop_config
-    else:
-        teacher, recipe = load_builtin_teacher(teacher_name), "suite_config"
-        make_config = partial(suite_config, teacher_name)
+    teacher, recipe, make_config = _teacher_and_recipe(teacher_path, builtin_teacher)  # refused before the folder is made
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = DigitsMetrics()
@@ -153,19 +172,8 @@ def run_ablations(
                 recorder = CurveRecorder(metrics, curve_ref, curve_noise, curve_labels, curve_every, config.steps)
             say(f"[ablations] {variant} seed {seed}: training {iterations} iterations")
             trainer, _, wall = distill_digits(teacher, config, progress=progress, callback=recorder)
-            student = trainer.final_student().eval()
-            run = {"wall_clock_s": wall}
-            def score(samples):
-                out = metrics(samples, labels, ref_features)
-                out.pop("features")
-                return out
-
-            for k in config.steps:
-                run[f"K={k}"] = score(sample_student(student, noise, labels, k, solver=config.student_solver))
-            if variant in TRAINED:
-                run["test_solvers"] = cross_solver_scores(
-                    run, config.student_solver, config.steps,
-                    lambda k, solver: score(sample_student(student, noise, labels, k, solver=solver)))
+            run = {"wall_clock_s": wall, **_score_student(trainer.final_student().eval(), config, variant in TRAINED,
+                                                          metrics, noise, labels, ref_features)}
             if recorder is not None:
                 results["curve"][str(seed)] = recorder.points
             results["runs"].setdefault(variant, {})[str(seed)] = run

@@ -131,14 +131,3 @@ def add_classifier_arguments(parser) -> None:
     _add(parser, "--iterations", type=positive_int, default=None, help="default 1500 (the shipped classifier)")
     _add(parser, "--seed", type=int, default=0)
 
-
-def run_classifier_train(args) -> dict:
-    from ..usage import check_output_path
-
-    for suffix in (".safetensors", ".json"):  # --out is a path stem: both files must be creatable
-        check_output_path(Path(args.out).with_suffix(suffix), "--out", folder=False)
-    _, info = train_digits_classifier(args.out, iterations=getattr(args, "iterations", None) or 1500,
-                                      seed=getattr(args, "seed", 0), progress=not getattr(args, "quiet", False))
-    print(f"held-out accuracy {info['heldout_accuracy']:.4f}; saved {args.out}.safetensors and .json "
-          f"(copy them to tdm_fast/assets/{CLASSIFIER_ASSET}.* to ship)")
-    return info

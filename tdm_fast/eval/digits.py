@@ -195,6 +195,37 @@ def _summarise(per_seed: list[dict]) -> dict:
     return row
 
 
+def _digits_samplers(teacher: Denoiser, students: dict[int, Denoiser], cfg_scale: float, reference_steps: int,
+                     total_steps: int, baselines: bool) -> tuple[dict[str, tuple[int, Callable]], dict[int, list[str]]]:
+    """``{name: (nfe, sample(noise, labels))}`` for the teacher's reference, each student K and (``baselines``) the
+    NFE-matched candidates of each K; and ``{K: [candidate names]}``."""
+    samplers: dict[str, tuple[int, Callable]] = {}
+    reference = reference_sampler(reference_steps, cfg_scale)
+    samplers[f"teacher-{reference_steps}"] = (reference.nfe, lambda n, c: reference(teacher, n, c))
+    candidate_names: dict[int, list[str]] = {}
+    for k, student in sorted(students.items()):
+        samplers[f"tdm-{k}"] = (k, lambda n, c, s=student, k=k: sample_student(s, n, c, k, total_steps))
+        if baselines:
+            candidate_names[k] = []
+            for sampler in nfe_matched_baselines(k, cfg_scale, total_steps):
+                candidate_names[k].append(sampler.name)
+                samplers.setdefault(sampler.name, (sampler.nfe, lambda n, c, s=sampler: s(teacher, n, c)))
+    return samplers, candidate_names
+
+
+def _best_baseline(rows: dict, k: int, names: list[str], reference: str) -> dict:
+    """The comparison of student K with the candidate of lowest FID to the reference (mean over seeds)."""
+    best = min(names, key=lambda n: rows[n]["fid_teacher"])
+    tdm = rows[f"tdm-{k}"]
+    return {
+        "tdm": f"tdm-{k}",
+        "baseline": best,
+        "candidates": names,
+        "fid_ratio": tdm["fid_teacher"] / max(rows[best]["fid_teacher"], 1e-12),
+        "accuracy_gap_to_teacher": tdm["accuracy"] - rows[reference]["accuracy"],
+    }
+
+
 @torch.no_grad()
 def evaluate_digits(
     teacher: Denoiser,
@@ -224,17 +255,7 @@ def evaluate_digits(
     """
     metrics = metrics or DigitsMetrics()
     say = progress or (lambda _msg: None)
-    samplers: dict[str, tuple[int, Callable]] = {}
-    reference = reference_sampler(reference_steps, cfg_scale)
-    samplers[f"teacher-{reference_steps}"] = (reference.nfe, lambda n, c: reference(teacher, n, c))
-    candidate_names: dict[int, list[str]] = {}
-    for k, student in sorted(students.items()):
-        samplers[f"tdm-{k}"] = (k, lambda n, c, s=student, k=k: sample_student(s, n, c, k, total_steps))
-        if baselines:
-            candidate_names[k] = []
-            for sampler in nfe_matched_baselines(k, cfg_scale, total_steps):
-                candidate_names[k].append(sampler.name)
-                samplers.setdefault(sampler.name, (sampler.nfe, lambda n, c, s=sampler: s(teacher, n, c)))
+    samplers, candidate_names = _digits_samplers(teacher, students, cfg_scale, reference_steps, total_steps, baselines)
 
     per_seed: dict[str, list[dict]] = {name: [] for name in samplers}
     images: dict[str, torch.Tensor] = {}
@@ -282,15 +303,7 @@ def evaluate_digits(
     if len(ref_features) > 1:
         results["fid_floor"] = fid_from_features(ref_features[0], ref_features[1])
     for k, names in candidate_names.items():
-        best = min(names, key=lambda n: rows[n]["fid_teacher"])
-        tdm = rows[f"tdm-{k}"]
-        results["comparisons"][f"K={k}"] = {
-            "tdm": f"tdm-{k}",
-            "baseline": best,
-            "candidates": names,
-            "fid_ratio": tdm["fid_teacher"] / max(rows[best]["fid_teacher"], 1e-12),
-            "accuracy_gap_to_teacher": tdm["accuracy"] - rows[f"teacher-{reference_steps}"]["accuracy"],
-        }
+        results["comparisons"][f"K={k}"] = _best_baseline(rows, k, names, f"teacher-{reference_steps}")
     if keep_images:
         results["images"] = images
     return results

@@ -374,6 +374,20 @@ def format_point(point: dict) -> str:
     return text
 
 
+def factor_recipe(recipe: str, overrides: dict) -> dict:
+    """The settings of one factor run: ``recipe`` (default: TDMConfig's, paper: PAPER_FAITHFUL, early-stop: the
+    former digits demo's, as overrides of the suite's config) with ``overrides`` on top."""
+    from ..config import PAPER_FAITHFUL
+    from ..demos.demo_digits import early_stop_config
+
+    settings = {"default": {}, "paper": dict(PAPER_FAITHFUL)}.get(recipe)
+    if settings is None:
+        former = early_stop_config().to_dict()
+        settings = {k: former[k] for k in ("fake_lr", "generator_lr_ratio", "warmup_steps", "ema_decay", "normalize", "lr_decay",
+                                           "tau_min_sigma")}
+    return {**settings, **overrides}
+
+
 def main(argv=None) -> None:
     """``python -m tdm_fast.eval.stability``: one FID curve of a built-in teacher under a recipe with any
     setting changed (the factor runs of docs/stability.md)."""
@@ -381,7 +395,6 @@ def main(argv=None) -> None:
     import json
 
     from ..config import PAPER_FAITHFUL
-    from ..demos.demo_digits import early_stop_config
     from ..demos.teachers import TEACHERS
 
     parser = argparse.ArgumentParser(prog="python -m tdm_fast.eval.stability", description=main.__doc__)
@@ -407,16 +420,10 @@ def main(argv=None) -> None:
                       iterations=args.iterations, every=args.every, samples=args.samples, resume=args.resume)
         print(Path(args.suite, "stability.md").read_text())
         return
-    recipe = {"default": {}, "paper": dict(PAPER_FAITHFUL)}.get(args.recipe)
-    if recipe is None:  # the former demo's settings, as overrides of the suite's config
-        former = early_stop_config().to_dict()
-        recipe = {k: former[k] for k in ("fake_lr", "generator_lr_ratio", "warmup_steps", "ema_decay", "normalize", "lr_decay",
-                                         "tau_min_sigma")}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        recipe[key] = json.loads(value)
-    run = run_curve(args.teacher, args.recipe, recipe, args.lr_multiplier, args.seed, args.iterations, args.every,
-                    args.samples, lag_every=args.lag_every, say=lambda p: print(format_point(p), flush=True))
+    overrides = {key: json.loads(value) for key, _, value in (item.partition("=") for item in args.set)}
+    run = run_curve(args.teacher, args.recipe, factor_recipe(args.recipe, overrides), args.lr_multiplier, args.seed,
+                    args.iterations, args.every, args.samples, lag_every=args.lag_every,
+                    say=lambda p: print(format_point(p), flush=True))
     if args.json:
         Path(args.json).write_text(json.dumps(run, indent=2))
 

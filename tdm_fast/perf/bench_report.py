@@ -438,26 +438,26 @@ def _rel(path: Path, base: Path | None = None) -> str:
 
 
 # -- tdm-fast bench plan --------------------------------------------------------------------------
-def _check_plan_args(args) -> None:
+def _check_plan_args(steps, mfu: str | None, peak_tflops: float | None, gpu: str) -> None:
     """``bench plan``'s flags that argparse's types cannot check alone, before any model is built."""
     from .flops import device_peak
     from ..sampling import stage_times
 
-    for k in args.steps:
+    for k in steps:
         try:
             stage_times(k, 900)
         except ValueError as exc:
             raise ValueError(f"--steps {k}: {exc}") from None
-    if args.mfu is not None and args.mfu != "measure":
+    if mfu is not None and mfu != "measure":
         try:
-            mfu = float(args.mfu)
+            fraction = float(mfu)
         except ValueError:
-            mfu = float("nan")
-        if not 0.0 < mfu <= 1.0:
-            raise ValueError(f"--mfu {args.mfu}: expected a utilisation in (0, 1], or 'measure'")
-    if args.peak_tflops is None:
+            fraction = float("nan")
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"--mfu {mfu}: expected a utilisation in (0, 1], or 'measure'")
+    if peak_tflops is None:
         try:
-            device_peak(args.gpu)
+            device_peak(gpu)
         except ValueError as exc:
             raise ValueError(f"--gpu: {exc}") from None
 
@@ -469,15 +469,18 @@ def real_size_rows(results_dir: Path = PROJECT_RESULTS_DIR) -> list[dict]:
             for b in data["benchmarks"]]
 
 
-def bench_plan(args) -> dict:
-    """FLOPs per TDM iteration of a real preset, projected GPU-hours, and the paper's figures."""
+def bench_plan(preset: str = "sdxl", steps: tuple[int, ...] = (4,), batch: int = 16, iters: int = 2000, gpu: str = "a800",
+               peak_tflops: float | None = None, mfu: str | None = None, resolution: int | None = None,
+               num_frames: int = 49, lora: bool = False, checkpointing: bool = False, fake_updates: int = 1,
+               exact_backward: bool = False) -> dict:
+    """FLOPs per TDM iteration of a real preset, projected GPU-hours, and the paper's figures. ``mfu``: a
+    utilisation fraction (as text), ``"measure"`` to measure it here, or None for the assumed default."""
     from .flops import DEFAULT_UTILISATION, UTILISATION_SOURCE, format_flops_plan, plan_flops
 
-    _check_plan_args(args)
-    plan = plan_flops(args.preset, steps=tuple(args.steps), batch=args.batch, resolution=args.resolution,
-                      num_frames=args.num_frames, lora=args.lora, fake_updates=args.fake_updates,
-                      checkpointing=args.checkpointing, exact_backward=args.exact_backward)
-    if args.mfu == "measure":
+    _check_plan_args(steps, mfu, peak_tflops, gpu)
+    plan = plan_flops(preset, steps=tuple(steps), batch=batch, resolution=resolution, num_frames=num_frames, lora=lora,
+                      fake_updates=fake_updates, checkpointing=checkpointing, exact_backward=exact_backward)
+    if mfu == "measure":
         from .flops import measure_utilisation
         from .step_profiler import make_trainer
 
@@ -488,13 +491,13 @@ def bench_plan(args) -> dict:
         util = m["utilisation"]
         source = (f"measured here: TDM step on the digits UNet, {m['achieved_flops'] / 1e9:,.1f} GFLOP/s of "
                   f"{m['peak_flops'] / 1e9:,.1f} ({m['peak_source']})")
-    elif args.mfu is None:
+    elif mfu is None:
         util, source = DEFAULT_UTILISATION, UTILISATION_SOURCE
     else:
-        util, source = float(args.mfu), "given by --mfu"
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
-    print(format_flops_plan(plan, args.iters, args.gpu, util, source, peak, real_size_rows()))
-    plan.update(iterations=args.iters, gpu=args.gpu, utilisation=util)
+        util, source = float(mfu), "given by --mfu"
+    peak = peak_tflops * 1e12 if peak_tflops else None
+    print(format_flops_plan(plan, iters, gpu, util, source, peak, real_size_rows()))
+    plan.update(iterations=iters, gpu=gpu, utilisation=util)
     return plan
 
 
@@ -541,28 +544,25 @@ def _results_dir(results_dir: str | None, project_record: bool) -> Path:
     return Path(results_dir) if results_dir is not None else RESULTS_DIR
 
 
-def run_bench(args) -> int:
-    """Entry point of ``tdm-fast bench``; returns the exit code."""
-    suites = list(args.suites)
-    if "plan" in suites:
-        if suites != ["plan"]:
-            raise ValueError("'plan' is not a suite: run `tdm-fast bench plan ...` on its own")
-        bench_plan(args)
-        return 0
+def run_bench(suites: tuple[str, ...] = (), render_only: bool = False, results_dir: str | None = None,
+              project_record: bool = False, k: float = DEFAULT_K, min_rel: float = DEFAULT_MIN_REL,
+              fail_on_regression: bool = False, pytest_args: str = "") -> int:
+    """``tdm-fast bench``: runs the suites (default: all), renders RESULTS.md and plots; returns the exit code."""
     from ..usage import check_output_path
 
-    results_dir = check_output_path(_results_dir(args.results_dir, args.project_record), "--results-dir")
+    suites = list(suites)
+    results_dir = check_output_path(_results_dir(results_dir, project_record), "--results-dir")
     check_output_path(results_dir.parent / "RESULTS.md", "--results-dir", folder=False)
     rc = 0
-    if not args.render_only:
+    if not render_only:
         available = available_suites()
         unknown = [s for s in suites if s not in available]
         if unknown:
             raise ValueError(f"unknown suite(s) {', '.join(unknown)}; available: {', '.join(available)}")
         for suite in suites or list(available):
-            code, _ = run_suite(suite, results_dir, shlex.split(args.pytest_args))
+            code, _ = run_suite(suite, results_dir, shlex.split(pytest_args))
             rc = rc or (code if code not in (0, 5) else 0)
-    text, comparisons = render(results_dir, k=args.k, min_rel=args.min_rel)
+    text, comparisons = render(results_dir, k=k, min_rel=min_rel)
     machine = machine_id()
     current = load_results(results_dir)
     for suite in suites or []:
@@ -573,6 +573,6 @@ def run_bench(args) -> int:
     for stem, name in regressions:
         print(f"REGRESSION {stem}: {name}")
     print(f"\nwrote {_rel(results_dir.parent / 'RESULTS.md')} ({len(current)} suite/machine result(s))")
-    if regressions and args.fail_on_regression:
+    if regressions and fail_on_regression:
         rc = rc or 1
     return rc

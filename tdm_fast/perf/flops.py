@@ -103,9 +103,30 @@ def gpu_key(name: str) -> str | None:
 
 
 # -- counting --------------------------------------------------------------------------------------
+def _cpu_attention_formulas() -> dict:
+    """torch's FLOP counter knows the GPUs' fused attention kernels, not the CPU's: on a CPU (the real-size
+    benchmark) attention would count as zero. The CPU kernels take the same leading arguments."""
+    aten = torch.ops.aten
+    registry = torch.utils.flop_counter.flop_registry
+
+    def registered(op):
+        formula = registry[op]
+
+        def counted(*args, **kwargs):
+            return formula(*args, **kwargs)
+
+        counted._get_raw = True  # already shape-wrapped: FlopCounterMode must not wrap it again
+        return counted
+
+    return {aten._scaled_dot_product_flash_attention_for_cpu: registered(aten._scaled_dot_product_flash_attention),
+            aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                registered(aten._scaled_dot_product_flash_attention_backward)}
+
+
 def count_flops(fn, *args, **kwargs) -> int:
-    """Total FLOPs FlopCounterMode sees while ``fn(*args, **kwargs)`` runs (forward and any backward)."""
-    with FlopCounterMode(display=False) as counter:
+    """Total FLOPs FlopCounterMode sees while ``fn(*args, **kwargs)`` runs (forward and any backward),
+    attention included on every device."""
+    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas()) as counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())
 

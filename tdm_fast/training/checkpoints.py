@@ -5,6 +5,7 @@ schedules, EMA and random streams); the on-disk format is :mod:`tdm_fast.checkpo
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -55,7 +56,8 @@ class Checkpointing:
                 "generator_lr": self.sched_g.state_dict(),
                 "fake_lr": self.sched_f.state_dict(),
             },
-            "meta": {"step": self.step, "config": self.config.to_dict(), "world_size": self.accelerator.num_processes},
+            "meta": {"step": self.step, "config": self.config.to_dict(), "world_size": self.accelerator.num_processes,
+                     "elapsed_s": self.elapsed_s, "lr_decay_iterations": self.sched_g.lr_lambdas[0].total},
         }
         if self.ema is not None:
             state["ema"] = {str(i): s for i, s in enumerate(self.ema.shadow)}
@@ -114,7 +116,9 @@ class Checkpointing:
 
         A setting that changes the run (anything but :data:`BOOKKEEPING`) must equal the checkpoint's
         unless it is named in ``overrides``; the optimizers, LR schedules and RNG streams then really
-        use the new values. The settings of :data:`STRUCTURAL` can never change.
+        use the new values. The settings of :data:`STRUCTURAL` can never change. A raised ``iterations``
+        keeps the LR decay's original length (the rate stays at its floor past it) unless ``iterations`` is
+        in ``overrides``, which stretches the decay to the new length. ``elapsed_s`` continues.
         """
         state, rank_state = load_checkpoint(path, rank_file=f"rank-{self.accelerator.process_index}")
         self.check_resume_config(state["meta"]["config"], overrides)
@@ -149,7 +153,9 @@ class Checkpointing:
         self.steps_rng.set_state(rank_state["steps_rng"])
         torch.set_rng_state(rank_state["torch_rng"])
         self.step = int(state["meta"]["step"])
-        self._apply_hyperparameters()
+        self.elapsed_s = float(state["meta"].get("elapsed_s", 0.0))
+        decay_length = int(state["meta"].get("lr_decay_iterations", state["meta"]["config"]["iterations"]))
+        self._apply_hyperparameters(self.config.iterations if "iterations" in overrides else decay_length)
         if "seed" in overrides:
             self.rng.manual_seed(self.config.seed * 7919 + self.accelerator.process_index)
             self.steps_rng.manual_seed(self.config.seed)
@@ -157,10 +163,12 @@ class Checkpointing:
     def check_resume_config(self, saved: dict, overrides=()) -> None:
         """Raises ValueError naming every setting that differs from the checkpoint's without an override."""
         mine = self.config.to_dict()
+        if saved.get("mixed_precision") is None:  # a run of an older version: accelerate's setting, as it resolves now
+            saved = {**saved, "mixed_precision": dataclasses.replace(self.config, mixed_precision=None).effective_mixed_precision}
         for key in overrides:
             if key not in mine:
                 raise ValueError(f"--override {key}: not a setting (choose among {', '.join(sorted(mine))})")
-            if key in STRUCTURAL or key in BOOKKEEPING:
+            if key in STRUCTURAL or (key in BOOKKEEPING and key != "iterations"):  # iterations: stretch the LR decay
                 raise ValueError(f"--override {key}: " + ("it shapes the networks and cannot change on resume" if key in STRUCTURAL
                                                           else "it may change on resume without --override"))
         for key in STRUCTURAL:
@@ -173,13 +181,14 @@ class Checkpointing:
             raise ValueError(f"the checkpoint was trained with other settings ({listing}); resume with the checkpoint's "
                              f"values, or pass --override {' '.join(changed)} to continue with the new ones")
 
-    def _apply_hyperparameters(self) -> None:
+    def _apply_hyperparameters(self, decay_length: int) -> None:
         """Learning rates, warm-up, betas and weight decay from this run's config, on restored optimizers
-        (``load_state_dict`` brings back the checkpoint's values, the LR schedules' base rates included)."""
+        (``load_state_dict`` brings back the checkpoint's values, the LR schedules' base rates included);
+        the LR decay reaches its floor at ``decay_length`` iterations."""
         config = self.config
         betas = (config.adam_beta1, config.adam_beta2)
         for optimizer, scheduler, lr in ((self.opt_g, self.sched_g, config.generator_lr), (self.opt_f, self.sched_f, config.fake_lr)):
-            warmup = LRSchedule.of(config)
+            warmup = LRSchedule(config.warmup_steps, config.lr_decay, decay_length, config.lr_decay_floor)
             bases = [lr] + [lr * config.steps_embedding_lr_ratio] * (len(optimizer.param_groups) - 1)
             scheduler.base_lrs = bases
             scheduler.lr_lambdas = [warmup] * len(bases)
