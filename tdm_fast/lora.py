@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .lora_source import (adapter_source, check_base_backbone, denoiser_name, load_adapter, portable_base_path,
+                          remove_lora, resolve_base_path)
+# the K embedding's public names stay importable from here, where model cards and users import them
+from .steps_embedding import (STEPS_EMBEDDING_FILE, apply_steps_embedding, fold_into_last_linear,  # noqa: F401
+                              remove_steps_embedding)
+
 LORA_ROLE_CONFIG = "lora_role.json"
-STEPS_EMBEDDING_FILE = "tdm_steps_embedding.safetensors"
 ROLES = ("student", "fake")
 
 # LoRA defaults per backbone: the attention projections (+ feed-forward for transformers).
@@ -370,8 +374,8 @@ class LoRARole(nn.Module):
         source = self.shared.source
         if source is None:
             base = copy.deepcopy(adapter.inner)
-            _remove_lora(base)
-            source = _adapter_source(adapter, str(path / "base"))
+            remove_lora(base)
+            source = adapter_source(adapter, str(path / "base"))
             type(adapter)(base, **adapter.adapter_kwargs()).save_pretrained(path / "base")
             source["path"] = "base"  # relative to this folder
         else:
@@ -421,141 +425,10 @@ class LoRARole(nn.Module):
 
             raise WrongBaseError(
                 f"{config_file}: the LoRA weights do not fit the base \"source.path\" {source['path']} ({unexpected[0]}): "
-                f"it is a {_denoiser_name(source)} of another size or family (e.g. SDXL's UNet vs SD 1.5's) than the one "
+                f"it is a {denoiser_name(source)} of another size or family (e.g. SDXL's UNet vs SD 1.5's) than the one "
                 "this LoRA was distilled on; set \"source.path\" in this file to that pipeline folder"
             )
         return cls(shared, meta["role"])
-
-
-_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-
-def _looks_like_model_id(name: str) -> bool:
-    return bool(_MODEL_ID.match(name)) and ".." not in name and not name.endswith((".", "-"))
-
-
-def portable_base_path(base: str, folder) -> str:
-    """What ``lora_role.json`` in ``folder`` stores for the base ``base``: an existing local folder as a
-    POSIX path relative to ``folder`` (``os.path.relpath``), anything else (a model id) as given. Only
-    where no relative path exists (another drive on Windows) does an absolute path remain."""
-    local = Path(base)
-    if not local.exists():
-        return str(base)
-    try:
-        return Path(os.path.relpath(local.resolve(), Path(folder).resolve())).as_posix()
-    except ValueError:
-        return str(local.resolve())
-
-
-def resolve_base_path(stored: str, config_file) -> tuple[str, bool]:
-    """``(path or model id, is_model_id)`` of the base named by ``source.path`` of ``config_file``
-    (a ``lora_role.json``): relative paths are taken from the file's folder; absolute ones (files of
-    older versions) are used as they are."""
-    config_file = Path(config_file)
-    folder = config_file.parent
-    local = Path(stored)
-    expected = local if local.is_absolute() else folder / local
-    if expected.exists():
-        return str(expected.resolve()), False
-    if not local.is_absolute() and _looks_like_model_id(stored):
-        return stored, True  # a Hub model id (from_pretrained looks in the local cache, or downloads)
-    shown = expected if local.is_absolute() else Path(os.path.normpath(expected))
-    raise ValueError(
-        f"{config_file}: the base pipeline folder of this LoRA role is not found at {shown} "
-        f"(\"source.path\": {stored!r}{'' if local.is_absolute() else ', relative to the folder of this file'}); "
-        "move the base folder and the run folder together so that this path holds again, or set \"source.path\" "
-        "in this file to the base's folder (absolute, or relative to the folder of this file) or its Hub model id"
-    )
-
-
-def _denoiser_name(source: dict) -> str:
-    """``sd15 UNet2DConditionModel`` (the preset, where the source records it, and the model class)."""
-    name = source["inner_class"].rsplit(":", 1)[-1].rsplit(".", 1)[-1]
-    return f"{source['preset']} {name}" if source.get("preset") else name
-
-
-def _class_name(file: Path) -> str | None:
-    """The ``_class_name`` of a diffusers config or model_index.json (None if unreadable or absent)."""
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return None
-    return data.get("_class_name") if isinstance(data, dict) else None
-
-
-def _describe_base(base: Path) -> str:
-    """What a base folder holds, in the terms of :func:`_denoiser_name` (for errors)."""
-    from .backbones.presets import PRESETS
-
-    pipeline = _class_name(base / "model_index.json")
-    if pipeline is None:
-        model = _class_name(base / "config.json")
-        return f"a {model} folder" if model else "not a diffusers pipeline folder (no model_index.json)"
-    presets = [p for p in PRESETS.values() if p.pipeline == pipeline]
-    if not presets:
-        return f"a {pipeline} folder"
-    found = _class_name(base / presets[0].subfolder / "config.json") or presets[0].inner_class
-    return f"a {pipeline} folder ({'/'.join(p.name for p in presets)} {found} in {presets[0].subfolder}/)"
-
-
-def check_base_backbone(source: dict, config_file) -> None:
-    """Refuses a local base folder whose denoiser is not the model class the LoRA was trained on (a LoRA
-    role pointed at another backbone's pipeline), naming both, before ``from_pretrained`` fails on a
-    missing file or peft on shapes."""
-    base = Path(source["path"])
-    folder = base / source["subfolder"] if source.get("subfolder") else base
-    expected = source["inner_class"].rsplit(":", 1)[-1].rsplit(".", 1)[-1]
-    found = _class_name(folder / "config.json")
-    if found == expected or (found is None and _class_name(base / "model_index.json") is None):
-        return  # the right class, or a folder no diffusers config describes: from_pretrained judges it
-    from .denoiser import WrongBaseError
-
-    where = f" ({source['subfolder']}/)" if source.get("subfolder") else ""
-    raise WrongBaseError(
-        f"{config_file}: this LoRA was distilled on a {_denoiser_name(source)}{where}, but its base \"source.path\" "
-        f"{base} is {_describe_base(base)}; a LoRA loads only on its own backbone: set \"source.path\" in this file "
-        "to the pipeline folder it was distilled from (absolute, or relative to the folder of this file)"
-    )
-
-
-def _adapter_source(adapter, path: str, subfolder: str | None = None) -> dict:
-    inner = type(adapter.inner)
-    return {
-        "path": path,
-        "subfolder": subfolder,
-        "adapter_class": f"{type(adapter).__module__}:{type(adapter).__qualname__}",
-        "inner_class": f"{inner.__module__}:{inner.__qualname__}",
-        "adapter_kwargs": adapter.adapter_kwargs(),
-    }
-
-
-def _import(qualified: str):
-    from .denoiser import import_model_class
-
-    return import_model_class(qualified)
-
-
-def load_adapter(source: dict, **kwargs):
-    """Rebuilds a backbone adapter from a :func:`_adapter_source` dict (offline, from_pretrained)."""
-    inner_cls = _import(source["inner_class"])
-    if source.get("subfolder"):
-        kwargs["subfolder"] = source["subfolder"]
-    inner = inner_cls.from_pretrained(source["path"], **kwargs)
-    return _import(source["adapter_class"])(inner, **source.get("adapter_kwargs", {}))
-
-
-def _remove_lora(model: nn.Module) -> nn.Module:
-    """Replaces every peft LoRA layer of ``model`` by its base layer (after any merge)."""
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if hasattr(child, "get_base_layer") and hasattr(child, "lora_A"):
-                setattr(module, child_name, child.get_base_layer())
-    for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if attr in model.__dict__:
-            delattr(model, attr)
-    if hasattr(model, "_hf_peft_config_loaded"):
-        model._hf_peft_config_loaded = False
-    return model
 
 
 # -- building the three networks ----------------------------------------------------------------
@@ -604,98 +477,6 @@ def role_of(student) -> LoRARole:
     return model
 
 
-FOLDED_BASE_BIAS = "tdm_base_bias"  # buffer on the folded linear: its bias before any K embedding
-
-
-def apply_steps_embedding(model: nn.Module, path, steps: int) -> None:
-    """Sets the bias of the time embedding's last linear layer of a diffusers ``model`` (after
-    ``load_lora_weights``) to its base bias plus the K embedding of a steps-aware student, so stock
-    pipelines run the K-step student.
-
-    Switchable and reversible: the base bias is remembered on the layer (a non-persistent buffer, so it
-    follows ``.to()`` and stays out of ``state_dict``) the first time, and every call sets base + e_K, so
-    calling it again with another K gives exactly that K's student. :func:`remove_steps_embedding`
-    restores the base bias bit for bit, and so does the pipeline's ``unload_lora_weights()`` (diffusers
-    calls the model's ``unload_lora()``, which this wraps on ``model`` until the embedding is removed)."""
-    from safetensors import safe_open
-
-    file = Path(path) / STEPS_EMBEDDING_FILE
-    with safe_open(str(file), "pt") as f:
-        meta = f.metadata()
-        weight = f.get_tensor("weight")
-    steps_set = json.loads(meta["steps_set"])
-    if steps not in steps_set:
-        raise ValueError(f"this student was trained for K in {steps_set}, not {steps}")
-    target = model.get_submodule(meta["module"])
-    if getattr(target, "post_act", None) is not None:
-        raise ValueError("cannot fold a steps embedding through a post-activation")
-    layer = _base_linears(target)[-1]
-    with torch.no_grad():
-        if FOLDED_BASE_BIAS not in layer._buffers:
-            base = None if layer.bias is None else layer.bias.detach().clone()
-            layer.register_buffer(FOLDED_BASE_BIAS, base, persistent=False)
-            if layer.bias is None:
-                layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype, device=layer.weight.device))
-        base = layer._buffers[FOLDED_BASE_BIAS]
-        vector = weight[steps_set.index(steps)].to(layer.bias)
-        layer.bias.copy_(vector if base is None else base + vector)
-    if hasattr(type(model), "unload_lora") and "unload_lora" not in model.__dict__:
-        model.__dict__["unload_lora"] = _UnloadWithStepsEmbedding(model)
-
-
-def remove_steps_embedding(model: nn.Module) -> bool:
-    """Gives the layer(s) folded by :func:`apply_steps_embedding` in ``model`` their base bias back, bit for
-    bit (no bias again where the base had none). Returns whether there was one to remove."""
-    removed = False
-    for layer in model.modules():
-        if FOLDED_BASE_BIAS in layer._buffers:
-            base = layer._buffers.pop(FOLDED_BASE_BIAS)
-            if base is None:
-                layer.bias = None
-            else:
-                with torch.no_grad():
-                    layer.bias.copy_(base)
-            removed = True
-    model.__dict__.pop("unload_lora", None)
-    return removed
-
-
-class _UnloadWithStepsEmbedding:
-    """``model.unload_lora`` while a K embedding is folded: the class's own unload, then the base bias
-    back. An object, not a closure, so that a deep copy of the model unloads the copy."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __call__(self, *args, **kwargs):
-        result = type(self.model).unload_lora(self.model, *args, **kwargs)
-        remove_steps_embedding(self.model)
-        return result
-
-
-def _base_linears(module: nn.Module) -> list[nn.Linear]:
-    """The nn.Linear layers of ``module`` in module order, a LoRA-wrapped layer counted by its base
-    layer (never its ``lora_A``/``lora_B``, whose output is scaled by alpha/rank and dropped by a merge)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    if isinstance(module, BaseTunerLayer):
-        base = module.get_base_layer()
-        return [base] if isinstance(base, nn.Linear) else []
-    if isinstance(module, nn.Linear):
-        return [module]
-    return [lin for child in module.children() for lin in _base_linears(child)]
-
-
-def fold_into_last_linear(module: nn.Module, vector: torch.Tensor) -> None:
-    last = _base_linears(module)[-1]
-    if getattr(module, "post_act", None) is not None:
-        raise ValueError("cannot fold a steps embedding through a post-activation")
-    with torch.no_grad():
-        if last.bias is None:
-            last.bias = nn.Parameter(torch.zeros(last.out_features, dtype=last.weight.dtype, device=last.weight.device))
-        last.bias.add_(vector.to(last.bias))
-
-
 def _merged_inner(role: LoRARole, dtype: torch.dtype | None = None) -> nn.Module:
     """A copy of the base diffusers model with ``role``'s LoRA merged in: no LoRA layers, no hooks;
     ``dtype`` casts the copy before the merge (a bf16 base then merges its fp32 LoRA without rounding)."""
@@ -704,7 +485,7 @@ def _merged_inner(role: LoRARole, dtype: torch.dtype | None = None) -> nn.Module
         nn.Module.to(inner, dtype)  # not ModelMixin.to, which warns about its fp32-kept modules on every cast
     for layer in _tuner_layers(inner):
         layer.merge(adapter_names=[role.role])
-    _remove_lora(inner)
+    remove_lora(inner)
     for hook_owner in inner.modules():
         hook_owner._forward_hooks.clear()
     return inner

@@ -184,9 +184,7 @@ def write_model_card(path, *, base_model: str, backbone: str, pipeline: str, ste
     license = license or ref["license"] or "other"
     video = backbone == "cogvideox"
     denoiser = "unet" if backbone in ("sd15", "sdxl") else "transformer"
-    tags = ["tdm", "distillation", "few-step", "text-to-video" if video else "text-to-image", "diffusers"]
-    if lora:
-        tags.append("lora")
+    tags = ["tdm", "distillation", "few-step", "text-to-video" if video else "text-to-image", "diffusers"] + (["lora"] if lora else [])
     data = ModelCardData(base_model=ref["model_id"], license=license, library_name="diffusers",
                          pipeline_tag="text-to-video" if video else "text-to-image", tags=tags)
     base_line = (f"Base model: local pipeline folder `{ref['name']}` (not a Hub model id; set `base_model` in this "

@@ -35,30 +35,13 @@ from .training.checkpoints import BOOKKEEPING, STRUCTURAL, STUDENT_STATE, Checkp
 from .training.compile import COMPILE_OPTIONS, COMPILE_RECOMPILE_LIMIT, compile_networks
 from .training.conditions import ClassConditions, ConditionSampler, EmbeddingConditions
 from .training.optim import EMA, LRSchedule, optimizer_and_schedule, skips_on_device
+from .training.records import finite, json_value, short_loss, tracker_config
 from .usage import write_text_atomically
 from .validation import Validation, log_validation, save_validation
 from .kernels import reference as reference_ops
 
 __all__ = ["BOOKKEEPING", "COMPILE_OPTIONS", "COMPILE_RECOMPILE_LIMIT", "STRUCTURAL", "STUDENT_STATE", "ClassConditions",
            "EmbeddingConditions", "LRSchedule", "NonFiniteError", "TDMTrainer", "make_student_and_fake", "non_finite_tensors"]
-
-
-def _finite(value) -> bool:
-    return value is not None and math.isfinite(float(value))
-
-
-def _json_value(value):
-    """Non-finite floats become null: ``metrics.jsonl`` stays strict JSON."""
-    return value if not isinstance(value, float) or math.isfinite(value) else None
-
-
-def _tracker_config(config: TDMConfig) -> dict:
-    """The config as trackers accept it (scalars only)."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
-
-
-def _short(value) -> str:
-    return "skipped" if value is None else f"{value:.4f}"
 
 
 @dataclass
@@ -480,7 +463,7 @@ class TDMTrainer(Checkpointing):
             applied = [loss for loss, skipped in fake if not skipped]
             skipped = len(fake) - len(applied) + int(generator_skipped > 0)
             record = {"step": it["step"], "steps": it["steps"], "fake_loss": sum(applied) / len(applied) if applied else None,
-                      "generator_loss": None if generator_skipped else generator_loss, "grad_norm": _json_value(grad_norm),
+                      "generator_loss": None if generator_skipped else generator_loss, "grad_norm": json_value(grad_norm),
                       "skipped_updates": skipped}
             record.update({k: v for k, v in it.items() if k not in ("step", "steps", "fake", "generator")})
             records.append(record)
@@ -510,7 +493,7 @@ class TDMTrainer(Checkpointing):
         bar = tqdm(total=total, initial=self.step, desc="TDM", disable=not (self.progress and self.accelerator.is_main_process))
         start = time.perf_counter() - self.elapsed_s  # a resumed run's clock goes on
         if self.config.report_to:
-            self.accelerator.init_trackers("tdm-fast", config=_tracker_config(self.config))
+            self.accelerator.init_trackers("tdm-fast", config=tracker_config(self.config))
         try:
             if writer:
                 log_file = self._open_metrics()
@@ -536,9 +519,9 @@ class TDMTrainer(Checkpointing):
                 for record in self._records(pending):
                     history.append(record)
                     if record["step"] % self.config.log_every == 0 or record["step"] == total or record["skipped_updates"]:
-                        bar.set_postfix(fake=_short(record["fake_loss"]), gen=_short(record["generator_loss"]), K=record["steps"])
+                        bar.set_postfix(fake=short_loss(record["fake_loss"]), gen=short_loss(record["generator_loss"]), K=record["steps"])
                         if log_file:
-                            log_file.write(json.dumps({k: _json_value(v) for k, v in record.items()}, allow_nan=False) + "\n")
+                            log_file.write(json.dumps({k: json_value(v) for k, v in record.items()}, allow_nan=False) + "\n")
                             log_file.flush()
                         if self.config.report_to:
                             self.accelerator.log(self._tracker_values(record), step=record["step"])
@@ -561,7 +544,7 @@ class TDMTrainer(Checkpointing):
         return history
 
     def _tracker_values(self, record: dict) -> dict:
-        values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and _finite(v) and k != "step"}
+        values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and finite(v) and k != "step"}
         values["lr/generator"] = self.opt_g.param_groups[0]["lr"]
         values["lr/fake"] = self.opt_f.param_groups[0]["lr"]
         if record.get("elapsed_s"):

@@ -91,6 +91,10 @@ def world(tmp_path_factory):
     (bad / "empty-prompts.txt").write_text("# only a comment\n\n   \n")
     (bad / "bad-prompts.jsonl").write_text('{"prompt": "a cat"}\nnot json\n')
     (bad / "prompts.txt").write_text("a photo of a cat\n")
+    (bad / "prompts-utf16.txt").write_text("a photo of a cat\n", encoding="utf-16")
+    (bad / "prompts-binary.txt").write_bytes(bytes(range(128, 256)))
+    (bad / "garbage.onnx").write_bytes(b"\x08\x07garbage, not a protobuf")
+    (bad / "lock-is-folder" / ".lock").mkdir(parents=True)
 
     from _backbone_tiny import build_sd15
 
@@ -258,13 +262,19 @@ DISTILL = [
     ("out-under-file", "distill --teacher {T} --out {F}/run", "--out"),
     ("out-is-file", "distill --teacher {T} --out {F}", "--out"),
     ("out-holds-run", "distill --teacher {T} --out {R} --iterations 4", "--resume"),
+    ("lock-is-folder", "distill --teacher {T} --out {B}/lock-is-folder", "{B}/lock-is-folder/.lock is not a file"),
+    # flags the mode does not read (tdm_fast/cli/modes.py)
+    ("lora-rank-with-teacher", "distill --teacher {T} --out {O} --lora-rank 8", "--lora-rank does nothing"),
+    ("conditions-with-preset", "distill --preset sd15 --model {SD}/full --prompts {B}/prompts.txt --out {O} "
+     "--conditions {B}/cond-empty.safetensors", "--conditions does nothing"),
     # resume
     ("override-without-resume", "distill --teacher {T} --out {O} --override fake_lr", "--override"),
     ("resume-missing", "distill --teacher {T} --out {O} --resume {B}/nowhere", "{B}/nowhere"),
     ("resume-empty-out", "distill --teacher {T} --out {O} --resume", "{O}"),
     ("resume-override-steps", "distill --teacher {T} --out {R} --resume --steps 1 2 4 --override steps " + " ".join(TINY), "--override steps"),
-    ("resume-override-bookkeeping", "distill --teacher {T} --out {R} --resume --steps 1 2 4 --override iterations " + " ".join(TINY),
-     "--override iterations"),
+    # iterations may be named (it stretches the LR decay); the other bookkeeping settings change freely, so naming them is an error
+    ("resume-override-bookkeeping", "distill --teacher {T} --out {R} --resume --steps 1 2 4 --override keep_last " + " ".join(TINY),
+     "--override keep_last"),
     ("resume-override-unknown", "distill --teacher {T} --out {R} --resume --steps 1 2 4 --override fake_lrr " + " ".join(TINY), "--override fake_lrr"),
     ("resume-changed-fake-lr", "distill --teacher {T} --out {R} --resume --steps 1 2 4 --iterations 4 " + " ".join(TINY).replace("1e-3", "2e-3"), "fake_lr"),
     ("resume-changed-steps", "distill --teacher {T} --out {R} --resume --steps 4 " + " ".join(TINY), "steps"),
@@ -313,6 +323,13 @@ DISTILL_PRESET = [
      "{SD3}/trunc-transformer/transformer"),
     ("sd3-prompts-no-usable-line", PRESET3 + "--model {SD3}/full --prompts {B}/empty-prompts.txt", "{B}/empty-prompts.txt"),
     ("sd3-model-of-sd15", PRESET3 + "--model {SD}/full --prompts {B}/prompts.txt", "--preset sd15"),
+    *((f"prompts-{kind}", PRESET + f"--model {{SD}}/full --prompts {{B}}/prompts-{kind}.txt", f"{{B}}/prompts-{kind}.txt is not UTF-8")
+      for kind in ("utf16", "binary")),
+    # a size the VAE, then the UNet's downsamplings or the transformer's patches, cannot divide
+    *((f"{name}-resolution-{size}", f"{argv}--model {{{model}}}/full --prompts {{B}}/prompts.txt --resolution {size}", f"--resolution {size}")
+      for name, argv, model in (("sd15", PRESET, "SD"), ("sd3", PRESET3, "SD3")) for size in (17, 18)),
+    ("full-finetune-lora-rank", PRESET + "--model {SD}/full --prompts {B}/prompts.txt --full-finetune --lora-rank 8",
+     "--lora-rank does nothing"),
     ("lora-targets-bogus", PRESET + "--model {SD}/full --prompts {B}/prompts.txt --lora-targets to_q,to_v,bogus",
      "--lora-targets to_q,to_v,bogus: 'bogus' matches no module"),
     *([] if torch.cuda.is_available() else [  # fp16 runs on a GPU
@@ -353,6 +370,9 @@ SAMPLE = [
     ("lora-sd3-on-sd15-base", "sample --checkpoint {L}/sd3-on-sd15 --out {O}", "is a StableDiffusionPipeline folder (sd15"),
     ("lora-base-other-size", "sample --checkpoint {L}/sd15-other-size --out {O}", "{L}/sd15-other-size/model/lora_role.json"),
     ("diffusers-lora-folder", "sample --checkpoint {L}/sd15/lora --out {O}", "{L}/sd15/student"),
+    ("engine-garbage-onnx", "sample --checkpoint {R} --backend onnx --engine {B}/garbage.onnx --out {O}",
+     "--engine {B}/garbage.onnx is not an ONNX graph"),
+    ("prompt-with-num", "sample --prompt a-cat --backend onnx --engine {B} --num 4 --out {O}", "--num does nothing"),
 ]
 
 
@@ -386,6 +406,12 @@ EXPORT = [
     ("lora-sd3-on-sd15-base", "export --checkpoint {L}/sd3-on-sd15 --out {O}", "distilled on a sd3 SD3Transformer2DModel"),
     ("lora-base-other-size", "export --checkpoint {L}/sd15-other-size --out {O}", "size mismatch"),
     ("diffusers-lora-folder", "export --checkpoint {L}/sd3/lora --out {O}", "diffusers LoRA"),
+    ("shape-negative", "export --checkpoint {S} --out {O} --shape=-2,2", "--shape"),
+    ("device-unknown", "export --checkpoint {S} --out {O} --device banana", "--device banana"),
+    *([] if torch.cuda.is_available() else [("device-cuda-without-gpu", "export --checkpoint {S} --out {O} --device cuda",
+                                             "--device cuda: torch sees no CUDA GPU")]),
+    ("trt-precision-with-onnx", "export --checkpoint {S} --out {O} --format onnx --trt-precision fp16", "--trt-precision does nothing"),
+    ("dtype-with-compile", "export --checkpoint {S} --out {O} --format compile --dtype fp16", "--dtype does nothing"),
 ]
 
 
@@ -561,6 +587,8 @@ TEACHER = [
     ("digits-lr-neg", "teacher train --dataset digits --out {O} --lr -1", "--lr"),
     ("digits-lr-nan", "teacher train --dataset digits --out {O} --lr nan", "--lr"),
     ("digits-batch-size-0", "teacher train --dataset digits --out {O} --batch-size 0", "--batch-size"),
+    ("vae-iterations-neg", "teacher train --dataset digits-t2i --pipeline sd15 --out {O} --vae-iterations -1", "--vae-iterations"),
+    ("threads-0", "teacher train --dataset digits-t2i --pipeline sd15 --out {O} --threads 0", "--threads"),
     ("out-is-file", "teacher train --out {F}", "--out"),
     ("out-under-file", "teacher train --out {F}/teacher", "--out"),
     ("out-required", "teacher train", "--out"),

@@ -172,8 +172,7 @@ def check_resolution(preset: Preset | str, teacher_config, resolution: int | tup
     if bad and not preset.video:
         lower = max(multiple, bad[0] // multiple * multiple)
         raise ValueError(f"--resolution {bad[0]}: this {preset.name} pipeline needs a multiple of {multiple} (its VAE "
-                         f"divides by {scale}, its {type(teacher_config).__name__.removesuffix('Config') or 'denoiser'} "
-                         f"by {multiple // scale}); use {lower} or {lower + multiple}")
+                         f"divides by {scale}, its {preset.inner_class} by {multiple // scale}); use {lower} or {lower + multiple}")
 
 
 def sample_shape(preset: Preset | str, teacher_config, resolution: int | tuple[int, int] | None = None, num_frames: int = 49,

@@ -16,9 +16,9 @@ from pathlib import Path
 # the safetensors dtypes of weights a diffusion run computes with (integers and bools are not weights)
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-# config keys the run reads itself (beyond what the loaders read), per component
-READ_KEYS = {"vae": ("block_out_channels", "latent_channels"), "unet": ("in_channels", "sample_size"),
-             "transformer": ("in_channels", "sample_size")}
+# config keys the run reads itself (beyond what the loaders read), per component; an optional one such as the
+# denoiser's sample_size (the preset's default resolution stands in) is not among them
+READ_KEYS = {"vae": ("block_out_channels", "latent_channels"), "unet": ("in_channels",), "transformer": ("in_channels",)}
 # tokenizer files transformers can build a real tokenizer from: any one of these sets
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("spiece.model",), ("vocab.txt",))
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")

@@ -175,9 +175,42 @@ def log_startup_summary(trainer, config: TDMConfig, model: str, resumed_from: Pa
                 f"resumed from {resumed_from} at step {trainer.step}" if resumed_from is not None else "from step 0")
 
 
+def _resume_point(resume: str | None, out: Path) -> Path | None:
+    """The checkpoint to continue from (None: a new run), refused where continuing would fork the run's history."""
+    from ..checkpoint import resolve_checkpoint
+
+    if checkpoint_dirs(out / "checkpoints") and resume is None:
+        raise UsageError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+    resume_from = resolve_checkpoint(resume or out) if resume is not None else None
+    if resume_from is not None and resume_from.resolve().parent == (out / "checkpoints").resolve():
+        newer = [c.name for c in checkpoint_dirs(out / "checkpoints") if c.name > resume_from.name]
+        if newer:  # continuing in place would put a second history beside the newer checkpoints
+            raise UsageError(f"--resume {resume_from}: {out} holds newer checkpoints ({', '.join(newer)}), so the run "
+                             f"cannot go back to {resume_from.name} in place; resume it into another run folder "
+                             f"(--resume {resume_from} --out NEW_FOLDER), or resume the newest with --resume alone")
+    return resume_from
+
+
+def _networks(args, config):
+    """Teacher, student, fake score, conditions, sample shape, optimizer class and validation of the run."""
+    if args.preset:
+        from ..backbones.run import build_preset_run, optimizer_class
+
+        run = preset_run_from_args(args)
+        teacher, student, fake, conditions, shape = build_preset_run(run, config)
+        validation = _preset_validation(run, teacher, conditions, shape, args.validation_prompt) if config.validation_every else None
+        return teacher, student, fake, conditions, shape, optimizer_class(run.use_8bit_adam), validation
+    import torch
+
+    teacher = load_denoiser(args.teacher)
+    conditions = _conditions_for(teacher, args.conditions)
+    shape = _sample_shape(teacher.model, args.sample_shape)
+    # validation None: the trainer's default, the run's own conditions with samples shown as images
+    return teacher, None, None, conditions, shape, torch.optim.AdamW, None
+
+
 def _distill(args) -> int:
     from .. import runlock
-    from ..checkpoint import resolve_checkpoint
 
     config = config_from_args(args, _resumed_settings(args))
     check_tracker(config.report_to)
@@ -192,37 +225,14 @@ def _distill(args) -> int:
         raise UsageError("--validation-prompt sets what a text model's validation samples: it needs --preset and "
                          "--validation-every N")
     runlock.check_free(out)
-    if checkpoint_dirs(out / "checkpoints") and args.resume is None:
-        raise UsageError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
-    resume_from = resolve_checkpoint(args.resume or out) if args.resume is not None else None
-    if resume_from is not None and resume_from.resolve().parent == (out / "checkpoints").resolve():
-        newer = [c.name for c in checkpoint_dirs(out / "checkpoints") if c.name > resume_from.name]
-        if newer:  # continuing in place would put a second history beside the newer checkpoints
-            raise UsageError(f"--resume {resume_from}: {out} holds newer checkpoints ({', '.join(newer)}), so the run "
-                             f"cannot go back to {resume_from.name} in place; resume it into another run folder "
-                             f"(--resume {resume_from} --out NEW_FOLDER), or resume the newest with --resume alone")
+    resume_from = _resume_point(args.resume, out)
 
     from accelerate.utils import set_seed
 
     from ..trainer import TDMTrainer
 
     set_seed(config.seed)  # LoRA initialisation and anything else drawn from the global generators
-    if args.preset:
-        from ..backbones.run import build_preset_run, optimizer_class
-
-        run = preset_run_from_args(args)
-        teacher, student, fake, conditions, shape = build_preset_run(run, config)
-        optimizer_cls = optimizer_class(run.use_8bit_adam)
-        validation = _preset_validation(run, teacher, conditions, shape, args.validation_prompt) if config.validation_every else None
-    else:
-        teacher = load_denoiser(args.teacher)
-        student = fake = None
-        conditions = _conditions_for(teacher, args.conditions)
-        shape = _sample_shape(teacher.model, args.sample_shape)
-        import torch
-
-        optimizer_cls = torch.optim.AdamW
-        validation = None  # the trainer's default: the run's own conditions, samples shown as images
+    teacher, student, fake, conditions, shape, optimizer_cls, validation = _networks(args, config)
     if min(shape) < 1:
         raise UsageError(f"--sample-shape {' '.join(map(str, shape))}: sizes must be >= 1")
     check_allocation("--batch-size", config.batch_size, shape)

@@ -162,9 +162,11 @@ class Checkpointing:
 
     def check_resume_config(self, saved: dict, overrides=()) -> None:
         """Raises ValueError naming every setting that differs from the checkpoint's without an override."""
-        mine = self.config.to_dict()
-        if saved.get("mixed_precision") is None:  # a run of an older version: accelerate's setting, as it resolves now
-            saved = {**saved, "mixed_precision": dataclasses.replace(self.config, mixed_precision=None).effective_mixed_precision}
+        def precision(value) -> str:  # None (Python callers, runs of older versions): accelerate's setting as it resolves now
+            return dataclasses.replace(self.config, mixed_precision=value).effective_mixed_precision
+
+        mine = {**self.config.to_dict(), "mixed_precision": precision(self.config.mixed_precision)}
+        saved = {**saved, "mixed_precision": precision(saved.get("mixed_precision"))}
         for key in overrides:
             if key not in mine:
                 raise ValueError(f"--override {key}: not a setting (choose among {', '.join(sorted(mine))})")
