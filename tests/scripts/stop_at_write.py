@@ -16,6 +16,9 @@ import signal
 import sys
 from pathlib import Path
 
+# A process started in the background by a non-interactive shell (CI runners, `cmd &`) inherits SIGINT
+# ignored, and Python then installs no KeyboardInterrupt handler: the Ctrl-C this script stands for needs it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 action, pattern = sys.argv[1], sys.argv[2]
 argv = sys.argv[sys.argv.index("--") + 1:]
 state = {"done": False}
