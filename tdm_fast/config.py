@@ -69,7 +69,10 @@ HELP = {
     "keep_last": "keep this many newest checkpoints (0: all)",
     "log_every": "write metrics.jsonl and the trackers every N iterations",
     "report_to": "accelerate trackers: tensorboard, wandb, comet_ml, mlflow, aim, clearml, dvclive or all",
-    "validation_every": "sample fixed validation inputs at every K every N iterations into <out>/validation/ (0: never)",
+    "validation_every": "sample fixed validation inputs at every K every N iterations into <out>/validation/ (0: never); "
+                        "each validation, and the end of a run of 100 iterations or more, also says per K how far the student "
+                        "is from the teacher's 50-step samples against the best teacher sampler of at most K evaluations, "
+                        "with a warning where it is not ahead (<out>/validation/gap.json)",
     "max_nonfinite_skips": "stop the run after this many iterations in a row with a skipped (non-finite) update",
 }
 CHOICES = {"student_solver": SOLVERS, "objective": OBJECTIVES, "matching": MATCHING, "tau_interval": TAU_INTERVALS,
@@ -230,6 +233,12 @@ class TDMConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "TDMConfig":
         """A YAML (``.yaml``/``.yml``) or JSON file of settings; every problem is a ValueError naming the file."""
+        return cls.from_dict(cls.file_settings(path))
+
+    @classmethod
+    def file_settings(cls, path: str | Path) -> dict:
+        """Only the settings a YAML or JSON file names, checked (a layer over other defaults, not a whole
+        config); every problem is a ValueError naming the file."""
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
@@ -250,9 +259,10 @@ class TDMConfig:
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a mapping of TDMConfig fields, not a {type(data).__name__}")
         try:
-            return cls.from_dict(data)
+            config = cls.from_dict(data)
         except ValueError as exc:
             raise ValueError(f"config file {path}: {exc}") from None
+        return {key: getattr(config, key) for key in data}
 
 
 def _one_line(exc: Exception) -> str:

@@ -38,14 +38,19 @@ from .steps_embedding import (STEPS_EMBEDDING_FILE, apply_steps_embedding, fold_
 LORA_ROLE_CONFIG = "lora_role.json"
 ROLES = ("student", "fake")
 
-# LoRA defaults per backbone: the attention projections (+ feed-forward for transformers).
+# LoRA defaults per backbone: every linear/conv layer of the blocks, as diffusers' LCM-LoRA script does,
+# except the timestep embedding's, which carries the folded K embedding. With the attention projections
+# alone the measured students moved 3-4x slower at every K; rank 64 did no better than 16 at K = 4
+# (docs/t2i_demo.md, rows sd15_lrB vs sd15_wideLR and sd15_C2 vs sd15_C0).
 DEFAULT_TARGETS = {
-    "unet": ("to_q", "to_k", "to_v", "to_out.0"),
-    "pixart": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
-    "sd3": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
-    "cogvideox": ("to_q", "to_k", "to_v", "to_out.0"),
+    "unet": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+             "time_emb_proj", "conv_in", "conv_out"),
+    "pixart": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_out"),
+    "sd3": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.0.proj",
+            "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear", "norm1_context.linear", "proj_out"),
+    "cogvideox": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear", "norm2.linear", "proj_out"),
 }
-DEFAULT_RANK = {"unet": 64, "pixart": 32, "sd3": 32, "cogvideox": 64}
+DEFAULT_RANK = {"unet": 16, "pixart": 16, "sd3": 16, "cogvideox": 16}
 
 # Where each adapter's LoRA goes in the diffusers pipeline format: (pipeline class, save kwarg).
 PIPELINE_LORA = {
@@ -81,7 +86,7 @@ class LoRASettings:
 
     @classmethod
     def for_backbone(cls, backbone: str, **overrides) -> "LoRASettings":
-        kwargs = {"rank": DEFAULT_RANK.get(backbone, 32), "target_modules": DEFAULT_TARGETS.get(backbone, DEFAULT_TARGETS["unet"])}
+        kwargs = {"rank": DEFAULT_RANK.get(backbone, 16), "target_modules": DEFAULT_TARGETS.get(backbone, DEFAULT_TARGETS["unet"])}
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kwargs)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import time
 import warnings
@@ -37,8 +38,13 @@ from .training.conditions import ClassConditions, ConditionSampler, EmbeddingCon
 from .training.optim import EMA, LRSchedule, optimizer_and_schedule, skips_on_device
 from .training.records import finite, json_value, short_loss, tracker_config
 from .usage import write_text_atomically
-from .validation import Validation, log_validation, save_validation
+from .validation import AHEAD, Validation, gap_report, log_validation, save_validation
 from .kernels import reference as reference_ops
+
+logger = logging.getLogger("tdm_fast")
+# A run without validation samples reports its gap to the teacher's samplers at the end only from this
+# length on: a shorter run is a smoke test, whose untrained student the report would only call untrained.
+GAP_REPORT_MIN_ITERATIONS = 100
 
 __all__ = ["BOOKKEEPING", "COMPILE_OPTIONS", "COMPILE_RECOMPILE_LIMIT", "STRUCTURAL", "STUDENT_STATE", "ClassConditions",
            "EmbeddingConditions", "LRSchedule", "NonFiniteError", "TDMTrainer", "make_student_and_fake", "non_finite_tensors"]
@@ -140,6 +146,7 @@ class TDMTrainer(Checkpointing):
         if config.validation_every and validation is None:
             validation = Validation.from_conditions(conditions, sample_shape)
         self.validation = validation
+        self._validated = (None, {})  # (step, metrics) of the last validation
         self.ops = fused_ops if config.kernels == "fused" else reference_ops
         self.tau_floor = noise_level_time(teacher.schedule, config.tau_min_sigma)
         self.times = {k: torch.tensor(stage_times(k, config.total_steps, teacher.schedule.num_train_timesteps)) for k in config.steps}
@@ -504,6 +511,7 @@ class TDMTrainer(Checkpointing):
                 if writer:
                     remove_leftovers(self.output_dir / "student")
             pending = []  # iterations whose losses are still on the device
+            first_step = self.step
             while self.step < total:
                 pending.append(self._iterate())
                 self.elapsed_s = time.perf_counter() - start
@@ -533,6 +541,9 @@ class TDMTrainer(Checkpointing):
                     self.validate()
                 if checkpoint:
                     self.save_checkpoint()
+            if self.step > first_step and self.output_dir is not None and (self.validation or total >= GAP_REPORT_MIN_ITERATIONS):
+                bar.close()  # the report's lines below the finished bar
+                self.report_baseline_gap()
         finally:
             bar.close()
             if log_file:
@@ -559,9 +570,11 @@ class TDMTrainer(Checkpointing):
             return {}
         with self.ema_weights() as student, self.accelerator.autocast():
             images, metrics = self.validation.run(student, self.config.steps, self.config.total_steps,
-                                                  self.config.student_solver, self.device)
+                                                  self.config.student_solver, self.device, self.teacher, self.config.cfg_scale)
         if not self.accelerator.is_main_process:
             return {}
+        self._validated = (self.step, metrics)
+        self._log_gaps(metrics, f"validation at step {self.step}")
         grids = {}
         if self.output_dir is not None:
             grids = save_validation(images, self.output_dir / "validation" / f"step-{self.step:08d}.png", self.step,
@@ -569,6 +582,35 @@ class TDMTrainer(Checkpointing):
         if self.config.report_to:
             log_validation(self.accelerator, grids, metrics, self.step)
         return metrics
+
+    def report_baseline_gap(self) -> dict:
+        """The end of a run: how far each K is from the teacher's 50-step samples against the best NFE-matched
+        teacher sampler (:mod:`tdm_fast.validation`), logged with a warning for a K that is not ahead, and
+        written to ``<output_dir>/validation/gap.json``. Measured on the validation set, or on 8 draws of the
+        run's conditions where the run has none."""
+        step, metrics = self._validated
+        if step != self.step:
+            if not (self.accelerator.is_main_process or self.fsdp):
+                return {}
+            validation = self.validation or Validation.from_conditions(self.conditions, self.sample_shape, count=8)
+            with self.ema_weights() as student, self.accelerator.autocast():
+                _, metrics = validation.run(student, self.config.steps, self.config.total_steps, self.config.student_solver,
+                                            self.device, self.teacher, self.config.cfg_scale)
+            self.validation = self.validation or validation  # keeps the teacher's side for a later call
+            if self.accelerator.is_main_process:
+                self._log_gaps(metrics, f"end of run (step {self.step})")  # else the validation of this step said it
+        if not self.accelerator.is_main_process:
+            return {}
+        gaps = {key.split("/", 1)[1]: value for key, value in metrics.items() if key.split("/", 1)[1].startswith(("gap_", "distance_", "baseline_"))}
+        gaps["baselines"] = {f"K={k}": name for k, (name, _) in self.validation.last_baselines.items()}
+        (self.output_dir / "validation").mkdir(parents=True, exist_ok=True)
+        write_text_atomically(self.output_dir / "validation" / "gap.json", json.dumps({"step": self.step, **gaps}, indent=2))
+        return gaps
+
+    def _log_gaps(self, metrics: dict, when: str) -> None:
+        for k, line in zip(sorted(self.config.steps), gap_report(metrics, self.config.steps, self.validation.last_baselines)):
+            behind = metrics.get(f"validation/gap_k{k}", 0.0) >= AHEAD
+            (logger.warning if behind else logger.info)("%s: %s", when, line)
 
     def _open_metrics(self):
         """``metrics.jsonl`` for appending, first cut back to the rows up to the current (resumed) step, so

@@ -4,6 +4,11 @@ scored where the run has a metric.
 
 The same noise and conditions at every validation step make the grids a film of the student's progress.
 Samples are taken with the EMA weights where the run keeps them (what the saved student will hold).
+
+Where the teacher is given, each K is also measured against what the teacher does without training
+(spec §9): the mean squared distance of the student's samples to the teacher's 50-step CFG samples of the
+same noise and conditions, over that of the best NFE-matched teacher sampler (``gap_k{K}`` < 1: the
+student is ahead of every sampler of at most K evaluations). The teacher's side is computed once.
 """
 from __future__ import annotations
 
@@ -15,7 +20,10 @@ import numpy as np
 import torch
 
 from .conditions import to_device
-from .sampling import sample_student
+from .sampling import nfe_matched_baselines, reference_sampler, sample_student
+
+REFERENCE_STEPS = 50
+AHEAD = 0.99  # a gap under this is ahead of the baseline; within 1 % of it, level (an untrained K = 1 student is)
 
 Decode = Callable[[torch.Tensor], torch.Tensor]  # samples -> images (N, C, H, W) in [0, 1]
 Metric = Callable[[int, torch.Tensor, object], dict]  # (K, decoded images, conditions) -> {name: value}
@@ -47,20 +55,67 @@ class Validation:
         noise = torch.randn((count, *sample_shape), generator=generator)
         return cls(cond, noise, **kwargs)
 
+    def __post_init__(self):
+        self._teacher_side = {}  # (K set, total_steps, cfg_scale) -> (reference samples, {K: (sampler, distance)})
+        self.last_baselines = {}  # K -> (the best NFE-matched sampler's name, its distance), of the last run
+
     @torch.no_grad()
-    def run(self, student, steps, total_steps: int, solver: str = "ddim", device=None) -> tuple[dict[int, torch.Tensor], dict]:
+    def run(self, student, steps, total_steps: int, solver: str = "ddim", device=None, teacher=None,
+            cfg_scale: float = 1.0) -> tuple[dict[int, torch.Tensor], dict]:
         """Images of ``student`` per K of ``steps`` (N, C, H, W in [0, 1], or the raw samples for non-image
-        data) and the metrics; the caller chooses the weights (the trainer swaps in its EMA) and autocast."""
+        data) and the metrics; the caller chooses the weights (the trainer swaps in its EMA) and autocast.
+        With ``teacher``: also ``distance_k{K}``, ``baseline_distance_k{K}`` and ``gap_k{K}`` (module doc)."""
         images, metrics = {}, {}
         cond = to_device(self.conditions, device) if device is not None else self.conditions
         noise = self.noise.to(device) if device is not None else self.noise
+        reference, baselines = self.teacher_side(teacher, noise, cond, steps, total_steps, cfg_scale) if teacher else (None, {})
+        self.last_baselines = baselines
         for k in sorted(steps):
             x = sample_student(student, noise, cond, k, total_steps, solver=solver).float()
             decoded = self.decode(x) if self.decode is not None else ((x + 1) / 2).clamp(0, 1)
             images[k] = decoded.cpu()
             if self.metric is not None:
                 metrics.update({f"validation/{name}_k{k}": float(v) for name, v in self.metric(k, decoded, self.conditions).items()})
+            if reference is not None:
+                distance = mean_squared_distance(x, reference)
+                _, baseline = baselines[k]
+                metrics.update({f"validation/distance_k{k}": distance, f"validation/baseline_distance_k{k}": baseline,
+                                f"validation/gap_k{k}": distance / baseline if baseline > 0 else float("inf")})
         return images, metrics
+
+    def teacher_side(self, teacher, noise, cond, steps, total_steps: int, cfg_scale: float):
+        """The teacher's 50-step CFG samples of the validation inputs and, per K, the best NFE-matched
+        sampler with its distance to them (computed on the first call, then kept)."""
+        key = (tuple(sorted(steps)), total_steps, float(cfg_scale))
+        if key not in self._teacher_side:
+            num_t = teacher.schedule.num_train_timesteps
+            reference = reference_sampler(REFERENCE_STEPS, cfg_scale, num_t)(teacher, noise, cond).float()
+            best = {}
+            for k in key[0]:
+                scored = [(sampler.name, mean_squared_distance(sampler(teacher, noise, cond).float(), reference))
+                          for sampler in nfe_matched_baselines(k, cfg_scale, total_steps, num_t)]
+                best[k] = min(scored, key=lambda pair: pair[1])
+            self._teacher_side[key] = (reference, best)
+        return self._teacher_side[key]
+
+
+def mean_squared_distance(samples: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over samples of the squared distance per element, between samples of the same inputs."""
+    return float((samples.float() - reference.float()).pow(2).mean())
+
+
+def gap_report(metrics: dict, steps, baselines: dict) -> list[str]:
+    """One line per K of a validation's gap metrics, saying whether the student is ahead of its baseline."""
+    lines = []
+    for k in sorted(steps):
+        gap = metrics.get(f"validation/gap_k{k}")
+        if gap is None:
+            return []
+        name = baselines[k][0]
+        verdict = "ahead of" if gap < AHEAD else "level with" if gap <= 1 / AHEAD else "NOT ahead of"
+        lines.append(f"K={k}: distance to the teacher's {REFERENCE_STEPS}-step samples {metrics[f'validation/distance_k{k}']:.4g}, "
+                     f"{gap:.3f}x that of the best {k}-evaluation teacher sampler ({name}): {verdict} it")
+    return lines
 
 
 def grid(images: torch.Tensor, columns: int = 8) -> np.ndarray:

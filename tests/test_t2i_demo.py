@@ -162,8 +162,7 @@ def test_lora_on_every_layer_kind_round_trips_into_the_stock_pipeline(pipeline, 
     from tdm_fast.config import TDMConfig
 
     model = t2i.shipped_pipeline(pipeline)
-    args = t2i_demo.preset_run(pipeline, model, t2i.write_prompt_file(tmp_path / "p.txt"), tmp_path / "cache", 4,
-                               t2i_demo.LORA[pipeline]["targets"])
+    args = t2i_demo.preset_run(pipeline, model, t2i.write_prompt_file(tmp_path / "p.txt"), tmp_path / "cache", 4)
     config = TDMConfig(steps=(1, 2, 4), cfg_scale=4.5, kernels="reference")
     _, student, _, _, _ = build_preset_run(args, config)
     g = torch.Generator().manual_seed(0)

@@ -29,6 +29,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TDMConfig field (``--fake-lr``, ``--no-importance-sampling`` …), with its help, default
     and choices; values left unset fall back to ``--config``, then to TDMConfig's defaults."""
     from ..config import CHOICES, HELP
+    from ..recipes import recipe_help
+
+    preset_help = recipe_help()
 
     group = parser.add_argument_group("TDM settings (override --config)")
     hints = typing.get_type_hints(TDMConfig)
@@ -38,7 +41,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         text = HELP[field.name]
         if "(default" not in text:
-            text += f" (default: {' '.join(map(str, default)) if isinstance(default, tuple) else default})"
+            text += f" (default: {' '.join(map(str, default)) if isinstance(default, tuple) else default}"
+            text += f"; {preset_help[field.name]})" if field.name in preset_help else ")"
         if field.name == "steps":
             group.add_argument(flag, type=int, nargs="+", default=None, metavar="K", help=text)
         elif field.name == "steps_weights":
@@ -54,19 +58,25 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=base, default=None, help=text)
 
 
-def config_from_args(args, resumed: dict | None = None) -> TDMConfig:
-    """``resumed`` (the settings of the checkpoint a run resumes), overlaid with ``--config``, overlaid with
-    the flags given; an invalid value is reported with its flag's name."""
+def config_from_args(args, resumed: dict | None = None, recipe: dict | None = None) -> TDMConfig:
+    """``recipe`` (a preset's defaults, :func:`preset_recipe_of`), overlaid with ``resumed`` (the settings of
+    the checkpoint a run resumes), with ``--config``, with the flags given; an invalid value is reported with
+    its flag's name. A recipe run that names no K draw weights anywhere draws K in proportion to K."""
+    from ..recipes import steps_weights_for
+
     known = {field.name for field in dataclasses.fields(TDMConfig)}
-    data = {k: v for k, v in (resumed or {}).items() if k in known}  # a key of an older version is not a setting now
+    data = dict(recipe or {})
+    data.update({k: v for k, v in (resumed or {}).items() if k in known})  # a key of an older version is not a setting now
     if args.config:
-        data.update(TDMConfig.from_file(args.config).to_dict())
+        data.update(TDMConfig.file_settings(args.config))
     given = []
     for field in dataclasses.fields(TDMConfig):
         value = getattr(args, field.name)
         if value is not None:
             data[field.name] = value
             given.append(field.name)
+    if recipe is not None and "steps_weights" not in data:
+        data["steps_weights"] = steps_weights_for(data.get("steps", TDMConfig.steps))
     try:
         return TDMConfig.from_dict(data)
     except ValueError as exc:
@@ -74,6 +84,21 @@ def config_from_args(args, resumed: dict | None = None) -> TDMConfig:
         for name in given:  # name the flag the user typed, not the field behind it
             message = re.sub(rf"(?<![\w-]){name}(?!\w)", "--" + name.replace("_", "-"), message)
         raise ValueError(message) from None
+
+
+def preset_recipe_of(args) -> dict | None:
+    """The recipe defaults of a ``--preset`` run (None for ``--teacher``), from the preset and the prediction
+    type its folder's scheduler names; a folder that cannot be read is reported later, by the loader."""
+    if not args.preset:
+        return None
+    from ..backbones.presets import get_preset, prediction_type_of, read_scheduler_config
+    from ..recipes import preset_recipe
+
+    try:
+        prediction_type = prediction_type_of(read_scheduler_config(args.model)) if args.model else "epsilon"
+    except (OSError, ValueError, TypeError, AttributeError):
+        prediction_type = "epsilon"
+    return preset_recipe(prediction_type, args.full_finetune, get_preset(args.preset).cfg_scale)
 
 
 def _override_keys(args) -> tuple[str, ...]:
@@ -212,7 +237,7 @@ def _networks(args, config):
 def _distill(args) -> int:
     from .. import runlock
 
-    config = config_from_args(args, _resumed_settings(args))
+    config = config_from_args(args, _resumed_settings(args), preset_recipe_of(args))
     check_tracker(config.report_to)
     _check_precision_fits_device(config)
     # the precision accelerate will use, not None: config.json and the checkpoints record what ran

@@ -40,44 +40,46 @@ from . import t2i
 from .demo_digits import jsonable
 
 CFG = {"sd15": t2i.SD15_CFG, "sd3": t2i.SD3_CFG}
-# LoRA on every linear/conv layer of the tiny backbones' blocks except the timestep embedding (which
-# carries the folded K embedding): with the attention projections alone (the presets' default) the
-# student moved 3-4× slower (see RECIPES).
-LORA = {
-    "sd15": {"rank": 16, "targets": "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,"
-                                     "time_emb_proj,conv_in,conv_out"},
-    "sd3": {"rank": 16, "targets": "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,ff.net.0.proj,"
-                                    "ff.net.2,ff_context.net.0.proj,ff_context.net.2,norm1.linear,norm1_context.linear,proj_out"},
-}
-# The distillation recipe per pipeline, chosen by measurement (FID to teacher-50 of 2,000 samples; the
-# settings tried and their numbers are in docs/t2i_demo.md).
-RECIPES = {
-    # K = 4 drawn in 2/3 of the iterations: uniform draws left sd15's K = 4 behind (ratio 0.79), while a
-    # K = 4-only student of the same length reached 0.34; K = 1 and 2 keep their margins (docs/t2i_demo.md)
-    "sd15": dict(fake_lr=3e-3, generator_lr_ratio=0.2, warmup_steps=50, ema_decay=0.995, batch_size=32, iterations=1000,
-                 steps_weights=(1.0, 1.0, 4.0)),
-    "sd3": dict(fake_lr=3e-3, generator_lr_ratio=0.1, warmup_steps=50, ema_decay=0.99, batch_size=64, iterations=500),
-}
-DEMO_ITERATIONS = {k: v["iterations"] for k, v in RECIPES.items()}
+# The demo's only settings of its own: the run's size (a CPU's worth). Everything else is what
+# `distill --preset` gives with no recipe flags (tdm_fast.recipes, the LoRA defaults of tdm_fast.lora).
+SIZES = {"sd15": {"batch_size": 32, "iterations": 1000}, "sd3": {"batch_size": 64, "iterations": 500}}
+DEMO_ITERATIONS = {k: v["iterations"] for k, v in SIZES.items()}
+PREDICTION = {"sd15": "epsilon", "sd3": "flow"}
 
 
 def demo_config(pipeline: str, iterations: int | None = None, seed: int = 0, **overrides) -> TDMConfig:
-    """The recipe of ``pipeline``: unify K ∈ {1, 2, 4} with K conditioning, the pipeline's CFG, reference kernels."""
-    settings = dict(steps=(1, 2, 4), steps_conditioning=True, cfg_scale=CFG[pipeline], seed=seed, kernels="reference", log_every=10)
-    settings.update(RECIPES[pipeline], normalize=True, lr_decay="constant", tau_min_sigma=0.0)  # the settings they were measured with
+    """``distill --preset``'s defaults for ``pipeline`` with unify K ∈ {1, 2, 4} at the demo's size;
+    ``overrides`` (ablations) replace single settings."""
+    from ..backbones.presets import get_preset
+    from ..recipes import preset_recipe, steps_weights_for
+
+    steps = tuple(overrides.pop("steps", (1, 2, 4)))
+    settings = preset_recipe(PREDICTION[pipeline], full_finetune=False, cfg_scale=get_preset(pipeline).cfg_scale)
+    settings.update(SIZES[pipeline], steps=steps, steps_weights=steps_weights_for(steps), seed=seed)
     if iterations:
         settings["iterations"] = iterations
-    if "steps" in overrides:  # the recipe's draw weights belong to its K set
-        settings.pop("steps_weights", None)
     settings.update(overrides)
     return TDMConfig(**settings)
 
 
+def lora_defaults(pipeline: str) -> tuple[int, str]:
+    """The LoRA rank and targets ``distill --preset`` gives ``pipeline``'s backbone."""
+    from ..backbones.presets import get_preset
+    from ..lora import DEFAULT_RANK, DEFAULT_TARGETS
+
+    backbone = get_preset(pipeline).backbone
+    return DEFAULT_RANK[backbone], ",".join(DEFAULT_TARGETS[backbone])
+
+
 def preset_argv(pipeline: str, model: Path, prompts: Path, cache: Path | str, rank: int | None = None,
-                targets: str | None = None, fake_copy: bool = False, full_finetune: bool = False) -> list[str]:
-    """The ``tdm-fast distill`` flags of this run (what a user would type)."""
+                targets: str | None = None, fake_copy: bool = False, full_finetune: bool = False,
+                config: TDMConfig | None = None) -> list[str]:
+    """The ``tdm-fast distill`` flags of this run (what a user would type); with ``config``, its K and every
+    setting of it that differs from what ``distill --preset`` gives by default (the demo: its size)."""
     argv = ["--preset", pipeline, "--model", str(model), "--prompts", str(prompts), "--resolution", str(t2i.IMAGE_SIZE),
             "--embedding-cache", str(cache)]
+    if config is not None:
+        argv += ["--steps", *map(str, config.steps), *changed_settings_argv(pipeline, config)]
     if pipeline == "sd3":
         argv += ["--max-sequence-length", str(t2i.T5_LENGTH)]
     if rank is not None:
@@ -88,6 +90,23 @@ def preset_argv(pipeline: str, model: Path, prompts: Path, cache: Path | str, ra
         argv.append("--fake-copy")
     if full_finetune:
         argv.append("--full-finetune")
+    return argv
+
+
+def changed_settings_argv(pipeline: str, config: TDMConfig) -> list[str]:
+    """The flags that set ``config`` apart from ``distill --preset --steps …``'s defaults for ``pipeline``."""
+    default = demo_config(pipeline, steps=config.steps).to_dict()
+    del default["batch_size"], default["iterations"]
+    default.update(batch_size=TDMConfig.batch_size, iterations=TDMConfig.iterations)
+    argv = []
+    for key, value in config.to_dict().items():
+        if key == "steps" or value == default.get(key):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            argv += [flag, *map(str, value)] if isinstance(value, (list, tuple)) else [flag, str(value)]
     return argv
 
 
@@ -452,11 +471,11 @@ def run_t2i_demo(
     say = print if progress else (lambda _m: None)
 
     prompts_file = t2i.write_prompt_file(out_dir / "prompts.txt")
-    rank = lora_rank or LORA[pipeline]["rank"]
-    targets = lora_targets or LORA[pipeline]["targets"]
-    argv = preset_argv(pipeline, model_dir, prompts_file, out_dir / "embeddings", rank, targets, fake_copy)
-    run = preset_run(pipeline, model_dir, prompts_file, out_dir / "embeddings", rank, targets, fake_copy)
+    default_rank, default_targets = lora_defaults(pipeline)
+    rank, targets = lora_rank or default_rank, lora_targets or default_targets
     config = demo_config(pipeline, iterations, seed=seed, **config_overrides)
+    argv = preset_argv(pipeline, model_dir, prompts_file, out_dir / "embeddings", lora_rank, lora_targets, fake_copy, config=config)
+    run = preset_run(pipeline, model_dir, prompts_file, out_dir / "embeddings", lora_rank, lora_targets, fake_copy)
     student, train_s, teacher_unchanged, teacher_is_base = _distil(pipeline, model_dir, run, config, out_dir, progress)
     export_preset_student(run, student, config, out_dir)
     student.save_pretrained(out_dir / "student")  # as `tdm-fast distill` leaves it: LoRA role + K embedding, base by path

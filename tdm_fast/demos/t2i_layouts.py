@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import t2i
-from .t2i_demo import CFG, LORA, cached_reference, demo_config, load_stock, preset_run
+from .t2i_demo import CFG, cached_reference, demo_config, load_stock, preset_run
 
 LAYOUTS = {"lora-roles": {}, "fake-copy": {"fake_copy": True}, "full-finetune": {"full_finetune": True}}
 
@@ -80,8 +80,7 @@ def train_layout(pipeline: str, model_dir: Path, work: Path, layout: str, seed: 
     from ..trainer import TDMTrainer
 
     torch.manual_seed(seed)
-    run = preset_run(pipeline, model_dir, t2i.write_prompt_file(work / "prompts.txt"), work / "embeddings",
-                     LORA[pipeline]["rank"], LORA[pipeline]["targets"], **LAYOUTS[layout])
+    run = preset_run(pipeline, model_dir, t2i.write_prompt_file(work / "prompts.txt"), work / "embeddings", **LAYOUTS[layout])
     config = demo_config(pipeline, iterations, seed=seed, **overrides)
     teacher, student, fake, conditions, shape = build_preset_run(run, config)
     trainer = TDMTrainer(teacher, config, conditions, shape, output_dir=None, student=student, fake=fake, progress=False)

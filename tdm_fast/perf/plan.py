@@ -82,8 +82,12 @@ def count_parameters(model) -> int:
 def lora_parameters(model, targets, rank: int) -> int:
     total = 0
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if isinstance(module, torch.nn.Linear):
             total += rank * (module.in_features + module.out_features)
+        elif isinstance(module, torch.nn.Conv2d):  # peft: a down conv of the layer's kernel, a 1x1 up conv
+            total += rank * (module.in_channels * module.kernel_size[0] * module.kernel_size[1] + module.out_channels)
     return total
 
 

@@ -1,0 +1,76 @@
+"""The distillation recipe a ``distill --preset`` run gets when it names no recipe flag.
+
+One recipe, used by ``tdm-fast distill --preset`` and by ``tdm-fast demo --pipeline`` alike (the demo sets
+only the run's size: batch and iterations). The values were chosen by measurement on the text-to-image
+pipelines of :mod:`tdm_fast.demos.t2i` (docs/t2i_demo.md; the preset-path check is ``tdm-fast bench
+presets``): they depend on how the student is parametrised (a LoRA or full weights) and on the teacher's
+prediction type (ε/v-prediction, or a flow-matching velocity).
+
+``TDMConfig``'s own defaults stay what they are for the saved-teacher path (``distill --teacher``: full
+weights of the built-in teachers, checked by ``tdm-fast bench stability``).
+"""
+from __future__ import annotations
+
+# A LoRA's low-rank update moves the network's function more slowly per step than full weights at the
+# same rate: the LoRA students of the measured pipelines at fake lr 1e-3 lagged those at 3e-3 at every K
+# (docs/t2i_demo.md, rows sd15_base vs sd15_lrB, sd15_wideA vs sd15_wideLR). Full weights keep
+# TDMConfig's rates, which the stability suite checks on the built-in teachers.
+LEARNING_RATES = {
+    "lora": {"fake_lr": 3e-3, "generator_lr_ratio": 0.2},
+    "full": {"fake_lr": 3e-4, "generator_lr_ratio": 0.1},
+}
+# What every preset run shares: the authors' normaliser on the generator loss, each stage matched in its
+# own interval (tau_min_sigma 0, the paper), a short warm-up, then constant rates: the settings every
+# measured pipeline run used.
+COMMON = {"normalize": True, "tau_min_sigma": 0.0, "warmup_steps": 50, "lr_decay": "constant"}
+# Per prediction type: flow-matching transformers (SD3's velocity) learnt best with the student at a
+# tenth of the fake score's rate and a shorter EMA (docs/t2i_demo.md, sd3_wideG1 vs sd3_wideLR);
+# ε/v-prediction UNets with a fifth and a longer EMA.
+BY_PREDICTION = {
+    "flow": {"lora": {"generator_lr_ratio": 0.1}, "ema_decay": 0.99},
+    "epsilon": {"ema_decay": 0.995},
+}
+
+RECIPE_FIELDS = ("fake_lr", "generator_lr_ratio", "ema_decay", "steps_weights", "cfg_scale", *COMMON)
+
+
+def steps_weights_for(steps) -> tuple[float, ...] | None:
+    """Draw weights of a unify student's K: proportional to K. Each iteration matches every sample at one
+    stage of the drawn K, so a K-step trajectory gives each of its K stages 1/K of the batch; drawing K in
+    proportion to K gives every stage of every K the same share of the run's samples. Uniform draws left
+    the largest K with a third of its stages' share of K = 1 and behind its baseline (docs/t2i_demo.md,
+    "Drawing K = 4 more often"). One K: None (nothing to draw)."""
+    steps = tuple(int(k) for k in steps)
+    return tuple(float(k) for k in steps) if len(steps) > 1 else None
+
+
+def preset_recipe(prediction_type: str, full_finetune: bool, cfg_scale: float) -> dict:
+    """The TDM settings of a preset run before its flags: ``prediction_type`` of the teacher ('epsilon',
+    'v_prediction', 'sample' or 'flow'), ``full_finetune`` (full weights, else LoRA), ``cfg_scale`` the
+    preset's guidance. The K draw weights follow the run's K set (:func:`steps_weights_for`)."""
+    family = "flow" if prediction_type == "flow" else "epsilon"
+    parametrisation = "full" if full_finetune else "lora"
+    by_family = BY_PREDICTION[family]
+    recipe = {**COMMON, **LEARNING_RATES[parametrisation], "ema_decay": by_family["ema_decay"], "cfg_scale": cfg_scale}
+    recipe.update(by_family.get(parametrisation, {}))
+    return recipe
+
+
+def recipe_help() -> dict[str, str]:
+    """A sentence per recipe field for ``distill --help``: what ``--preset`` runs get instead of the default."""
+    lora, full = LEARNING_RATES["lora"], LEARNING_RATES["full"]
+    return {
+        "fake_lr": f"with --preset: {lora['fake_lr']:g} for LoRA students, {full['fake_lr']:g} with --full-finetune "
+                   "(a low-rank update needs the larger step to move the network as fast)",
+        "generator_lr_ratio": f"with --preset: {lora['generator_lr_ratio']:g} for LoRA on epsilon/v teachers, "
+                              f"{BY_PREDICTION['flow']['lora']['generator_lr_ratio']:g} on flow teachers and with "
+                              f"--full-finetune",
+        "ema_decay": f"with --preset: {BY_PREDICTION['epsilon']['ema_decay']:g} (epsilon/v teachers), "
+                     f"{BY_PREDICTION['flow']['ema_decay']:g} (flow teachers)",
+        "steps_weights": "with --preset and several K: proportional to K (every stage of every K gets the same share of samples)",
+        "cfg_scale": "with --preset: the preset's guidance (sd15 4.5, sdxl 6, pixart 4.5, sd3 5, cogvideox 6)",
+        "normalize": "with --preset: on",
+        "tau_min_sigma": "with --preset: 0",
+        "warmup_steps": "with --preset: 50",
+        "lr_decay": "with --preset: constant",
+    }
