@@ -66,7 +66,7 @@ def _paths(kind: str):
                                 height=t2i.IMAGE_SIZE, width=t2i.IMAGE_SIZE, output_type="pt", **extra).images.numpy()
 
         def onnx_path(k):
-            return ort(prompts, steps=k, latents=latents.numpy())
+            return ort(prompts, steps=k, latents=latents.numpy(), output_type="np").arrays
 
         _BUILT[kind] = {"torch": torch_path, "onnx": onnx_path}
     return _BUILT[kind]

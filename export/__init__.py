@@ -1,6 +1,8 @@
 """Fast deterministic sampling: torch.compile, ONNX, ONNX Runtime and TensorRT.
 
-- :func:`compile_sampler` — ``torch.compile`` of the unrolled K-step sampler (:class:`StudentSampler`).
+- :func:`compile_sampler` — ``torch.compile`` of the unrolled K-step sampler (:class:`StudentSampler`);
+  :func:`export_sampler_program` — the same sampler saved as a ``torch.export`` program (``.pt2``), which
+  :class:`ProgramSampler` loads and compiles (``tdm-fast sample --backend compile --engine``).
 - :func:`export_sampler_onnx` — the whole K-step sampler as one ONNX graph (K network copies, no
   loop; times and α/σ baked in); :func:`export_denoiser_onnx` — one network evaluation;
   :func:`export_vae_decoder_onnx` — the VAE decoder (latents to images) as its own graph.
@@ -8,7 +10,8 @@
   assembly (``encode_prompt``) as one graph: token ids in, the denoiser's text conditions out.
 - :class:`OrtSampler` / :class:`OrtDenoiser` / :class:`OrtDecoder` — ONNX Runtime with the torch
   call signatures; :class:`TextToImage` — prompt → image from a ``tdm-fast export --pipeline``
-  folder (:func:`load_manifest`) with ONNX Runtime, numpy and ``tokenizers`` only.
+  folder (:func:`load_manifest`) with ONNX Runtime, numpy and ``tokenizers`` only; its output
+  (:class:`TextToImageOutput`) holds PIL images and their arrays.
 - :mod:`tdm_fast.export.tensorrt` — engines, a CUDA-graph runner, and TensorRT-readiness checks.
 - :func:`export_student` — ``tdm-fast export`` from Python (settings: :class:`ExportOptions`).
 - :mod:`tdm_fast.export.cli` — ``add_export_arguments``/``run_export``/``load_runner`` for the CLI.
@@ -38,6 +41,9 @@ _EXPORTS = {
     "OrtDenoiser": "runtime",
     "OrtDecoder": "runtime",
     "TextToImage": "runtime",
+    "TextToImageOutput": "runtime",
+    "ProgramSampler": "program",
+    "export_sampler_program": "program",
     "PromptTokenizer": "tokenizer",
     "load_manifest": "manifest",
     "ManifestError": "manifest",

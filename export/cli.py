@@ -10,12 +10,14 @@ Files written by ``--format onnx`` (and used by ``--format tensorrt`` and the ru
 ``<out>/sampler_k{K}_{dtype}.onnx`` (whole K-step sampler), ``<out>/denoiser_{dtype}.onnx``
 (with ``--per-network``), ``<out>/vae_decoder_{dtype}.onnx`` (with ``--vae``: latents -> images, one graph for every K),
 ``<out>/sampler_k{K}_{dtype}.engine`` + ``.engine.json`` (TensorRT; ``vae_decoder_*.engine`` too),
-``<out>/compile_k{K}.json`` (``--format compile``: a manifest; the compiled kernels live in
-torch inductor's on-disk cache, which the export warms).
+``<out>/sampler_k{K}_fp32.pt2`` (``--format compile``: the sampler as a ``torch.export`` program, which
+``sample --backend compile --engine`` loads and compiles: :mod:`tdm_fast.export.program`).
 With ``--pipeline DIR`` (an SD1.5 or SD3 pipeline folder: the student's base) the folder serves prompts
-without torch (:class:`~tdm_fast.export.runtime.TextToImage`): ``<out>/prompt_encoder_{dtype}.onnx`` (the
-text encoders and the pipeline's prompt-embedding assembly), ``<out>/tokenizer*/tokenizer.json``, the
-decoder of the folder's VAE, and ``<out>/manifest.json`` (:mod:`tdm_fast.export.manifest`).
+without torch (:class:`~tdm_fast.export.runtime.TextToImage`), in one folder per component as diffusers'
+ONNX exports: ``<out>/text_encoder/model.onnx`` (the text encoders and the pipeline's prompt-embedding
+assembly), ``<out>/sampler/sampler_k{K}_{dtype}.onnx``, ``<out>/vae_decoder/model.onnx`` (the decoder of the
+folder's VAE), ``<out>/tokenizer*/tokenizer.json``, ``<out>/scheduler/scheduler_config.json``,
+``<out>/model_index.json`` and ``<out>/manifest.json`` (:mod:`tdm_fast.export.manifest`).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from tdm_fast.denoiser import DENOISER_CONFIG, Denoiser
+from tdm_fast.hub import add_hub_arguments
 from tdm_fast.solvers import SOLVERS
 
 from .student import (FORMATS, ExportOptions, check_export_options, example_inputs, onnx_name, parity_tolerance,  # noqa: F401
@@ -52,11 +55,13 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--per-network", action="store_true", help="also export one network evaluation (x_t, t, cond)")
     parser.add_argument("--vae", default=None,
                         help="also export this VAE's decoder (latents -> images in [0, 1]) as its own graph: "
-                             "a diffusers VAE folder or a pipeline folder with vae/")
+                             "a diffusers VAE folder or a pipeline folder with vae/, or its Hub model id")
     parser.add_argument("--pipeline", default=None,
-                        help="the student's base pipeline folder (SD1.5 or SD3): also export its tokenizers, text encoders "
+                        help="the student's base pipeline folder (SD1.5 or SD3) or its Hub model id: also export its "
+                             "tokenizers, text encoders "
                              "(one prompt-encoder graph) and VAE decoder, and write manifest.json, so that "
                              "`tdm-fast sample --backend onnx --engine OUT --prompt ...` serves prompts without torch")
+    add_hub_arguments(parser)
     parser.add_argument("--dynamic-resolution", action="store_true", help="symbolic height/width (TensorRT profiles)")
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
@@ -75,7 +80,8 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     """``--backend`` and ``--engine`` for ``tdm-fast sample`` (the checkpoint argument is the CLI's own)."""
     parser.add_argument("--backend", choices=BACKENDS, default="torch", help="how to run the K-step sampler")
     parser.add_argument("--engine", default=None,
-                        help="exported file or folder for --backend onnx/tensorrt (default: export on the fly for onnx)")
+                        help="exported file or folder for --backend compile/onnx/tensorrt (a .pt2 program of "
+                             "export --format compile; default: compile or export on the fly from --checkpoint)")
     return parser
 
 
@@ -120,9 +126,10 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def _find(path: Path, steps: int, suffix: str) -> Path:
+    """``path`` itself, or its K-step sampler file: at the top (``--format onnx``) or in ``sampler/`` (``--pipeline``)."""
     if path.is_file():
         return path
-    matches = sorted(path.glob(f"sampler_k{steps}_*{suffix}"))
+    matches = sorted(path.glob(f"sampler_k{steps}_*{suffix}")) + sorted(path.glob(f"sampler/sampler_k{steps}_*{suffix}"))
     if not matches:
         raise FileNotFoundError(f"no sampler_k{steps}_*{suffix} in {path}; run tdm-fast export --steps {steps} first")
     return matches[0]
@@ -134,8 +141,8 @@ def load_runner(backend: str, path_or_checkpoint, steps: int, total_steps: int =
     """A sampler ``runner(noise, cond) -> x̂0`` for ``backend`` in ``torch|compile|onnx|tensorrt``.
 
     ``path_or_checkpoint`` is a ``Denoiser.save_pretrained`` folder (torch, compile; onnx exports
-    it to a temporary file on the fly) or an exported ``.onnx`` / ``.engine`` file or the
-    ``tdm-fast export --out`` folder (``engine`` overrides it for onnx/tensorrt). ``student``: an
+    it to a temporary file on the fly) or an exported ``.pt2`` / ``.onnx`` / ``.engine`` file or the
+    ``tdm-fast export --out`` folder (``engine`` overrides it for compile/onnx/tensorrt). ``student``: an
     already loaded denoiser to use instead of loading the checkpoint (torch, compile, onnx on the fly).
     ``solver``: the trajectory (``ddim`` or ``dpmsolver``); an exported graph or engine must have been
     exported with it. A converted release's checkpoint is sampled with its ``scheduler/`` (torch, compile,
@@ -147,6 +154,11 @@ def load_runner(backend: str, path_or_checkpoint, steps: int, total_steps: int =
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     path = Path(engine or path_or_checkpoint)
     scheduler = release_scheduler(path_or_checkpoint)
+    if backend == "compile" and (engine is not None or (student is None and not _is_checkpoint(path))):
+        from .program import ProgramSampler
+
+        runner = ProgramSampler(_find(path, steps, ".pt2"), mode=compile_mode)
+        return _check_built(runner, runner.path, runner.steps, runner.solver, steps, solver)
     if backend in ("torch", "compile"):
         if student is None and not _is_checkpoint(path):
             raise FileNotFoundError(f"{path} is not a checkpoint folder (no {DENOISER_CONFIG})")
@@ -171,20 +183,20 @@ def load_runner(backend: str, path_or_checkpoint, steps: int, total_steps: int =
                 export_sampler_onnx(student, graph, steps, noise, cond, total_steps, dtype, solver=solver, scheduler=scheduler)
                 return OrtSampler(graph)
         runner = OrtSampler(_find(path, steps, ".onnx"))
-        if runner.steps is not None and runner.steps != steps:
-            raise ValueError(f"{runner.path} samples with K={runner.steps}, not {steps}")
-        if runner.solver != solver:
-            raise ValueError(f"{runner.path} samples with the {runner.solver} solver, not {solver}")
-        return runner
+        return _check_built(runner, runner.path, runner.steps, runner.solver, steps, solver)
     from .tensorrt import TensorRTRunner
 
     if _is_checkpoint(path):
         raise FileNotFoundError(f"{path} is a checkpoint; build an engine first: tdm-fast export --format tensorrt --steps {steps}")
     runner = TensorRTRunner(_find(path, steps, ".engine"))
-    built = runner.meta.get("onnx_metadata", {}).get("steps")
-    if built is not None and built != steps:
-        raise ValueError(f"{runner.engine_path} samples with K={built}, not {steps}")
-    built_solver = runner.meta.get("onnx_metadata", {}).get("solver", "ddim")
+    built = runner.meta.get("onnx_metadata", {})
+    return _check_built(runner, runner.engine_path, built.get("steps"), built.get("solver", "ddim"), steps, solver)
+
+
+def _check_built(runner, path, built_steps: int | None, built_solver: str, steps: int, solver: str):
+    """``runner`` when the exported file samples ``steps`` with ``solver``; else a ValueError naming the file."""
+    if built_steps is not None and built_steps != steps:
+        raise ValueError(f"{path} samples with K={built_steps}, not {steps}")
     if built_solver != solver:
-        raise ValueError(f"{runner.engine_path} samples with the {built_solver} solver, not {solver}")
+        raise ValueError(f"{path} samples with the {built_solver} solver, not {solver}")
     return runner

@@ -10,7 +10,8 @@ inputs' device (torch is only touched when the caller passes its tensors, so thi
 without it).
 
 :class:`TextToImage` chains a ``tdm-fast export --pipeline`` folder: tokenizers (the ``tokenizers``
-library) → prompt-encoder graph → sampler graph → VAE decoder graph, with ONNX Runtime and numpy only.
+library) → prompt-encoder graph → sampler graph → VAE decoder graph, with ONNX Runtime and numpy only, and
+returns PIL images (Pillow) with the arrays beside them (:class:`TextToImageOutput`).
 
 On the CUDA and TensorRT execution providers the runners use IO binding: torch CUDA tensors are bound
 by address and the outputs written into torch CUDA tensors, and :class:`TextToImage` hands each graph's
@@ -266,13 +267,29 @@ class OrtDecoder(_OrtRunner):
         return self.run({"latents": latents})[0]
 
 
+class TextToImageOutput:
+    """What :class:`TextToImage` returns, as a diffusers pipeline's output: ``images`` — a list of
+    ``PIL.Image`` (``output_type="pil"``, the default) or the float32 array (``output_type="np"``) — and
+    ``arrays``, always the float32 (B, C, H, W) array in [0, 1] the decoder graph gave. numpy functions take
+    the output as that array (``np.asarray(output)``), as they took what ``TextToImage`` returned before."""
+
+    def __init__(self, arrays: np.ndarray, output_type: str):
+        self.arrays = arrays
+        self.images = to_pil(arrays) if output_type == "pil" else arrays
+
+    def __array__(self, dtype=None, copy=None):
+        return self.arrays if dtype is None else self.arrays.astype(dtype)
+
+
 class TextToImage:
     """Prompt → image from a ``tdm-fast export --pipeline`` folder, with ONNX Runtime and numpy only.
 
-    ``TextToImage(folder)(["a photo of a cat"], steps=4) -> float32 (B, C, H, W)`` in [0, 1]: the
+    ``TextToImage(folder)(["a photo of a cat"], steps=4).images -> [PIL.Image]``; ``.arrays`` holds them as
+    float32 (B, C, H, W) in [0, 1] (:class:`TextToImageOutput`; ``output_type="np"`` skips the PIL images): the
     manifest's tokenizers give the token ids, the prompt-encoder graph the denoiser's text conditions
     (what the diffusers pipeline's ``encode_prompt`` returns), the K-step sampler graph the latents and
-    the VAE decoder graph the images. ``steps`` (an int or a list) chooses which sampler graphs get a
+    the VAE decoder graph the images. The folder may have been moved or copied anywhere: the manifest
+    names every file relative to it. ``steps`` (an int or a list) chooses which sampler graphs get a
     session (default: every K in the manifest). ``verify`` hashes every listed file against the manifest.
     ``io_binding``: default on for the CUDA/TensorRT providers (``OrtValue``s stay on the device
     between graphs), off on the CPU.
@@ -330,7 +347,10 @@ class TextToImage:
         ``latents`` to reproduce a torch pipeline's draw)."""
         return np.random.default_rng(seed).standard_normal((batch, *self.sample_shape), dtype=np.float32).astype(self.noise_dtype)
 
-    def __call__(self, prompts, steps: int | None = None, latents: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    def __call__(self, prompts, steps: int | None = None, latents: np.ndarray | None = None, seed: int = 0,
+                 output_type: str = "pil") -> TextToImageOutput:
+        if output_type not in ("pil", "np"):
+            raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if steps is None:
             steps = max(self.samplers)
@@ -342,7 +362,7 @@ class TextToImage:
         cond = dict(zip(self.encoder.output_names, self.encoder.run(self._inputs(self.tokenize(prompts)))))
         sampler = self.samplers[steps]
         x0 = sampler.run({**self._inputs({"noise": latents}), **{n: cond[n] for n in sampler.cond_spec.names}})[0]
-        return _numpy_all(self.decoder.run({"latents": x0}))[0]
+        return TextToImageOutput(_numpy_all(self.decoder.run({"latents": x0}))[0], output_type)
 
     def _inputs(self, arrays: dict[str, np.ndarray]) -> dict:
         """Host arrays as the chain's inputs: OrtValues on the device under IO binding, else as they are."""
@@ -362,12 +382,20 @@ def _numpy_all(values: list) -> list[np.ndarray]:
     return [v.numpy() if _ortvalue(v) else v for v in values]
 
 
-def save_png(images: np.ndarray, path: str | Path) -> Path:
-    """Images (B, C, H, W) in [0, 1] as one PNG row (Pillow, no torch)."""
+def _pil(pixels: np.ndarray):
+    """One image (C, H, W) in [0, 1] as a PIL image: grey for one channel, RGB for three."""
     from PIL import Image
 
-    images = np.clip(np.asarray(images, dtype=np.float32), 0, 1)
-    row = np.concatenate(list(images), axis=-1)  # (C, H, B*W)
-    pixels = np.round(row.transpose(1, 2, 0) * 255).astype(np.uint8)
-    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
+    pixels = np.round(np.clip(np.asarray(pixels, dtype=np.float32), 0, 1).transpose(1, 2, 0) * 255).astype(np.uint8)
+    return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+
+
+def to_pil(images: np.ndarray) -> list:
+    """Images (B, C, H, W) in [0, 1] as PIL images (Pillow, no torch)."""
+    return [_pil(image) for image in np.asarray(images)]
+
+
+def save_png(images: np.ndarray, path: str | Path) -> Path:
+    """Images (B, C, H, W) in [0, 1] as one PNG row (Pillow, no torch)."""
+    _pil(np.concatenate(list(np.asarray(images)), axis=-1)).save(path)  # (C, H, B*W)
     return Path(path)

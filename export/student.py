@@ -1,5 +1,5 @@
 """The export pipeline of ``tdm-fast export``, taking values: :func:`export_student` writes a student's K-step
-sampler graphs (ONNX, TensorRT engines, or a warmed ``torch.compile`` cache), optionally its VAE decoder and
+sampler graphs (ONNX, TensorRT engines, or ``torch.export`` programs), optionally its VAE decoder and
 its pipeline's prompt encoder, each checked against eager torch; :mod:`tdm_fast.export.cli` is the command
 line's face over it. The files written are listed in :mod:`tdm_fast.export.cli`'s docstring.
 """
@@ -39,6 +39,7 @@ class ExportOptions:
     per_network: bool = False
     vae: str | Path | None = None
     pipeline: str | Path | None = None
+    variant: str | None = None  # the weight files of --vae and --pipeline (diffusers' variant, e.g. fp16)
     dynamic_resolution: bool = False
     opset: int = 18
     exporter: str = "dynamo"
@@ -201,28 +202,27 @@ def run_export_options(options: ExportOptions, student: Denoiser | None = None) 
 
 
 def _export_all(options, student, device, checkpoint: Path, out: Path, result: dict, scheduler=None) -> None:
+    from .manifest import LAYOUT, MODEL_INDEX, sampler_file
     from .onnx import export_denoiser_onnx, export_sampler_onnx, resolve_dtype
-    from .sampler import compile_sampler, sample_reference
+    from .sampler import sample_reference
 
     noise, cond = example_inputs(student, options.batch_size, _shape(options.shape), _shape(options.cond_shape), device)
     text = _export_prompt_encoder(options, student, out, result) if options.pipeline else None  # cheap, and refuses a foreign base early
     for steps in options.steps:
         start = time.perf_counter()
         if options.format == "compile":
-            sampler = compile_sampler(student, steps, options.total_steps, mode=options.compile_mode, solver=options.solver,
-                                      scheduler=scheduler)
-            got = sampler(noise, cond)
-            manifest = out / f"compile_k{steps}.json"
-            manifest.write_text(json.dumps({
-                "checkpoint": str(checkpoint.resolve()), "steps": steps, "total_steps": options.total_steps,
-                "solver": options.solver, "mode": options.compile_mode, "times": list(sampler.times), "example_shape": list(noise.shape),
-            }, indent=2))
-            result["files"].append(str(manifest))
-            if options.verify:
+            from .program import ProgramSampler, export_sampler_program, program_name
+
+            path = out / program_name(steps, "fp32")
+            result["files"].append(str(path))
+            export_sampler_program(student, path, steps, noise, cond, options.total_steps, options.solver, scheduler,
+                                   options.compile_mode)
+            if options.verify:  # the saved file itself, compiled as `sample --backend compile --engine` compiles it
+                got = ProgramSampler(path)(noise, cond)
                 result["parity"][steps] = relative_error(got, sample_reference(student, noise, cond, steps, options.total_steps,
                                                                                options.solver, scheduler))
         else:
-            path = out / onnx_name(steps, options.dtype)
+            path = out / (sampler_file(steps, options.dtype) if options.pipeline else onnx_name(steps, options.dtype))
             result["files"].append(str(path))
             export_sampler_onnx(student, path, steps, noise, cond, options.total_steps, options.dtype,
                                 dynamic_resolution=options.dynamic_resolution, opset=options.opset, exporter=options.exporter,
@@ -248,7 +248,8 @@ def _export_all(options, student, device, checkpoint: Path, out: Path, result: d
     vae = options.vae or options.pipeline
     image_shape = _export_decoder(options, vae, noise, device, out, result) if vae else None
     if text is not None:
-        result["files"].append(str(_write_manifest(options, student, checkpoint, out, noise, image_shape, text)))
+        manifest = _write_manifest(options, student, checkpoint, out, noise, image_shape, text, scheduler)
+        result["files"] += [str(out / LAYOUT["scheduler"]), str(out / MODEL_INDEX), str(manifest)]
     tol = parity_tolerance(options.format, options.dtype, device)
     bad = []
     for steps, err in result["parity"].items():
@@ -276,15 +277,16 @@ def parity_tolerance(fmt: str, dtype: str, device) -> float:
 def _export_decoder(options, folder, noise: torch.Tensor, device, out: Path, result: dict) -> tuple[int, int, int]:
     """``--vae`` (or ``--pipeline``): the decoder graph for the student's latents, its ORT parity and its
     engine; returns the shape of one image."""
+    from .manifest import LAYOUT
     from .onnx import resolve_dtype
     from .vae import LatentDecoder, export_vae_decoder_onnx, load_vae
 
-    vae = load_vae(folder).to(device)
+    vae = load_vae(folder, options.variant).to(device)
     channels = int(vae.config.latent_channels)
     if noise.dim() != 4 or noise.shape[1] != channels:
         raise ValueError(f"the VAE decodes latents of {channels} channels (B, {channels}, h, w), but this student "
                          f"samples {tuple(noise.shape[1:])}")
-    path = out / f"vae_decoder_{options.dtype}.onnx"
+    path = out / (LAYOUT["vae_decoder"] if options.pipeline else f"vae_decoder_{options.dtype}.onnx")
     result["files"].append(str(path))
     export_vae_decoder_onnx(vae, path, noise, options.dtype, dynamic_resolution=options.dynamic_resolution,
                             opset=options.opset, exporter=options.exporter)
@@ -306,6 +308,7 @@ def _export_prompt_encoder(options, student: Denoiser, out: Path, result: dict) 
     tokenizers and ``encode_prompt``, and against the student: the graph must give, for the empty prompt,
     the unconditional condition the student was distilled with (a pipeline other than the student's base
     fails here). Returns the manifest's ``tokenizers`` and ``prompt_encoder`` entries."""
+    from .manifest import LAYOUT
     from .runtime import _OrtRunner
     from .text import (PROBE_PROMPTS, export_prompt_encoder_onnx, input_name, load_text_pipeline, max_lengths,
                        pipeline_embeddings, pipeline_kind, pipeline_token_ids, save_tokenizers)
@@ -315,7 +318,7 @@ def _export_prompt_encoder(options, student: Denoiser, out: Path, result: dict) 
     if not isinstance(null, (torch.Tensor, dict)) or (isinstance(null, dict) and "encoder_hidden_states" not in null):
         raise ValueError("--pipeline serves prompts, but this student is not conditioned on text embeddings")
     null = null if isinstance(null, dict) else {"encoder_hidden_states": null}
-    pipe = load_text_pipeline(options.pipeline)
+    pipe = load_text_pipeline(options.pipeline, options.variant)
     # the T5 length is the one the student was trained with: its condition is the CLIP tokens, then T5's
     t5_length = null["encoder_hidden_states"].shape[0] - int(pipe.tokenizer.model_max_length) if kind == "sd3" else None
     if t5_length is not None and t5_length < 1:
@@ -324,7 +327,8 @@ def _export_prompt_encoder(options, student: Denoiser, out: Path, result: dict) 
     lengths = max_lengths(pipe, kind, t5_length)
     tokenizers = save_tokenizers(pipe, kind, out, lengths)
     result["files"] += [str(out / t["file"]) for t in tokenizers.values()]
-    path = out / f"prompt_encoder_{options.dtype}.onnx"
+    path = out / LAYOUT["prompt_encoder"]
+    path.parent.mkdir(parents=True, exist_ok=True)
     result["files"].append(str(path))
     meta = export_prompt_encoder_onnx(pipe, kind, path, lengths, t5_length, null["encoder_hidden_states"].shape[-1],
                                       options.dtype, options.opset, options.exporter)
@@ -338,23 +342,35 @@ def _export_prompt_encoder(options, student: Denoiser, out: Path, result: dict) 
         raise ValueError(f"the text encoders of --pipeline {options.pipeline} do not give the empty-prompt condition this "
                          f"student was distilled with (max relative error {max(foreign.values(), default=float('inf')):.2e}): "
                          "pass the pipeline folder the student was trained on")
-    return {"tokenizers": tokenizers, "prompt_encoder": {"file": path.name, "inputs": meta["inputs"], "outputs": meta["outputs"]},
+    return {"tokenizers": tokenizers, "prompt_encoder": {"file": LAYOUT["prompt_encoder"], "inputs": meta["inputs"], "outputs": meta["outputs"]},
             "pipeline": kind, "pipeline_class": type(pipe).__name__}
 
 
-def _write_manifest(options, student: Denoiser, checkpoint: Path, out: Path, noise, image_shape, text: dict) -> Path:
-    from .manifest import sampler_key, write_manifest
-    from .onnx import read_metadata
+def _write_manifest(options, student: Denoiser, checkpoint: Path, out: Path, noise, image_shape, text: dict, scheduler=None) -> Path:
+    """The deployment folder's ``scheduler/``, ``model_index.json`` and ``manifest.json`` (paths relative to
+    ``out``; the pipeline and checkpoint named, not located: the folder is moved to where it serves)."""
+    from tdm_fast.publish import base_model_reference, save_tdm_scheduler
 
-    graphs = {"prompt_encoder": text["prompt_encoder"], "vae_decoder": {"file": f"vae_decoder_{options.dtype}.onnx"}}
-    graphs.update({sampler_key(k): {"file": onnx_name(k, options.dtype), "steps": k} for k in options.steps})
+    from .manifest import LAYOUT, sampler_file, sampler_key, write_manifest, write_model_index
+    from .onnx import _version, read_metadata
+
+    if scheduler is not None:  # a converted release: its authors' steps, which the graphs follow
+        scheduler.save_pretrained(out / Path(LAYOUT["scheduler"]).parent)
+    else:
+        config = json.loads((Path(options.pipeline) / LAYOUT["scheduler"]).read_text())
+        save_tdm_scheduler(out, config, options.total_steps, options.solver, student.steps_set)
+    write_model_index(out, list(text["tokenizers"]), _version())
+    graphs = {"prompt_encoder": text["prompt_encoder"], "vae_decoder": {"file": LAYOUT["vae_decoder"]}}
+    graphs.update({sampler_key(k): {"file": sampler_file(k, options.dtype), "steps": k} for k in options.steps})
+    checkpoint = checkpoint.resolve()
     return write_manifest(out, {
         "pipeline": text["pipeline"],
-        "model": {"pipeline_class": text["pipeline_class"], "pipeline_folder": str(Path(options.pipeline).resolve()),
-                  "checkpoint": str(checkpoint.resolve()), "backbone": read_metadata(out / onnx_name(options.steps[0], options.dtype))["backbone"]},
+        "model": {"pipeline_class": text["pipeline_class"], "pipeline_folder": base_model_reference(options.pipeline)["name"],
+                  "checkpoint": f"{checkpoint.parent.name}/{checkpoint.name}",
+                  "backbone": read_metadata(out / graphs[sampler_key(options.steps[0])]["file"])["backbone"]},
         "dtype": options.dtype, "solver": options.solver, "total_steps": options.total_steps,
         "sample_shape": list(noise.shape[1:]), "image_shape": list(image_shape),
-        "graphs": graphs, "tokenizers": text["tokenizers"],
+        "graphs": graphs, "tokenizers": text["tokenizers"], "scheduler": {"file": LAYOUT["scheduler"]},
     })
 
 

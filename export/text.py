@@ -48,11 +48,12 @@ def pipeline_kind(folder: str | Path) -> str:
     return PIPELINE_KINDS[name]
 
 
-def load_text_pipeline(folder: str | Path):
-    """The pipeline with its tokenizers and text encoders only (no denoiser, no VAE), on the CPU."""
+def load_text_pipeline(folder: str | Path, variant: str | None = None):
+    """The pipeline with its tokenizers and text encoders only (no denoiser, no VAE), on the CPU; ``variant``:
+    the text encoders' weight variant."""
     from ..backbones.presets import _pipeline_for_text, get_preset
 
-    return _pipeline_for_text(get_preset(pipeline_kind(folder)), str(folder), None, torch.device("cpu"))
+    return _pipeline_for_text(get_preset(pipeline_kind(folder)), str(folder), None, torch.device("cpu"), variant)
 
 
 def tokenizer_names(pipe) -> list[str]:

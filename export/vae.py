@@ -52,9 +52,10 @@ class LatentDecoder(nn.Module):
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
-def load_vae(path: str | Path) -> nn.Module:
+def load_vae(path: str | Path, variant: str | None = None) -> nn.Module:
     """A diffusers VAE from its folder or from a pipeline folder holding ``vae/``; the class is the
-    one its ``config.json`` names (``AutoencoderKL`` and its relatives)."""
+    one its ``config.json`` names (``AutoencoderKL`` and its relatives). ``variant``: its weight variant
+    (``fp16`` loads ``diffusion_pytorch_model.fp16.safetensors``)."""
     import diffusers
 
     path = Path(path)
@@ -67,7 +68,7 @@ def load_vae(path: str | Path) -> nn.Module:
     cls = getattr(diffusers, name, None)
     if cls is None or not hasattr(cls, "decode"):
         raise ValueError(f"{config} names {name!r}, which is not a diffusers VAE class")
-    return cls.from_pretrained(path).eval()
+    return cls.from_pretrained(path, **({"variant": variant} if variant else {})).eval()
 
 
 def export_vae_decoder_onnx(

@@ -23,6 +23,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def fid_sample_count(text: str) -> int:
+    """A number of samples scored by FID, which needs their covariance: at least 2."""
+    value = _number(text, int)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (FID needs the covariance of 2 or more samples), got {value}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = _number(text, int)
     if value < 0:

@@ -8,6 +8,7 @@ or none.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +21,8 @@ from .atomic import atomic_folder, remove_stale_temporaries
 
 STATE_FILE = "state.json"
 PREFIX = "step-"
+DIGEST_KEY = "state_sha256"  # in the metadata of each group's tensor file
+RANK_PREFIX = "rank-"  # per-process files: written before state.json, they do not record its digest
 
 
 class CheckpointError(RuntimeError):
@@ -83,15 +86,23 @@ def write_rank_file(folder: Path, name: str, value: dict) -> None:
         save_file(tensors, folder / f"{name}.safetensors", metadata={"skeleton": json.dumps(skeleton)})
 
 
+def state_digest(skeleton: dict) -> str:
+    """sha256 of ``state.json``'s content (not its formatting): each group's tensor file records it, so a
+    ``state.json`` edited by hand (a step changed, a field removed) no longer matches the tensors beside it."""
+    return hashlib.sha256(json.dumps(skeleton, sort_keys=True).encode()).hexdigest()
+
+
 def write_state(folder: Path, state: dict) -> None:
     """One safetensors file per group, then ``state.json``: a folder with ``state.json`` is complete."""
-    skeleton = {}
+    skeleton, group_tensors = {}, {}
+    for group, value in state.items():
+        group_tensors[group] = {}
+        skeleton[group] = flatten(value, group_tensors[group], prefix=group)
+    record = {DIGEST_KEY: state_digest(skeleton)}
     with _removed_on_failure(folder):
-        for group, value in state.items():
-            tensors: dict = {}
-            skeleton[group] = flatten(value, tensors, prefix=group)
+        for group, tensors in group_tensors.items():
             if tensors:
-                save_file(tensors, folder / f"{group}.safetensors")
+                save_file(tensors, folder / f"{group}.safetensors", metadata=record)
         with open(folder / STATE_FILE, "w") as f:
             json.dump(skeleton, f)
             f.flush()
@@ -135,11 +146,45 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"no checkpoint found at {path}")
 
 
+def read_skeleton(path: Path) -> dict:
+    """``state.json`` of the checkpoint folder ``path``, refused (:class:`CheckpointError`) where it does not
+    match the digest its tensor files recorded (checkpoints of older versions record none)."""
+    from safetensors import safe_open
+
+    try:
+        skeleton = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is missing a file or corrupt: {exc}") from exc
+    digest = state_digest(skeleton) if isinstance(skeleton, dict) else None
+    for file in sorted(path.glob("*.safetensors")):
+        if file.name.startswith(RANK_PREFIX):
+            continue
+        try:
+            with safe_open(file, framework="pt") as handle:
+                recorded = (handle.metadata() or {}).get(DIGEST_KEY)
+        except Exception as exc:  # safetensors' own error type on a damaged header
+            raise CheckpointError(f"checkpoint {path} is corrupt: {file.name}: {exc}") from exc
+        if recorded is not None and recorded != digest:
+            raise CheckpointError(f"{path / STATE_FILE} does not match the tensors written with it ({file.name}): it was "
+                                  "edited or replaced; restore it, or resume from another checkpoint")
+    return skeleton
+
+
+def read_meta(path: str | Path) -> dict:
+    """The ``meta`` group (step, config, teacher fingerprint …) of a checkpoint, checked against its tensor files."""
+    path = resolve_checkpoint(path)
+    try:
+        return unflatten(read_skeleton(path)["meta"], {})  # no tensors in meta
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / STATE_FILE} lacks its meta record ({exc}): restore it, or resume from another "
+                              "checkpoint") from None
+
+
 def load_checkpoint(path: str | Path, rank_file: str | None = None) -> tuple[dict, dict | None]:
     """Reads a checkpoint; raises :class:`CheckpointError` naming the file when anything is missing or corrupt."""
     path = resolve_checkpoint(path)
     try:
-        skeleton = json.loads((path / STATE_FILE).read_text())
+        skeleton = read_skeleton(path)
         state = {}
         for group, value in skeleton.items():
             file = path / f"{group}.safetensors"
@@ -152,6 +197,8 @@ def load_checkpoint(path: str | Path, rank_file: str | None = None) -> tuple[dic
             with safe_open(file, framework="pt") as f:
                 rank_skeleton = json.loads(f.metadata()["skeleton"])
             rank_state = unflatten(rank_skeleton, load_file(file))
+    except CheckpointError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path} is missing a file or corrupt: {exc}") from exc
     except Exception as exc:  # safetensors raises its own error type on a damaged header

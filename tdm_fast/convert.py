@@ -87,12 +87,13 @@ RECIPES = {
 
 
 def convert_checkpoint(checkpoint, base, out, recipe: str | Recipe, lora_scale: float | None = None,
-                       max_sequence_length: int | None = None) -> Path:
+                       max_sequence_length: int | None = None, variant: str | None = None) -> Path:
     """Reads ``checkpoint`` (a file of ``recipe``'s format) for the diffusers pipeline folder ``base`` and writes
     the student folder ``out`` (module docstring). ``lora_scale`` overrides the recipe's adapter scale.
     ``max_sequence_length``: the T5 tokens of the prompts it will be sampled with (SD3, CogVideoX; None: the
     pipeline's default, as the releases' READMEs sample), which fixes the empty-prompt condition the student
-    keeps for export (``tdm-fast export --pipeline`` pads prompts to the same length)."""
+    keeps for export (``tdm-fast export --pipeline`` pads prompts to the same length). ``base`` is a local folder
+    (a Hub model id: :func:`tdm_fast.hub.resolve_model` first); ``variant``: its weight files (e.g. ``fp16``)."""
     from .atomic import atomic_folder
     from .backbones.presets import get_preset, load_teacher, prompt_conditions, read_scheduler_config
     from .scheduler import TDMScheduler
@@ -104,7 +105,7 @@ def convert_checkpoint(checkpoint, base, out, recipe: str | Recipe, lora_scale: 
     checkpoint, base = checkpoint_file(checkpoint), Path(base)
     preset = get_preset(recipe.backbone)
     try:
-        teacher, source = load_teacher(preset, base)
+        teacher, source = load_teacher(preset, base, variant=variant)
         stock = recipe.sampler(read_scheduler_config(base))
         scheduler = TDMScheduler.from_sampler_config(stock)
     except (OSError, ValueError) as exc:
@@ -112,7 +113,7 @@ def convert_checkpoint(checkpoint, base, out, recipe: str | Recipe, lora_scale: 
     student = _student(teacher, source, _read(checkpoint), recipe, scale, checkpoint)
     try:
         _, student.null_cond = prompt_conditions(preset, base, [""], teacher.model.inner, cache_dir=None, device="cpu",
-                                                 max_sequence_length=max_sequence_length)
+                                                 max_sequence_length=max_sequence_length, variant=variant)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--base {base}: its text encoders cannot encode the empty prompt ({_first_line(exc)})") from None
     with atomic_folder(out) as tmp:

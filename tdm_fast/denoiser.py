@@ -281,6 +281,11 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, cond: torch.Tensor, gen
 def load_denoiser(path: str | Path) -> Denoiser:
     """A saved denoiser from its folder or from a run folder (its ``student/``); a folder that is not one
     (missing, a diffusers LoRA, something else) is refused as a :class:`~tdm_fast.usage.UsageError`."""
+    return Denoiser.from_pretrained(denoiser_folder(path))
+
+
+def denoiser_folder(path: str | Path) -> Path:
+    """The folder :func:`load_denoiser` reads for ``path`` (a run folder: its ``student/``)."""
     from .usage import UsageError
 
     path = Path(path)
@@ -294,4 +299,4 @@ def load_denoiser(path: str | Path) -> Denoiser:
                          f"give the run's student folder{f' ({student})' if student.is_dir() else ''} or the run folder")
     if not (path / DENOISER_CONFIG).is_file():
         raise UsageError(f"{path} is not a saved denoiser (expected {path / DENOISER_CONFIG})")
-    return Denoiser.from_pretrained(path)
+    return path

@@ -6,16 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 from torch import nn
 
-_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-
-def _looks_like_model_id(name: str) -> bool:
-    return bool(_MODEL_ID.match(name)) and ".." not in name and not name.endswith((".", "-"))
+from .hub import looks_like_repo_id
 
 
 def portable_base_path(base: str, folder) -> str:
@@ -41,7 +36,7 @@ def resolve_base_path(stored: str, config_file) -> tuple[str, bool]:
     expected = local if local.is_absolute() else folder / local
     if expected.exists():
         return str(expected.resolve()), False
-    if not local.is_absolute() and _looks_like_model_id(stored):
+    if not local.is_absolute() and looks_like_repo_id(stored):
         return stored, True  # a Hub model id (from_pretrained looks in the local cache, or downloads)
     shown = expected if local.is_absolute() else Path(os.path.normpath(expected))
     raise ValueError(
@@ -124,6 +119,8 @@ def load_adapter(source: dict, **kwargs):
     inner_cls = _import(source["inner_class"])
     if source.get("subfolder"):
         kwargs["subfolder"] = source["subfolder"]
+    if source.get("variant"):  # the weight variant the base was loaded in (its folder may hold no other)
+        kwargs.setdefault("variant", source["variant"])
     inner = inner_cls.from_pretrained(source["path"], **kwargs)
     return _import(source["adapter_class"])(inner, **source.get("adapter_kwargs", {}))
 

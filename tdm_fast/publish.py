@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
+from .hub import hub_origin
 from .lora import PIPELINE_LORA, STEPS_EMBEDDING_FILE, role_of
 
 
@@ -138,15 +139,6 @@ def write_pipeline_folder(folder, base, denoiser_name: str, denoiser: nn.Module,
     return folder
 
 
-def _hub_cache_model_id(path: Path) -> str | None:
-    """``org/name`` of a Hugging Face cache snapshot folder (``.../models--org--name/snapshots/<rev>``)."""
-    parts = path.parts
-    for i, part in enumerate(parts[:-1]):
-        if part.startswith("models--") and i + 1 < len(parts) and parts[i + 1] == "snapshots":
-            return part[len("models--"):].replace("--", "/")
-    return None
-
-
 def base_model_reference(base_model: str) -> dict:
     """How a model card names the base: ``{"name", "model_id", "local", "license"}``. A model id stays as
     it is; a local folder is named by its folder name (``local=True``) unless it is a Hugging Face cache
@@ -164,7 +156,8 @@ def base_model_reference(base_model: str) -> dict:
             license = ModelCard.load(readme).data.get("license")
         except Exception:  # a README without (valid) metadata
             license = None
-    model_id = _hub_cache_model_id(path)
+    origin = hub_origin(path)
+    model_id = origin["repo_id"] if origin else None
     return {"name": model_id or path.name, "model_id": model_id, "local": model_id is None, "license": license}
 
 

@@ -11,6 +11,10 @@ weights of the built-in teachers, checked by ``tdm-fast bench stability``).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+from .config import TDMConfig
+
 # A LoRA's low-rank update moves the network's function more slowly per step than full weights at the
 # same rate: the LoRA students of the measured pipelines at fake lr 1e-3 lagged those at 3e-3 at every K
 # (docs/t2i_demo.md, rows sd15_base vs sd15_lrB, sd15_wideA vs sd15_wideLR). Full weights keep
@@ -54,6 +58,27 @@ def preset_recipe(prediction_type: str, full_finetune: bool, cfg_scale: float) -
     recipe = {**COMMON, **LEARNING_RATES[parametrisation], "ema_decay": by_family["ema_decay"], "cfg_scale": cfg_scale}
     recipe.update(by_family.get(parametrisation, {}))
     return recipe
+
+
+def folder_recipe(preset: str, model: str | Path | None, full_finetune: bool = False) -> dict:
+    """:func:`preset_recipe` of the pipeline folder ``model`` (its prediction type from ``scheduler/``); a
+    folder that cannot be read gets the epsilon recipe here and is reported by the loader."""
+    from .backbones.presets import get_preset, prediction_type_of, read_scheduler_config
+
+    try:
+        prediction_type = prediction_type_of(read_scheduler_config(model)) if model else "epsilon"
+    except (OSError, ValueError, TypeError, AttributeError):
+        prediction_type = "epsilon"
+    return preset_recipe(prediction_type, full_finetune, get_preset(preset).cfg_scale)
+
+
+def preset_config(preset: str, model: str | Path, full_finetune: bool = False, **settings) -> TDMConfig:
+    """The ``TDMConfig`` that ``tdm-fast distill --preset PRESET --model MODEL`` runs with ``settings`` as its
+    flags: the recipe first, ``settings`` over it, K drawn in proportion to K unless ``steps_weights`` is given."""
+    data = {**folder_recipe(preset, model, full_finetune), **settings}
+    if "steps_weights" not in data:
+        data["steps_weights"] = steps_weights_for(data.get("steps", TDMConfig.steps))
+    return TDMConfig(**data)
 
 
 def recipe_help() -> dict[str, str]:

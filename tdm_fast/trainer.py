@@ -99,6 +99,8 @@ class TDMTrainer(Checkpointing):
         optimizer_cls: AdamW by default; e.g. bitsandbytes' AdamW8bit to save memory.
         validation: what to sample every ``config.validation_every`` iterations (a
             :class:`~tdm_fast.validation.Validation`); default: 16 draws of ``conditions`` with fixed noise.
+        teacher_fingerprint: :func:`~tdm_fast.training.resume_record.weights_fingerprint` of the teacher's
+            files, recorded in every checkpoint; a resume with another teacher is then refused.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class TDMTrainer(Checkpointing):
         progress: bool = True,
         optimizer_cls=torch.optim.AdamW,
         validation: Validation | None = None,
+        teacher_fingerprint: str | None = None,
     ):
         if teacher.null_cond is None and config.cfg_scale != 1.0:
             raise ValueError("the teacher has no null_cond, so cfg_scale must be 1")
@@ -176,6 +179,7 @@ class TDMTrainer(Checkpointing):
         self.consecutive_skips = 0
         self.skipped_updates = 0
         self._warned_unsaveable = False
+        self.teacher_fingerprint = teacher_fingerprint
         if config.compile:
             compile_networks(self)
 

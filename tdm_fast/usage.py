@@ -30,14 +30,6 @@ def check_output_path(path: str | Path, flag: str, folder: bool = True) -> Path:
     return path
 
 
-def refuse_given(given: dict[str, object], why: str) -> None:
-    """A flag that the chosen mode would ignore is an error, not silently dropped: ``given`` maps each
-    such flag to its value (None when the user did not give it)."""
-    named = [flag for flag, value in given.items() if value is not None]
-    if named:
-        raise UsageError(f"{' and '.join(named)} {'does' if len(named) == 1 else 'do'} not apply {why}")
-
-
 def check_allocation(flag: str, count: int, item_shape, copies: int = 2) -> None:
     """Refuses a count whose float32 tensors (``copies`` of ``count`` items of ``item_shape``: the noise
     and the result, at least) cannot fit in this machine's memory, saying how much they would need."""

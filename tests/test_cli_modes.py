@@ -22,11 +22,29 @@ MODE_ARGV = {
     ("export", "tensorrt"): "export --checkpoint C --out {O} --format tensorrt",
     ("sample", "labels"): "sample --checkpoint C --out {O}/s",
     ("sample", "prompt"): "sample --prompt a-cat --backend onnx --engine E --out {O}/s",
+    ("demo", "digits"): "demo --digits-teacher D --out {O}",  # --pipeline turns it into the pipeline mode
+    ("demo", "pipeline"): "demo --pipeline sd15 --out {O}",
+    ("demo", "toy2d"): "demo --dataset toy2d --out {O}",
+    ("eval", "score"): "eval {O}/student",
+    ("eval", "ablations"): "eval --curve-every 5 --ablations --out {O}",  # --pipeline: the pipeline ablations
+    ("eval", "ablations-pipeline"): "eval --ablations --pipeline sd15 --out {O}",
+    ("teacher train", "toy2d"): "teacher train --dataset toy2d --out {O}",
+    ("teacher train", "digits"): "teacher train --dataset digits --out {O}",
+    ("teacher train", "digits-t2i"): "teacher train --dataset digits-t2i --pipeline sd15 --out {O}",
 }
 
 
 def _verb_parser(verb):
-    return build_parser()._subparsers._group_actions[0].choices[verb]
+    """The parser of ``verb`` (a verb of a group, such as ``teacher train``, inside its group's)."""
+    parser = build_parser()
+    for word in verb.split():
+        parser = parser._subparsers._group_actions[0].choices[word]
+    return parser
+
+
+def _parse(argv):
+    """``argv`` (verb words first) parsed as the command line parses it."""
+    return build_parser().parse_args(argv)
 
 
 def _shared(verb):
@@ -49,10 +67,19 @@ def test_every_flag_is_placed_in_the_table(verb):
 
 
 def _value(verb, flag):
+    """A value the flag accepts (so that the refusal, not the flag's own range check, answers)."""
     action = _verb_parser(verb)._option_string_actions[flag]
     if action.nargs == 0:
         return []
-    return [str(list(action.choices)[0])] if action.choices else ["1"]
+    if action.choices:
+        return [str(list(action.choices)[0])]
+    for candidate in ("2", "0.5"):
+        try:
+            (action.type or str)(candidate)
+            return [candidate]
+        except Exception:
+            continue
+    raise AssertionError(f"no test value for {flag}")
 
 
 UNREAD = [(verb, mode, flag) for (verb, mode) in MODE_ARGV
@@ -67,8 +94,9 @@ def test_a_flag_the_mode_does_not_read_is_refused(verb, mode, flag, tmp_path, ca
     code = main(argv)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("tdm-fast: error: "), lines
-    args = _verb_parser(verb).parse_args(argv[1:])
-    named = flag if mode_of(verb, args) == mode else MODE_ARGV[verb, mode].split()[1]  # --preset changes the mode
+    args = _parse(argv)
+    # a flag that selects another mode (--preset, --pipeline): the first flag of the mode's own argv is refused
+    named = flag if mode_of(verb, args) == mode else MODE_ARGV[verb, mode].split()[len(verb.split())]
     assert f"{named} does nothing in" in lines[0], lines[0]
     assert list(tmp_path.iterdir()) == []
 
@@ -78,7 +106,14 @@ def test_the_flags_a_mode_reads_are_not_refused(verb, mode, tmp_path):
     argv = MODE_ARGV[verb, mode].format(O=tmp_path / "out").split()
     for flag in MODE_FLAGS[verb][mode][1]:
         longer = argv + ([flag, *_value(verb, flag)] if flag not in argv else [])
-        if mode_of(verb, _verb_parser(verb).parse_args(longer[1:])) == mode:  # --full-finetune selects the other mode
+        if mode_of(verb, _parse(longer)) == mode:  # --full-finetune selects the other mode
             argv = longer
     assert len(set(argv) & set(MODE_FLAGS[verb][mode][1])) >= len(MODE_FLAGS[verb][mode][1]) - 1
-    refuse_unread_flags(verb, _verb_parser(verb).parse_args(argv[1:]), _verb_parser(verb), argv)
+    refuse_unread_flags(verb, _parse(argv), _verb_parser(verb), argv)
+
+
+@pytest.mark.parametrize("verb", sorted(MODE_FLAGS))
+def test_every_verb_with_modes_says_which_mode_it_runs(verb, tmp_path):
+    """mode_of answers every verb of the table (a verb added to the table without its mode rule would be skipped)."""
+    argv = next(argv for (v, _), argv in MODE_ARGV.items() if v == verb).format(O=tmp_path / "out").split()
+    assert mode_of(verb, _parse(argv)) in MODE_FLAGS[verb]

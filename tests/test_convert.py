@@ -189,14 +189,14 @@ def test_exported_graphs_follow_the_authors_sampler(release, sd3_lora, tmp_path)
     runtime = TextToImage(folder)
     for steps in STEPS:
         expected = sample(authors, stock_scheduler(stock), steps)
-        graph, scheduler = OrtSampler(folder / f"sampler_k{steps}_fp32.onnx"), TDMScheduler.from_pretrained(out, subfolder="scheduler")
+        graph, scheduler = OrtSampler(folder / "sampler" / f"sampler_k{steps}_fp32.onnx"), TDMScheduler.from_pretrained(out, subfolder="scheduler")
         scheduler.set_timesteps(steps)
         assert graph.solver == scheduler.config.solver and graph.times == scheduler.timesteps.tolist()  # not the T' stage times
         error = relative_error(graph(LATENTS, cond), expected)
         with torch.no_grad():
             images = authors(prompt=PROMPTS, latents=LATENTS.clone(), num_inference_steps=steps, guidance_scale=1.0,
                              height=IMAGE_SIZE, width=IMAGE_SIZE, output_type="pt", **extra).images.numpy()
-        image_error = abs(runtime(PROMPTS, steps=steps, latents=LATENTS.numpy()) - images).max()
+        image_error = abs(runtime(PROMPTS, steps=steps, latents=LATENTS.numpy()).arrays - images).max()
         print(f"{release} ONNX K={steps}: sampler relative error {error:.2e}, runtime images max |diff| {image_error:.2e}")
         assert error <= 1e-4 and image_error <= 1e-3, (steps, error, image_error)
 

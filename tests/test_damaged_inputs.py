@@ -166,3 +166,23 @@ def test_the_shipped_pipelines_pass(pipeline):
     from tdm_fast.backbones.validate import check_pipeline_folder
 
     check_pipeline_folder(t2i.shipped_pipeline(pipeline))
+
+
+def test_cached_embeddings_spare_the_text_encoders(damaged, tmp_path):
+    """A run whose prompt embeddings are cached never loads the text encoders, so their files are not read at
+    start-up either: a NaN written into them after the cache was filled (same size and time, the cache still
+    hits) does not stop the run."""
+    import os
+
+    folder = tmp_path / "sd15"
+    shutil.copytree(t2i.shipped_pipeline("sd15"), folder)
+    argv = ["distill", "--preset", "sd15", "--model", str(folder), "--prompts", str(damaged / "prompts.txt"),
+            "--embedding-cache", str(tmp_path / "cache"), "--iterations", "1", "--batch-size", "2", "--lora-rank", "2",
+            "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "first")]) == 0
+    weights = _weights(folder / "text_encoder")
+    stat = weights.stat()
+    nan_in("final_layer_norm.weight")(folder / "text_encoder")
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size
+    assert main([*argv, "--out", str(tmp_path / "second")]) == 0

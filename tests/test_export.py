@@ -578,3 +578,41 @@ def test_cli_export_and_runners(tmp_path, toy_inputs):
     sub = export_cli.add_backend_arguments(argparse.ArgumentParser())
     assert sub.parse_args(["--backend", "compile"]).backend == "compile"
     assert np.isfinite(onnx_runner(noise, labels).numpy()).all()
+
+
+def test_compile_export_writes_a_program_that_sample_runs(tmp_path, capsys):
+    """Issue 35 item 11: `export --format compile` writes the K-step sampler as a torch.export program, which
+    `sample --backend compile --engine` loads, compiles and runs: the eager student's samples to fp32 rounding.
+    The file alone is the sampler (no checkpoint beside it); a wrong K or a file that is no program is refused."""
+    from safetensors.torch import load_file
+
+    from tdm_fast.cli import main
+
+    student = _toy_student(hidden=32, depth=1, seed=7)
+    ckpt, out, samples = tmp_path / "ckpt", tmp_path / "out", tmp_path / "samples" / "s"
+    student.save_pretrained(ckpt)
+    assert main(["--quiet", "export", "--format", "compile", "--checkpoint", str(ckpt), "--out", str(out), "--steps", "2"]) == 0
+    program = out / "sampler_k2_fp32.pt2"
+    assert sorted(p.name for p in out.iterdir()) == [program.name]
+    assert main(["--quiet", "sample", "--checkpoint", str(ckpt), "--backend", "compile", "--engine", str(program), "--steps", "2",
+                 "--num", "2", "--labels", "0", "1", "--out", str(samples)]) == 0
+    saved = load_file(samples.with_suffix(".safetensors"))
+    noise = torch.randn((2, 2), generator=torch.Generator().manual_seed(0))  # the sample command's draw for --seed 0
+    assert relative_error(saved["samples"], sample_student(student, noise, saved["labels"], 2)) <= FP32_TOL
+
+    moved = tmp_path / "elsewhere" / program.name
+    moved.parent.mkdir()
+    program.rename(moved)
+    ckpt.rename(tmp_path / "gone")
+    runner = export_cli.load_runner("compile", moved, 2)
+    assert (runner.steps, runner.solver) == (2, "ddim")
+    assert relative_error(runner(noise, saved["labels"]), saved["samples"]) <= FP32_TOL
+    with pytest.raises(ValueError, match="K=2, not 1"):
+        export_cli.load_runner("compile", moved, 1)
+    not_a_program = tmp_path / "sampler_k2_fp32.onnx"
+    not_a_program.write_bytes(b"not a zip")
+    assert main(["sample", "--checkpoint", str(tmp_path / "gone"), "--backend", "compile", "--engine", str(not_a_program),
+                 "--steps", "2", "--out", str(tmp_path / "refused" / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tdm-fast: error:") and "is not a torch.export program" in err and "\n" not in err
+    assert not (tmp_path / "refused").exists()

@@ -55,7 +55,7 @@ for binding in (False, True):
     for k in runner.samplers:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out[f"k{k}_{binding}"] = runner(prompts, steps=k, latents=latents)
+            out[f"k{k}_{binding}"] = runner(prompts, steps=k, latents=latents, output_type="np").arrays
         said += [str(w.message) for w in caught]
 np.savez(f"{work}/images.npz", **out)
 print(json.dumps({"torch_imported": "torch" in sys.modules, "warnings": said}))
@@ -64,15 +64,17 @@ print(json.dumps({"torch_imported": "torch" in sys.modules, "warnings": said}))
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """Per pipeline: (pipeline folder, run folder, export folder written by `tdm-fast export --pipeline`)."""
+    """Per pipeline: (pipeline folder, run folder, export folder written by `tdm-fast export --pipeline`). The
+    export reads a copy of the pipeline inside the run folder, so that moving the run folder takes every source away."""
     cache = {}
 
     def get(kind):
         if kind not in cache:
             model, run = random_lora_run(kind, tmp_path_factory.mktemp(f"run-{kind}"), STEPS)
             out = run / "onnx"
+            shutil.copytree(model, run / "pipeline")
             # --no-verify: the test compares with the stock pipeline itself (the prompt encoder is checked regardless)
-            assert main(["--quiet", "export", "--checkpoint", str(run / "student"), "--pipeline", str(model), "--out", str(out),
+            assert main(["--quiet", "export", "--checkpoint", str(run / "student"), "--pipeline", str(run / "pipeline"), "--out", str(out),
                          "--steps", *map(str, EXPORTED[kind]), "--device", "cpu", "--exporter", "torchscript", "--no-verify"]) == 0
             cache[kind] = model, run, out
         return cache[kind]
@@ -145,10 +147,10 @@ def test_sample_cli_serves_prompts_and_refuses_broken_folders(exported, tmp_path
 
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
-    (broken / "vae_decoder_fp32.onnx").unlink()
-    refused(broken, "lists vae_decoder as vae_decoder_fp32.onnx, which")
+    (broken / "vae_decoder" / "model.onnx").unlink()
+    refused(broken, "lists vae_decoder as vae_decoder/model.onnx, which")
     _, _, other = exported("sd3")
-    shutil.copy(other / "vae_decoder_fp32.onnx", broken / "vae_decoder_fp32.onnx")  # a graph of another model
+    shutil.copy(other / "vae_decoder" / "model.onnx", broken / "vae_decoder" / "model.onnx")  # a graph of another model
     refused(broken, "is not the vae_decoder this manifest was written for")
     manifest = json.loads((folder / "manifest.json").read_text())
     del manifest["graphs"]["prompt_encoder"]
@@ -158,6 +160,71 @@ def test_sample_cli_serves_prompts_and_refuses_broken_folders(exported, tmp_path
     refused(broken, "has no manifest.json")
     assert main([*argv[:-1], str(tmp_path / "k3"), "--engine", str(folder), "--steps", "3"]) == 2
     assert "not K=3" in capsys.readouterr().err
+
+
+def test_export_folder_is_laid_out_per_component_and_serves_from_anywhere(exported, tmp_path):
+    """Issue 35 item 10: the folder has diffusers' ONNX layout (model_index.json, one folder per component), its
+    manifest names files relative to it and no local path; copied elsewhere with its pipeline and run folders gone,
+    it still serves prompts, as PIL images with the arrays beside them."""
+    from PIL import Image
+
+    from tdm_fast.export.runtime import TextToImage
+
+    model, run, folder = exported("sd15")
+    files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    assert files == {"model_index.json", "manifest.json", "text_encoder/model.onnx", "vae_decoder/model.onnx",
+                     "tokenizer/tokenizer.json", "scheduler/scheduler_config.json",
+                     *(f"sampler/sampler_k{k}_fp32.onnx" for k in EXPORTED["sd15"])}
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "TextToImage" and index["tokenizer"] == ["tokenizers", "Tokenizer"]
+    assert {"text_encoder", "sampler", "vae_decoder", "scheduler"} <= set(index)
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "TDMScheduler" and scheduler["trained_steps"] == list(STEPS)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["version"] == 2 and manifest["model"]["pipeline_folder"] == "pipeline"
+    for name in files:  # no file records where the sources or the export lived
+        assert str(run).encode() not in (folder / name).read_bytes(), name
+
+    latents = np.random.default_rng(0).standard_normal((2, *manifest["sample_shape"]), dtype=np.float32)
+    expected = TextToImage(folder, steps=4)(PROMPTS[:2], latents=latents)
+    moved = tmp_path / "deploy" / "digits"
+    shutil.copytree(folder, moved)
+    away = run.with_name(run.name + "-gone")
+    run.rename(away)  # the run folder holds the student, the pipeline copy and the original export
+    try:
+        runtime = TextToImage(moved, steps=4)
+        output = runtime(PROMPTS[:2], latents=latents)
+    finally:
+        away.rename(run)
+    np.testing.assert_array_equal(output.arrays, expected.arrays)
+    assert output.arrays.shape == (2, *manifest["image_shape"]) and output.arrays.dtype == np.float32
+    assert len(output.images) == 2 and all(isinstance(i, Image.Image) and i.size == (16, 16) and i.mode == "L" for i in output.images)
+    np.testing.assert_array_equal(np.asarray(output.images[1]), np.round(output.arrays[1, 0] * 255).astype(np.uint8))
+    assert np.asarray(output) is output.arrays  # numpy callers of the array TextToImage used to return keep working
+    np.testing.assert_array_equal(runtime(PROMPTS[:2], latents=latents, output_type="np").images, output.arrays)
+    with pytest.raises(ValueError, match="output_type must be 'pil' or 'np'"):
+        runtime(PROMPTS[:2], latents=latents, output_type="pt")
+
+
+def test_flat_export_folders_of_manifest_version_1_still_serve(exported, tmp_path):
+    """A folder as the first exports wrote it (every graph at the top, absolute source paths, no model_index.json)
+    loads and gives the same images as the component layout."""
+    from tdm_fast.export.runtime import TextToImage
+
+    model, run, folder = exported("sd15")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    old = tmp_path / "v1"
+    (old / "tokenizer").mkdir(parents=True)
+    for name, entry in manifest["graphs"].items():
+        entry["file"] = shutil.copy(folder / entry["file"], old / f"{name}_fp32.onnx").name  # sampler_k1_fp32.onnx...
+    shutil.copy(folder / "tokenizer" / "tokenizer.json", old / "tokenizer" / "tokenizer.json")
+    del manifest["scheduler"]
+    manifest.update(version=1, model={**manifest["model"], "pipeline_folder": str(model), "checkpoint": str(run / "student")})
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert manifest["graphs"]["prompt_encoder"]["file"] == "prompt_encoder_fp32.onnx"
+    latents = np.random.default_rng(1).standard_normal((3, *manifest["sample_shape"]), dtype=np.float32)
+    got = TextToImage(old)(PROMPTS[:3], steps=1, latents=latents, output_type="np")
+    np.testing.assert_array_equal(got.images, TextToImage(folder)(PROMPTS[:3], steps=1, latents=latents).arrays)
 
 
 def test_export_refuses_text_encoders_the_student_was_not_trained_with(exported, tmp_path, capsys):
@@ -239,12 +306,12 @@ def test_io_binding_on_cuda_keeps_buffers_on_the_device(exported):
 
     _, _, folder = exported("sd15")
     latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8), dtype=np.float32)
-    cpu = TextToImage(folder, steps=4, providers=["CPUExecutionProvider"])(PROMPTS[:2], latents=latents)
+    cpu = TextToImage(folder, steps=4, providers=["CPUExecutionProvider"])(PROMPTS[:2], latents=latents).arrays
     gpu = TextToImage(folder, steps=4, providers=["CUDAExecutionProvider"])
     assert gpu.io_binding and gpu.encoder.device == ("cuda", 0)
-    assert np.abs(gpu(PROMPTS[:2], latents=latents) - cpu).max() <= 1e-3
+    assert np.abs(gpu(PROMPTS[:2], latents=latents).arrays - cpu).max() <= 1e-3
     cond = torch.from_numpy(gpu.encode(PROMPTS[:2])["encoder_hidden_states"]).cuda()
-    x0 = OrtSampler(folder / "sampler_k4_fp32.onnx", providers=["CUDAExecutionProvider"])(torch.from_numpy(latents).cuda(), cond)
-    images = OrtDecoder(folder / "vae_decoder_fp32.onnx", providers=["CUDAExecutionProvider"])(x0)
+    x0 = OrtSampler(folder / "sampler" / "sampler_k4_fp32.onnx", providers=["CUDAExecutionProvider"])(torch.from_numpy(latents).cuda(), cond)
+    images = OrtDecoder(folder / "vae_decoder" / "model.onnx", providers=["CUDAExecutionProvider"])(x0)
     assert x0.is_cuda and images.is_cuda
     assert float((images.cpu() - torch.from_numpy(cpu)).abs().max()) <= 1e-3

@@ -24,6 +24,7 @@ from .cogvideox import CogVideoXAdapter
 from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
+from .validate import TEXT_COMPONENTS, check_pipeline_folder
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def get_preset(name: str) -> Preset:
 def _pipeline_json(file: Path) -> dict:
     """A JSON object of a pipeline folder; errors name the file."""
     if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: --model must be a local diffusers pipeline folder")
+        raise FileNotFoundError(f"{file} not found: --model must be a diffusers pipeline folder (or its Hub model id)")
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -100,15 +101,20 @@ def vae_scale_factor(path: str | Path) -> int:
     return 8
 
 
-def load_teacher(preset: Preset | str, path: str | Path, torch_dtype=None) -> tuple[Denoiser, dict]:
-    """The teacher Denoiser (``null_cond`` still unset) and its base ``source`` (for LoRA save/reload)."""
+def load_teacher(preset: Preset | str, path: str | Path, torch_dtype=None, variant: str | None = None) -> tuple[Denoiser, dict]:
+    """The teacher Denoiser (``null_cond`` still unset) and its base ``source`` (for LoRA save/reload).
+    ``variant``: diffusers' weight variant (``fp16`` loads ``*.fp16.safetensors``), kept in ``source``."""
     import diffusers
+
+    from ..hub import hub_origin
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
     path = str(path)
     sched = read_scheduler_config(path)
     inner_cls = getattr(diffusers, preset.inner_class)
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    if variant:
+        kwargs["variant"] = variant
     folder = Path(path) / preset.subfolder
     pipeline = _folder_pipeline(path)
     other = [p.name for p in PRESETS.values() if p.pipeline == pipeline and pipeline != preset.pipeline]
@@ -139,6 +145,11 @@ def load_teacher(preset: Preset | str, path: str | Path, torch_dtype=None) -> tu
         "inner_class": f"{inner_cls.__module__}:{inner_cls.__qualname__}",
         "adapter_kwargs": adapter_kwargs,
     }
+    if variant:
+        source["variant"] = variant  # the base's weights reload in the same variant
+    origin = hub_origin(Path(path).resolve())
+    if origin:  # a Hub cache snapshot: the model id and commit it came from
+        source["hub"] = origin
     return teacher, source
 
 
@@ -205,7 +216,7 @@ def missing_components(path: str | Path, pipeline_cls) -> dict:
     return kwargs
 
 
-def _pipeline_for_text(preset: Preset, path: str, denoiser_model, device):
+def _pipeline_for_text(preset: Preset, path: str, denoiser_model, device, variant: str | None = None):
     import diffusers
 
     pipeline_cls = getattr(diffusers, preset.pipeline)
@@ -216,10 +227,13 @@ def _pipeline_for_text(preset: Preset, path: str, denoiser_model, device):
     index_file = Path(path) / "model_index.json"
     index = _pipeline_json(index_file)
     for name, entry in index.items():  # the text encoders and tokenizers the prompts need
-        if name.startswith(("text_encoder", "tokenizer")) and name not in kwargs and isinstance(entry, list) \
+        if name.startswith(TEXT_COMPONENTS) and name not in kwargs and isinstance(entry, list) \
                 and entry[0] is not None and not (Path(path) / name).is_dir():
             raise FileNotFoundError(f"{Path(path) / name} not found: {index_file} lists it, and the prompts need it "
                                     "(they are not in the embedding cache)")
+    check_pipeline_folder(path, TEXT_COMPONENTS)  # what the encoders load, damaged: refused before the cache is written
+    if variant:
+        kwargs["variant"] = variant
     try:
         pipe = pipeline_cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
@@ -233,12 +247,14 @@ def _pipeline_for_text(preset: Preset, path: str, denoiser_model, device):
 
 @torch.no_grad()
 def encode_prompts(preset: Preset | str, path: str | Path, prompts: list[str], denoiser_model, resolution=None,
-                   device=None, batch: int = 16, max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
-    """Conditions of all prompts and the null condition, as a flat dict of tensors (see :func:`split`)."""
+                   device=None, batch: int = 16, max_sequence_length: int | None = None,
+                   variant: str | None = None) -> dict[str, torch.Tensor]:
+    """Conditions of all prompts and the null condition, as a flat dict of tensors (see :func:`split`);
+    ``variant``: the text encoders' weight variant."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path = str(path)
-    pipe = _pipeline_for_text(preset, path, denoiser_model, device)
+    pipe = _pipeline_for_text(preset, path, denoiser_model, device, variant)
     chunks: list[dict[str, torch.Tensor]] = []
     null: dict[str, torch.Tensor] = {}
     try:
@@ -316,7 +332,8 @@ def text_files_fingerprint(path: str | Path) -> list:
 
 
 def prompt_conditions(preset: Preset | str, path: str | Path, prompts: list[str], denoiser_model, resolution=None,
-                      cache_dir: str | Path | None = "default", device=None, max_sequence_length: int | None = None):
+                      cache_dir: str | Path | None = "default", device=None, max_sequence_length: int | None = None,
+                      variant: str | None = None):
     """Cached :func:`encode_prompts` + :func:`split`: returns (conditions, null_cond)."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -324,9 +341,10 @@ def prompt_conditions(preset: Preset | str, path: str | Path, prompts: list[str]
     preset = get_preset(preset) if isinstance(preset, str) else preset
     if cache_dir == "default":
         cache_dir = default_cache_dir()
+    # a variant joins the key only when given: the keys of the caches written before variants stay valid
     key = cache_key(model=str(Path(path).resolve()), preset=preset.name, prompts=prompts,
                     resolution=resolution, max_sequence_length=max_sequence_length, version=1,
-                    text_files=text_files_fingerprint(path))
+                    text_files=text_files_fingerprint(path), **({"variant": variant} if variant else {}))
     # Under several processes the main one encodes (on its own device) and writes the cache first; the
     # others then read it. PartialState exists before the trainer's Accelerator and is the same state.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as AcceleratorState will read it
@@ -334,6 +352,6 @@ def prompt_conditions(preset: Preset | str, path: str | Path, prompts: list[str]
         tensors = cached_embeddings(
             cache_dir, key,
             lambda: encode_prompts(preset, path, prompts, denoiser_model, resolution, device or state.device,
-                                   max_sequence_length=max_sequence_length),
+                                   max_sequence_length=max_sequence_length, variant=variant),
         )
     return split(tensors, preset)

@@ -24,7 +24,9 @@ class PresetRun:
     ``resolution`` None: the denoiser's native one; ``embedding_cache`` None or "none": no cache;
     ``lora_targets``: comma-separated module names (None: the backbone's default). ``init_lora``: a LoRA folder
     (``tdm-fast convert``'s, or a run's ``lora/``) the student starts from, in its own layout (rank, alpha,
-    targets: the ``lora_*`` settings are then the fake score's)."""
+    targets: the ``lora_*`` settings are then the fake score's). ``model`` is a local folder (a Hub model id is
+    resolved to its snapshot first: :func:`tdm_fast.hub.resolve_model`); ``variant``: the weight files to load
+    (diffusers' ``variant``, e.g. ``fp16``)."""
 
     preset: str
     model: str | Path
@@ -43,6 +45,7 @@ class PresetRun:
     export_kohya: bool = False
     export_fused: bool = False
     init_lora: str | Path | None = None
+    variant: str | None = None
 
 
 def _dtype_of(mixed_precision: str | None):
@@ -61,14 +64,15 @@ def build_preset_run(run: PresetRun, config=None):
                         unmatched_lora_targets)
     from ..prompts import read_prompts
     from ..training.conditions import EmbeddingConditions
-    from .validate import check_pipeline_folder
+    from .validate import TEXT_COMPONENTS, check_loaded_weights, check_pipeline_folder
 
     if not run.preset or not run.model or not run.prompts:
         raise ValueError("--preset, --model and --prompts are required together")
     config = config or TDMConfig(steps=(4,))
     preset = get_preset(run.preset)
     if not Path(run.model).is_dir():
-        raise ValueError(f"--model {run.model} is not a folder: give a local diffusers pipeline folder")
+        raise ValueError(f"--model {run.model} is not a folder: give a local diffusers pipeline folder (a Hub model id "
+                         "is resolved to its snapshot folder first: tdm_fast.hub.resolve_model)")
     prompts = read_prompts(run.prompts)  # the cheap checks first: a bad prompt file is refused before the load
     if run.init_lora is not None and run.full_finetune:
         raise ValueError("--init-lora starts a LoRA student from a LoRA: not with --full-finetune")
@@ -76,8 +80,11 @@ def build_preset_run(run: PresetRun, config=None):
         student_lora, init_weights = read_lora_folder(run.init_lora) if run.init_lora is not None else (None, None)
     except ValueError as exc:
         raise ValueError(f"--init-lora {exc}") from None
-    check_pipeline_folder(run.model)  # damaged files refused before the load (and before any cache or --out)
-    teacher, source = load_teacher(preset, run.model)
+    # damaged files refused before the load (and before any cache or --out); the text encoders when the prompts
+    # are encoded (a cached run never loads them), the denoiser's values as it is loaded (its files read once)
+    check_pipeline_folder(run.model, skip=TEXT_COMPONENTS, values_on_load=(preset.subfolder,))
+    teacher, source = load_teacher(preset, run.model, variant=run.variant)
+    check_loaded_weights(teacher.model.inner, Path(run.model) / preset.subfolder)
     targets = tuple(t.strip() for t in run.lora_targets.split(",")) if run.lora_targets else None
     unmatched = unmatched_lora_targets(teacher.model.inner, targets) if targets and not run.full_finetune else []
     if unmatched:  # peft would wrap the other targets and ignore it: a silently smaller LoRA
@@ -96,7 +103,7 @@ def build_preset_run(run: PresetRun, config=None):
     resolution = run.resolution or native_resolution(preset, teacher.model.config, scale)
     check_resolution(preset, teacher.model.config, resolution, scale)  # before the prompts are encoded (and cached)
     cond, null = prompt_conditions(preset, run.model, prompts, teacher.model.inner, resolution, cache,
-                                   max_sequence_length=run.max_sequence_length)
+                                   max_sequence_length=run.max_sequence_length, variant=run.variant)
     teacher.null_cond = null
     shape = sample_shape(preset, teacher.model.config, resolution, run.num_frames, scale=scale)
     if run.full_finetune:

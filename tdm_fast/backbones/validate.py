@@ -22,6 +22,8 @@ READ_KEYS = {"vae": ("block_out_channels", "latent_channels"), "unet": ("in_chan
 # tokenizer files transformers can build a real tokenizer from: any one of these sets
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("spiece.model",), ("vocab.txt",))
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+# what only the prompts' encoding reads: a run whose embeddings are cached never loads them
+TEXT_COMPONENTS = ("text_encoder", "tokenizer")
 FIX = "copy it again from the original pipeline"
 
 
@@ -43,22 +45,26 @@ def pipeline_index(path: str | Path) -> dict:
     return _json_object(file)
 
 
-def check_pipeline_folder(path: str | Path, components: tuple[str, ...] | None = None) -> None:
+def check_pipeline_folder(path: str | Path, components: tuple[str, ...] | None = None, skip: tuple[str, ...] = (),
+                          values_on_load: tuple[str, ...] = ()) -> None:
     """Refuses a damaged pipeline folder: an unreadable ``model_index.json``, and for each component whose name
-    starts with one of ``components`` (None: every one the index lists) that the folder holds, its damage (see :func:`check_component`). A
-    component missing altogether is left to the loaders, which say which run needs it."""
+    starts with one of ``components`` (None: every one the index lists) and not with one of ``skip`` (components
+    the run will not load) that the folder holds, its damage (see :func:`check_component`). The tensor values of
+    the components in ``values_on_load`` are left to :func:`check_loaded_weights` on the loaded model, so that
+    their files are read once. A component missing altogether is left to the loaders, which say which run needs it."""
     if not (Path(path) / "model_index.json").is_file():
         return  # not a pipeline folder: the loaders name what it lacks
     index = pipeline_index(path)
     for name, entry in index.items():
-        if components is not None and not name.startswith(components):
+        if (components is not None and not name.startswith(components)) or (skip and name.startswith(skip)):
             continue
         if isinstance(entry, list) and len(entry) == 2 and entry[0] is not None and (Path(path) / name).is_dir():
-            check_component(Path(path) / name, name, entry[0], entry[1])
+            check_component(Path(path) / name, name, entry[0], entry[1], values=not name.startswith(values_on_load))
 
 
-def check_component(folder: Path, name: str, library: str, class_name: str) -> None:
-    """One component folder: a scheduler's config, a tokenizer's files, or a model's config and weights."""
+def check_component(folder: Path, name: str, library: str, class_name: str, values: bool = True) -> None:
+    """One component folder: a scheduler's config, a tokenizer's files, or a model's config and weights (their
+    values too unless ``values`` is False)."""
     if name.startswith("scheduler"):
         config = _json_object(folder / "scheduler_config.json")
         prediction = config.get("prediction_type")
@@ -81,7 +87,7 @@ def check_component(folder: Path, name: str, library: str, class_name: str) -> N
         cls = _model_class(library, class_name)
         # transformers loads a file saved with or without the base model's prefix (text_model. for CLIP)
         prefix = f"{cls.base_model_prefix}." if cls is not None and getattr(cls, "base_model_prefix", "") else None
-        check_weights(folder, _expected_tensors(folder, cls, prefix), prefix)
+        check_weights(folder, _expected_tensors(folder, cls, prefix), prefix, values=values)
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -134,12 +140,12 @@ def _unprefixed(key: str, prefix: str | None) -> str:
     return key.removeprefix(prefix) if prefix else key
 
 
-def check_weights(folder: Path, expected: dict[tuple, tuple] | None, prefix: str | None = None) -> None:
-    """Every tensor of the component's safetensors files float and finite; each ``expected`` tensor (a group
-    of tied names: one of them; names without ``prefix``) present with its shape. A file that holds none of
-    them is named in a scheme the loader converts (an older transformers layout): only its values are checked."""
+def check_weights(folder: Path, expected: dict[tuple, tuple] | None, prefix: str | None = None, values: bool = True) -> None:
+    """Every tensor of the component's safetensors files float and (with ``values``) finite; each ``expected``
+    tensor (a group of tied names: one of them; names without ``prefix``) present with its shape. A file that
+    holds none of them is named in a scheme the loader converts (an older transformers layout): only its
+    values are checked. Without ``values`` only the headers are read (safetensors refuses a file cut short)."""
     from safetensors import safe_open
-    import torch
 
     files = _weight_files(folder)
     if not files:
@@ -156,12 +162,8 @@ def check_weights(folder: Path, expected: dict[tuple, tuple] | None, prefix: str
                 dtype, shape = tensor_slice.get_dtype(), tuple(tensor_slice.get_shape())
                 if dtype not in FLOAT_DTYPES:
                     raise ValueError(f"{file}: tensor {key} holds {dtype}, not floating-point weights: {FIX}")
-                try:
-                    finite = bool(torch.isfinite(handle.get_tensor(key)).all())
-                except Exception as exc:  # a file cut short: its data ends before this tensor's
-                    raise ValueError(f"{file}: tensor {key} cannot be read ({exc}): {FIX}") from None
-                if not finite:
-                    raise ValueError(f"{file}: tensor {key} holds NaN or inf: {FIX}, or retrain it")
+                if values:
+                    _check_finite(handle, key, file)
                 shapes[_unprefixed(key, prefix)] = shape
     if expected and not any(n in shapes for names in expected for n in names):
         return
@@ -172,6 +174,27 @@ def check_weights(folder: Path, expected: dict[tuple, tuple] | None, prefix: str
         if shapes[present[0]] != shape:
             raise ValueError(f"{folder}: tensor {present[0]} has shape {list(shapes[present[0]])} but its config.json "
                              f"builds {list(shape)}: {FIX}")
+
+
+def _check_finite(handle, key: str, file: Path) -> None:
+    import torch
+
+    try:
+        finite = bool(torch.isfinite(handle.get_tensor(key)).all())
+    except Exception as exc:  # a file cut short: its data ends before this tensor's
+        raise ValueError(f"{file}: tensor {key} cannot be read ({exc}): {FIX}") from None
+    if not finite:
+        raise ValueError(f"{file}: tensor {key} holds NaN or inf: {FIX}, or retrain it")
+
+
+def check_loaded_weights(model, folder: Path) -> None:
+    """The values check of :func:`check_weights` on a model just loaded from ``folder`` (the files are not read
+    a second time): every floating-point tensor finite."""
+    import torch
+
+    for key, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{folder}: tensor {key} holds NaN or inf: {FIX}, or retrain it")
 
 
 def check_vae_folder(path: str | Path) -> None:

@@ -119,8 +119,11 @@ def _check_modes(parser, args, argv: list[str]) -> None:
     """A flag that the chosen mode does not read (:mod:`.modes`' table) is refused before the verb runs."""
     from .modes import refuse_unread_flags
 
-    verbs = parser._subparsers._group_actions[0].choices
-    refuse_unread_flags(args.verb, args, verbs[args.verb], argv)  # the flags before the verb are --quiet's alone
+    verb, verb_parser = args.verb, parser._subparsers._group_actions[0].choices[args.verb]
+    group_verb = getattr(args, f"{args.verb}_verb", None)  # a verb of a group: ``teacher train``
+    if group_verb is not None:
+        verb, verb_parser = f"{verb} {group_verb}", verb_parser._subparsers._group_actions[0].choices[group_verb]
+    refuse_unread_flags(verb, args, verb_parser, argv)  # the flags before the verb are --quiet's alone
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..demos.digits import IMAGE_SIZE
 from ..denoiser import load_denoiser
 from ..sampling import check_steps
-from ..usage import UsageError, add_once, check_output_path
+from ..usage import UsageError, add_once, check_allocation, check_output_path
 from ..demos.demo_digits import DEMO_ITERATIONS, add_demo_arguments, run_digits_demo
 from ..eval.classifier import CLASSIFIER_ASSET, add_classifier_arguments, train_digits_classifier
 
@@ -24,14 +25,14 @@ __all__ = [
 
 
 def add_eval_arguments(parser) -> None:
-    from ..argtypes import finite_float, non_negative_int, positive_int
+    from ..argtypes import fid_sample_count, finite_float, non_negative_int, positive_int
     from ..demos.teachers import TEACHERS
 
     """``tdm-fast eval STUDENT`` scores a saved digits student; ``--ablations`` runs the reproduction table."""
     parser.add_argument("student", nargs="?", help="a saved student folder (Denoiser.save_pretrained)")
     parser.add_argument("--teacher", default=None, help="digits teacher folder (default: the shipped one)")
     parser.add_argument("--steps", type=positive_int, nargs="+", default=None, help="K values (default: the student's steps set, else 4)")
-    parser.add_argument("--samples", type=positive_int, default=2000)
+    parser.add_argument("--samples", type=fid_sample_count, default=2000, help="samples per seed scored by FID (at least 2)")
     parser.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2])
     # any finite w: 1 is the plain conditional teacher, below 1 it leans toward the unconditional one
     parser.add_argument("--cfg-scale", type=finite_float, default=None, help="teacher CFG of the reference (default 2)")
@@ -55,7 +56,8 @@ def add_eval_arguments(parser) -> None:
 
 
 def _check_eval_args(args) -> None:
-    """What ``tdm-fast eval`` refuses before it loads a network or writes a file."""
+    """What ``tdm-fast eval`` refuses before it loads a network or writes a file (beyond the flags its mode does
+    not read: tdm_fast/cli/modes.py)."""
     if args.ablations:
         from ..eval.ablations import VARIANTS
 
@@ -66,18 +68,10 @@ def _check_eval_args(args) -> None:
             raise UsageError(f"--variants {unknown[0]}: not a variant (choose among {', '.join(VARIANTS)})")
         if args.builtin_teacher:
             _check_builtin_teacher(args)
-        if args.pipeline:
-            given = [flag for flag, value in (("--teacher", args.teacher), ("--builtin-teacher", args.builtin_teacher),
-                                              ("--curve-every", args.curve_every)) if value is not None]
-            if given:
-                raise UsageError(f"--pipeline {args.pipeline} distils the shipped pipeline and records no curve: drop {given[0]}")
         check_output_path(args.out or "runs/ablations", "--out")
     elif not args.student:
         raise UsageError("tdm-fast eval: give a student folder, or --ablations")
-    elif args.builtin_teacher:
-        raise UsageError("--builtin-teacher is for --ablations; to score a student of another teacher give its folder as --teacher")
-    elif args.pipeline:
-        raise UsageError("--pipeline is for --ablations; a pipeline's student is scored by `tdm-fast demo --pipeline`")
+    check_allocation("--samples", args.samples, (1, IMAGE_SIZE, IMAGE_SIZE))  # the noise and the images of one seed
     if args.teacher is not None and not Path(args.teacher).exists():
         raise UsageError(f"--teacher {args.teacher} does not exist")
     if args.json:

@@ -15,7 +15,7 @@ from ..backbones.presets import PRESETS
 from ..backbones.run import PresetRun
 from ..checkpoint import checkpoint_dirs
 from ..config import TDMConfig
-from ..denoiser import load_denoiser
+from ..denoiser import denoiser_folder, load_denoiser
 from ..usage import UsageError, check_allocation, check_output_path, check_tracker, write_text_atomically
 
 logger = logging.getLogger("tdm_fast")
@@ -87,18 +87,10 @@ def config_from_args(args, resumed: dict | None = None, recipe: dict | None = No
 
 
 def preset_recipe_of(args) -> dict | None:
-    """The recipe defaults of a ``--preset`` run (None for ``--teacher``), from the preset and the prediction
-    type its folder's scheduler names; a folder that cannot be read is reported later, by the loader."""
-    if not args.preset:
-        return None
-    from ..backbones.presets import get_preset, prediction_type_of, read_scheduler_config
-    from ..recipes import preset_recipe
+    """The recipe defaults of a ``--preset`` run (None for ``--teacher``)."""
+    from ..recipes import folder_recipe
 
-    try:
-        prediction_type = prediction_type_of(read_scheduler_config(args.model)) if args.model else "epsilon"
-    except (OSError, ValueError, TypeError, AttributeError):
-        prediction_type = "epsilon"
-    return preset_recipe(prediction_type, args.full_finetune, get_preset(args.preset).cfg_scale)
+    return folder_recipe(args.preset, args.model, args.full_finetune) if args.preset else None
 
 
 def _override_keys(args) -> tuple[str, ...]:
@@ -140,15 +132,14 @@ def _resumed_settings(args) -> dict | None:
     """The settings of the checkpoint ``--resume`` names (the run's own, as its config.json has them): a
     resumed run starts from them, and the flags given beside ``--resume`` are its changes. None when not
     resuming, or where no checkpoint is found (reported, in its turn, by ``resolve_checkpoint``)."""
-    from ..checkpoint import STATE_FILE, CheckpointError, resolve_checkpoint, unflatten
+    from ..checkpoint import CheckpointError, read_meta
 
     if args.resume is None:
         return None
     try:
-        found = resolve_checkpoint(args.resume or args.out)
-        return unflatten(json.loads((found / STATE_FILE).read_text())["meta"], {})["config"]  # no tensors in meta
-    except (CheckpointError, OSError, ValueError, KeyError, TypeError):
-        return None  # load_checkpoint names the damaged file
+        return read_meta(args.resume or args.out)["config"]
+    except (CheckpointError, KeyError):
+        return None  # _check_resume_record names the damaged file
 
 
 def _check_precision_fits_device(config: TDMConfig) -> None:
@@ -216,6 +207,28 @@ def _resume_point(resume: str | None, out: Path) -> Path | None:
     return resume_from
 
 
+def _check_resume_record(resume_from: Path | None, teacher_fingerprint: str | None) -> None:
+    """The checkpoint's own record (its state.json against its tensor files, the teacher it was trained from)
+    checked before the teacher is loaded and its prompts encoded and cached."""
+    from ..checkpoint import read_meta
+    from ..training.resume_record import check_teacher_fingerprint
+
+    if resume_from is not None:
+        check_teacher_fingerprint(read_meta(resume_from), teacher_fingerprint, resume_from)
+
+
+def _teacher_fingerprint(args) -> str | None:
+    """The fingerprint of the teacher's weight files: the --teacher folder, or --model's denoiser (None: no
+    --model, refused later)."""
+    from ..training.resume_record import weights_fingerprint
+
+    if args.preset:
+        from ..backbones.presets import get_preset
+
+        return weights_fingerprint(Path(args.model) / get_preset(args.preset).subfolder) if args.model else None
+    return weights_fingerprint(denoiser_folder(args.teacher))
+
+
 def _networks(args, config):
     """Teacher, student, fake score, conditions, sample shape, optimizer class and validation of the run."""
     if args.preset:
@@ -234,9 +247,33 @@ def _networks(args, config):
     return teacher, None, None, conditions, shape, torch.optim.AdamW, None
 
 
+def _resolve_hub_flags(args) -> None:
+    """``--model`` given as a Hub model id becomes its snapshot folder (before the recipe reads its scheduler,
+    before anything is written), and an upload ``--push-to-hub`` could not make is refused before training."""
+    from ..hub import check_push_to_hub, resolve_model
+
+    if args.push_to_hub:
+        check_push_to_hub(args.push_to_hub)
+    if args.preset and args.model:
+        args.model = resolve_model(args.model, "--model", revision=args.revision, variant=args.variant,
+                                   cache_dir=args.cache_dir)
+    elif args.revision or args.cache_dir:
+        raise UsageError(f"{'--revision' if args.revision else '--cache-dir'} selects the Hub snapshot of --model: add --model")
+
+
+def _push(args, out: Path) -> None:
+    """``--push-to-hub``: the run's LoRA folder (a full fine-tune: its fused folder), with its model card."""
+    from ..hub import push_folder
+
+    folder = out / ("fused" if args.full_finetune else "lora")
+    url = push_folder(folder, args.push_to_hub, commit_message=f"TDM student of {args.preset} (tdm-fast)")
+    print(f"uploaded {folder} to {url}")
+
+
 def _distill(args) -> int:
     from .. import runlock
 
+    _resolve_hub_flags(args)
     config = config_from_args(args, _resumed_settings(args), preset_recipe_of(args))
     check_tracker(config.report_to)
     _check_precision_fits_device(config)
@@ -251,6 +288,8 @@ def _distill(args) -> int:
                          "--validation-every N")
     runlock.check_free(out)
     resume_from = _resume_point(args.resume, out)
+    teacher_fingerprint = _teacher_fingerprint(args)
+    _check_resume_record(resume_from, teacher_fingerprint)
 
     from accelerate.utils import set_seed
 
@@ -265,6 +304,7 @@ def _distill(args) -> int:
         trainer = TDMTrainer(
             teacher, config, conditions, shape, output_dir=out, student=student, fake=fake,
             progress=not args.quiet, optimizer_cls=optimizer_cls, validation=validation,
+            teacher_fingerprint=teacher_fingerprint,
         )
     except ValueError as exc:  # the trainer's shape check, reported under the flag that set the shape
         if args.sample_shape and str(exc).startswith("sample_shape "):
@@ -293,6 +333,8 @@ def _distill(args) -> int:
 
                 export_preset_student(preset_run_from_args(args), student, config, out)
             print(f"student saved to {out}")
+            if args.push_to_hub:
+                _push(args, out)
     finally:
         if main_process:
             runlock.release(out)
@@ -311,7 +353,7 @@ def _preset_validation(run: PresetRun, teacher, conditions, shape, prompts: list
     if (Path(model) / "vae" / "config.json").is_file():
         from ..export.vae import LatentDecoder, load_vae
 
-        decoder = LatentDecoder(load_vae(model))
+        decoder = LatentDecoder(load_vae(model, variant=run.variant))
 
         def decode(latents):
             with torch.no_grad():
@@ -325,17 +367,24 @@ def _preset_validation(run: PresetRun, teacher, conditions, shape, prompts: list
     adapter = teacher.model.shared.adapter if hasattr(teacher.model, "shared") else teacher.model  # LoRA roles: the base
     resolution = run.resolution or native_resolution(preset, adapter.config, vae_scale_factor(model))
     cond, _ = prompt_conditions(preset, model, list(prompts), adapter.inner, resolution, None,
-                                max_sequence_length=run.max_sequence_length)
+                                max_sequence_length=run.max_sequence_length, variant=run.variant)
     noise = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(0))
     return Validation(cond, noise, decode=decode, captions=list(prompts))
 
 
 def add_distill_preset_arguments(parser: argparse.ArgumentParser) -> None:
     from ..argtypes import positive_float, positive_int
+    from ..hub import add_hub_arguments
 
     g = parser.add_argument_group("real backbones (diffusers)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="backbone family of --model")
-    g.add_argument("--model", help="local diffusers pipeline folder (unet/ or transformer/, scheduler/, text encoders)")
+    g.add_argument("--model", help="diffusers pipeline folder (unet/ or transformer/, scheduler/, text encoders), or its "
+                   "Hub model id (org/name: resolved as diffusers' from_pretrained does, through the Hub cache; "
+                   "HF_HUB_OFFLINE=1 reads the cache only)")
+    add_hub_arguments(g)
+    g.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="upload the LoRA folder (a full fine-tune: the fused folder) with its model card to this Hub "
+                        "model repository when the run ends (created if missing; needs a token: hf auth login)")
     g.add_argument("--prompts", help="prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...})")
     g.add_argument("--resolution", type=positive_int, default=None,
                    help="pixel resolution (default: the denoiser's sample_size x the VAE factor, e.g. 512 for SD1.5)")

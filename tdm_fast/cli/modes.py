@@ -2,8 +2,9 @@
 error (the README's promise), not silently dropped.
 
 ``MODE_FLAGS[verb]`` maps each mode to the flags that only some modes read; every other flag of the verb is
-listed in ``SHARED_FLAGS[verb]`` (read in every mode). tests/test_cli_modes.py checks that every flag of
-every verb's parser is in one of the two, so a new flag has to be placed here.
+listed in ``SHARED_FLAGS[verb]`` (read in every mode). A verb of a group is named with its group (``teacher
+train``). tests/test_cli_modes.py checks that every flag of every verb's parser is in one of the two, so a new
+flag has to be placed here.
 """
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from ..usage import UsageError
 
 _LORA = ("--lora-rank", "--lora-alpha", "--lora-targets", "--fake-copy", "--export-kohya", "--init-lora")
 # --export-fused: a full fine-tune writes fused/ anyway, so asking for it there is not a flag doing nothing
+_HUB = ("--revision", "--variant", "--cache-dir")  # how the Hub model id a folder flag names is resolved
 _PRESET = ("--preset", "--model", "--prompts", "--resolution", "--num-frames", "--max-sequence-length", "--embedding-cache",
-           "--full-finetune", "--gradient-checkpointing", "--use-8bit-adam", "--export-fused", "--validation-prompt")
-_ONNX = ("--dtype", "--per-network", "--vae", "--pipeline", "--dynamic-resolution", "--opset", "--exporter")
+           "--full-finetune", "--gradient-checkpointing", "--use-8bit-adam", "--export-fused", "--validation-prompt",
+           "--push-to-hub") + _HUB
+_ONNX = ("--dtype", "--per-network", "--vae", "--pipeline", "--dynamic-resolution", "--opset", "--exporter") + _HUB
 _TENSORRT = ("--trt-batch", "--trt-resolution", "--trt-precision", "--timing-cache")
+_DIGITS_TRAINING = ("--batch-size", "--lr", "--cond-dropout")
 
 # verb -> mode -> (how the mode reads in an error, the flags only some modes read that this one does)
 MODE_FLAGS = {
@@ -32,12 +36,34 @@ MODE_FLAGS = {
         "labels": ("sample --checkpoint (class labels)", ("--checkpoint", "--num", "--labels", "--solver")),
         "prompt": ("sample --prompt (an exported pipeline: the graphs fix the model and its solver)", ("--prompt",)),
     },
+    "demo": {
+        "digits": ("demo (the digits teacher)", ("--samples", "--eval-seeds", "--digits-teacher")),
+        "pipeline": ("demo --pipeline (a digits text-to-image pipeline)", ("--pipeline", "--model", "--onnx", "--samples",
+                                                                            "--eval-seeds")),
+        "toy2d": ("demo --dataset toy2d", ()),
+    },
+    "eval": {
+        "score": ("eval STUDENT (scoring a saved student)", ("--teacher", "--steps", "--eval-seeds", "--cfg-scale", "--json")),
+        "ablations": ("eval --ablations", ("--teacher", "--builtin-teacher", "--out", "--iterations", "--seeds", "--variants",
+                                           "--curve-every")),
+        "ablations-pipeline": ("eval --ablations --pipeline (the shipped pipeline, no curve)",
+                               ("--pipeline", "--out", "--iterations", "--seeds", "--variants")),
+    },
+    "teacher train": {
+        "toy2d": ("teacher train --dataset toy2d", ("--hidden",)),
+        "digits": ("teacher train --dataset digits (its UNet has a fixed size)", ("--architecture",) + _DIGITS_TRAINING),
+        "digits-t2i": ("teacher train --dataset digits-t2i", ("--pipeline", "--vae-iterations", "--threads", "--eval-samples")
+                       + _DIGITS_TRAINING),
+    },
 }
 SHARED_FLAGS = {
     "distill": ("--out", "--config", "--resume", "--override", "--quiet", "--help", "<every TDMConfig flag>"),
     "export": ("--format", "--checkpoint", "--out", "--steps", "--total-steps", "--solver", "--batch-size", "--shape",
                "--cond-shape", "--no-verify", "--device", "--quiet", "--help"),
     "sample": ("--steps", "--seed", "--out", "--backend", "--engine", "--quiet", "--help"),
+    "demo": ("--dataset", "--out", "--iterations", "--seed", "--quiet", "--help"),
+    "eval": ("--ablations", "--samples", "--quiet", "--help"),
+    "teacher train": ("--dataset", "--out", "--iterations", "--seed", "--quiet", "--help"),
 }
 
 
@@ -49,6 +75,12 @@ def mode_of(verb: str, args) -> str | None:
         return args.format
     if verb == "sample":
         return "prompt" if args.prompt is not None else "labels"
+    if verb == "demo":
+        return "toy2d" if args.dataset == "toy2d" else "pipeline" if args.pipeline is not None else "digits"
+    if verb == "eval":
+        return ("ablations-pipeline" if args.pipeline is not None else "ablations") if args.ablations else "score"
+    if verb == "teacher train":
+        return args.dataset
     return None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 from ..denoiser import load_denoiser
@@ -16,10 +17,14 @@ from ..usage import UsageError, check_allocation, check_output_path
 
 def _check_backend(backend: str, engine: str | None) -> None:
     if engine is not None:
-        if backend not in ("onnx", "tensorrt"):
-            raise UsageError(f"--engine is an exported graph or engine: use it with --backend onnx or tensorrt, not {backend}")
+        if backend not in ("compile", "onnx", "tensorrt"):
+            raise UsageError(f"--engine is an exported program, graph or engine: use it with --backend compile, onnx or "
+                             f"tensorrt, not {backend}")
         if not Path(engine).exists():
             raise UsageError(f"--engine {engine} does not exist")
+        if backend == "compile" and Path(engine).is_file() and not zipfile.is_zipfile(engine):  # torch.export.save writes a zip
+            raise UsageError(f"--engine {engine} is not a torch.export program: give a .pt2 file written by "
+                             "tdm-fast export --format compile")
         if backend == "onnx" and Path(engine).is_file():  # parsed here: ONNX Runtime's own error is a traceback
             import onnx
 
@@ -103,7 +108,7 @@ def _sample_prompts(args) -> int:
     runner = TextToImage(args.engine, steps=args.steps)  # refuses a bad folder before anything is written
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        images = runner(args.prompt, steps=args.steps, seed=args.seed)
+        images = runner(args.prompt, steps=args.steps, seed=args.seed, output_type="np").arrays
     for warning in caught:  # a truncated prompt: said once, in the CLI's format
         print(f"tdm-fast: warning: {warning.message}", file=sys.stderr)
     from safetensors.numpy import save_file
@@ -118,10 +123,30 @@ def _sample_prompts(args) -> int:
     return 0
 
 
+def _hub_keywords(args) -> dict:
+    return {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+
+
+def _resolve_export_models(args) -> None:
+    """``--pipeline`` and ``--vae`` given as Hub model ids become their snapshot folders, before anything is
+    loaded or written."""
+    from ..hub import resolve_model
+
+    if not (args.pipeline or args.vae):
+        if any(_hub_keywords(args).values()):
+            raise UsageError("--revision, --variant and --cache-dir select the files of --pipeline or --vae: add one")
+        return
+    if args.pipeline:
+        args.pipeline = resolve_model(args.pipeline, "--pipeline", **_hub_keywords(args))
+    if args.vae:
+        args.vae = resolve_model(args.vae, "--vae", kind="vae", **_hub_keywords(args))
+
+
 def cmd_export(args) -> int:
     from ..export.cli import check_export_args, run_export
 
     check_output_path(args.out, "--out")
+    _resolve_export_models(args)
     check_export_args(args)
     student = load_denoiser(args.checkpoint)
     check_steps(args.steps, student, args.total_steps)
@@ -131,10 +156,12 @@ def cmd_export(args) -> int:
 
 def cmd_convert(args) -> int:
     from ..convert import convert_checkpoint
+    from ..hub import resolve_model
 
     check_output_path(args.out, "--out")
-    out = convert_checkpoint(args.checkpoint, args.base, args.out, args.recipe, lora_scale=args.lora_scale,
-                             max_sequence_length=args.max_sequence_length)
+    base = resolve_model(args.base, "--base", **_hub_keywords(args))
+    out = convert_checkpoint(args.checkpoint, base, args.out, args.recipe, lora_scale=args.lora_scale,
+                             max_sequence_length=args.max_sequence_length, variant=args.variant)
     print(f"wrote {out} (LoRA, scheduler/, student/, README.md)")
     return 0
 
@@ -155,16 +182,19 @@ def add_sample_parsers(verbs) -> None:
     add_backend_arguments(p)
     p.set_defaults(func=cmd_sample)
 
-    p = verbs.add_parser("export", help="torch.compile / ONNX / TensorRT export of the K-step sampler")
+    p = verbs.add_parser("export", help="torch.export / ONNX / TensorRT export of the K-step sampler")
     add_export_arguments(p)
     p.set_defaults(func=cmd_export)
 
     from ..argtypes import positive_float, positive_int
     from ..convert import RECIPES
+    from ..hub import add_hub_arguments
 
     p = verbs.add_parser("convert", help="an official TDM release (Hub file) as a student folder for sample/export")
     p.add_argument("--checkpoint", required=True, help="the release's LoRA/EMA file, or the folder it was downloaded to")
-    p.add_argument("--base", required=True, help="the base diffusers pipeline folder the release was distilled from")
+    p.add_argument("--base", required=True,
+                   help="the base diffusers pipeline folder the release was distilled from, or its Hub model id")
+    add_hub_arguments(p)
     p.add_argument("--recipe", required=True, choices=sorted(RECIPES), help="which release: its format and its authors' sampler")
     p.add_argument("--lora-scale", type=positive_float, default=None,
                    help="adapter scale folded into the LoRA's alpha (default: the release README's, 0.125 for tdm-sd3)")

@@ -5,17 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..argtypes import positive_int
-from ..usage import UsageError, check_output_path, refuse_given
+from ..usage import UsageError, check_output_path
 from . import digits as digits_cli
 from .digits import run_demo, run_teacher_train
 
 
 def cmd_demo(args) -> int:
+    # which flags each --dataset / --pipeline reads: tdm_fast/cli/modes.py
     if args.onnx and args.pipeline != "sd15":
-        raise UsageError(f"--onnx scores the exported student of --pipeline sd15, not {'--pipeline ' + args.pipeline if args.pipeline else '--dataset ' + args.dataset}")
+        raise UsageError(f"--onnx scores the exported student of --pipeline sd15, not --pipeline {args.pipeline}")
     if args.pipeline is not None:
-        if args.dataset != "digits":
-            raise UsageError(f"--pipeline distils a digits text-to-image pipeline; it does not go with --dataset {args.dataset}")
         from ..demos.t2i_demo import run_t2i_demo
 
         out = Path(args.out or f"runs/demo-{args.pipeline}")
@@ -24,8 +23,6 @@ def cmd_demo(args) -> int:
         print((out / "metrics.md").read_text())
         print(f"sample grid: {out / 'grid.png'}")
         return 0
-    if args.model is not None:
-        raise UsageError("--model goes with --pipeline sd15|sd3 (a pipeline folder to distil instead of the shipped one)")
     if args.dataset == "digits":
 
         args.out = args.out or "runs/demo"
@@ -36,8 +33,6 @@ def cmd_demo(args) -> int:
         return 0
     from ..demos.demo_toy import run_toy_demo
 
-    refuse_given({"--samples": args.samples, "--eval-seeds": args.eval_seeds, "--digits-teacher": args.digits_teacher},
-                 "to --dataset toy2d")
     out = check_output_path(args.out or "runs/demo-toy", "--out")
     run_toy_demo(out, iterations=args.iterations or 600, progress=not args.quiet, seed=args.seed)
     print((out / "metrics.md").read_text())
@@ -50,19 +45,13 @@ def cmd_teacher_train(args) -> int:
 
     check_output_path(args.out, "--out")
     refuse_foreign_folder(args.out, "--out", ("denoiser.json", "model_index.json"))  # the new teacher replaces the folder
-    if args.dataset != "digits" and args.architecture != "digits":
-        raise UsageError(f"--architecture {args.architecture} goes with --dataset digits (the built-in digits teachers)")
+    # which flags each --dataset reads: tdm_fast/cli/modes.py
     if args.dataset == "digits-t2i":
         if args.pipeline is None:
             raise UsageError("--dataset digits-t2i needs --pipeline sd15 or sd3")
         _build_t2i_pipeline(args)
         return 0
-    t2i_only = [flag for flag, value in (("--pipeline", args.pipeline), ("--vae-iterations", args.vae_iterations),
-                                         ("--threads", args.threads), ("--eval-samples", args.eval_samples)) if value is not None]
-    if t2i_only:
-        raise UsageError(f"{', '.join(t2i_only)} only go with --dataset digits-t2i (the text-to-image pipelines)")
     if args.dataset == "digits":
-        refuse_given({"--hidden": args.hidden}, "to --dataset digits (its UNet has a fixed size)")
         args.batch_size = 128 if args.batch_size is None else args.batch_size
         if args.architecture == "digits":
             args.lr = 2e-3 if args.lr is None else args.lr
@@ -71,8 +60,6 @@ def cmd_teacher_train(args) -> int:
         return 0
     from ..demos.toy2d import train_toy_teacher
 
-    refuse_given({"--batch-size": args.batch_size, "--lr": args.lr, "--cond-dropout": args.cond_dropout},
-                 "to --dataset toy2d (they set the digits teachers' training)")
     teacher = train_toy_teacher(iterations=args.iterations or 2000, seed=args.seed or 0, hidden=args.hidden or 128,
                                 progress=not args.quiet)
     from ..atomic import atomic_folder

@@ -166,12 +166,12 @@ def _metrics_markdown(results: dict, config: TDMConfig, train_s: float, eval_s: 
 
 def add_demo_arguments(parser) -> None:
     """argparse options of ``tdm-fast demo`` (digits; progress: the CLI's --quiet)."""
-    from ..argtypes import positive_int
+    from ..argtypes import fid_sample_count, positive_int
     from ..usage import add_once as _add
 
     _add(parser, "--out", default="runs/demo", help="output folder (default runs/demo)")
     _add(parser, "--iterations", type=positive_int, default=None, help=f"TDM iterations (default {DEMO_ITERATIONS})")
-    _add(parser, "--samples", type=positive_int, default=2000, help="evaluation samples per seed")
+    _add(parser, "--samples", type=fid_sample_count, default=2000, help="evaluation samples per seed (FID: at least 2)")
     _add(parser, "--eval-seeds", type=int, nargs="+", default=None, help="evaluation seeds (default 0)")
     _add(parser, "--seed", type=int, default=0)
     _add(parser, "--digits-teacher", default=None, help="a saved digits teacher folder (default: the shipped one)")

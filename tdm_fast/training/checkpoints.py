@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 
 from .. import fsdp
-from ..checkpoint import commit_checkpoint, load_checkpoint, replace_folder, write_rank_file, write_state
+from ..checkpoint import CheckpointError, commit_checkpoint, load_checkpoint, replace_folder, write_rank_file, write_state
 from ..denoiser import Denoiser
 from .optim import EMA, LRSchedule
+from .resume_record import KEY as TEACHER_KEY
+from .resume_record import check_teacher_fingerprint
 
 # Settings that only say how long to run and what to write: a resumed run may change them freely.
 # ``steps``, ``steps_conditioning`` and ``total_steps`` shape the networks and can never change;
@@ -43,6 +45,19 @@ def non_finite_tensors(state, prefix: str = "") -> list[str]:
     return []
 
 
+def _load_network(core, saved: dict, role: str, path) -> None:
+    """``load_state_dict``, its error (a checkpoint of another architecture: another teacher network, LoRA rank
+    or targets) said in one line."""
+    try:
+        core.load_state_dict(saved)
+    except RuntimeError as exc:
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        first = details[0] if details else str(exc)
+        raise ValueError(f"checkpoint {path} holds a {role} of another architecture than this run's "
+                         f"({first[:160]}{'…' if len(first) > 160 else ''}): resume it with the teacher and the "
+                         "settings it was trained with (--lora-rank, --lora-targets, --full-finetune)") from None
+
+
 class Checkpointing:
     """Saving and restoring everything needed to continue a run exactly."""
 
@@ -57,7 +72,8 @@ class Checkpointing:
                 "fake_lr": self.sched_f.state_dict(),
             },
             "meta": {"step": self.step, "config": self.config.to_dict(), "world_size": self.accelerator.num_processes,
-                     "elapsed_s": self.elapsed_s, "lr_decay_iterations": self.sched_g.lr_lambdas[0].total},
+                     "elapsed_s": self.elapsed_s, "lr_decay_iterations": self.sched_g.lr_lambdas[0].total,
+                     TEACHER_KEY: self.teacher_fingerprint},
         }
         if self.ema is not None:
             state["ema"] = {str(i): s for i, s in enumerate(self.ema.shadow)}
@@ -121,7 +137,16 @@ class Checkpointing:
         in ``overrides``, which stretches the decay to the new length. ``elapsed_s`` continues.
         """
         state, rank_state = load_checkpoint(path, rank_file=f"rank-{self.accelerator.process_index}")
+        try:
+            self._restore(path, state, rank_state, overrides)
+        except KeyError as exc:  # a state.json of an older version (no digest to refuse it by) edited by hand
+            raise CheckpointError(f"checkpoint {path} lacks {exc}: restore its state.json, or resume from another "
+                                  "checkpoint") from None
+
+    def _restore(self, path, state: dict, rank_state: dict, overrides) -> None:
         self.check_resume_config(state["meta"]["config"], overrides)
+        check_teacher_fingerprint(state["meta"], self.teacher_fingerprint, path)
+        self.teacher_fingerprint = self.teacher_fingerprint or state["meta"].get(TEACHER_KEY)  # kept in later checkpoints
         if self.fsdp:
             shards = rank_state.get("shards")
             if shards is None or state["meta"].get("world_size") != self.accelerator.num_processes:
@@ -134,8 +159,8 @@ class Checkpointing:
             self.opt_f.load_state_dict(fsdp.optimizer_state_from_shards(shards["optimizers"]["fake"], self.opt_f))
             ema = shards.get("ema")
         else:
-            self.student_core.load_state_dict(state["student"])
-            self.fake_core.load_state_dict(state["fake"])
+            _load_network(self.student_core, state["student"], "student", path)
+            _load_network(self.fake_core, state["fake"], "fake score", path)
             self.opt_g.load_state_dict(state["optimizers"]["generator"])
             self.opt_f.load_state_dict(state["optimizers"]["fake"])
             ema = state.get("ema")
