@@ -37,6 +37,26 @@ def test_resume_takes_the_runs_settings_and_refuses_an_unnamed_change(teacher_di
     assert _state(run, 4)["meta"]["config"]["fake_lr"] == 2e-3
 
 
+def test_resume_alone_recalls_the_teacher_or_the_preset_flags(teacher_dir, tmp_path):
+    """``--resume`` without --teacher / --preset --model --prompts: the run's run.json names them."""
+    from tdm_fast.demos import t2i
+
+    run = tmp_path / "run"
+    assert _distill(teacher_dir, run, "--iterations", 1, *SETTINGS, *TINY) == 0
+    assert main(["distill", "--out", str(run), "--resume", "--iterations", "2", "--quiet"]) == 0
+    assert json.loads((run / "run.json").read_text())["teacher"] == str(teacher_dir.resolve())
+
+    prompts = t2i.write_prompt_file(tmp_path / "prompts.txt")
+    preset = tmp_path / "preset"
+    assert main(["distill", "--preset", "sd15", "--model", str(t2i.shipped_pipeline("sd15")), "--prompts", str(prompts),
+                 "--out", str(preset), "--resolution", "32", "--embedding-cache", "none", "--lora-rank", "2",
+                 "--steps", "1", "2", "--iterations", "1", "--batch-size", "2", "--checkpoint-every", "1", "--quiet"]) == 0
+    assert main(["distill", "--out", str(preset), "--resume", "--iterations", "2", "--quiet"]) == 0
+    assert _state(preset, 2)["meta"]["config"]["steps"] == [1, 2]
+    assert json.loads((preset / "run.json").read_text())["preset"]["lora_rank"] == 2
+    assert (preset / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_raised_iterations_keep_the_decay_length_unless_overridden(teacher_dir, tmp_path):
     for name, extra in (("kept", []), ("stretched", ["--override", "iterations"])):
         run = tmp_path / name

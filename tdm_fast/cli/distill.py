@@ -61,7 +61,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args, resumed: dict | None = None, recipe: dict | None = None) -> TDMConfig:
     """``recipe`` (a preset's defaults, :func:`preset_recipe_of`), overlaid with ``resumed`` (the settings of
     the checkpoint a run resumes), with ``--config``, with the flags given; an invalid value is reported with
-    its flag's name. A recipe run that names no K draw weights anywhere draws K in proportion to K."""
+    its flag's name. A recipe run that names no K draw weights anywhere gets the recipe's (:func:`steps_weights_for`)."""
     from ..recipes import steps_weights_for
 
     known = {field.name for field in dataclasses.fields(TDMConfig)}
@@ -270,9 +270,46 @@ def _push(args, out: Path) -> None:
     print(f"uploaded {folder} to {url}")
 
 
+RUN_SOURCE = "run.json"  # what a run distils: its --teacher folder, or its --preset flags
+
+
+def _run_source(args) -> dict:
+    """What ``run.json`` records of this run's networks, for a later ``--resume`` given without them."""
+    if args.preset:
+        preset = {field.name: getattr(args, field.name) for field in dataclasses.fields(PresetRun)}
+        return {"preset": {key: str(value) if isinstance(value, Path) else value for key, value in preset.items()}}
+    return {"teacher": str(Path(args.teacher).resolve())}
+
+
+def _recall_run_source(args) -> None:
+    """``--resume`` given neither ``--teacher`` nor ``--preset``: the ones the run was started with, from the
+    ``run.json`` of ``--out`` or of the run that holds the ``--resume`` checkpoint."""
+    if args.resume is None or args.teacher or args.preset:
+        return
+    folders = [Path(args.out)]
+    if args.resume:
+        folders += [Path(args.resume), Path(args.resume).parent, Path(args.resume).parent.parent]
+    for folder in folders:
+        try:
+            source = json.loads((folder / RUN_SOURCE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(source, dict) and isinstance(source.get("teacher"), str):
+            args.teacher = source["teacher"]
+            return
+        if isinstance(source, dict) and isinstance(source.get("preset"), dict):
+            known = {field.name for field in dataclasses.fields(PresetRun)}
+            for key, value in source["preset"].items():
+                if key in known:
+                    setattr(args, key, tuple(value) if isinstance(value, list) else value)
+            return
+        raise UsageError(f"{folder / RUN_SOURCE} is damaged: give --teacher, or --preset with --model and --prompts")
+
+
 def _distill(args) -> int:
     from .. import runlock
 
+    _recall_run_source(args)
     _resolve_hub_flags(args)
     config = config_from_args(args, _resumed_settings(args), preset_recipe_of(args))
     check_tracker(config.report_to)
@@ -282,7 +319,8 @@ def _distill(args) -> int:
     out = check_output_path(args.out, "--out")
     overrides = _override_keys(args)
     if bool(args.teacher) == bool(args.preset):
-        raise UsageError("give either --teacher (a saved denoiser) or --preset with --model and --prompts")
+        raise UsageError("give either --teacher (a saved denoiser) or --preset with --model and --prompts (a run "
+                         f"folder with a {RUN_SOURCE} recalls them: --resume alone continues it)")
     if args.validation_prompt and not (args.preset and config.validation_every):
         raise UsageError("--validation-prompt sets what a text model's validation samples: it needs --preset and "
                          "--validation-every N")
@@ -325,6 +363,7 @@ def _distill(args) -> int:
             if resume_from is not None and resume_from.parent == out / "checkpoints" and newest[-1:] != [resume_from]:
                 raise UsageError(f"{out} gained newer checkpoints than {resume_from.name} while this run started")
             write_text_atomically(out / "config.json", json.dumps(config.to_dict(), indent=2))
+            write_text_atomically(out / RUN_SOURCE, json.dumps(_run_source(args), indent=2))
         trainer.train()
         student = trainer.final_student() if args.preset else None  # every process: FSDP gathers it
         if main_process:
