@@ -70,9 +70,8 @@ HELP = {
     "log_every": "write metrics.jsonl and the trackers every N iterations",
     "report_to": "accelerate trackers: tensorboard, wandb, comet_ml, mlflow, aim, clearml, dvclive or all",
     "validation_every": "sample fixed validation inputs at every K every N iterations into <out>/validation/ (0: never); "
-                        "each validation, and the end of a run of 100 iterations or more, also says per K how far the student "
-                        "is from the teacher's 50-step samples against the best teacher sampler of at most K evaluations, "
-                        "with a warning where it is not ahead (<out>/validation/gap.json)",
+                        "each validation and the end of a run of >= 100 iterations report each K's gap to the best teacher "
+                        "sampler of <= K evaluations (validation/gap.json)",
     "max_nonfinite_skips": "stop the run after this many iterations in a row with a skipped (non-finite) update",
 }
 CHOICES = {"student_solver": SOLVERS, "objective": OBJECTIVES, "matching": MATCHING, "tau_interval": TAU_INTERVALS,

@@ -87,6 +87,7 @@ def test_elapsed_time_continues_and_the_summary_is_logged(teacher_dir, tmp_path,
     said = " ".join(r.getMessage() for r in caplog.records if r.name == "tdm_fast")
     assert "student" in said and "trainable parameters" in said and "K in [1, 2, 4]" in said
     assert "effective batch 16" in said and "precision no" in said
+    assert "memory before activations: weights" in said and "AdamW moments" in said
     before = _state(run, 2)["meta"]["elapsed_s"]
     assert before > 0
     assert _distill(teacher_dir, run, "--resume", "--iterations", 3, "--quiet") == 0

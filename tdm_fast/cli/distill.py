@@ -189,6 +189,21 @@ def log_startup_summary(trainer, config: TDMConfig, model: str, resumed_from: Pa
                 list(config.steps), weights, batch, config.batch_size, config.gradient_accumulation_steps,
                 trainer.accelerator.num_processes, config.mixed_precision,
                 f"resumed from {resumed_from} at step {trainer.step}" if resumed_from is not None else "from step 0")
+    logger.info("memory before activations: %s", _state_memory(trainer))
+
+
+def _state_memory(trainer) -> str:
+    """What the run holds whatever its activations: every weight once (LoRA roles share their base), and per
+    trainable parameter its fp32 gradient and two AdamW moments, plus the student's EMA copy."""
+    networks = (trainer.teacher, trainer.student_core, trainer.fake_core)
+    params = {id(p): p for network in networks for p in network.parameters()}
+    weights = sum(p.numel() * p.element_size() for p in params.values())
+    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    ema = sum(p.numel() for p in trainer.student_core.parameters() if p.requires_grad) if trainer.config.ema_decay else 0
+    state = 4 * (3 * trainable + ema)
+    gib = 2 ** 30
+    return (f"weights {weights / gib:.2f} GiB, gradients + AdamW moments + EMA {state / gib:.2f} GiB per process "
+            "(activations come on top: `tdm-fast plan` estimates them for the published backbones)")
 
 
 def _resume_point(resume: str | None, out: Path) -> Path | None:
