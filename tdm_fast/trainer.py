@@ -575,9 +575,9 @@ class TDMTrainer(Checkpointing):
         with self.ema_weights() as student, self.accelerator.autocast():
             images, metrics = self.validation.run(student, self.config.steps, self.config.total_steps,
                                                   self.config.student_solver, self.device, self.teacher, self.config.cfg_scale)
+        self._validated = (self.step, metrics)  # every process: a sharded report at this step must not sample again
         if not self.accelerator.is_main_process:
             return {}
-        self._validated = (self.step, metrics)
         self._log_gaps(metrics, f"validation at step {self.step}")
         grids = {}
         if self.output_dir is not None:

@@ -92,7 +92,7 @@ def test_sharded_checkpoints_hold_each_process_its_own_shards(runs):
 
 
 def test_validation_samples_the_sharded_student(runs):
-    assert sorted(p.name for p in (runs / "straight" / "validation").iterdir()) == ["step-00000002.png", "step-00000004.png"]
+    assert sorted(p.name for p in (runs / "straight" / "validation").iterdir()) == ["gap.json", "step-00000002.png", "step-00000004.png"]
 
 
 def test_a_sharded_run_resumes_exactly(runs):

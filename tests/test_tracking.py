@@ -19,7 +19,7 @@ def test_tensorboard_gets_losses_and_validation_grids(tmp_path):
     assert main(["distill", "--teacher", str(tmp_path / "teacher"), "--out", str(run), "--steps", "1", "2", "--iterations", "4",
                  "--batch-size", "8", "--cfg-scale", "2", "--kernels", "reference", "--log-every", "2", "--report-to",
                  "tensorboard", "--validation-every", "2", "--quiet"]) == 0
-    assert sorted(p.name for p in (run / "validation").iterdir()) == ["step-00000002.png", "step-00000004.png"]
+    assert sorted(p.name for p in (run / "validation").iterdir()) == ["gap.json", "step-00000002.png", "step-00000004.png"]
     events = EventAccumulator(str(next((run / "tdm-fast").iterdir()).parent), size_guidance={"images": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"fake_loss", "generator_loss", "grad_norm", "lr/generator", "lr/fake", "samples_per_s"} <= scalars

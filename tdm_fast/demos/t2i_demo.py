@@ -396,7 +396,8 @@ def _metrics_markdown(results: dict, pipeline: str, argv: list[str], rank: int, 
     from ..eval.digits import format_table
 
     md = [
-        f"# TDM demo on the shipped digits text-to-image pipeline `{pipeline}`",
+        f"# TDM demo on the digits text-to-image {pipeline} pipeline "
+        + ("shipped with tdm-fast" if Path(results["model"]) == t2i.shipped_pipeline(pipeline) else f"`{results['model']}`"),
         "",
         f"Distilled through `tdm-fast distill {' '.join(argv)}` settings (LoRA roles: student and fake score as two "
         f"adapters of rank {rank} on one base, the teacher = adapters off), unify student K ∈ {list(config.steps)}, "
