@@ -107,7 +107,12 @@ def summarize(benchmarks) -> str:
                  f"{ACCURACY_POINTS:g} points of the teacher's", "",
                  "| pipeline | iterations | seeds | K=1 | K=2 | K=4 | K=4 acc. − teacher (points) | all seeds pass |",
                  "|---|---|---|---|---|---|---|---|"]
-        for row in checks(data["runs"]):
+        runs = data["runs"]
+        knobs = {"PIPELINES": dict.fromkeys(r["pipeline"] for r in runs), "SEEDS": dict.fromkeys(str(r["seed"]) for r in runs),
+                 "ITERATIONS": dict.fromkeys(str(r["iterations"]) for r in runs)}
+        lines[1:1] = ["", "Reproduce: `" + " ".join(f'TDM_PRESETS_{k}="{" ".join(v)}"' for k, v in knobs.items())
+                      + " tdm-fast bench presets`"]
+        for row in checks(runs):
             cells = [f"{row[k][0]:.2f} ({row[k][1]:.2f})" for k in LIMITS]
             lines.append(f"| {row['pipeline']} | {row['iterations']} | {row['seeds']} | " + " | ".join(cells)
                          + f" | {row['accuracy'][0]:+.1f} ({row['accuracy'][1]:+.1f}) | {'yes' if row['pass'] else '**no**'} |")
