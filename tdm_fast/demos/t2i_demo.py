@@ -44,22 +44,18 @@ CFG = {"sd15": t2i.SD15_CFG, "sd3": t2i.SD3_CFG}
 # `distill --preset` gives with no recipe flags (tdm_fast.recipes, the LoRA defaults of tdm_fast.lora).
 SIZES = {"sd15": {"batch_size": 32, "iterations": 1000}, "sd3": {"batch_size": 64, "iterations": 500}}
 DEMO_ITERATIONS = {k: v["iterations"] for k, v in SIZES.items()}
-PREDICTION = {"sd15": "epsilon", "sd3": "flow"}
 
 
-def demo_config(pipeline: str, iterations: int | None = None, seed: int = 0, **overrides) -> TDMConfig:
-    """``distill --preset``'s defaults for ``pipeline`` with unify K ∈ {1, 2, 4} at the demo's size;
-    ``overrides`` (ablations) replace single settings."""
-    from ..backbones.presets import get_preset
-    from ..recipes import preset_recipe, steps_weights_for
+def demo_config(pipeline: str, iterations: int | None = None, seed: int = 0, model: str | Path | None = None,
+                **overrides) -> TDMConfig:
+    """``distill --preset``'s defaults for ``pipeline`` (of the folder ``model``, default the shipped one) with
+    unify K ∈ {1, 2, 4} at the demo's size; ``overrides`` (ablations) replace single settings."""
+    from ..recipes import preset_config
 
-    steps = tuple(overrides.pop("steps", (1, 2, 4)))
-    settings = preset_recipe(PREDICTION[pipeline], full_finetune=False, cfg_scale=get_preset(pipeline).cfg_scale)
-    settings.update(SIZES[pipeline], steps=steps, steps_weights=steps_weights_for(steps), seed=seed)
+    settings = {**SIZES[pipeline], "steps": (1, 2, 4), "seed": seed, **overrides}
     if iterations:
         settings["iterations"] = iterations
-    settings.update(overrides)
-    return TDMConfig(**settings)
+    return preset_config(pipeline, model or t2i.shipped_pipeline(pipeline), **settings)
 
 
 def lora_defaults(pipeline: str) -> tuple[int, str]:
@@ -79,7 +75,7 @@ def preset_argv(pipeline: str, model: Path, prompts: Path, cache: Path | str, ra
     argv = ["--preset", pipeline, "--model", str(model), "--prompts", str(prompts), "--resolution", str(t2i.IMAGE_SIZE),
             "--embedding-cache", str(cache)]
     if config is not None:
-        argv += ["--steps", *map(str, config.steps), *changed_settings_argv(pipeline, config)]
+        argv += ["--steps", *map(str, config.steps), *changed_settings_argv(pipeline, config, model)]
     if pipeline == "sd3":
         argv += ["--max-sequence-length", str(t2i.T5_LENGTH)]
     if rank is not None:
@@ -93,11 +89,11 @@ def preset_argv(pipeline: str, model: Path, prompts: Path, cache: Path | str, ra
     return argv
 
 
-def changed_settings_argv(pipeline: str, config: TDMConfig) -> list[str]:
-    """The flags that set ``config`` apart from ``distill --preset --steps …``'s defaults for ``pipeline``."""
-    default = demo_config(pipeline, steps=config.steps).to_dict()
-    del default["batch_size"], default["iterations"]
-    default.update(batch_size=TDMConfig.batch_size, iterations=TDMConfig.iterations)
+def changed_settings_argv(pipeline: str, config: TDMConfig, model: str | Path | None = None) -> list[str]:
+    """The flags that set ``config`` apart from ``distill --preset PIPELINE --model MODEL --steps …``'s defaults."""
+    from ..recipes import preset_config
+
+    default = preset_config(pipeline, model or t2i.shipped_pipeline(pipeline), steps=config.steps).to_dict()
     argv = []
     for key, value in config.to_dict().items():
         if key == "steps" or value == default.get(key):
@@ -474,7 +470,7 @@ def run_t2i_demo(
     prompts_file = t2i.write_prompt_file(out_dir / "prompts.txt")
     default_rank, default_targets = lora_defaults(pipeline)
     rank, targets = lora_rank or default_rank, lora_targets or default_targets
-    config = demo_config(pipeline, iterations, seed=seed, **config_overrides)
+    config = demo_config(pipeline, iterations, seed=seed, model=model_dir, **config_overrides)
     argv = preset_argv(pipeline, model_dir, prompts_file, out_dir / "embeddings", lora_rank, lora_targets, fake_copy, config=config)
     run = preset_run(pipeline, model_dir, prompts_file, out_dir / "embeddings", lora_rank, lora_targets, fake_copy)
     student, train_s, teacher_unchanged, teacher_is_base = _distil(pipeline, model_dir, run, config, out_dir, progress)
