@@ -36,9 +36,10 @@ case "${1:-}" in
     test)
         install
         shift
-        # pytest exits 5 when it collects nothing: set -e turns that into a failure too. The slowest tests
+        # pytest exits 5 when it collects nothing: set -e turns that into a failure too. One worker per core
+        # (at most 4), each test file on one worker so that its fixtures are built once; the slowest tests
         # are listed so that the suite's time budget (15 minutes on 2 cores) stays visible.
-        exec "$PYTHON" -m pytest tests -q --durations=15 "$@"
+        exec "$PYTHON" -m pytest tests -q -n auto --maxprocesses 4 --dist loadfile --durations=15 "$@"
         ;;
     *)
         echo "usage: bash run.sh demo|test [extra arguments]" >&2

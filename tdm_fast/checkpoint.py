@@ -100,9 +100,10 @@ def write_state(folder: Path, state: dict) -> None:
         skeleton[group] = flatten(value, group_tensors[group], prefix=group)
     record = {DIGEST_KEY: state_digest(skeleton)}
     with _removed_on_failure(folder):
+        # a group without tensors still gets its (empty) file: under FSDP every tensor lives in the rank
+        # files, and some file must record the digest for an edited state.json to be caught
         for group, tensors in group_tensors.items():
-            if tensors:
-                save_file(tensors, folder / f"{group}.safetensors", metadata=record)
+            save_file(tensors, folder / f"{group}.safetensors", metadata=record)
         with open(folder / STATE_FILE, "w") as f:
             json.dump(skeleton, f)
             f.flush()

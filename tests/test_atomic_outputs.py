@@ -8,6 +8,7 @@ system is a small tmpfs where this machine lets us mount one, else a write that 
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import shutil
@@ -53,7 +54,19 @@ WRITERS = [
      "*RESULTS.md", ["."]),
     ("embedding-cache", "-c " + shlex.quote(CACHE.replace("{key}", "old")), "-c " + shlex.quote(CACHE.replace("{key}", "new")),
      "*new.safetensors", ["."]),
+    # the model_index.json layout: prompt encoder, VAE decoder and sampler graphs, the tokenizer and the manifest
+    # that names them (written last, where it is stopped)
+    ("export-pipeline", "export --checkpoint {L}/student --pipeline {P} --out {O} --steps 1 --exporter torchscript --no-verify",
+     "export --checkpoint {L}/student --pipeline {P} --out {O} --steps 1 --batch-size 3 --exporter torchscript --no-verify",
+     "*manifest.json", ["."]),
+    # TensorRT builds need a CUDA device and the tensorrt package: skipped cleanly elsewhere
+    ("export-tensorrt", "export --format tensorrt --checkpoint {S} --out {O} --steps 1",
+     "export --format tensorrt --checkpoint {S} --out {O} --steps 1 --batch-size 3", "*sampler_k1_fp32.engine", ["."]),
 ]
+NEEDS_TENSORRT = {"export-tensorrt"}
+ROWS = [pytest.param(*w, id=w[0], marks=[pytest.mark.gpu, pytest.mark.skipif(
+            importlib.util.find_spec("tensorrt") is None, reason="needs the tensorrt package")] if w[0] in NEEDS_TENSORRT else [])
+        for w in WRITERS]
 STOPS = [("SIGINT", 130, "tdm-fast: interrupted by SIGINT"), ("SIGTERM", 143, "tdm-fast: interrupted by SIGTERM"),
          ("full-disk", 1, "tdm-fast: error: no space left on device")]
 
@@ -111,7 +124,16 @@ def _stop(action: str, pattern: str, argv: list[str], cwd: Path) -> subprocess.C
 
 
 @pytest.fixture(scope="module")
-def previous_artifacts(tmp_path_factory, student_dir, teacher_dir):
+def pipeline_run(tmp_path_factory):
+    """A random-weight LoRA student of the shipped tiny SD1.5 pipeline (``{L}``) and that pipeline (``{P}``)."""
+    from _lora_student import random_lora_run
+
+    model, run = random_lora_run("sd15", tmp_path_factory.mktemp("pipeline-run"), steps=(1,))
+    return {"P": model, "L": run}
+
+
+@pytest.fixture(scope="module")
+def previous_artifacts(tmp_path_factory, student_dir, teacher_dir, request):
     """Each writer's previous artifact, made once (in-process) and copied into every case of that writer."""
     made = {}
 
@@ -121,7 +143,8 @@ def previous_artifacts(tmp_path_factory, student_dir, teacher_dir):
             cwd = os.getcwd()
             os.chdir(root)
             try:
-                assert _run_here(_argv(template, {"O": root / "out", "T": teacher_dir, "S": student_dir})) == 0
+                extra = request.getfixturevalue("pipeline_run") if writer == "export-pipeline" else {}
+                assert _run_here(_argv(template, {"O": root / "out", "T": teacher_dir, "S": student_dir, **extra})) == 0
             finally:
                 os.chdir(cwd)
             made[writer] = root / "out"
@@ -131,14 +154,15 @@ def previous_artifacts(tmp_path_factory, student_dir, teacher_dir):
 
 
 @pytest.mark.parametrize("stop, code, line", STOPS, ids=[s[0] for s in STOPS])
-@pytest.mark.parametrize("writer, previous, command, pattern, artifacts", WRITERS, ids=[w[0] for w in WRITERS])
+@pytest.mark.parametrize("writer, previous, command, pattern, artifacts", ROWS)
 def test_a_stopped_writer_leaves_the_previous_artifact(writer, previous, command, pattern, artifacts, stop, code, line,
                                                        student_dir, teacher_dir, previous_artifacts, tmp_path, volume,
-                                                       monkeypatch):
+                                                       monkeypatch, request):
+    pipeline_run = request.getfixturevalue("pipeline_run") if writer == "export-pipeline" else {}
     root = volume if (stop == "full-disk" and volume is not None) else tmp_path / "work"
     root.mkdir(exist_ok=True)
     monkeypatch.chdir(root)
-    paths = {"O": root / "out", "T": teacher_dir, "S": student_dir}
+    paths = {"O": root / "out", "T": teacher_dir, "S": student_dir, **(pipeline_run if writer == "export-pipeline" else {})}
     shutil.copytree(previous_artifacts(writer, previous), root / "out", symlinks=True)
     before = {name: _tree(root / "out" / name) for name in artifacts}
     action = stop if stop != "full-disk" else (f"fill:{root / 'filler'}" if volume is not None else "enospc")
@@ -162,7 +186,7 @@ def test_the_table_covers_every_writer():
     ids = [w[0] for w in WRITERS]
     assert len(set(ids)) == len(ids)
     for family in ("teacher-toy2d", "teacher-digits", "teacher-digits-t2i", "distill-checkpoint", "distill-final-student",
-                   "export-onnx", "export-compile", "sample", "bench-results", "embedding-cache"):
+                   "export-onnx", "export-compile", "export-pipeline", "export-tensorrt", "sample", "bench-results", "embedding-cache"):
         assert family in ids
 
 

@@ -80,7 +80,7 @@ def test_resume_errors_leave_the_run_untouched(teacher_dir, tmp_path, capsys):
 
 
 def test_sigkill_mid_run_then_resume(teacher_dir, tmp_path):
-    iterations = 600
+    iterations = 300  # the kill lands within a few iterations of the first checkpoint (25)
     args = ["distill", "--teacher", teacher_dir, "--iterations", iterations, "--checkpoint-every", 25, *TINY]
     run = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

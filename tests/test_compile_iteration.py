@@ -7,6 +7,8 @@ student and the fake score as LoRA roles on one base, fp32 on the CPU, 20 iterat
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -52,10 +54,17 @@ def _trainer(kernels: str, lora: bool, iterations: int = ITERATIONS, compile: bo
     return TDMTrainer(teacher, config, EmbeddingConditions(prompts), (4, 8, 8), student=student, fake=fake, progress=False)
 
 
+@functools.cache
+def _plain_losses(lora: bool) -> list[dict]:
+    """The plain path's 20 iterations (reference kernels, eager, the losses read every iteration): the same
+    for every test of a layout, so run once."""
+    plain = _trainer("reference", lora)
+    return [plain.train_step() for _ in range(ITERATIONS)]
+
+
 @pytest.mark.parametrize("lora", [True, False], ids=["lora-roles", "full-copies"])
 def test_optimised_path_equals_plain_path_over_20_iterations(lora):
-    plain = _trainer("reference", lora)
-    plain_losses = [plain.train_step() for _ in range(ITERATIONS)]
+    plain_losses = _plain_losses(lora)
     optimised = _trainer("fused", lora)
     reads = []
     original = optimised._records
@@ -88,8 +97,7 @@ def test_compiled_networks_train_like_the_plain_path_and_compile_once(scope):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    plain_trainer = _trainer("reference", True)
-    plain = [plain_trainer.train_step() for _ in range(ITERATIONS)]
+    plain = _plain_losses(True)
     trainer = _trainer("fused", True, compile=True, compile_scope=scope)
     unet = trainer.teacher.model.shared.adapter.inner
     blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]

@@ -4,7 +4,9 @@ CPU processes (gloo). The sharded run resumes exactly, writes a loadable student
 the same student as data parallel; what FSDP does not do is refused with the alternative named."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tdm_fast import fsdp
-from tdm_fast.checkpoint import load_checkpoint
+from tdm_fast.checkpoint import CheckpointError, load_checkpoint, read_meta
 from tdm_fast.demos import t2i
 
 RUN = ["--resolution", "32", "--export-fused", "--batch-size", "2", "--kernels", "reference", "--steps", "1", "2", "4",
@@ -72,16 +74,24 @@ def runs(tmp_path_factory, request):
     # the full fine-tune also runs the Fisher objective: its generator loss backpropagates through the
     # sharded teacher and fake score
     layout = ["--full-finetune", "--objective", "fisher"] if request.param == "full-finetune" else []
-    for name, flags, fsdp_on in (("straight", ["--iterations", 4], True), ("ddp", ["--iterations", 4], False),
-                                 ("cut", ["--iterations", 2], True), ("cut", ["--iterations", 4, "--resume"], True)):
+    for name, flags, fsdp_on in (("straight", ["--iterations", 4], True), ("ddp", ["--iterations", 4], False)):
         result = _distill(root / name, prompts, *layout, *flags, fsdp_on=fsdp_on)
         assert result.returncode == 0, result.stderr[-3000:]
+    # "cut": the straight run as a kill after its step-2 checkpoint leaves it (the launch that would stop there
+    # writes the same files), resumed to step 4
+    cut = shutil.copytree(root / "straight", root / "cut")
+    for written_after_step_2 in ("checkpoints/step-00000004", "student", "fused"):
+        shutil.rmtree(cut / written_after_step_2)
+    result = _distill(cut, prompts, *layout, "--iterations", 4, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
     return root
 
 
 def test_sharded_checkpoints_hold_each_process_its_own_shards(runs):
     step = runs / "straight" / "checkpoints" / "step-00000004"
-    assert sorted(p.name for p in step.iterdir()) == ["rank-0.safetensors", "rank-1.safetensors", "state.json"]
+    # the group files hold no tensors under FSDP, only the digest of state.json
+    assert sorted(p.name for p in step.iterdir()) == ["meta.safetensors", "optimizers.safetensors", "rank-0.safetensors",
+                                                      "rank-1.safetensors", "state.json"]
     first, second = (_rank_tensors(step, r) for r in (0, 1))
     weights = [k for k in first if k.startswith(".shards.student.")]
     moments = [k for k in first if k.startswith(".shards.optimizers.generator.state.") and k.endswith("exp_avg")]
@@ -89,6 +99,15 @@ def test_sharded_checkpoints_hold_each_process_its_own_shards(runs):
     # every rank holds its own part of each sharded weight (a role's steps embedding stays replicated)
     sharded = [k for k in weights if "steps_embedding" not in k]
     assert sharded and all(not torch.equal(first[k], second[k]) for k in sharded if first[k].numel() > 1)
+
+
+def test_an_edited_state_json_of_a_sharded_checkpoint_is_refused(runs, tmp_path):
+    copy = shutil.copytree(runs / "straight" / "checkpoints" / "step-00000004", tmp_path / "step-00000004")
+    state = json.loads((copy / "state.json").read_text())
+    state["meta"]["__dict__"]["step"] = 2
+    (copy / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="does not match the tensors written with it"):
+        read_meta(copy)
 
 
 def test_validation_samples_the_sharded_student(runs):

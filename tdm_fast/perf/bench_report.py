@@ -118,7 +118,10 @@ def run_suite(suite: str, results_dir: Path = RESULTS_DIR, pytest_args=(), bench
         cmd = [sys.executable, "-m", "pytest", str(suites[suite]), "-q", "-p", "no:cacheprovider", f"--benchmark-json={tmp}",
                *pytest_args]
         print("$ " + " ".join(cmd), flush=True)
-        rc = subprocess.call(cmd, cwd=bench_dir)
+        # a suite is its own pytest session: run from inside a pytest-xdist worker (our test suite), the worker's
+        # variables would make pytest-benchmark disable itself and record nothing
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+        rc = subprocess.call(cmd, cwd=bench_dir, env=env)
         if tmp.exists() and "benchmarks" not in _json_or_none(tmp):
             tmp.unlink()  # no result to replace the previous one with
         if tmp.exists() and out.exists():
