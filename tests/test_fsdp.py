@@ -21,8 +21,8 @@ from tdm_fast.checkpoint import CheckpointError, load_checkpoint, read_meta
 from tdm_fast.demos import t2i
 
 RUN = ["--resolution", "32", "--export-fused", "--batch-size", "2", "--kernels", "reference", "--steps", "1", "2", "4",
-       "--checkpoint-every", "2", "--ema-decay", "0.9", "--gradient-accumulation-steps", "2", "--validation-every", "2",
-       "--quiet"]
+       "--checkpoint-every", "2", "--ema-decay", "0.9", "--gradient-accumulation-steps", "2", "--quiet"]
+VALIDATION = ["--validation-every", "2"]  # the straight run's; validation draws from its own generator
 FOLDED = "time_embedding.linear_2.bias"  # a fused pipeline runs one K: its embedding is folded into this bias
 
 
@@ -74,7 +74,7 @@ def runs(tmp_path_factory, request):
     # the full fine-tune also runs the Fisher objective: its generator loss backpropagates through the
     # sharded teacher and fake score
     layout = ["--full-finetune", "--objective", "fisher"] if request.param == "full-finetune" else []
-    for name, flags, fsdp_on in (("straight", ["--iterations", 4], True), ("ddp", ["--iterations", 4], False)):
+    for name, flags, fsdp_on in (("straight", ["--iterations", 4, *VALIDATION], True), ("ddp", ["--iterations", 4], False)):
         result = _distill(root / name, prompts, *layout, *flags, fsdp_on=fsdp_on)
         assert result.returncode == 0, result.stderr[-3000:]
     # "cut": the straight run as a kill after its step-2 checkpoint leaves it (the launch that would stop there
