@@ -42,7 +42,15 @@ def _fresh_accelerator():
     GradientState._reset_state()
 
 
+# The files that take minutes (measured on 2 cores), longest first: pytest-xdist hands whole files to the
+# workers in collection order, so starting these first leaves the short files to fill in at the end.
+LONGEST_FIRST = ("test_compile_iteration.py", "test_fsdp.py", "test_atomic_outputs.py", "test_t2i_demo.py",
+                 "test_export.py", "test_fresh_machine.py", "test_gpu_all.py", "test_distributed.py", "test_backbones.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
