@@ -132,8 +132,16 @@ def pipeline_run(tmp_path_factory):
     return {"P": model, "L": run}
 
 
+def _paths(out: Path, writer: str, request) -> dict:
+    """The command's {O}, {T}, {S}; {P} and {L} only for the row that reads a pipeline (its fixture is costly)."""
+    paths = {"O": out, "T": request.getfixturevalue("teacher_dir"), "S": request.getfixturevalue("student_dir")}
+    if writer == "export-pipeline":
+        paths.update(request.getfixturevalue("pipeline_run"))
+    return paths
+
+
 @pytest.fixture(scope="module")
-def previous_artifacts(tmp_path_factory, student_dir, teacher_dir, request):
+def previous_artifacts(tmp_path_factory, request):
     """Each writer's previous artifact, made once (in-process) and copied into every case of that writer."""
     made = {}
 
@@ -143,8 +151,7 @@ def previous_artifacts(tmp_path_factory, student_dir, teacher_dir, request):
             cwd = os.getcwd()
             os.chdir(root)
             try:
-                extra = request.getfixturevalue("pipeline_run") if writer == "export-pipeline" else {}
-                assert _run_here(_argv(template, {"O": root / "out", "T": teacher_dir, "S": student_dir, **extra})) == 0
+                assert _run_here(_argv(template, _paths(root / "out", writer, request))) == 0
             finally:
                 os.chdir(cwd)
             made[writer] = root / "out"
@@ -156,13 +163,11 @@ def previous_artifacts(tmp_path_factory, student_dir, teacher_dir, request):
 @pytest.mark.parametrize("stop, code, line", STOPS, ids=[s[0] for s in STOPS])
 @pytest.mark.parametrize("writer, previous, command, pattern, artifacts", ROWS)
 def test_a_stopped_writer_leaves_the_previous_artifact(writer, previous, command, pattern, artifacts, stop, code, line,
-                                                       student_dir, teacher_dir, previous_artifacts, tmp_path, volume,
-                                                       monkeypatch, request):
-    pipeline_run = request.getfixturevalue("pipeline_run") if writer == "export-pipeline" else {}
+                                                       previous_artifacts, tmp_path, volume, monkeypatch, request):
     root = volume if (stop == "full-disk" and volume is not None) else tmp_path / "work"
     root.mkdir(exist_ok=True)
     monkeypatch.chdir(root)
-    paths = {"O": root / "out", "T": teacher_dir, "S": student_dir, **(pipeline_run if writer == "export-pipeline" else {})}
+    paths = _paths(root / "out", writer, request)
     shutil.copytree(previous_artifacts(writer, previous), root / "out", symlinks=True)
     before = {name: _tree(root / "out" / name) for name in artifacts}
     action = stop if stop != "full-disk" else (f"fill:{root / 'filler'}" if volume is not None else "enospc")
