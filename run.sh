@@ -37,11 +37,9 @@ case "${1:-}" in
         install
         shift
         # pytest exits 5 when it collects nothing: set -e turns that into a failure too. One worker per core
-        # and one more (at most 5): tests spend part of their time waiting on the processes they start, and
-        # the extra worker fills it. Each test file stays on one worker so that its fixtures are built once;
-        # the slowest tests are listed so that the suite's time budget (15 minutes on 2 cores) stays visible.
-        workers=$("$PYTHON" -c "import os; print(min(5, len(os.sched_getaffinity(0)) + 1))")
-        exec "$PYTHON" -m pytest tests -q -n "$workers" --dist loadfile --durations=15 "$@"
+        # (at most 4), each test file on one worker so that its fixtures are built once; the slowest tests
+        # are listed so that the suite's time budget (15 minutes on 2 cores) stays visible.
+        exec "$PYTHON" -m pytest tests -q -n auto --maxprocesses 4 --dist loadfile --durations=15 "$@"
         ;;
     *)
         echo "usage: bash run.sh demo|test [extra arguments]" >&2

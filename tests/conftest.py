@@ -3,7 +3,7 @@ import os
 # Triton reads this when @triton.jit runs, so it must be set before any kernel module is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Under pytest-xdist (`bash run.sh test` runs a worker per core and one more) the workers share the cores: each
+# Under pytest-xdist (`bash run.sh test` runs one worker per core, up to 4) the workers share the cores: each
 # worker and the processes its tests start take their share of threads, not all of them each.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
