@@ -71,7 +71,8 @@ def modelled_flops(name: str, size: str) -> dict | None:
     forward passes × batch it composes (None for the official-style loop)."""
     from diffusers import UNet2DConditionModel
 
-    from tdm_fast.perf.flops import IterationSettings, count_flops, tdm_iteration_flops
+    from tdm_fast.lora import DEFAULT_TARGETS
+    from tdm_fast.perf.flops import IterationSettings, count_flops, lora_adapter_flops, tdm_iteration_flops
 
     if name == "official":
         return None
@@ -85,10 +86,13 @@ def modelled_flops(name: str, size: str) -> dict | None:
     with torch.no_grad():
         forward = count_flops(lambda: unet(x, t, **kwargs))
     lora = name != "plain-full"
-    settings = IterationSettings(steps=(cmp.K,), lora=lora, checkpointing=lora and s.checkpointing)
+    adapters = lora_adapter_flops(unet, lambda: unet(x, t, **kwargs), DEFAULT_TARGETS["unet"], s.lora_rank) if lora else 0
+    settings = IterationSettings(steps=(cmp.K,), lora=lora, checkpointing=lora and s.checkpointing,
+                                 adapter_fraction=adapters / forward)
     phases = tdm_iteration_flops(forward, settings)
-    passes = sum(v for k, v in phases.items() if "fwd" in k) / forward
-    return {"total": phases["total"], "forward": forward, "passes": passes}
+    base = tdm_iteration_flops(forward, IterationSettings(steps=(cmp.K,), lora=lora))
+    passes = sum(v for k, v in base.items() if "fwd" in k) / forward
+    return {"total": phases["total"], "forward": forward, "passes": passes, "adapter_fraction": settings.adapter_fraction}
 
 
 class TensorPeak:
@@ -171,8 +175,8 @@ def test_real_size_iteration(benchmark, size, config):
         rss_peak = cmp._rss_kb("VmHWM")
     passes = runner.passes.per_iteration()
     model = modelled_flops(config, size)
-    # the model at the passes this iteration drew: each pass more or less is one no-grad forward
-    modelled = model and model["total"] + (flop_passes - model["passes"]) * model["forward"]
+    # the model at the passes this iteration drew: each pass more or less is one no-grad student forward
+    modelled = model and model["total"] + (flop_passes - model["passes"]) * model["forward"] * (1 + model["adapter_fraction"])
     planned = planned_mb(config, size)
     benchmark.extra_info.update(cmp.size_info(size))
     benchmark.extra_info.update(

@@ -41,6 +41,45 @@ def test_tdm_iteration_composition():
     assert unify["fake update: student fwd (no grad), last-stage draws (1/K)"] == pytest.approx(2 * (1 + 1 / 2 + 1 / 4) / 3)
 
 
+def test_lora_adapter_flops_equal_what_peft_adapters_add():
+    """The adapters' count from the targeted layers' outputs, against FlopCounterMode on the same network with
+    peft's adapters attached (linears, a 3x3 convolution with stride, a grouped one left untargeted)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from tdm_fast.perf.flops import lora_adapter_flops
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.depthwise = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.proj_in = torch.nn.Linear(8, 12)
+            self.to_q = torch.nn.Linear(12, 12)
+
+        def forward(self, x):
+            h = self.depthwise(self.conv1(x)).flatten(2).transpose(1, 2)
+            return self.to_q(self.proj_in(h))
+
+    torch.manual_seed(0)
+    net, x, rank, targets = Net(), torch.randn(2, 3, 9, 9), 4, ("conv1", "proj_in", "to_q")
+    base = count_flops(net, x)
+    counted = lora_adapter_flops(net, lambda: net(x), targets, rank)
+    inject_adapter_in_model(LoraConfig(r=rank, target_modules=list(targets)), net)
+    assert counted > 0 and count_flops(net, x) - base == counted
+
+
+def test_lora_iterations_count_the_adapters_on_the_student_and_fake_passes_only():
+    plain = tdm_iteration_flops(1.0, IterationSettings(steps=(4,), lora=True))
+    adapted = tdm_iteration_flops(1.0, IterationSettings(steps=(4,), lora=True, adapter_fraction=0.1))
+    assert adapted["generator: teacher fwd (cond+uncond, 2B)"] == plain["generator: teacher fwd (cond+uncond, 2B)"]
+    assert adapted["generator: student fwd"] == pytest.approx(1.1)
+    assert adapted["generator: student bwd"] == pytest.approx(1.2)  # input grads + the adapters' input and weight grads
+    # 3 + 0.25 rollout/fake-student forwards, fake fwd, generator student fwd, fake fwd (no grad): 6.25 adapted forwards
+    assert adapted["total"] - plain["total"] == pytest.approx(0.1 * 6.25 + 2 * 0.2)
+    full = tdm_iteration_flops(1.0, IterationSettings(steps=(4,), adapter_fraction=0.1))
+    assert full["total"] == pytest.approx(12.25)  # no LoRA, no adapters
+
+
 def test_peaks_and_hours():
     assert gpu_key("NVIDIA H100 80GB HBM3") == "h100" and gpu_key("NVIDIA A800-SXM4-80GB") == "a800"
     assert device_peak("a800") == 312e12

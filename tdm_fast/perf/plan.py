@@ -79,10 +79,15 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def is_lora_target(name: str, targets) -> bool:
+    """peft's rule for a list of target names: the module's name, or its last dotted parts, is one of them."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def lora_parameters(model, targets, rank: int) -> int:
     total = 0
     for name, module in model.named_modules():
-        if not any(name == t or name.endswith("." + t) for t in targets):
+        if not is_lora_target(name, targets):
             continue
         if isinstance(module, torch.nn.Linear):
             total += rank * (module.in_features + module.out_features)
