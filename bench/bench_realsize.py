@@ -7,7 +7,8 @@ The configurations of the training comparison (``bench/sd15_comparison.py``: off
 plain full copies, plain LoRA roles, all options) on random weights, one configuration at a time, on
 whatever device is here. Sizes (``TDM_BENCH_REAL_SIZES``): on a CPU ``sd15-real`` (SD1.5's published
 UNet, 64×64 latents = 512 px, 77×768 text, batch 1, fp32) and ``sdxl-real`` (SDXL's, 128×128 latents,
-2048-wide text and text-time embeddings, batch 1, fp32, the LoRA roles with gradient checkpointing);
+2048-wide text and text-time embeddings, batch 1, fp32, the LoRA roles with gradient checkpointing), and both
+at bf16 autocast as ``sd15-real-bf16`` / ``sdxl-real-bf16`` (for CPUs with bf16 arithmetic: AVX512-BF16, AMX);
 on a GPU ``sd15`` and ``sdxl`` (bf16 autocast, ``TDM_BENCH_SD15_BATCH`` / ``TDM_BENCH_SDXL_BATCH``);
 ``tiny`` is the dry run of ``bench/gpu_all.sh``. A configuration whose ``tdm-fast plan`` total exceeds
 ``TDM_BENCH_REAL_MEMORY_GIB`` (CPU default 12: the machine is shared; GPU default 90 % of the card) is

@@ -20,7 +20,8 @@ Sizes: ``scaled`` (CPU): SD1.5's published UNet config (block types, 2 layers pe
 heads, cross-attention dim 768, 77×768 prompt embeddings) with the channel widths divided by 10
 (32, 64, 128, 128: norm groups of 32 still divide them), 16×16 latents, random weights, fp32.
 ``sd15`` / ``sdxl`` (GPU): the published configs at 64×64 / 128×128 latents, bf16 autocast.
-``sd15-real`` / ``sdxl-real`` (CPU, ``bench/bench_realsize.py``): the same configs at batch 1, fp32 (SDXL's
+``sd15-real`` / ``sdxl-real`` (CPU, ``bench/bench_realsize.py``; ``-bf16``: at bf16 autocast, for CPUs with
+bf16 arithmetic): the same configs at batch 1, fp32 (SDXL's
 LoRA roles with gradient checkpointing). ``tiny``: SD1.5's block types at two levels of one layer, 32 channels, 8×8
 latents, the dry run of ``bench/gpu_all.sh``.
 
@@ -102,6 +103,10 @@ SIZES = {
     # the published configs on a CPU (bench/bench_realsize.py): fp32, batch 1; SDXL's LoRA roles with checkpointing
     "sd15-real": ComparisonSize(SD15_UNET, 64, _batch("TDM_BENCH_REAL_BATCH", 1), 64, None, 77, 768, None),
     "sdxl-real": ComparisonSize(SDXL_UNET, 128, _batch("TDM_BENCH_REAL_BATCH", 1), 64, None, 77, 2048, 1280, checkpointing=True),
+    # the same at bf16 autocast (the LoRA roles' base cast to bf16), for CPUs with bf16 arithmetic (AVX512-BF16, AMX)
+    "sd15-real-bf16": ComparisonSize(SD15_UNET, 64, _batch("TDM_BENCH_REAL_BATCH", 1), 64, torch.bfloat16, 77, 768, None),
+    "sdxl-real-bf16": ComparisonSize(SDXL_UNET, 128, _batch("TDM_BENCH_REAL_BATCH", 1), 64, torch.bfloat16, 77, 2048, 1280,
+                                     checkpointing=True),
     # the dry run of bench/gpu_all.sh: SD1.5's block types at two levels of one layer, 32 channels
     "tiny": ComparisonSize(dict(SD15_UNET, block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=32,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

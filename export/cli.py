@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from tdm_fast.denoiser import DENOISER_CONFIG, Denoiser
-from tdm_fast.hub import add_hub_arguments
+from tdm_fast.cli.hub_flags import add_hub_arguments
 from tdm_fast.solvers import SOLVERS
 
 from .student import (FORMATS, ExportOptions, check_export_options, example_inputs, onnx_name, parity_tolerance,  # noqa: F401

@@ -24,16 +24,6 @@ _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 _VAE_STEM = "diffusion_pytorch_model"
 
 
-def add_hub_arguments(group) -> None:
-    """``--revision``, ``--variant`` and ``--cache-dir`` on an argparse parser or group: how the Hub model id a
-    folder flag may name is resolved (diffusers' own keywords)."""
-    group.add_argument("--revision", default=None, help="with a Hub model id: the branch, tag or commit (default: main)")
-    group.add_argument("--variant", default=None,
-                       help="load the weight files of this variant (e.g. fp16: *.fp16.safetensors), as diffusers' variant=")
-    group.add_argument("--cache-dir", default=None,
-                       help="with a Hub model id: the Hugging Face cache to read and fill (default: HF_HUB_CACHE)")
-
-
 def looks_like_repo_id(value: str) -> bool:
     return bool(_REPO_ID.match(value)) and ".." not in value and not value.endswith((".", "-"))
 

@@ -428,7 +428,7 @@ def _preset_validation(run: PresetRun, teacher, conditions, shape, prompts: list
 
 def add_distill_preset_arguments(parser: argparse.ArgumentParser) -> None:
     from ..argtypes import positive_float, positive_int
-    from ..hub import add_hub_arguments
+    from .hub_flags import add_hub_arguments
 
     g = parser.add_argument_group("real backbones (diffusers)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="backbone family of --model")

@@ -188,7 +188,7 @@ def add_sample_parsers(verbs) -> None:
 
     from ..argtypes import positive_float, positive_int
     from ..convert import RECIPES
-    from ..hub import add_hub_arguments
+    from .hub_flags import add_hub_arguments
 
     p = verbs.add_parser("convert", help="an official TDM release (Hub file) as a student folder for sample/export")
     p.add_argument("--checkpoint", required=True, help="the release's LoRA/EMA file, or the folder it was downloaded to")

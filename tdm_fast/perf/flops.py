@@ -64,7 +64,7 @@ UTILISATION_SOURCE = (
     "2204.02311, Table 3); convolutional UNets at 64x64-128x128 latents usually run lower, so 0.35 is our round "
     "figure below it. Set --mfu FLOAT, or measure it on a GPU: bash bench/gpu_all.sh")
 # real-size benchmark sizes (bench/bench_realsize.py) of each preset
-REAL_SIZES = {"sd15": ("sd15-real", "sd15"), "sdxl": ("sdxl-real", "sdxl")}
+REAL_SIZES = {"sd15": ("sd15-real", "sd15-real-bf16", "sd15"), "sdxl": ("sdxl-real", "sdxl-real-bf16", "sdxl")}
 
 # Training costs reported in the TDM paper (Table 3 and Fig. 1; spec §8). ``iterations`` only where the
 # paper states it. Settings the paper does not state are ours, printed as "assumed".
