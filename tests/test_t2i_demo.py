@@ -21,7 +21,7 @@ def short_runs(tmp_path_factory):
             out = tmp_path_factory.mktemp(f"demo-{pipeline}")
             results = t2i_demo.run_t2i_demo(
                 pipeline, out, iterations=40, samples=200, bootstrap=0, columns=4, progress=False, reference_steps=20,
-                warmup_steps=5, batch_size=32,
+                warmup_steps=5, batch_size=32, score_at=(20,) if pipeline == "sd15" else (),
             )
             cache[pipeline] = (out, results)
         return cache[pipeline]
@@ -38,6 +38,12 @@ def test_short_demo_runs_the_whole_path_and_moves_fid_toward_teacher(short_runs,
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved["comparisons"]) == {"K=1", "K=2", "K=4"}
+    if pipeline == "sd15":  # scored on the way too (score_at=20): the same files, for the 20-iteration student
+        halfway = json.loads((out / "iterations-20" / "metrics.json").read_text())
+        assert halfway["training"]["iterations"] == 20 and saved["training"]["iterations"] == 40
+        assert halfway["distill_argv"][halfway["distill_argv"].index("--iterations") + 1] == "20"
+        assert set(halfway["comparisons"]) == set(saved["comparisons"])
+        assert (out / "iterations-20" / "grid.png").is_file() and (out / "iterations-20" / "lora").is_dir()
     for key, comp in saved["comparisons"].items():
         assert comp["fid_ratio"] > 0 and comp["baseline"] in comp["candidates"]
     assert all(isinstance(v, bool) for v in saved["acceptance"].values())
@@ -50,6 +56,36 @@ def test_short_demo_runs_the_whole_path_and_moves_fid_toward_teacher(short_runs,
     # tens of iterations the student must be closer to the teacher's 50-step CFG samples than that
     for k in (1, 2, 4):
         assert rows[f"tdm-{k}"]["fid_teacher"] < rows[f"{step}{k}-student-times"]["fid_teacher"], k
+
+
+def _students_at(lengths, folder) -> dict:
+    """The student's tensors at each of ``lengths`` of one demo run (the demo's training, without its scoring)."""
+    model = t2i.shipped_pipeline("sd15")
+    config = t2i_demo.demo_config("sd15", max(lengths), warmup_steps=1, batch_size=4)
+    run = t2i_demo.preset_run("sd15", model, t2i.write_prompt_file(folder / "prompts.txt"), folder / "embeddings")
+    torch.manual_seed(0)
+    return {n: {k: v.clone() for k, v in student.state_dict().items()}
+            for n, student, *_ in t2i_demo._distil("sd15", model, run, config, folder, False, lengths)}
+
+
+def test_a_run_scored_on_the_way_is_the_shorter_run_and_goes_on_unchanged(tmp_path):
+    """``score_at``: the student scored at iteration 2 of a 4-iteration run is bit for bit the 2-iteration run's
+    (constant rates after warm-up), and looking at it on the way leaves the rest of the run as it would have been."""
+    looked_at = _students_at([2, 4], tmp_path)
+    for n in (2, 4):
+        alone = _students_at([n], tmp_path)[n]
+        assert looked_at[n].keys() == alone.keys() and all(torch.equal(looked_at[n][k], alone[k]) for k in alone), n
+    assert any(not torch.equal(looked_at[2][k], looked_at[4][k]) for k in looked_at[2])  # the last two iterations trained
+    assert (tmp_path / "iterations-2" / "train_log.jsonl").read_text().count("\n") == 2
+
+
+def test_scoring_on_the_way_is_refused_where_the_rates_follow_the_length():
+    config = t2i_demo.demo_config("sd15", 10, lr_decay="cosine")
+    assert t2i_demo.scoring_lengths(config) == [10]
+    with pytest.raises(ValueError, match="constant rates"):
+        t2i_demo.scoring_lengths(config, (5,))
+    with pytest.raises(ValueError, match=r"1\.\.10"):
+        t2i_demo.scoring_lengths(t2i_demo.demo_config("sd15", 10), (20,))
 
 
 def test_onnx_export_of_the_demo_student_samples_what_torch_samples(tmp_path):

@@ -29,6 +29,7 @@ demo's shape (``comparisons["K=k"]["fid_ratio"]`` = student FID / best baseline 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -330,9 +331,24 @@ def _teacher_probe(teacher, conditions, shape) -> torch.Tensor:
     return torch.stack(outs)
 
 
-def _distil(pipeline: str, model_dir: Path, run, config: TDMConfig, out_dir: Path, progress: bool):
-    """Trains the student of ``run`` (its log to ``train_log.jsonl``); returns (student, training seconds, whether the
-    teacher role's outputs are unchanged by training, whether they equal the folder's own model loaded afresh)."""
+def scoring_lengths(config: TDMConfig, score_at=()) -> list[int]:
+    """The iterations at which a run of ``config`` is scored: ``score_at`` and its end, in order. The student at an
+    earlier length stands for a run of that length only where the rates do not depend on the run's length."""
+    lengths = sorted({int(n) for n in score_at} | {config.iterations})
+    if lengths[0] < 1 or lengths[-1] != config.iterations:
+        raise ValueError(f"score_at must lie in 1..{config.iterations} (the run's iterations), got {sorted(score_at)}")
+    if len(lengths) > 1 and config.lr_decay != "constant":
+        raise ValueError(f"score_at needs constant rates after warm-up (lr_decay 'constant', not {config.lr_decay!r}): "
+                         "otherwise the student at an earlier iteration is not what a run of that length trains")
+    return lengths
+
+
+def _distil(pipeline: str, model_dir: Path, run, config: TDMConfig, out_dir: Path, progress: bool, lengths: list[int]):
+    """Trains the student of ``run`` and yields, at each of ``lengths``, (iterations, student, training seconds so far,
+    whether the teacher role's outputs are unchanged by training, whether they equal the folder's own model loaded
+    afresh), with the log so far in ``train_log.jsonl`` of that length's folder. Before the end the student is the
+    EMA weights swapped in for the caller's use and the global RNG is restored afterwards, so the run goes on as if
+    it had not been looked at."""
     from ..backbones.presets import load_teacher
     from ..backbones.run import build_preset_run
     from ..trainer import TDMTrainer
@@ -340,17 +356,34 @@ def _distil(pipeline: str, model_dir: Path, run, config: TDMConfig, out_dir: Pat
     teacher, student, fake, conditions, shape = build_preset_run(run, config)
     probe_before = _teacher_probe(teacher, conditions, shape)
     trainer = TDMTrainer(teacher, config, conditions, shape, output_dir=None, student=student, fake=fake, progress=progress)
-    history, train_s = _timed(trainer.train)
-    with open(out_dir / "train_log.jsonl", "w") as f:
-        for record in history:
-            f.write(json.dumps(record) + "\n")
-    student = trainer.final_student().eval()
-    probe_after = _teacher_probe(teacher, conditions, shape)
-    # the teacher role (adapters off, K-embedding hooks silent) computes exactly the folder's own model
     base, _ = load_teacher(pipeline, model_dir)
     base.null_cond = teacher.null_cond
-    teacher_is_base = bool(torch.equal(probe_after, _teacher_probe(base, conditions, shape)))
-    return student, train_s, bool(torch.equal(probe_before, probe_after)), teacher_is_base
+    base_probe = _teacher_probe(base, conditions, shape)
+    history, train_s = [], 0.0
+    for n in lengths:
+        more, seconds = _timed(lambda: trainer.train(n))
+        history += more
+        train_s += seconds
+        folder = length_folder(out_dir, n, config.iterations)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "train_log.jsonl", "w") as f:
+            for record in history:
+                f.write(json.dumps(record) + "\n")
+        probe_after = _teacher_probe(teacher, conditions, shape)
+        # the teacher role (adapters off, K-embedding hooks silent) computes exactly the folder's own model
+        checks = bool(torch.equal(probe_before, probe_after)), bool(torch.equal(probe_after, base_probe))
+        if n == config.iterations:
+            yield n, trainer.final_student().eval(), train_s, *checks
+            return
+        with trainer.ema_weights() as student, torch.random.fork_rng():
+            training = student.training
+            yield n, student.eval(), train_s, *checks
+            student.train(training)
+
+
+def length_folder(out_dir: Path, iterations: int, last: int) -> Path:
+    """Where a run's scores at ``iterations`` go: the run's folder at its end, ``iterations-<n>/`` before it."""
+    return out_dir if iterations == last else out_dir / f"iterations-{iterations}"
 
 
 def _onnx_parity(results: dict, pipeline: str, model_dir: Path, student, out_dir: Path, config: TDMConfig, samples: int,
@@ -447,6 +480,7 @@ def run_t2i_demo(
     reference_steps: int = 50,
     onnx: bool = False,
     onnx_exporter: str = "dynamo",
+    score_at: tuple[int, ...] = (),
     **config_overrides,
 ) -> dict:
     """Distils the shipped ``pipeline`` ('sd15' or 'sd3'; ``model``: another folder of the same kind),
@@ -454,10 +488,10 @@ def run_t2i_demo(
     ``train_log.jsonl``, the LoRA (``lora/``) and the student (``student/``, what ``tdm-fast export`` takes)
     to ``out_dir`` (default ``runs/demo-<pipeline>``). ``onnx``: also export the student with ``tdm-fast
     export`` (to ``onnx/``, with ``onnx_exporter``) and score its ONNX Runtime samples against torch's
-    (:mod:`tdm_fast.demos.t2i_onnx`)."""
-    from ..backbones.run import export_preset_student
-    from ..eval.digits import acceptance
-
+    (:mod:`tdm_fast.demos.t2i_onnx`). ``score_at``: earlier iterations at which the same run is scored too, each
+    into ``out_dir/iterations-<n>/`` with the same files: with the preset's constant rates the student there is
+    the one a run of that length trains (:func:`scoring_lengths` checks), at the cost of one run. Returns the
+    scores at the end."""
     if pipeline not in t2i.PIPELINES:
         raise ValueError(f"--pipeline must be one of {t2i.PIPELINES}, got {pipeline!r}")
     t_start = time.perf_counter()
@@ -468,15 +502,35 @@ def run_t2i_demo(
     say = print if progress else (lambda _m: None)
 
     prompts_file = t2i.write_prompt_file(out_dir / "prompts.txt")
+    config = demo_config(pipeline, iterations, seed=seed, model=model_dir, **config_overrides)
+    lengths = scoring_lengths(config, score_at)
+    run = preset_run(pipeline, model_dir, prompts_file, out_dir / "embeddings", lora_rank, lora_targets, fake_copy)
+    scoring = dict(samples=samples, eval_seed=eval_seed, lora_rank=lora_rank, lora_targets=lora_targets, fake_copy=fake_copy,
+                   columns=columns, bootstrap=bootstrap, reference_steps=reference_steps,
+                   onnx_exporter=onnx_exporter if onnx else None, say=say)
+    for n, student, train_s, teacher_unchanged, teacher_is_base in _distil(pipeline, model_dir, run, config, out_dir,
+                                                                             progress, lengths):
+        results = _score(pipeline, model_dir, run, student, dataclasses.replace(config, iterations=n),
+                         length_folder(out_dir, n, config.iterations), prompts_file, out_dir / "embeddings", train_s,
+                         teacher_unchanged, teacher_is_base, t_start, **scoring)
+    return results
+
+
+def _score(pipeline: str, model_dir: Path, run, student, config: TDMConfig, folder: Path, prompts_file: Path, cache: Path,
+           train_s: float, teacher_unchanged: bool, teacher_is_base: bool, t_start: float, samples: int, eval_seed: int,
+           lora_rank: int | None, lora_targets: str | None, fake_copy: bool, columns: int, bootstrap: int,
+           reference_steps: int, onnx_exporter: str | None, say) -> dict:
+    """Exports ``student`` (trained ``config.iterations`` iterations) into ``folder``, scores it through the stock
+    pipeline and writes the grid, ``metrics.json`` and ``metrics.md`` there; returns the scores."""
+    from ..backbones.run import export_preset_student
+    from ..eval.digits import acceptance
+
     default_rank, default_targets = lora_defaults(pipeline)
     rank, targets = lora_rank or default_rank, lora_targets or default_targets
-    config = demo_config(pipeline, iterations, seed=seed, model=model_dir, **config_overrides)
-    argv = preset_argv(pipeline, model_dir, prompts_file, out_dir / "embeddings", lora_rank, lora_targets, fake_copy, config=config)
-    run = preset_run(pipeline, model_dir, prompts_file, out_dir / "embeddings", lora_rank, lora_targets, fake_copy)
-    student, train_s, teacher_unchanged, teacher_is_base = _distil(pipeline, model_dir, run, config, out_dir, progress)
-    export_preset_student(run, student, config, out_dir)
-    student.save_pretrained(out_dir / "student")  # as `tdm-fast distill` leaves it: LoRA role + K embedding, base by path
-    lora_dir = out_dir / "lora"
+    argv = preset_argv(pipeline, model_dir, prompts_file, cache, lora_rank, lora_targets, fake_copy, config=config)
+    export_preset_student(run, student, config, folder)
+    student.save_pretrained(folder / "student")  # as `tdm-fast distill` leaves it: LoRA role + K embedding, base by path
+    lora_dir = folder / "lora"
 
     # the stock pipeline reproduces the engine's student (scheduler, LoRA, K embedding, prompt embeddings)
     parity = pipeline_parity(pipeline, model_dir, lora_dir, student, max(config.steps), config.total_steps, seed=eval_seed)
@@ -486,10 +540,10 @@ def run_t2i_demo(
         reference_steps=reference_steps, total_steps=config.total_steps, bootstrap=bootstrap, keep_images=columns, say=say))
     reference8 = results.pop("reference_images8")
     onnx_md = []
-    if onnx:
-        onnx_md = _onnx_parity(results, pipeline, model_dir, student, out_dir, config, samples, eval_seed, reference8,
+    if onnx_exporter:
+        onnx_md = _onnx_parity(results, pipeline, model_dir, student, folder, config, samples, eval_seed, reference8,
                                bootstrap, onnx_exporter, say)
-    _save_grid(results.pop("images"), results, config.steps, out_dir / "grid.png", columns)
+    _save_grid(results.pop("images"), results, config.steps, folder / "grid.png", columns)
 
     results.update(pipeline=pipeline, model=str(model_dir), distill_argv=argv, training={
         "iterations": config.iterations, "wall_clock_s": train_s, "s_per_iteration": train_s / max(1, config.iterations),
@@ -499,14 +553,14 @@ def run_t2i_demo(
         eval_wall_clock_s=eval_s, total_wall_clock_s=time.perf_counter() - t_start)
     results["acceptance"] = acceptance(results)
     results["acceptance"]["teacher outputs bit-identical after distillation"] = teacher_unchanged and teacher_is_base
-    if onnx:
+    if onnx_exporter:
         from .t2i_onnx import within_std
 
         for key, entry in results["comparisons"].items():
             results["acceptance"][f"{key} ONNX FID within the bootstrap std of torch's"] = within_std(entry)
     results["lora"] = str(lora_dir)
-    (out_dir / "metrics.json").write_text(json.dumps(jsonable(results), indent=2))
-    (out_dir / "metrics.md").write_text(_metrics_markdown(results, pipeline, argv, rank, config, train_s, eval_s, parity,
-                                                          teacher_unchanged, teacher_is_base, onnx_md))
+    (folder / "metrics.json").write_text(json.dumps(jsonable(results), indent=2))
+    (folder / "metrics.md").write_text(_metrics_markdown(results, pipeline, argv, rank, config, train_s, eval_s, parity,
+                                                         teacher_unchanged, teacher_is_base, onnx_md))
     return jsonable(results)
 
