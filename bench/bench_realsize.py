@@ -46,6 +46,9 @@ ITERATIONS = int(os.environ.get("TDM_BENCH_REAL_ITERATIONS", "2"))
 # a row that would start after this time (seconds since the epoch) is skipped, so that a session with a time
 # limit (bench/gpu_all.sh) still ends with the rows it measured written
 DEADLINE = float(os.environ.get("TDM_BENCH_REAL_DEADLINE", "inf"))
+# `tdm-fast bench realsize` runs each row in its own process and rewrites the record after each: a row killed
+# for memory (or by bench/gpu_all.sh's limit) loses itself only, and is written down as not recorded
+ONE_PROCESS_PER_TEST = True
 
 
 def memory_budget_gib() -> float:

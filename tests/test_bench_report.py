@@ -151,3 +151,27 @@ def test_bench_writes_a_users_folder_unless_the_project_record_is_asked_for(tmp_
     monkeypatch.setattr(bench_report, "CLONE", None)  # installed from a wheel: there is no project record to write
     with pytest.raises(ValueError, match="wheel"):
         bench_report._results_dir(None, True)
+
+
+def test_a_suite_of_one_process_per_test_keeps_the_rows_before_a_killed_one(tmp_path):
+    """The real-size rows take minutes and gigabytes each: one killed for memory must not take the others with it."""
+    from tdm_fast.perf.bench_report import exit_reason, run_suite
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "bench_rows.py").write_text(
+        "import os, signal\nimport pytest\nONE_PROCESS_PER_TEST = True\n\n"
+        "@pytest.mark.parametrize('row', ['first', 'killed', 'skipped', 'left-out'])\n"
+        "def test_row(benchmark, row):\n"
+        "    if row == 'killed':\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    if row == 'skipped':\n        pytest.skip('does not fit')\n"
+        "    benchmark.extra_info['row'] = row\n    benchmark.pedantic(lambda: None, rounds=1)\n")
+    rc, out = run_suite("rows", tmp_path / "results", ["-rs", "-k", "not left"], bench_dir=bench)
+    data = json.loads(out.read_text())
+    assert rc == 1
+    assert [b["extra_info"]["row"] for b in data["benchmarks"]] == ["first"]
+    assert data["not_recorded"] == [{"test": "test_row[killed]", "exit": -9, "why": exit_reason(-9)}]
+    assert "out-of-memory" in exit_reason(-9)
+    text, _ = render(tmp_path / "results", plots=False)
+    assert "`test_row[killed]` (killed by SIGKILL" in text
+    assert not list((tmp_path / "results").glob(".*part.json"))

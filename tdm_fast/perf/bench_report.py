@@ -108,26 +108,101 @@ def result_path(suite: str, machine: str, results_dir: Path = RESULTS_DIR) -> Pa
 
 
 def run_suite(suite: str, results_dir: Path = RESULTS_DIR, pytest_args=(), bench_dir: Path = BENCH_DIR) -> tuple[int, Path]:
-    """Runs one suite under pytest-benchmark; the previous JSON of this machine becomes ``.prev.json``."""
+    """Runs one suite under pytest-benchmark; the previous JSON of this machine becomes ``.prev.json``. A suite
+    that declares ``ONE_PROCESS_PER_TEST = True`` runs each test in its own pytest process (:func:`_run_isolated`)."""
     suites = available_suites(bench_dir)
     if suite not in suites:
         raise ValueError(f"unknown suite {suite!r}; available: {', '.join(suites)}")
     out = result_path(suite, machine_id(), Path(results_dir).resolve())  # absolute: pytest runs in the suites' folder
     out.parent.mkdir(parents=True, exist_ok=True)
+    # a suite is its own pytest session: run from inside a pytest-xdist worker (our test suite), the worker's
+    # variables would make pytest-benchmark disable itself and record nothing
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+    if _declares_one_process_per_test(suites[suite]):
+        return _run_isolated(suites[suite], out, pytest_args, env), out
     with atomic_file(out) as tmp:  # an interrupted or failed suite leaves the previous result in place
         cmd = [sys.executable, "-m", "pytest", str(suites[suite]), "-q", "-p", "no:cacheprovider", f"--benchmark-json={tmp}",
                *pytest_args]
         print("$ " + " ".join(cmd), flush=True)
-        # a suite is its own pytest session: run from inside a pytest-xdist worker (our test suite), the worker's
-        # variables would make pytest-benchmark disable itself and record nothing
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
         rc = subprocess.call(cmd, cwd=bench_dir, env=env)
         if tmp.exists() and "benchmarks" not in _json_or_none(tmp):
             tmp.unlink()  # no result to replace the previous one with
         if tmp.exists() and out.exists():
-            with atomic_file(out.with_suffix(".prev.json")) as prev:  # the baseline of the regression check
-                shutil.copyfile(out, prev)
+            _keep_as_previous(out)
     return rc, out
+
+
+def _keep_as_previous(out: Path) -> None:
+    with atomic_file(out.with_suffix(".prev.json")) as prev:  # the baseline of the regression check
+        shutil.copyfile(out, prev)
+
+
+def _declares_one_process_per_test(path: Path) -> bool:
+    # read, not imported: the suites import torch and build networks at import time
+    return re.search(r"^ONE_PROCESS_PER_TEST\s*=\s*True\b", path.read_text(), re.MULTILINE) is not None
+
+
+def _run_isolated(path: Path, out: Path, pytest_args, env: dict) -> int:
+    """Each test of the suite in its own pytest process, the record rewritten after each one. Its rows take minutes
+    and gigabytes: a row killed for memory, or the whole run stopped by a time limit (``bench/gpu_all.sh``), then
+    loses only itself, and a killed row is written down as such (``not_recorded``) instead of vanishing."""
+    collected = subprocess.run([sys.executable, "-m", "pytest", str(path), "-q", "--collect-only", "-p", "no:cacheprovider",
+                                *pytest_args], cwd=path.parent, env=env, capture_output=True, text=True)
+    tests = [line.split("::", 1)[1] for line in collected.stdout.splitlines()
+             if line.split("::", 1)[0].endswith(path.name) and " " not in line]
+    if not tests:
+        print(collected.stdout + collected.stderr, flush=True)
+        return collected.returncode or 5
+    part = out.with_name(f".{out.stem}.part.json")
+    rc, merged, not_recorded = 0, None, []
+    for test in tests:
+        part.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "pytest", f"{path}::{test}", "-q", "-p", "no:cacheprovider", f"--benchmark-json={part}",
+               *_without_selection(pytest_args)]
+        print("$ " + " ".join(cmd), flush=True)
+        code = subprocess.call(cmd, cwd=path.parent, env=env)
+        rows = _json_or_none(part).get("benchmarks")
+        if code not in (0, 5):
+            rc = rc or (code if code > 0 else 1)
+            if not rows:
+                not_recorded.append({"test": test, "exit": code, "why": exit_reason(code)})
+        if rows:
+            if merged is None:  # the first row of this run: the last run's record becomes the baseline
+                merged = {**_json_or_none(part), "benchmarks": []}
+                if out.exists():
+                    _keep_as_previous(out)
+            merged["benchmarks"] += rows
+        if merged is not None:
+            with atomic_file(out) as tmp:
+                tmp.write_text(json.dumps({**merged, "not_recorded": not_recorded}, indent=2))
+        part.unlink(missing_ok=True)
+    if not_recorded:
+        print("not recorded: " + "; ".join(f"{r['test']} ({r['why']})" for r in not_recorded), flush=True)
+    return rc
+
+
+def _without_selection(pytest_args) -> list[str]:
+    """The run's pytest arguments without its selection (``-k``/``-m`` and their values): the node id already
+    selects."""
+    kept, skip = [], False
+    for arg in pytest_args:
+        if skip:
+            skip = False
+        elif arg in ("-k", "-m"):
+            skip = True
+        elif not arg.startswith(("-k=", "-m=")):
+            kept.append(arg)
+    return kept
+
+
+def exit_reason(code: int) -> str:
+    """What a pytest process's exit status says: a negative status is the signal that killed it."""
+    if code < 0:
+        import signal
+
+        name = signal.Signals(-code).name
+        return f"killed by {name}" + (": on Linux most likely the out-of-memory killer" if name == "SIGKILL" else "")
+    return f"exit {code}: its output above holds the failure"
 
 
 def _json_or_none(path: Path) -> dict:
@@ -408,6 +483,9 @@ def render(results_dir: Path = RESULTS_DIR, out: Path | None = None, k: float = 
         if summary:
             lines += [summary, "", "All benchmarks:", ""]
         lines += [suite_tables(data), ""]
+        if data.get("not_recorded"):
+            lines += ["Rows of this run that ended without a record: " + "; ".join(
+                f"`{r['test']}` ({r['why']})" for r in data["not_recorded"]) + ".", ""]
         lines += attachments(results_dir, stem, out.parent)
         prev = Path(data["_path"]).with_suffix(".prev.json")
         if prev.exists():
