@@ -175,3 +175,11 @@ def test_a_suite_of_one_process_per_test_keeps_the_rows_before_a_killed_one(tmp_
     text, _ = render(tmp_path / "results", plots=False)
     assert "`test_row[killed]` (killed by SIGKILL" in text
     assert not list((tmp_path / "results").glob(".*part.json"))
+    # a later run of other rows keeps this one's rows, each saying when it was measured
+    first = data["benchmarks"][0]
+    rc, out = run_suite("rows", tmp_path / "results", ["-k", "left"], bench_dir=bench)
+    data = json.loads(out.read_text())
+    assert rc == 0 and data["not_recorded"] == []
+    assert [b["extra_info"]["row"] for b in data["benchmarks"]] == ["first", "left-out"]
+    assert data["benchmarks"][0] == first  # carried as it was measured, its stamp included
+    assert all(b["extra_info"]["recorded"].count(" ") == 1 for b in data["benchmarks"])

@@ -145,7 +145,9 @@ def _declares_one_process_per_test(path: Path) -> bool:
 def _run_isolated(path: Path, out: Path, pytest_args, env: dict) -> int:
     """Each test of the suite in its own pytest process, the record rewritten after each one. Its rows take minutes
     and gigabytes: a row killed for memory, or the whole run stopped by a time limit (``bench/gpu_all.sh``), then
-    loses only itself, and a killed row is written down as such (``not_recorded``) instead of vanishing."""
+    loses only itself, and a killed row is written down as such (``not_recorded``) instead of vanishing. Rows of the
+    previous record that this run does not select are carried over, so that rows measured in separate runs (one
+    size per session) make one record; every row says when and at which commit it was measured (``recorded``)."""
     collected = subprocess.run([sys.executable, "-m", "pytest", str(path), "-q", "--collect-only", "-p", "no:cacheprovider",
                                 *pytest_args], cwd=path.parent, env=env, capture_output=True, text=True)
     tests = [line.split("::", 1)[1] for line in collected.stdout.splitlines()
@@ -154,6 +156,8 @@ def _run_isolated(path: Path, out: Path, pytest_args, env: dict) -> int:
         print(collected.stdout + collected.stderr, flush=True)
         return collected.returncode or 5
     part = out.with_name(f".{out.stem}.part.json")
+    previous = _json_or_none(out)
+    carried = [_stamped(b, previous) for b in previous.get("benchmarks", []) if b.get("name") not in tests]
     rc, merged, not_recorded = 0, None, []
     for test in tests:
         part.unlink(missing_ok=True)
@@ -167,11 +171,12 @@ def _run_isolated(path: Path, out: Path, pytest_args, env: dict) -> int:
             if not rows:
                 not_recorded.append({"test": test, "exit": code, "why": exit_reason(code)})
         if rows:
+            data = _json_or_none(part)
             if merged is None:  # the first row of this run: the last run's record becomes the baseline
-                merged = {**_json_or_none(part), "benchmarks": []}
+                merged = {**data, "benchmarks": carried}
                 if out.exists():
                     _keep_as_previous(out)
-            merged["benchmarks"] += rows
+            merged["benchmarks"] += [_stamped(b, data) for b in rows]
         if merged is not None:
             with atomic_file(out) as tmp:
                 tmp.write_text(json.dumps({**merged, "not_recorded": not_recorded}, indent=2))
@@ -179,6 +184,12 @@ def _run_isolated(path: Path, out: Path, pytest_args, env: dict) -> int:
     if not_recorded:
         print("not recorded: " + "; ".join(f"{r['test']} ({r['why']})" for r in not_recorded), flush=True)
     return rc
+
+
+def _stamped(benchmark: dict, record: dict) -> dict:
+    """The benchmark with the date and commit of the run that measured it (kept when it was stamped before)."""
+    when = f"{str(record.get('datetime', '?'))[:16]} {str(record.get('commit_info', {}).get('id', '?'))[:10]}"
+    return {**benchmark, "extra_info": {"recorded": when, **benchmark.get("extra_info", {})}}
 
 
 def _without_selection(pytest_args) -> list[str]:
