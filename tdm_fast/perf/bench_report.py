@@ -33,6 +33,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -165,13 +166,13 @@ def _run_isolated(path: Path, out: Path, pytest_args, env: dict) -> int:
                *_without_selection(pytest_args)]
         print("$ " + " ".join(cmd), flush=True)
         code = subprocess.call(cmd, cwd=path.parent, env=env)
-        rows = _json_or_none(part).get("benchmarks")
+        data = _json_or_none(part)
+        rows = data.get("benchmarks")
         if code not in (0, 5):
             rc = rc or (code if code > 0 else 1)
             if not rows:
                 not_recorded.append({"test": test, "exit": code, "why": exit_reason(code)})
         if rows:
-            data = _json_or_none(part)
             if merged is None:  # the first row of this run: the last run's record becomes the baseline
                 merged = {**data, "benchmarks": carried}
                 if out.exists():
@@ -209,8 +210,6 @@ def _without_selection(pytest_args) -> list[str]:
 def exit_reason(code: int) -> str:
     """What a pytest process's exit status says: a negative status is the signal that killed it."""
     if code < 0:
-        import signal
-
         name = signal.Signals(-code).name
         return f"killed by {name}" + (": on Linux most likely the out-of-memory killer" if name == "SIGKILL" else "")
     return f"exit {code}: its output above holds the failure"
