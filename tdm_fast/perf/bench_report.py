@@ -495,7 +495,7 @@ def render(results_dir: Path = RESULTS_DIR, out: Path | None = None, k: float = 
         lines += [suite_tables(data), ""]
         if data.get("not_recorded"):
             lines += ["Rows of this run that ended without a record: " + "; ".join(
-                f"`{r['test']}` ({r['why']})" for r in data["not_recorded"]) + ".", ""]
+                f"`{r['test']}` ({r['why']}" + (f", {r['when']} UTC)" if r.get("when") else ")") for r in data["not_recorded"]) + ".", ""]
         lines += attachments(results_dir, stem, out.parent)
         prev = Path(data["_path"]).with_suffix(".prev.json")
         if prev.exists():
