@@ -20,7 +20,7 @@ untimed iteration, two for the compiled configuration, whose first compiles), ne
 timed iteration, the tensor peak against ``tdm-fast plan``'s prediction for the same configuration (CPU: the
 running sum of torch.profiler's memory events; CUDA: ``max_memory_allocated``; over the build and every
 iteration), the peak RSS over the timed iterations (CPU; minus the RSS before the build), and the FLOPs of
-the last untimed iteration counted by ``torch.utils.flop_counter.FlopCounterMode`` against the FLOP model
+the last untimed iteration counted by torch's FLOP formulas (``tdm_fast.perf.flops.count_flops``) against the FLOP model
 (``tdm_fast.perf.flops``: ``tdm_iteration_flops`` on this UNet's forward FLOPs, moved to the network passes
 that iteration drew; the model describes tdm-fast's iteration, not the official-style loop's).
 """
@@ -129,7 +129,7 @@ class TensorPeak:
 
 def _warm_up(runner) -> tuple[list, int, float]:
     """The untimed iterations (one; two where the first compiles), the FLOPs of the last one, counted by
-    FlopCounterMode (under a dispatch mode compiled code runs eagerly: the same arithmetic), and its network
+    ``count_flops`` (under a dispatch mode compiled code runs eagerly: the same arithmetic), and its network
     passes × batch (the fake update runs the student only on the samples drawn at the last stage)."""
     from tdm_fast.perf.flops import count_flops
 

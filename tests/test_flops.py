@@ -18,6 +18,43 @@ def test_counter_matches_hand_count_linear_and_conv():
     assert count_flops(conv, x) == 2 * (2 * 4 * 5 * 5) * (3 * 3 * 3)
 
 
+def _tensor_peak_bytes(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def test_counting_a_checkpointed_iteration_takes_no_memory_of_its_own():
+    """The real-size row counts the FLOPs of a whole iteration of SDXL's UNet with gradient checkpointing:
+    the count must be torch's FlopCounterMode's, without the memory its per-module gradient hooks keep
+    (at SDXL's size that was what got the row killed)."""
+    from torch.utils.checkpoint import checkpoint
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+                                 for _ in range(6))
+    x = torch.randn(512, 64)
+
+    def iteration():
+        h = x
+        for block in blocks:
+            h = h + checkpoint(block, h, use_reentrant=False)
+        h.square().mean().backward()
+
+    iteration()
+    with FlopCounterMode(display=False) as reference:
+        iteration()
+    assert count_flops(iteration) == reference.get_total_flops() > 0
+    assert _tensor_peak_bytes(lambda: count_flops(iteration)) <= _tensor_peak_bytes(iteration)
+
+
 def test_counter_works_on_meta_and_backward_is_twice_forward():
     with torch.device("meta"):
         linear = torch.nn.Linear(64, 32)
