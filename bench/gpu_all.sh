@@ -12,8 +12,9 @@
 #    it is installed).
 # Each part has its own time limit (the sum is 10 minutes); a part that runs out is reported and the
 # others still run. The real-size rows run one process each and are recorded as each finishes, so a row cut
-# off by the limit, or killed for memory, loses only itself (listed as not recorded in RESULTS.md). Results go to the project's record (`tdm-fast bench --project-record`:
-# bench/results/<suite>-<GPU>.json and bench/RESULTS.md) with the parts' wall times in
+# off by the limit, or killed for memory, loses only itself (listed as not recorded in RESULTS.md). Results
+# go to the project's record (`tdm-fast bench --project-record`: bench/results/<suite>-<GPU>.json and
+# bench/RESULTS.md) with the parts' wall times in
 # bench/results/realsize-<GPU>-gpu_all.log. The dry run writes the same files under
 # $TDM_BENCH_DRY_RUN_DIR (default: a new temporary folder) and is run by tests/test_gpu_all.py.
 # The older per-area scripts (gpu_kernels.sh: Triton tests and block sweep; gpu_export.sh: export parity;
