@@ -38,7 +38,7 @@ from .training.conditions import ClassConditions, ConditionSampler, EmbeddingCon
 from .training.optim import EMA, LRSchedule, optimizer_and_schedule, skips_on_device
 from .training.records import finite, json_value, short_loss, tracker_config
 from .usage import write_text_atomically
-from .validation import AHEAD, Validation, gap_report, log_validation, save_validation
+from .validation import AHEAD, Validation, best_gaps, drift_report, gap_report, gap_row, log_validation, save_validation
 from .kernels import reference as reference_ops
 
 logger = logging.getLogger("tdm_fast")
@@ -150,6 +150,7 @@ class TDMTrainer(Checkpointing):
             validation = Validation.from_conditions(conditions, sample_shape)
         self.validation = validation
         self._validated = (None, {})  # (step, metrics) of the last validation
+        self._gap_history = []  # gap_row of every validation of the run, resumed ones included (validation/gap.json)
         self.ops = fused_ops if config.kernels == "fused" else reference_ops
         self.tau_floor = noise_level_time(teacher.schedule, config.tau_min_sigma)
         self.times = {k: torch.tensor(stage_times(k, config.total_steps, teacher.schedule.num_train_timesteps)) for k in config.steps}
@@ -508,6 +509,7 @@ class TDMTrainer(Checkpointing):
         try:
             if writer:
                 log_file = self._open_metrics()
+                self._gap_history = self._read_gap_history()
             if self.output_dir is not None and self.step >= total and hasattr(self.student_core.model, "save_pretrained"):
                 # a resumed, finished run whose final save was cut short
                 if not self.student_is_current():
@@ -581,6 +583,8 @@ class TDMTrainer(Checkpointing):
         self._log_gaps(metrics, f"validation at step {self.step}")
         grids = {}
         if self.output_dir is not None:
+            if len(gap_row(self.step, metrics, self.config.steps)) > 1:
+                self._gap_summary(metrics)
             grids = save_validation(images, self.output_dir / "validation" / f"step-{self.step:08d}.png", self.step,
                                     self.validation.captions)
         if self.config.report_to:
@@ -605,16 +609,39 @@ class TDMTrainer(Checkpointing):
                 self._log_gaps(metrics, f"end of run (step {self.step})")  # else the validation of this step said it
         if not self.accelerator.is_main_process:
             return {}
+        return self._gap_summary(metrics)
+
+    def _log_gaps(self, metrics: dict, when: str) -> None:
+        """Logs each K's gap: a warning for a K not ahead of its baseline, and for a K drifting away from its best
+        gap of the run (kept in ``validation/gap.json``, so that a resumed run compares with the gaps before it)."""
+        for k, line in zip(sorted(self.config.steps), gap_report(metrics, self.config.steps, self.validation.last_baselines)):
+            behind = metrics.get(f"validation/gap_k{k}", 0.0) >= AHEAD
+            (logger.warning if behind else logger.info)("%s: %s", when, line)
+        row = gap_row(self.step, metrics, self.config.steps)
+        if len(row) == 1:
+            return  # no teacher: no gaps
+        self._gap_history = [r for r in self._gap_history if r["step"] < self.step] + [row]
+        for line in drift_report(self._gap_history, self.config.steps):
+            logger.warning("%s: %s", when, line)
+
+    def _gap_summary(self, metrics: dict) -> dict:
+        """``validation/gap.json``: the gaps of this step, the baselines, each K's best gap of the run and the history."""
         gaps = {key.split("/", 1)[1]: value for key, value in metrics.items() if key.split("/", 1)[1].startswith(("gap_", "distance_", "baseline_"))}
         gaps["baselines"] = {f"K={k}": name for k, (name, _) in self.validation.last_baselines.items()}
+        gaps["best"] = {f"K={k}": {"step": step, "gap": gap} for k, (step, gap) in best_gaps(self._gap_history, self.config.steps).items()}
+        gaps["history"] = self._gap_history
         (self.output_dir / "validation").mkdir(parents=True, exist_ok=True)
         write_text_atomically(self.output_dir / "validation" / "gap.json", json.dumps({"step": self.step, **gaps}, indent=2))
         return gaps
 
-    def _log_gaps(self, metrics: dict, when: str) -> None:
-        for k, line in zip(sorted(self.config.steps), gap_report(metrics, self.config.steps, self.validation.last_baselines)):
-            behind = metrics.get(f"validation/gap_k{k}", 0.0) >= AHEAD
-            (logger.warning if behind else logger.info)("%s: %s", when, line)
+    def _read_gap_history(self) -> list[dict]:
+        """The gap history of ``validation/gap.json`` up to the current (resumed) step; empty for a new run."""
+        path = self.output_dir / "validation" / "gap.json"
+        try:
+            history = json.loads(path.read_text()).get("history", [])
+        except (OSError, ValueError, AttributeError):
+            return []  # none yet, or one a kill tore: the drift check starts afresh
+        return [row for row in history if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= self.step]
 
     def _open_metrics(self):
         """``metrics.jsonl`` for appending, first cut back to the rows up to the current (resumed) step, so

@@ -13,6 +13,7 @@ from tdm_fast.cli.distill import config_from_args, preset_recipe_of
 from tdm_fast.config import TDMConfig
 from tdm_fast.demos import t2i, t2i_demo
 from tdm_fast.recipes import preset_config, steps_weights_for
+from tdm_fast.validation import best_gaps, drift_report, gap_row
 
 
 def _config(*flags: str) -> TDMConfig:
@@ -79,3 +80,41 @@ def test_the_run_reports_each_ks_gap_to_the_teachers_samplers(teacher_dir, tmp_p
     for record in lines:  # an untrained student is level with or behind its baseline: said as a warning
         k = int(record.getMessage().split("K=")[1][0])
         assert (record.levelno == logging.WARNING) == (gap[f"gap_k{k}"] >= 0.99)
+
+
+def test_drift_is_a_gap_over_its_best_earlier_one():
+    steps = (1, 4)
+    history = [{"step": 100, "gap_k1": 0.9, "gap_k4": 0.47}, {"step": 200, "gap_k1": 0.7, "gap_k4": 0.50},
+               {"step": 300, "gap_k1": 0.55, "gap_k4": 0.61}]
+    assert best_gaps(history, steps) == {1: (300, 0.55), 4: (100, 0.47)}
+    lines = drift_report(history, steps)  # K = 4: 0.61 > 1.1 x 0.47; K = 1 improves
+    assert len(lines) == 1 and lines[0].startswith("K=4: gap 0.610 is 1.30x") and "step 100" in lines[0]
+    assert drift_report(history[:2], steps) == []  # 0.50 is within DRIFT of 0.47
+    assert drift_report(history[:1], steps) == [] and drift_report([], steps) == []
+    assert gap_row(5, {"validation/gap_k1": 0.5, "validation/distance_k1": 2.0}, steps) == {"step": 5, "gap_k1": 0.5}
+
+
+def _drifting_run(teacher_dir, run, *flags):
+    """A student pushed away from its teacher by a learning rate far above any recipe's."""
+    return main(["distill", "--teacher", str(teacher_dir), "--out", str(run), "--steps", "1", "2", "--validation-every", "10",
+                 "--batch-size", "8", "--cfg-scale", "3", "--kernels", "reference", "--fake-lr", "0.1",
+                 "--generator-lr-ratio", "1", "--warmup-steps", "0", "--ema-decay", "none", "--quiet", *flags])
+
+
+def test_a_run_warns_when_a_k_drifts_away_from_its_best_gap_and_keeps_the_history(teacher_dir, tmp_path, caplog):
+    """The gaps of every validation go to validation/gap.json (a resumed run reads them back, without the rows
+    after its checkpoint); a K whose gap rises past DRIFT x its best earlier one is warned about."""
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="tdm_fast"):
+        assert _drifting_run(teacher_dir, run, "--iterations", "20", "--checkpoint-every", "10") == 0
+        first = json.loads((run / "validation" / "gap.json").read_text())["history"]
+        assert [row["step"] for row in first] == [10, 20]
+        assert _drifting_run(teacher_dir, run, "--iterations", "40", "--resume") == 0
+    gap = json.loads((run / "validation" / "gap.json").read_text())
+    history = gap["history"]
+    assert [row["step"] for row in history] == [10, 20, 30, 40] and history[:2] == first
+    assert gap["best"] == {f"K={k}": {"step": step, "gap": value} for k, (step, value) in best_gaps(history, (1, 2)).items()}
+    warned = [r.getMessage() for r in caplog.records if "its best of the run" in r.getMessage()]
+    expected = [f"validation at step {history[i]['step']}: {line}" for i in range(1, len(history))
+                for line in drift_report(history[:i + 1], (1, 2))]
+    assert expected and warned == expected  # the learning rate wrecks the student: at least one K drifts
