@@ -32,6 +32,10 @@ HELP = {
     "guidance_min_sigma": "the generator loss applies cfg_scale only where the matching noise level sigma/alpha exceeds this; "
                           "below it the conditional teacher alone is the target (guidance in a limited interval; 0: "
                           "everywhere, the paper; docs/stability.md)",
+    "guidance_max_sigma": "the generator loss applies cfg_scale only where the matching noise level sigma/alpha lies below "
+                          "this; above it the conditional teacher alone is the target (none: everywhere, the paper). At "
+                          "the top of a trajectory the guided sampler's own marginal is still nearly the noise, which the "
+                          "guided target over-sharpens (docs/t2i_demo.md)",
     "objective": "the divergence the student minimises: kl (reverse KL, the paper's default) or fisher (Fisher divergence, "
                  "paper Table 8; backpropagates through the teacher and fake score, see docs/fisher.md)",
     "huber_c": "pseudo-Huber constant c of the KL generator loss; none: plain MSE (the fisher objective has no Huber form)",
@@ -97,6 +101,7 @@ class TDMConfig:
     # the objective
     cfg_scale: float = 4.5
     guidance_min_sigma: float = 0.0
+    guidance_max_sigma: float | None = None
     objective: str = "kl"  # "fisher": seed Table 8, derived in docs/fisher.md
     huber_c: float | None = 1e-3  # None: plain MSE
     # The authors divide each sample's loss by its mean |x̂0 - D_cfg|, which weights the low-noise τ of the
@@ -189,6 +194,10 @@ class TDMConfig:
         for name in ("guidance_min_sigma", "tau_min_sigma"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.guidance_max_sigma is not None and not (math.isfinite(self.guidance_max_sigma)
+                                                         and self.guidance_max_sigma > self.guidance_min_sigma):
+            raise ValueError(f"guidance_max_sigma must be none or a finite number above guidance_min_sigma "
+                             f"({self.guidance_min_sigma}), got {self.guidance_max_sigma}")
         for name in ("cfg_scale", "weight_decay"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)}")

@@ -382,16 +382,20 @@ class TDMTrainer(Checkpointing):
         return bad
 
     def guidance(self, d_cond: torch.Tensor, d_uncond: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """The generator loss's teacher pair and CFG scale. With ``guidance_min_sigma`` the guided target
-        applies only to the samples matched at σ_τ/α_τ above it, the conditional teacher to the rest:
-        those rows get the guided D_cfg precomputed as their ``d_cond`` and the loss runs at scale 1.
-        An ablation of the drift study (docs/stability.md): on the built-in teachers it made the guided
-        4-step students drift faster toward the unguided distribution, so it is off by default."""
-        scale = self.config.cfg_scale
-        if self.config.guidance_min_sigma == 0 or scale == 1:
+        """The generator loss's teacher pair and CFG scale. With ``guidance_min_sigma`` / ``guidance_max_sigma``
+        the guided target applies only to the samples matched at σ_τ/α_τ between them, the conditional teacher
+        to the rest: those rows get the guided D_cfg precomputed as their ``d_cond`` and the loss runs at scale 1.
+        The lower bound is an ablation of the drift study (docs/stability.md): on the built-in teachers it made
+        the guided 4-step students drift faster toward the unguided distribution. The upper one keeps the top
+        of the trajectory, where the guided sampler's marginal is still nearly the noise, from being sharpened
+        (docs/t2i_demo.md)."""
+        scale, low, high = self.config.cfg_scale, self.config.guidance_min_sigma, self.config.guidance_max_sigma
+        if scale == 1 or (low == 0 and high is None):
             return d_cond, d_uncond, scale
         alpha, sigma = self.teacher.schedule(tau)
-        guided = broadcast(sigma / alpha > self.config.guidance_min_sigma, d_cond)
+        level = sigma / alpha
+        guided = (level > low) & (level < high) if high is not None else level > low
+        guided = broadcast(guided, d_cond)
         return torch.where(guided, torch.lerp(d_uncond, d_cond, scale), d_cond), d_uncond, 1.0
 
     def generator_update(self, batches, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

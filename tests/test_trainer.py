@@ -170,6 +170,11 @@ def test_bad_config_is_refused():
         for name in ("guidance_min_sigma", "tau_min_sigma"):
             with pytest.raises(ValueError, match=name):
                 TDMConfig(**{name: bad})
+    for bad in (0.0, float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="guidance_max_sigma"):
+            TDMConfig(guidance_max_sigma=bad)
+    with pytest.raises(ValueError, match="guidance_max_sigma"):
+        TDMConfig(guidance_min_sigma=2.0, guidance_max_sigma=1.0)
 
 
 def test_mismatched_shapes_are_refused(teacher):
@@ -389,6 +394,22 @@ def test_guidance_applies_above_its_noise_level_only(teacher):
     assert scale == 1.0 and torch.allclose(target, expected)
     plain = _trainer(teacher, cfg_scale=3.0)
     assert plain.guidance(d_cond, d_uncond, tau) == (d_cond, d_uncond, 3.0)
+
+
+@pytest.mark.parametrize("low", [0.0, 0.5])
+def test_guidance_applies_below_its_upper_noise_level_only(teacher, low):
+    """With guidance_max_sigma the rows matched at sigma/alpha above it (the top of the trajectory) see D_cond;
+    with guidance_min_sigma too, only the rows between the two see D_cfg."""
+    trainer = _trainer(teacher, guidance_min_sigma=low, guidance_max_sigma=5.0, cfg_scale=3.0)
+    tau = torch.tensor([10, 300, 600, 850, 990])
+    alpha, sigma = teacher.schedule(tau)
+    level = sigma / alpha
+    between = (level > low) & (level < 5.0)
+    assert between.any() and (level >= 5.0).any()
+    d_cond, d_uncond = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    target, _, scale = trainer.guidance(d_cond, d_uncond, tau)
+    expected = torch.where(between[:, None], d_uncond + 3.0 * (d_cond - d_uncond), d_cond)
+    assert scale == 1.0 and torch.allclose(target, expected)
 
 
 def test_tau_floor_lifts_every_stage_above_the_noise_level(teacher):
