@@ -645,7 +645,8 @@ class TDMTrainer(Checkpointing):
             history = json.loads(path.read_text()).get("history", [])
         except (OSError, ValueError, AttributeError):
             return []  # none yet, or one a kill tore: the drift check starts afresh
-        return [row for row in history if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= self.step]
+        return [row for row in history if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= self.step
+                and all(isinstance(value, (int, float)) for value in row.values())]
 
     def _open_metrics(self):
         """``metrics.jsonl`` for appending, first cut back to the rows up to the current (resumed) step, so
