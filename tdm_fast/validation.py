@@ -152,8 +152,8 @@ def drift_report(history: list[dict], steps) -> list[str]:
         now = last.get(f"gap_k{k}")
         if now is not None and now > DRIFT * gap:
             lines.append(f"K={k}: gap {now:.3f} is {now / gap:.2f}x its best of the run ({gap:.3f} at step {step}): the student "
-                         f"has moved away from the teacher at K={k} since: the student of step {step} was closer (a run of {step} "
-                         "iterations, or that step's checkpoint where one was written)")
+                         f"has moved away from the teacher at K={k} since; the student of step {step} was closer (that step's "
+                         "checkpoint, where one was written)")
     return lines
 
 
