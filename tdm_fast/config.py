@@ -33,10 +33,8 @@ HELP = {
                           "below it the conditional teacher alone is the target (guidance in a limited interval; 0: "
                           "everywhere, the paper; docs/stability.md)",
     "guidance_max_sigma": "the generator loss applies cfg_scale only where the matching noise level sigma/alpha lies below "
-                          "this; above it the conditional teacher alone is the target (none: everywhere, the paper). At "
-                          "the top of a trajectory the guided sampler's own marginal is still nearly the noise, which the "
-                          "guided target over-sharpens; on sd3 no threshold kept the 4-step student from drifting, so "
-                          "it is off by default (docs/t2i_demo.md)",
+                          "this, the conditional teacher alone above it (none: everywhere, the paper); on sd3 no "
+                          "threshold kept the 4-step student from drifting (docs/t2i_demo.md)",
     "objective": "the divergence the student minimises: kl (reverse KL, the paper's default) or fisher (Fisher divergence, "
                  "paper Table 8; backpropagates through the teacher and fake score, see docs/fisher.md)",
     "huber_c": "pseudo-Huber constant c of the KL generator loss; none: plain MSE (the fisher objective has no Huber form)",
