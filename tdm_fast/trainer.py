@@ -584,10 +584,10 @@ class TDMTrainer(Checkpointing):
         self._validated = (self.step, metrics)  # every process: a sharded report at this step must not sample again
         if not self.accelerator.is_main_process:
             return {}
-        self._log_gaps(metrics, f"validation at step {self.step}")
+        has_gaps = self._log_gaps(metrics, f"validation at step {self.step}")
         grids = {}
         if self.output_dir is not None:
-            if len(gap_row(self.step, metrics, self.config.steps)) > 1:
+            if has_gaps:
                 self._gap_summary(metrics)
             grids = save_validation(images, self.output_dir / "validation" / f"step-{self.step:08d}.png", self.step,
                                     self.validation.captions)
@@ -615,18 +615,20 @@ class TDMTrainer(Checkpointing):
             return {}
         return self._gap_summary(metrics)
 
-    def _log_gaps(self, metrics: dict, when: str) -> None:
+    def _log_gaps(self, metrics: dict, when: str) -> bool:
         """Logs each K's gap: a warning for a K not ahead of its baseline, and for a K drifting away from its best
-        gap of the run (kept in ``validation/gap.json``, so that a resumed run compares with the gaps before it)."""
+        gap of the run (kept in ``validation/gap.json``, so that a resumed run compares with the gaps before it).
+        False where the metrics hold no gaps (a run without a teacher)."""
         for k, line in zip(sorted(self.config.steps), gap_report(metrics, self.config.steps, self.validation.last_baselines)):
             behind = metrics.get(f"validation/gap_k{k}", 0.0) >= AHEAD
             (logger.warning if behind else logger.info)("%s: %s", when, line)
         row = gap_row(self.step, metrics, self.config.steps)
         if len(row) == 1:
-            return  # no teacher: no gaps
+            return False
         self._gap_history = [r for r in self._gap_history if r["step"] < self.step] + [row]
         for line in drift_report(self._gap_history, self.config.steps):
             logger.warning("%s: %s", when, line)
+        return True
 
     def _gap_summary(self, metrics: dict) -> dict:
         """``validation/gap.json``: the gaps of this step, the baselines, each K's best gap of the run and the history."""
