@@ -7,8 +7,8 @@ Pipelines: the shipped sd15 and sd3 (:mod:`tdm_fast.demos.t2i`) and pipelines bu
 shipped, by ``tdm-fast teacher train --dataset digits-t2i``'s own builder under other seeds,
 condition-dropout rates and training lengths (:data:`UNSHIPPED`). Each is distilled into a unify
 K ∈ {1, 2, 4} student by the demo's path, which is ``distill --preset``'s with no recipe flags
-(:func:`tdm_fast.demos.t2i_demo.run_t2i_demo`, no overrides), for every training seed, to the longest length
-and scored at each length (one run per seed: the preset's rates are constant after warm-up), like the demo:
+(:func:`tdm_fast.demos.t2i_demo.run_t2i_demo`, no overrides), for every training seed and length (one run
+each: the preset's rates decay to the run's end), scored like the demo:
 FID to the teacher's 50-step samples on the digits classifier's features over the best NFE-matched teacher
 sampler (spec §9), and K = 4 class accuracy against the teacher's.
 
@@ -49,22 +49,21 @@ def pipeline_folder(name: str, root: Path) -> tuple[str, Path]:
     settings = UNSHIPPED[name]
     folder = root / "pipelines" / name
     if not (folder / "build.json").is_file():
-        t2i.build_pipeline(out=folder, progress=False, **settings)
+        t2i.build_pipeline(out=folder, progress=False, threads=None, **settings)  # the process's own thread count
     return settings["name"], folder
 
 
 def run_one(name: str, seed: int, root: Path) -> list[dict]:
-    """One student of the preset path's defaults trained to the longest of :data:`ITERATIONS` and scored at each of
-    them (the preset's rates are constant after warm-up, so its student at 1,000 iterations is the 1,000-iteration
-    run's: ``run_t2i_demo``'s ``score_at``); a finished run under ``root`` is read back."""
-    from tdm_fast.demos.t2i_demo import length_folder, run_t2i_demo
+    """The students of the preset path's defaults at each of :data:`ITERATIONS` (``runs/<name>-s<seed>-<n>``, a run
+    each: the presets' rates decay to the run's end, so a longer run's student at n iterations is not the n-iteration
+    run's), scored; a finished run under ``root`` is read back."""
+    from tdm_fast.demos.t2i_demo import run_t2i_demo
 
-    out, last = root / "runs" / f"{name}-s{seed}", max(ITERATIONS)
-    folders = {n: length_folder(out, n, last) for n in ITERATIONS}
-    if not all((folder / "metrics.json").is_file() for folder in folders.values()):
-        kind, model = pipeline_folder(name, root)
-        run_t2i_demo(kind, out, iterations=last, samples=SAMPLES, seed=seed, model=model, progress=False,
-                     score_at=tuple(n for n in ITERATIONS if n != last))
+    folders = {n: root / "runs" / f"{name}-s{seed}-{n}" for n in ITERATIONS}
+    for n, out in folders.items():
+        if not (out / "metrics.json").is_file():
+            kind, model = pipeline_folder(name, root)
+            run_t2i_demo(kind, out, iterations=n, samples=SAMPLES, seed=seed, model=model, progress=False)
     rows = []
     for n, folder in sorted(folders.items()):
         results = json.loads((folder / "metrics.json").read_text())

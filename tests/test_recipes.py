@@ -37,6 +37,8 @@ def test_recipe_follows_the_parametrisation_and_the_prediction_type():
     lora = _config("--preset", "sd15", "--model", sd15, "--prompts", "p.txt", "--steps", "1", "2", "4")
     assert (lora.fake_lr, lora.generator_lr_ratio, lora.ema_decay, lora.cfg_scale) == (3e-3, 0.2, 0.995, 4.5)
     assert lora.steps_weights == (1.0, 1.0, 4.0) and lora.normalize and lora.tau_min_sigma == 0.0
+    # the rates decay to 0 at the run's end: at constant rates the 4-step students drifted past their best
+    assert (lora.warmup_steps, lora.lr_decay, lora.lr_decay_floor) == (50, "cosine", 0.0)
     full = _config("--preset", "sd15", "--model", sd15, "--prompts", "p.txt", "--full-finetune")
     assert (full.fake_lr, full.generator_lr_ratio, full.steps_weights) == (3e-4, 0.1, None)
     flow = _config("--preset", "sd3", "--model", sd3, "--prompts", "p.txt", "--steps", "2", "4")
