@@ -26,9 +26,9 @@ LEARNING_RATES = {
 # What every preset run shares: the authors' normaliser on the generator loss, each stage matched in its
 # own interval (tau_min_sigma 0, the paper), a short warm-up, then a cosine decay to 0 at the run's end.
 # At constant rates the 4-step students kept moving past their best: sd3's K = 4 ratio went 0.80 -> 1.53 from
-# 1,000 to 2,000 iterations, sd15's 0.48 -> 0.71; with the decay 0.55 and 0.67 (docs/t2i_demo.md, "A rate that
-# decays stops the drift"). The objective's own optimum is sharper than the teacher's sampler (guidance), so a
-# student has to settle near the teacher rather than run on to it.
+# 1,000 to 2,000 iterations, with the decay 0.55 and 0.67; sd15's 0.48 -> 0.71 and 0.60 -> 0.75, the same
+# within the bootstrap std (docs/t2i_demo.md, "A rate that decays to the run's end"). The guided objective's
+# own optimum is narrower than the teacher's guided sampler, so the student has to settle on the way to it.
 COMMON = {"normalize": True, "tau_min_sigma": 0.0, "warmup_steps": 50, "lr_decay": "cosine", "lr_decay_floor": 0.0}
 # Per prediction type: flow-matching transformers (SD3's velocity) learnt best with the student at a
 # tenth of the fake score's rate and a shorter EMA (docs/t2i_demo.md, sd3_wideG1 vs sd3_wideLR);
