@@ -15,7 +15,9 @@ sampler (spec §9), and K = 4 class accuracy against the teacher's.
 Knobs (environment): ``TDM_PRESETS_PIPELINES`` (default ``"sd15 sd3 sd15-b sd3-b"``), ``TDM_PRESETS_SEEDS``
 (``"0 1 2"``), ``TDM_PRESETS_ITERATIONS`` (``"1000 2000"``), ``TDM_PRESETS_SAMPLES`` (2000),
 ``TDM_PRESETS_OUT``: a folder for the runs and built pipelines (default: pytest's tmp_path); a run or a
-pipeline found there finished is kept, so a stopped sweep continues and more seeds widen one.
+pipeline found there finished is kept, so a stopped sweep continues and more seeds widen one;
+``TDM_PRESETS_FINISHED_ONLY=1`` trains nothing and tables the runs finished there (a sweep still going, or
+seeds that only some pipelines have).
 ``extra_info["presets"]`` holds every run's ratios; :func:`summarize` renders the table and its checks.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ SEEDS = tuple(int(s) for s in os.environ.get("TDM_PRESETS_SEEDS", "0 1 2").split
 ITERATIONS = tuple(int(n) for n in os.environ.get("TDM_PRESETS_ITERATIONS", "1000 2000").split())
 SAMPLES = int(os.environ.get("TDM_PRESETS_SAMPLES", "2000"))
 OUT = os.environ.get("TDM_PRESETS_OUT")
+FINISHED_ONLY = os.environ.get("TDM_PRESETS_FINISHED_ONLY", "") not in ("", "0")
 # Pipelines of the shipped kinds that are not shipped: another seed, condition-dropout rate and length.
 UNSHIPPED = {
     "sd15-b": {"name": "sd15", "seed": 7, "cond_dropout": 0.2},
@@ -60,6 +63,8 @@ def run_one(name: str, seed: int, root: Path) -> list[dict]:
     from tdm_fast.demos.t2i_demo import run_t2i_demo
 
     folders = {n: root / "runs" / f"{name}-s{seed}-{n}" for n in ITERATIONS}
+    if FINISHED_ONLY:
+        folders = {n: out for n, out in folders.items() if (out / "metrics.json").is_file()}
     for n, out in folders.items():
         if not (out / "metrics.json").is_file():
             kind, model = pipeline_folder(name, root)
