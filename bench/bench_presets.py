@@ -8,7 +8,7 @@ shipped, by ``tdm-fast teacher train --dataset digits-t2i``'s own builder under 
 condition-dropout rates and training lengths (:data:`UNSHIPPED`). Each is distilled into a unify
 K ∈ {1, 2, 4} student by the demo's path, which is ``distill --preset``'s with no recipe flags
 (:func:`tdm_fast.demos.t2i_demo.run_t2i_demo`, no overrides), for every training seed and length (one run
-each: the preset's rates decay to the run's end), scored like the demo:
+each: a flow preset's rates decay to the run's end), scored like the demo:
 FID to the teacher's 50-step samples on the digits classifier's features over the best NFE-matched teacher
 sampler (spec §9), and K = 4 class accuracy against the teacher's.
 
@@ -58,8 +58,8 @@ def pipeline_folder(name: str, root: Path) -> tuple[str, Path]:
 
 def run_one(name: str, seed: int, root: Path) -> list[dict]:
     """The students of the preset path's defaults at each of :data:`ITERATIONS` (``runs/<name>-s<seed>-<n>``, a run
-    each: the presets' rates decay to the run's end, so a longer run's student at n iterations is not the n-iteration
-    run's), scored; a finished run under ``root`` is read back."""
+    each: where the rates decay to the run's end, as the flow presets' do, a longer run's student at n iterations is
+    not the n-iteration run's), scored; a finished run under ``root`` is read back."""
     from tdm_fast.demos.t2i_demo import run_t2i_demo
 
     folders = {n: root / "runs" / f"{name}-s{seed}-{n}" for n in ITERATIONS}

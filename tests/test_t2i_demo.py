@@ -21,9 +21,7 @@ def short_runs(tmp_path_factory):
             out = tmp_path_factory.mktemp(f"demo-{pipeline}")
             results = t2i_demo.run_t2i_demo(
                 pipeline, out, iterations=40, samples=200, bootstrap=0, columns=4, progress=False, reference_steps=20,
-                warmup_steps=5, batch_size=32,
-                # scoring on the way needs rates that do not follow the run's length (the presets' decay does)
-                **({"score_at": (20,), "lr_decay": "constant"} if pipeline == "sd15" else {}),
+                warmup_steps=5, batch_size=32, score_at=(20,) if pipeline == "sd15" else (),
             )
             cache[pipeline] = (out, results)
         return cache[pipeline]
@@ -63,7 +61,7 @@ def test_short_demo_runs_the_whole_path_and_moves_fid_toward_teacher(short_runs,
 def _students_at(lengths, folder) -> dict:
     """The student's tensors at each of ``lengths`` of one demo run (the demo's training, without its scoring)."""
     model = t2i.shipped_pipeline("sd15")
-    config = t2i_demo.demo_config("sd15", max(lengths), warmup_steps=1, batch_size=4, lr_decay="constant")
+    config = t2i_demo.demo_config("sd15", max(lengths), warmup_steps=1, batch_size=4)
     run = t2i_demo.preset_run("sd15", model, t2i.write_prompt_file(folder / "prompts.txt"), folder / "embeddings")
     torch.manual_seed(0)
     return {n: {k: v.clone() for k, v in student.state_dict().items()}
@@ -82,7 +80,7 @@ def test_a_run_scored_on_the_way_is_the_shorter_run_and_goes_on_unchanged(tmp_pa
 
 
 def test_scoring_on_the_way_is_refused_where_the_rates_follow_the_length():
-    config = t2i_demo.demo_config("sd15", 10)  # the presets' rates decay to the run's end
+    config = t2i_demo.demo_config("sd3", 10)  # a flow preset's rates decay to the run's end
     assert t2i_demo.scoring_lengths(config) == [10]
     with pytest.raises(ValueError, match="constant rates"):
         t2i_demo.scoring_lengths(config, (5,))

@@ -489,8 +489,8 @@ def run_t2i_demo(
     to ``out_dir`` (default ``runs/demo-<pipeline>``). ``onnx``: also export the student with ``tdm-fast
     export`` (to ``onnx/``, with ``onnx_exporter``) and score its ONNX Runtime samples against torch's
     (:mod:`tdm_fast.demos.t2i_onnx`). ``score_at``: earlier iterations at which the same run is scored too, each
-    into ``out_dir/iterations-<n>/`` with the same files; only with constant rates (``lr_decay='constant'``; the
-    presets' decay to the run's end) is the student there the one a run of that length trains
+    into ``out_dir/iterations-<n>/`` with the same files; only with constant rates (``lr_decay='constant'``, the ε/v
+    presets'; flow presets decay to the run's end) is the student there the one a run of that length trains
     (:func:`scoring_lengths` checks). Returns the
     scores at the end."""
     if pipeline not in t2i.PIPELINES:
