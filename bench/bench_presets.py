@@ -120,8 +120,9 @@ def summarize(benchmarks) -> str:
                  "| pipeline | iterations | seeds | K=1 | K=2 | K=4 | K=4 acc. − teacher (points) | all seeds pass |",
                  "|---|---|---|---|---|---|---|---|"]
         runs = data["runs"]
-        knobs = {"PIPELINES": dict.fromkeys(r["pipeline"] for r in runs), "SEEDS": dict.fromkeys(str(r["seed"]) for r in runs),
-                 "ITERATIONS": dict.fromkeys(str(r["iterations"]) for r in runs)}
+        knobs = {"PIPELINES": dict.fromkeys(r["pipeline"] for r in runs),
+                 "SEEDS": [str(seed) for seed in sorted({r["seed"] for r in runs})],
+                 "ITERATIONS": [str(n) for n in sorted({r["iterations"] for r in runs})]}
         lines[1:1] = ["", "Reproduce: `" + " ".join(f'TDM_PRESETS_{k}="{" ".join(v)}"' for k, v in knobs.items())
                       + " tdm-fast bench presets`"]
         for row in checks(runs):
