@@ -32,8 +32,9 @@ COMMON = {"normalize": True, "tau_min_sigma": 0.0, "warmup_steps": 50, "lr_decay
 # constant rates sd3's 4-step student walked past the teacher (K = 4 ratio 0.80 -> 1.53 from 1,000 to 2,000
 # iterations; decaying 0.55 and 0.67), because the guided objective's own optimum is narrower than the teacher's
 # guided sampler. The ε UNets learn more slowly and stay at constant rates: decaying ones left them further from
-# the teacher at 1,000 iterations on both pipelines measured (sd15 0.60 against 0.48, its unshipped twin 0.55 against
-# 0.43 and 2.8 points of class accuracy lost), level at 2,000 ("A rate that decays to the run's end").
+# the teacher at 1,000 iterations in the three runs measured (sd15 0.60 against 0.48 and 0.69 against 0.44 over two
+# seeds, its unshipped twin 0.55 against 0.37 with 2.8 points of class accuracy lost), level at 2,000 ("A rate that
+# decays to the run's end").
 BY_PREDICTION = {
     "flow": {"ema_decay": 0.99, "lr_decay": "cosine", "lora": {"generator_lr_ratio": 0.1}},
     "epsilon": {"ema_decay": 0.995, "lr_decay": "constant"},
