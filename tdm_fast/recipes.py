@@ -39,7 +39,6 @@ BY_PREDICTION = {
     "flow": {"ema_decay": 0.99, "lr_decay": "cosine", "lora": {"generator_lr_ratio": 0.1}},
     "epsilon": {"ema_decay": 0.995, "lr_decay": "constant"},
 }
-PARAMETRISATIONS = ("lora", "full")
 
 
 def steps_weights_for(steps) -> tuple[float, ...] | None:
@@ -61,7 +60,7 @@ def preset_recipe(prediction_type: str, full_finetune: bool, cfg_scale: float) -
     parametrisation = "full" if full_finetune else "lora"
     by_family = BY_PREDICTION[family]
     recipe = {**COMMON, **LEARNING_RATES[parametrisation], "cfg_scale": cfg_scale}
-    recipe.update({key: value for key, value in by_family.items() if key not in PARAMETRISATIONS})
+    recipe.update({key: value for key, value in by_family.items() if key not in LEARNING_RATES})  # per-parametrisation entries below
     recipe.update(by_family.get(parametrisation, {}))
     return recipe
 

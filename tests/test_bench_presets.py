@@ -1,5 +1,5 @@
-"""``tdm-fast bench presets`` reads its runs back: one folder per pipeline, seed and length (the presets' rates
-decay to the run's end), and with ``TDM_PRESETS_FINISHED_ONLY`` a table of the runs finished so far."""
+"""``tdm-fast bench presets`` reads its runs back: one folder per pipeline, seed and length (a flow preset's
+rates decay to the run's end), and with ``TDM_PRESETS_FINISHED_ONLY`` a table of the runs finished so far."""
 import importlib.util
 import json
 from pathlib import Path
