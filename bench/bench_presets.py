@@ -17,7 +17,12 @@ Knobs (environment): ``TDM_PRESETS_PIPELINES`` (default ``"sd15 sd3 sd15-b sd3-b
 ``TDM_PRESETS_OUT``: a folder for the runs and built pipelines (default: pytest's tmp_path); a run or a
 pipeline found there finished is kept, so a stopped sweep continues and more seeds widen one;
 ``TDM_PRESETS_FINISHED_ONLY=1`` trains nothing and tables the runs finished there (a sweep still going, or
-seeds that only some pipelines have).
+seeds that only some pipelines have). ``TDM_PRESETS_CARRY``: a benchmark JSON this benchmark wrote before (the
+record in ``bench/results/``); a run it holds that is not finished under ``TDM_PRESETS_OUT`` is taken from it, as
+finished, and the table names it with the record's date and commit (runs measured on another machine whose
+folders are gone).
+Where the preset's rates are constant after warm-up (the ε/v presets), the lengths of one seed are one run, scored
+on the way (``runs/<name>-s<seed>-<longest>/iterations-<n>/``): its student at n iterations is the n-iteration run's.
 ``extra_info["presets"]`` holds every run's ratios; :func:`summarize` renders the table and its checks.
 """
 from __future__ import annotations
@@ -33,6 +38,7 @@ ITERATIONS = tuple(int(n) for n in os.environ.get("TDM_PRESETS_ITERATIONS", "100
 SAMPLES = int(os.environ.get("TDM_PRESETS_SAMPLES", "2000"))
 OUT = os.environ.get("TDM_PRESETS_OUT")
 FINISHED_ONLY = os.environ.get("TDM_PRESETS_FINISHED_ONLY", "") not in ("", "0")
+CARRY = os.environ.get("TDM_PRESETS_CARRY")
 # Pipelines of the shipped kinds that are not shipped: another seed, condition-dropout rate and length.
 UNSHIPPED = {
     "sd15-b": {"name": "sd15", "seed": 7, "cond_dropout": 0.2},
@@ -56,21 +62,58 @@ def pipeline_folder(name: str, root: Path) -> tuple[str, Path]:
     return settings["name"], folder
 
 
-def run_one(name: str, seed: int, root: Path) -> list[dict]:
-    """The students of the preset path's defaults at each of :data:`ITERATIONS` (``runs/<name>-s<seed>-<n>``, a run
-    each: where the rates decay to the run's end, as the flow presets' do, a longer run's student at n iterations is
-    not the n-iteration run's), scored; a finished run under ``root`` is read back."""
-    from tdm_fast.demos.t2i_demo import run_t2i_demo
+def finished_folder(root: Path, name: str, seed: int, iterations: int) -> Path | None:
+    """The folder of a finished run of ``name`` and ``seed`` at ``iterations``: its own run's, or a longer run's
+    scores on the way (``iterations-<n>/``, only ever written where the rates are constant)."""
+    candidates = [root / "runs" / f"{name}-s{seed}-{iterations}",
+                  *sorted((root / "runs").glob(f"{name}-s{seed}-*/iterations-{iterations}"))]
+    return next((folder for folder in candidates if (folder / "metrics.json").is_file()), None)
 
-    folders = {n: root / "runs" / f"{name}-s{seed}-{n}" for n in ITERATIONS}
-    if FINISHED_ONLY:
-        folders = {n: out for n, out in folders.items() if (out / "metrics.json").is_file()}
-    for n, out in folders.items():
-        if not (out / "metrics.json").is_file():
-            kind, model = pipeline_folder(name, root)
-            run_t2i_demo(kind, out, iterations=n, samples=SAMPLES, seed=seed, model=model, progress=False)
+
+def train_missing(name: str, seed: int, root: Path, missing: list[int]) -> None:
+    """Trains the runs of ``missing`` lengths with the preset path's defaults: one run each where the rates decay to
+    the run's end (a longer run's student at n iterations is not the n-iteration run's), else one run of the
+    longest, scored on the way at the others."""
+    from tdm_fast.demos.t2i_demo import demo_config, run_t2i_demo
+
+    kind, model = pipeline_folder(name, root)
+    longest = max(missing)
+    constant = demo_config(kind, longest, seed=seed, model=model).lr_decay == "constant"
+    plan = {longest: tuple(n for n in missing if n < longest)} if constant else {n: () for n in missing}
+    for n, score_at in sorted(plan.items()):
+        run_t2i_demo(kind, root / "runs" / f"{name}-s{seed}-{n}", iterations=n, samples=SAMPLES, seed=seed, model=model,
+                     progress=False, score_at=score_at)
+
+
+def carried_runs(path: str | None) -> dict[tuple, dict]:
+    """The runs of an earlier record of this benchmark, by (pipeline, seed, iterations), each naming where it was
+    measured (``carried_from``: the record's date and commit, or what it named itself)."""
+    if not path:
+        return {}
+    record = json.loads(Path(path).read_text())
+    origin = f"{record['datetime'][:10]}, commit {record.get('commit_info', {}).get('id', '?')[:7]}"
+    runs = {}
+    for bench in record["benchmarks"]:
+        for row in bench.get("extra_info", {}).get("presets", {}).get("runs", []):
+            runs[row["pipeline"], row["seed"], row["iterations"]] = {"carried_from": origin, **row}
+    return runs
+
+
+def run_one(name: str, seed: int, root: Path, carried: dict | None = None) -> list[dict]:
+    """The students of the preset path's defaults at each of :data:`ITERATIONS`, scored; a run finished under
+    ``root`` is read back and one in ``carried`` (:func:`carried_runs`) taken as it is."""
+    carried = carried or {}
+    folders = {n: finished_folder(root, name, seed, n) for n in ITERATIONS}
+    missing = [n for n, folder in folders.items() if folder is None and (name, seed, n) not in carried]
+    if missing and not FINISHED_ONLY:
+        train_missing(name, seed, root, missing)
+        folders = {n: finished_folder(root, name, seed, n) for n in ITERATIONS}
     rows = []
     for n, folder in sorted(folders.items()):
+        if folder is None:
+            if (name, seed, n) in carried:
+                rows.append(carried[name, seed, n])
+            continue
         results = json.loads((folder / "metrics.json").read_text())
         row = {"pipeline": name, "seed": seed, "iterations": n, "distill_argv": results["distill_argv"]}
         for key, entry in results["comparisons"].items():
@@ -85,7 +128,8 @@ def test_presets(benchmark, tmp_path):
     out = {}
 
     def sweep():
-        out["runs"] = [row for name in PIPELINES for seed in SEEDS for row in run_one(name, seed, root)]
+        carried = carried_runs(CARRY)
+        out["runs"] = [row for name in PIPELINES for seed in SEEDS for row in run_one(name, seed, root, carried)]
 
     benchmark.pedantic(sweep, rounds=1, iterations=1)
     benchmark.extra_info["presets"] = {"runs": out["runs"], "limits": LIMITS, "accuracy_points": ACCURACY_POINTS}
@@ -129,5 +173,13 @@ def summarize(benchmarks) -> str:
             cells = [f"{row[k][0]:.2f} ({row[k][1]:.2f})" for k in LIMITS]
             lines.append(f"| {row['pipeline']} | {row['iterations']} | {row['seeds']} | " + " | ".join(cells)
                          + f" | {row['accuracy'][0]:+.1f} ({row['accuracy'][1]:+.1f}) | {'yes' if row['pass'] else '**no**'} |")
+        origins = {}
+        for r in runs:
+            if "carried_from" in r:
+                origins.setdefault(r["carried_from"], []).append(f"{r['pipeline']} s{r['seed']} {r['iterations']}")
+        if origins:
+            lines += ["", "Runs carried from an earlier record of this benchmark (`TDM_PRESETS_CARRY`; measured then, "
+                      "their folders are not on this machine): "
+                      + "; ".join(f"{origin}: {', '.join(names)}" for origin, names in origins.items()) + "."]
         return "\n".join(lines)
     return ""
