@@ -12,7 +12,8 @@ each: a flow preset's rates decay to the run's end), scored like the demo:
 FID to the teacher's 50-step samples on the digits classifier's features over the best NFE-matched teacher
 sampler (spec §9), and K = 4 class accuracy against the teacher's.
 
-Knobs (environment): ``TDM_PRESETS_PIPELINES`` (default ``"sd15 sd3 sd15-b sd3-b"``), ``TDM_PRESETS_SEEDS``
+Knobs (environment): ``TDM_PRESETS_PIPELINES`` (default ``"sd15 sd3 sd15-b sd3-b"``; a path names a digits-t2i
+pipeline folder built elsewhere), ``TDM_PRESETS_SEEDS``
 (``"0 1 2"``), ``TDM_PRESETS_ITERATIONS`` (``"1000 2000"``), ``TDM_PRESETS_SAMPLES`` (2000),
 ``TDM_PRESETS_OUT``: a folder for the runs and built pipelines (default: pytest's tmp_path); a run or a
 pipeline found there finished is kept, so a stopped sweep continues and more seeds widen one;
@@ -27,6 +28,7 @@ on the way (``runs/<name>-s<seed>-<longest>/iterations-<n>/``): its student at n
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -50,23 +52,38 @@ ACCURACY_POINTS = 2.0
 
 
 def pipeline_folder(name: str, root: Path) -> tuple[str, Path]:
-    """(kind, folder) of ``name``: a shipped pipeline, or one of :data:`UNSHIPPED` built under ``root``."""
+    """(kind, folder) of ``name``: a shipped pipeline, one of :data:`UNSHIPPED` built under ``root``, or the path of
+    a digits-t2i pipeline folder of a shipped kind built elsewhere (``tdm-fast teacher train --dataset digits-t2i``)."""
     from tdm_fast.demos import t2i
 
     if name in t2i.PIPELINES:
         return name, t2i.shipped_pipeline(name)
-    settings = UNSHIPPED[name]
-    folder = root / "pipelines" / name
-    if not (folder / "build.json").is_file():
-        t2i.build_pipeline(out=folder, progress=False, threads=None, **settings)  # the process's own thread count
-    return settings["name"], folder
+    if name in UNSHIPPED:
+        settings = UNSHIPPED[name]
+        folder = root / "pipelines" / name
+        if not (folder / "build.json").is_file():
+            t2i.build_pipeline(out=folder, progress=False, threads=None, **settings)  # the process's own thread count
+        return settings["name"], folder
+    folder = Path(name)
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"TDM_PRESETS_PIPELINES: {name!r} is not a shipped pipeline {t2i.PIPELINES}, one built here "
+                         f"{tuple(UNSHIPPED)} or a pipeline folder (no model_index.json)")
+    return t2i.pipeline_kind(folder), folder
+
+
+def run_name(name: str, seed: int, iterations: int | str) -> str:
+    """The run folder's name: a pipeline given by a path is named by its folder's name and a hash of its full path."""
+    if os.sep in name:
+        digest = hashlib.sha1(str(Path(name).resolve()).encode()).hexdigest()[:6]
+        name = f"{Path(name).resolve().name}-{digest}"
+    return f"{name}-s{seed}-{iterations}"
 
 
 def finished_folder(root: Path, name: str, seed: int, iterations: int) -> Path | None:
     """The folder of a finished run of ``name`` and ``seed`` at ``iterations``: its own run's, or a longer run's
     scores on the way (``iterations-<n>/``, only ever written where the rates are constant)."""
-    candidates = [root / "runs" / f"{name}-s{seed}-{iterations}",
-                  *sorted((root / "runs").glob(f"{name}-s{seed}-*/iterations-{iterations}"))]
+    candidates = [root / "runs" / run_name(name, seed, iterations),
+                  *sorted((root / "runs").glob(f"{run_name(name, seed, '*')}/iterations-{iterations}"))]
     return next((folder for folder in candidates if (folder / "metrics.json").is_file()), None)
 
 
@@ -81,7 +98,7 @@ def train_missing(name: str, seed: int, root: Path, missing: list[int]) -> None:
     constant = demo_config(kind, longest, seed=seed, model=model).lr_decay == "constant"
     plan = {longest: tuple(n for n in missing if n < longest)} if constant else {n: () for n in missing}
     for n, score_at in sorted(plan.items()):
-        run_t2i_demo(kind, root / "runs" / f"{name}-s{seed}-{n}", iterations=n, samples=SAMPLES, seed=seed, model=model,
+        run_t2i_demo(kind, root / "runs" / run_name(name, seed, n), iterations=n, samples=SAMPLES, seed=seed, model=model,
                      progress=False, score_at=score_at)
 
 

@@ -88,3 +88,14 @@ def test_carried_runs_stand_for_missing_folders_and_are_named(presets, tmp_path,
     assert [("carried_from" in r, r["K=4"]["fid_ratio"]) for r in runs] == [(False, 0.5), (True, 0.3)]
     table = presets.summarize([{"extra_info": {"presets": {"runs": runs}}}])
     assert "2026-12-07, commit 8247426: sd3 s0 2000" in table
+
+
+def test_a_pipeline_folder_built_elsewhere_is_taken_by_path(presets, tmp_path):
+    from tdm_fast.demos import t2i
+
+    shipped = t2i.shipped_pipeline("sd3")
+    assert presets.pipeline_folder(str(shipped), tmp_path) == ("sd3", shipped)
+    name = presets.run_name(str(shipped), 1, 1000)
+    assert name.startswith("sd3-") and name.endswith("-s1-1000") and name != presets.run_name("/elsewhere/sd3", 1, 1000)
+    with pytest.raises(ValueError, match="not a shipped pipeline"):
+        presets.pipeline_folder(str(tmp_path), tmp_path)
