@@ -34,10 +34,23 @@ import os
 import statistics
 from pathlib import Path
 
+
+def whole_numbers(knob: str, default: str, least: int) -> tuple[int, ...]:
+    """The whole numbers (each at least ``least``) that the environment variable ``knob`` lists, else ``default``'s."""
+    text = os.environ.get(knob, default)
+    try:
+        numbers = tuple(int(word) for word in text.split())
+    except ValueError:
+        numbers = ()
+    if not numbers or min(numbers) < least:
+        raise ValueError(f"{knob} must list whole numbers of at least {least}, separated by spaces; got {text!r}")
+    return numbers
+
+
 PIPELINES = os.environ.get("TDM_PRESETS_PIPELINES", "sd15 sd3 sd15-b sd3-b").split()
-SEEDS = tuple(int(s) for s in os.environ.get("TDM_PRESETS_SEEDS", "0 1 2").split())
-ITERATIONS = tuple(int(n) for n in os.environ.get("TDM_PRESETS_ITERATIONS", "1000 2000").split())
-SAMPLES = int(os.environ.get("TDM_PRESETS_SAMPLES", "2000"))
+SEEDS = whole_numbers("TDM_PRESETS_SEEDS", "0 1 2", least=0)
+ITERATIONS = whole_numbers("TDM_PRESETS_ITERATIONS", "1000 2000", least=1)
+SAMPLES = whole_numbers("TDM_PRESETS_SAMPLES", "2000", least=2)[0]
 OUT = os.environ.get("TDM_PRESETS_OUT")
 FINISHED_ONLY = os.environ.get("TDM_PRESETS_FINISHED_ONLY", "") not in ("", "0")
 CARRY = os.environ.get("TDM_PRESETS_CARRY")

@@ -99,3 +99,10 @@ def test_a_pipeline_folder_built_elsewhere_is_taken_by_path(presets, tmp_path):
     assert name.startswith("sd3-") and name.endswith("-s1-1000") and name != presets.run_name("/elsewhere/sd3", 1, 1000)
     with pytest.raises(ValueError, match="not a shipped pipeline"):
         presets.pipeline_folder(str(tmp_path), tmp_path)
+
+
+@pytest.mark.parametrize("text", ["1k", "", "1000 -5", "0"])
+def test_a_bad_length_knob_is_refused_by_name(presets, monkeypatch, text):
+    monkeypatch.setenv("TDM_PRESETS_ITERATIONS", text)
+    with pytest.raises(ValueError, match="TDM_PRESETS_ITERATIONS must list whole numbers"):
+        presets.whole_numbers("TDM_PRESETS_ITERATIONS", "1000 2000", least=1)
