@@ -111,8 +111,8 @@ def train_missing(name: str, seed: int, root: Path, missing: list[int]) -> None:
     constant = demo_config(kind, longest, seed=seed, model=model).lr_decay == "constant"
     plan = {longest: tuple(n for n in missing if n < longest)} if constant else {n: () for n in missing}
     for n, score_at in sorted(plan.items()):
-        run_t2i_demo(kind, root / "runs" / run_name(name, seed, n), iterations=n, samples=SAMPLES, seed=seed, model=model,
-                     progress=False, score_at=score_at)
+        run_t2i_demo(kind, root / "runs" / run_name(name, seed, n), iterations=n, samples=SAMPLES, seed=seed,
+                     model=model, progress=False, score_at=score_at)
 
 
 def carried_runs(path: str | None) -> dict[tuple, dict]:

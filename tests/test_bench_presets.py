@@ -45,7 +45,8 @@ def test_finished_only_tables_the_runs_there_and_trains_nothing(presets, tmp_pat
 
 
 def _recorded_training(monkeypatch, calls: list):
-    """``run_t2i_demo`` replaced by one that records its call and writes each length's scores where the real one does."""
+    """``run_t2i_demo`` replaced by one that records its call and writes each length's scores where the real one
+    does."""
     from tdm_fast.demos import t2i_demo
 
     def fake_run(kind, out, iterations, score_at=(), **kwargs):
@@ -77,8 +78,8 @@ def test_carried_runs_stand_for_missing_folders_and_are_named(presets, tmp_path,
     calls = []
     _recorded_training(monkeypatch, calls)
     _finished_run(tmp_path / "runs" / "sd3-s0-1000", {"K=1": 0.1, "K=2": 0.2, "K=4": 0.5}, 0.0)
-    recorded = {"pipeline": "sd3", "seed": 0, "distill_argv": ["--preset", "sd3"],
-                **{k: {"fid_ratio": 0.3, "baseline": "euler2", "accuracy_gap_points": 0.0} for k in ("K=1", "K=2", "K=4")}}
+    scores = {"fid_ratio": 0.3, "baseline": "euler2", "accuracy_gap_points": 0.0}
+    recorded = {"pipeline": "sd3", "seed": 0, "distill_argv": ["--preset", "sd3"], **dict.fromkeys(("K=1", "K=2", "K=4"), scores)}
     record = {"datetime": "2026-12-07T20:24:37", "commit_info": {"id": "8247426144abc"}, "benchmarks": [
         {"extra_info": {"presets": {"runs": [{**recorded, "iterations": 1000}, {**recorded, "iterations": 2000}]}}}]}
     path = tmp_path / "record.json"
