@@ -87,8 +87,8 @@ def pipeline_folder(name: str, root: Path) -> tuple[str, Path]:
 def run_name(name: str, seed: int, iterations: int | str) -> str:
     """The run folder's name: a pipeline given by a path is named by its folder's name and a hash of its full path."""
     if os.sep in name:
-        digest = hashlib.sha1(str(Path(name).resolve()).encode()).hexdigest()[:6]
-        name = f"{Path(name).resolve().name}-{digest}"
+        folder = Path(name).resolve()
+        name = f"{folder.name}-{hashlib.sha1(str(folder).encode()).hexdigest()[:6]}"
     return f"{name}-s{seed}-{iterations}"
 
 

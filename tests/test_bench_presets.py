@@ -1,5 +1,7 @@
-"""``tdm-fast bench presets`` reads its runs back: one folder per pipeline, seed and length (a flow preset's
-rates decay to the run's end), and with ``TDM_PRESETS_FINISHED_ONLY`` a table of the runs finished so far."""
+"""``tdm-fast bench presets`` trains and reads back its runs: one run per length where a flow preset's rates decay
+to the run's end, one run per seed scored on the way where an ε preset's stay constant, runs carried from an
+earlier record (``TDM_PRESETS_CARRY``), pipelines given by path, and with ``TDM_PRESETS_FINISHED_ONLY`` a table of
+the runs finished so far."""
 import importlib.util
 import json
 from pathlib import Path
