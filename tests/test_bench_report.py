@@ -36,6 +36,23 @@ def test_regression_rule_uses_the_spread():
     assert rows[0]["status"] == "within noise"
 
 
+def test_a_time_that_is_no_speed_gets_no_verdict(tmp_path):
+    why = "the sweep trains only what is missing"
+    old = _json([_bench("test_sweep", 3000.0, 0), _bench("test_speed", 1.0, 0)])
+    new = _json([_bench("test_sweep", 9.0, 0, {"time_not_compared": why, "pipeline": "sd15"}), _bench("test_speed", 2.0, 0)])
+    rows = {r["name"]: r for r in compare(old, new)}
+    assert rows["test_sweep"]["status"] == "not compared" and rows["test_sweep"]["why"] == why
+    assert rows["test_speed"]["status"] == "regression"
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "sweep-Test-CPU-9000-2c.json").write_text(json.dumps(new))
+    (results / "sweep-Test-CPU-9000-2c.prev.json").write_text(json.dumps(old))
+    render(results, plots=False)
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert f"| not compared: {why} |" in md and "1 regression(s)" in md
+    assert md.count(why) == 1  # the reason is not also a column of the table
+
+
 def test_render_generic_tables_plots_and_comparison(tmp_path):
     results = tmp_path / "results"
     results.mkdir()

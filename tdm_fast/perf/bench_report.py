@@ -14,7 +14,9 @@ inter-quartile ranges q of the per-round times,
 
 k = 1.5 by default (``--k``) — the spread of both runs, so a benchmark that is noisy on this
 machine needs a larger change to count — and r = 3 % (``--min-rel``), a floor for benchmarks run
-with too few rounds to have an IQR. Everything else is "within noise".
+with too few rounds to have an IQR. Everything else is "within noise". A benchmark whose time is not
+a speed (a sweep that trains only what is missing on disk) says why in ``extra_info["time_not_compared"]``
+and gets no verdict.
 
 RESULTS.md is generated from *all* JSON files present in ``bench/results`` (several machines side
 by side) and never hand-edited. Per suite and machine it gives the machine details, a generic table
@@ -54,6 +56,7 @@ RESULTS_DIR = Path("runs") / "bench" / "results"
 REGEN_COMMAND = "tdm-fast bench [suite ...]   (re-measure);   tdm-fast bench --render-only   (re-render from bench/results/*.json)"
 DEFAULT_K = 1.5
 DEFAULT_MIN_REL = 0.03
+NOT_COMPARED = "time_not_compared"  # extra_info key: why this benchmark's time is no speed to compare
 
 
 # -- which machine -------------------------------------------------------------------------------
@@ -249,6 +252,11 @@ def compare(old: dict, new: dict, k: float = DEFAULT_K, min_rel: float = DEFAULT
             rows.append({"name": b["name"], "status": "new", "new_median": s["median"]})
             continue
         o = before.pop(name)
+        why = b.get("extra_info", {}).get(NOT_COMPARED)
+        if why:
+            rows.append({"name": b["name"], "status": "not compared", "why": why, "old_median": o["median"],
+                         "new_median": s["median"]})
+            continue
         delta = s["median"] - o["median"]
         threshold = max(k * (o["iqr"] + s["iqr"]), min_rel * o["median"])
         status = "regression" if delta > threshold else "improvement" if -delta > threshold else "within noise"
@@ -314,6 +322,8 @@ def suite_tables(data: dict) -> str:
     scalar_keys, dict_keys = [], []
     for b in benches:
         for key, v in b.get("extra_info", {}).items():
+            if key == NOT_COMPARED:  # said once, in the comparison with the previous run
+                continue
             if _is_scalar(v) and key not in scalar_keys:
                 scalar_keys.append(key)
             elif _is_table(v) and key not in dict_keys:
@@ -387,6 +397,9 @@ def comparison_table(rows: list[dict]) -> str:
     for r in rows:
         if r["status"] in ("new", "gone"):
             lines.append(f"| {r['name']} | {r.get('old_median', 0) * scale:.4g} | {r.get('new_median', 0) * scale:.4g} | | | {r['status']} |")
+            continue
+        if r["status"] == "not compared":
+            lines.append(f"| {r['name']} | {r['old_median'] * scale:.4g} | {r['new_median'] * scale:.4g} | | | not compared: {r['why']} |")
             continue
         verdict = {"regression": "**SLOWER**", "improvement": "faster"}.get(r["status"], "within noise")
         lines.append(f"| {r['name']} | {r['old_median'] * scale:.4g} | {r['new_median'] * scale:.4g} | {100 * (r['ratio'] - 1):+.1f} % "
