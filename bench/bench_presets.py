@@ -218,3 +218,29 @@ def summarize(benchmarks) -> str:
                       + "; ".join(f"{origin}: {', '.join(names)}" for origin, names in origins.items()) + "."]
         return "\n".join(lines)
     return ""
+
+
+def figure(benchmarks):
+    """Every run's FID ratio per K, one column per pipeline and length, each seed a point, the limits dashed: the
+    table of :func:`summarize` at a glance, with the spread over seeds it averages away."""
+    runs = next((b["extra_info"]["presets"]["runs"] for b in benchmarks if b.get("extra_info", {}).get("presets")), None)
+    if not runs:
+        return None
+    import matplotlib.pyplot as plt
+
+    groups = checks(runs)
+    fig, axes = plt.subplots(1, len(LIMITS), figsize=(4 * len(LIMITS), 3.8), sharey=True)
+    for ax, (key, limit) in zip(axes, LIMITS.items()):
+        for x, group in enumerate(groups):
+            ratios = [r[key]["fid_ratio"] for r in runs
+                      if r["pipeline"] == group["pipeline"] and r["iterations"] == group["iterations"]]
+            ax.scatter([x] * len(ratios), ratios, s=18, color="tab:blue" if max(ratios) <= limit else "tab:red", zorder=3)
+        ax.axhline(limit, ls="--", color="tab:red", lw=1, label=f"limit {limit:g}")
+        ax.axhline(1.0, ls=":", color="gray", lw=1, label="baseline (1.0)")
+        ax.set_xticks(range(len(groups)), [f"{g['pipeline']} {g['iterations']}" for g in groups], rotation=60, fontsize=7)
+        ax.set_title(f"{key}: FID ratio to the best NFE-matched baseline", fontsize=8)
+        ax.set_ylim(0, max(1.1, max(r[key]["fid_ratio"] for r in runs) * 1.05))
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0].set_ylabel("student FID / baseline FID (each seed a point)", fontsize=8)
+    return fig
+

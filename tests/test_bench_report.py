@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tdm_fast.perf.bench_report import compare, load_results, machine_info, render
+from tdm_fast.perf.bench_report import compare, load_results, machine_info, plot_suite, render
 
 
 def _bench(name, median, iqr, extra=None):
@@ -51,6 +51,24 @@ def test_a_time_that_is_no_speed_gets_no_verdict(tmp_path):
     md = (tmp_path / "RESULTS.md").read_text()
     assert f"| not compared: {why} |" in md and "1 regression(s)" in md
     assert md.count(why) == 1  # the reason is not also a column of the table
+
+
+def test_a_suite_draws_its_own_figure_and_no_bar_of_a_time_that_is_no_speed(tmp_path):
+    import matplotlib.pyplot as plt
+
+    data = _json([_bench("test_sweep", 9.0, 0, {"time_not_compared": "a sweep"})])
+    seen = []
+
+    def figure(benchmarks):
+        seen.append([b["name"] for b in benchmarks])
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [0, 1])
+        return fig
+
+    written = plot_suite(data, "sweep-Test-CPU", tmp_path, figure)
+    assert seen == [["test_sweep"]]
+    assert [p.name for p in written] == ["sweep-Test-CPU-summary.png"] and written[0].stat().st_size > 0
+    assert plot_suite(data, "sweep-Test-CPU", tmp_path / "none", lambda benchmarks: None) == []
 
 
 def test_render_generic_tables_plots_and_comparison(tmp_path):

@@ -367,12 +367,13 @@ def attachments(results_dir: Path, stem: str, base: Path) -> list[str]:
     return lines
 
 
-def suite_summary(suite: str, data: dict, bench_dir: Path = BENCH_DIR) -> str:
-    """The suite's own summary (ratios, acceptance lines) when ``bench/bench_<suite>.py`` defines
-    ``summarize(benchmarks)``; empty otherwise."""
+def suite_module(suite: str, bench_dir: Path = BENCH_DIR):
+    """``bench/bench_<suite>.py`` as a module, for its optional hooks: ``summarize(benchmarks) -> str`` (ratios,
+    acceptance lines) and ``figure(benchmarks) -> matplotlib Figure | None`` (what the suite measures, drawn);
+    None for a suite that is not there."""
     path = available_suites(bench_dir).get(suite)
     if path is None:
-        return ""
+        return None
     spec = importlib.util.spec_from_file_location(f"_tdm_bench_{suite}", path)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(path.parent))
@@ -380,8 +381,7 @@ def suite_summary(suite: str, data: dict, bench_dir: Path = BENCH_DIR) -> str:
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(path.parent))
-    summarize = getattr(module, "summarize", None)
-    return summarize(data["benchmarks"]) if summarize else ""
+    return module
 
 
 def _short(name: str) -> str:
@@ -407,8 +407,9 @@ def comparison_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_suite(data: dict, stem: str, plots_dir: Path) -> list[Path]:
-    """Medians with IQR bars; stacked bars of dict-of-number entries; curves of dict-of-list entries."""
+def plot_suite(data: dict, stem: str, plots_dir: Path, suite_figure=None) -> list[Path]:
+    """The suite's own figure (``suite_figure(benchmarks)``, see :func:`suite_module`); medians with IQR bars of the
+    benchmarks whose time is a speed; stacked bars of dict-of-number entries; curves of dict-of-list entries."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -424,19 +425,24 @@ def plot_suite(data: dict, stem: str, plots_dir: Path) -> list[Path]:
             fig.savefig(tmp, dpi=110)
         plt.close(fig)
         written.append(path)
-    unit, scale = _unit([b["stats"]["median"] for b in benches])
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(benches) + 1.2))
-    names = [b["name"] for b in benches][::-1]
-    med = [b["stats"]["median"] * scale for b in benches][::-1]
-    err = [[(b["stats"]["median"] - b["stats"]["q1"]) * scale for b in benches][::-1],
-           [(b["stats"]["q3"] - b["stats"]["median"]) * scale for b in benches][::-1]]
-    ax.barh(names, med, xerr=err, color="tab:blue", alpha=0.8)
-    if med and min(med) > 0 and max(med) / min(med) > 50:
-        ax.set_xscale("log")
-    ax.set_xlabel(f"median ({unit}), bars: IQR")
-    ax.set_title(stem)
-    ax.tick_params(axis="y", labelsize=7)
-    save(fig, plots_dir / f"{stem}.png")
+    fig = suite_figure(benches) if suite_figure else None
+    if fig is not None:
+        save(fig, plots_dir / f"{stem}-summary.png")
+    timed = [b for b in benches if not b.get("extra_info", {}).get(NOT_COMPARED)]
+    if timed:
+        unit, scale = _unit([b["stats"]["median"] for b in timed])
+        fig, ax = plt.subplots(figsize=(8, 0.35 * len(timed) + 1.2))
+        names = [b["name"] for b in timed][::-1]
+        med = [b["stats"]["median"] * scale for b in timed][::-1]
+        err = [[(b["stats"]["median"] - b["stats"]["q1"]) * scale for b in timed][::-1],
+               [(b["stats"]["q3"] - b["stats"]["median"]) * scale for b in timed][::-1]]
+        ax.barh(names, med, xerr=err, color="tab:blue", alpha=0.8)
+        if med and min(med) > 0 and max(med) / min(med) > 50:
+            ax.set_xscale("log")
+        ax.set_xlabel(f"median ({unit}), bars: IQR")
+        ax.set_title(stem)
+        ax.tick_params(axis="y", labelsize=7)
+        save(fig, plots_dir / f"{stem}.png")
 
     keys = list(dict.fromkeys(k for b in benches for k, v in b.get("extra_info", {}).items() if _is_table(v)))
     for key in keys:
@@ -502,7 +508,9 @@ def render(results_dir: Path = RESULTS_DIR, out: Path | None = None, k: float = 
         stem = f"{suite}-{machine}"
         lines += [f"## {suite} — {machine}", "", f"Machine: {machine_line(data)}", "",
                   f"Source: `{_rel(Path(data['_path']))}`", ""]
-        summary = suite_summary(suite, data)
+        module = suite_module(suite)
+        summarize = getattr(module, "summarize", None)
+        summary = summarize(data["benchmarks"]) if summarize else ""
         if summary:
             lines += [summary, "", "All benchmarks:", ""]
         lines += [suite_tables(data), ""]
@@ -522,7 +530,7 @@ def render(results_dir: Path = RESULTS_DIR, out: Path | None = None, k: float = 
             lines += [f"Compared with the previous run ({previous.get('datetime', '?')}): "
                       f"{n_reg} regression(s).", "", comparison_table(rows), ""]
         if plots:
-            for path in plot_suite(data, stem, plots_dir):
+            for path in plot_suite(data, stem, plots_dir, getattr(module, "figure", None)):
                 lines += [f"![{path.stem}]({_rel(path, out.parent)})", ""]
     text = "\n".join(lines).rstrip() + "\n"
     with atomic_file(out) as tmp:
