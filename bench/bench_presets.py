@@ -234,7 +234,8 @@ def figure(benchmarks):
         for x, group in enumerate(groups):
             ratios = [r[key]["fid_ratio"] for r in runs
                       if r["pipeline"] == group["pipeline"] and r["iterations"] == group["iterations"]]
-            ax.scatter([x] * len(ratios), ratios, s=18, color="tab:blue" if max(ratios) <= limit else "tab:red", zorder=3)
+            worst = group[key][1]
+            ax.scatter([x] * len(ratios), ratios, s=18, color="tab:blue" if worst <= limit else "tab:red", zorder=3)
         ax.axhline(limit, ls="--", color="tab:red", lw=1, label=f"limit {limit:g}")
         ax.axhline(1.0, ls=":", color="gray", lw=1, label="baseline (1.0)")
         ax.set_xticks(range(len(groups)), [f"{g['pipeline']} {g['iterations']}" for g in groups], rotation=60, fontsize=7)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from matplotlib.colors import to_rgba
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_presets.py"
 
@@ -44,13 +45,12 @@ def test_finished_only_tables_the_runs_there_and_trains_nothing(presets, tmp_pat
     assert table["sd15", 1000]["seeds"] == 2 and table["sd15", 1000]["K=4"] == pytest.approx((0.75, 0.9))
     assert not table["sd15", 1000]["pass"]  # seed 1's K = 4 is over 0.8
     assert not table["sd15", 2000]["pass"]  # 3 points of accuracy lost
-    from matplotlib.colors import to_rgba
-
     fig = presets.figure([{"extra_info": {"presets": {"runs": runs}}}])
     k1, _, k4 = fig.axes
 
     def colours(ax):
         return [tuple(points.get_facecolor()[0]) for points in ax.collections]
+
     assert colours(k4) == [to_rgba("tab:red"), to_rgba("tab:blue")]  # 1,000 iterations: seed 1 over the limit
     assert colours(k1) == [to_rgba("tab:blue")] * 2
     assert presets.figure([{"extra_info": {}}]) is None
